@@ -1,0 +1,1 @@
+"""Generation stage: backends behind one interface, and the per-segment driver."""

@@ -1,0 +1,73 @@
+"""Shared media plumbing: the ffmpeg binary and stream probing.
+
+imageio-ffmpeg ships a static ffmpeg but no ffprobe, so probing goes through PyAV,
+which bundles the same FFmpeg libraries and reads container metadata directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import imageio_ffmpeg
+
+
+@functools.cache
+def ffmpeg_exe() -> str:
+    """Path of the ffmpeg binary: imageio-ffmpeg's static build, else one on PATH."""
+    try:
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:
+        found = shutil.which("ffmpeg")
+        if found is None:
+            raise RuntimeError("no ffmpeg binary found (install imageio-ffmpeg)") from None
+        return found
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What probing a media file tells us."""
+
+    duration_s: float | None
+    has_audio: bool
+    has_video: bool
+    audio_codec: str | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    video_codec: str | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    video_frames: int | None = None
+
+
+def probe(path: str | Path) -> MediaInfo:
+    """Read stream metadata; raises av.error.FFmpegError (a ValueError) on unreadable input."""
+    with av.open(str(path)) as container:
+        duration = container.duration / 1_000_000 if container.duration else None
+        audio = next(iter(container.streams.audio), None)
+        video = next(iter(container.streams.video), None)
+        info = {
+            "duration_s": duration,
+            "has_audio": audio is not None,
+            "has_video": video is not None,
+        }
+        if audio is not None:
+            info.update(
+                audio_codec=audio.codec_context.name,
+                sample_rate=audio.codec_context.sample_rate,
+                channels=audio.codec_context.channels,
+            )
+        if video is not None:
+            rate = video.average_rate or video.base_rate
+            info.update(
+                video_codec=video.codec_context.name,
+                width=video.codec_context.width,
+                height=video.codec_context.height,
+                fps=float(rate) if rate else None,
+                video_frames=video.frames or None,
+            )
+    return MediaInfo(**info)

@@ -1,0 +1,262 @@
+"""Records that cross stage boundaries.
+
+Every stage imports its inputs and outputs from here, so a reader can follow one row
+from CSV line to MP4 by the types alone. They are pydantic models because they are
+persisted (cache markers, report.json, Prefect artifacts) and must round-trip as JSON.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FPS = 16
+"""Output frame rate of Wan2.2-S2V (frames per second)."""
+MODEL_SAMPLE_RATE = 16_000
+"""Sample rate of the audio the S2V audio encoder (wav2vec2) takes."""
+INFER_FRAMES = 80
+"""Frames per clip by default (a multiple of 4)."""
+MOTION_FRAMES = 73
+"""Frames of the video so far that condition the next clip."""
+
+
+class Resolution(str, Enum):
+    """Output size bucket; the real H×W follows the reference image's aspect."""
+
+    P480 = "480p"
+    P720 = "720p"
+
+    @property
+    def max_area(self) -> int:
+        return {"480p": 480 * 832, "720p": 720 * 1280}[self.value]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ManifestRow(Record):
+    """One validated manifest row; every path is resolved to an absolute URI."""
+
+    row: int = Field(description="1-based data row number in the manifest (header excluded)")
+    id: str
+    audio: str
+    image: str
+    script: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    pose_video: str | None = None
+    language: str | None = Field(None, description="expected spoken language, ISO 639-1")
+    resolution: Resolution = Resolution.P480
+    seed: int = 42
+    steps: int = 40
+    guidance: float = 4.5
+    output: str = Field(description="video path relative to the output folder")
+
+
+class RowIssue(Record):
+    """A problem with one row, always naming the row, the column and the cause."""
+
+    row: int
+    id: str | None = None
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        who = f"row {self.row}" + (f" (id {self.id!r})" if self.id else "")
+        return f"{who}, column '{self.field}': {self.reason}"
+
+
+class AudioQC(Record):
+    duration_s: float = Field(description="duration after trimming, both files")
+    source_duration_s: float
+    source_sample_rate: int
+    source_channels: int
+    source_codec: str
+    integrated_lufs: float = Field(description="loudness of the source, EBU R128")
+    peak_dbfs: float = Field(description="sample peak of the source")
+    clipping_ratio: float = Field(description="share of source samples at full scale")
+    trimmed_start_s: float
+    trimmed_end_s: float
+    master_lufs: float | None = Field(None, description="loudness of the master after normalization")
+
+
+class ImageQC(Record):
+    source_width: int
+    source_height: int
+    face_found: bool
+    face_height_ratio: float | None = Field(None, description="face height / output frame height")
+    sharpness: float = Field(description="variance of the Laplacian of the output crop")
+    crop_box: tuple[int, int, int, int] = Field(description="left, top, right, bottom in resized source")
+
+
+class NormalizedAssets(Record):
+    """What normalization hands to every later stage (all local files)."""
+
+    row_id: str
+    audio_16k: str = Field(description="16 kHz mono s16 WAV for the model")
+    audio_master: str = Field(description="loudness-normalized master WAV for the final mux")
+    image: str = Field(description="RGB PNG cropped to width×height")
+    width: int
+    height: int
+    duration_s: float
+    num_samples: int = Field(description="samples of audio_16k")
+    script: str | None = None
+    audio_qc: AudioQC
+    image_qc: ImageQC
+
+
+class WordTiming(Record):
+    word: str
+    start: float
+    end: float
+    score: float | None = None
+
+
+class SpeechAnalysis(Record):
+    """Language checks and word timings for one row."""
+
+    aligner: str = Field(description="which aligner produced the timings")
+    approximate: bool = Field(description="true when timings are not from a real alignment")
+    words: list[WordTiming] = Field(default_factory=list)
+    script_language: str | None = None
+    audio_language: str | None = None
+    fit_score: float | None = None
+    flags: list[str] = Field(default_factory=list)
+
+
+class Segment(Record):
+    """An independently generated stretch of a row's audio."""
+
+    index: int
+    start_sample: int
+    end_sample: int
+    start_s: float
+    end_s: float
+    frames: int = Field(description="ceil(duration × fps)")
+    clips: int = Field(description="ceil(frames / infer_frames)")
+    seed: int
+    est_gpu_s: float | None = None
+
+
+class Plan(Record):
+    row_id: str
+    fps: int = FPS
+    infer_frames: int = INFER_FRAMES
+    sample_rate: int = MODEL_SAMPLE_RATE
+    width: int
+    height: int
+    segments: list[Segment]
+    approximate: bool = Field(False, description="true when cuts were not placed from word timings")
+
+    @property
+    def total_frames(self) -> int:
+        return sum(s.frames for s in self.segments)
+
+    @property
+    def total_clips(self) -> int:
+        return sum(s.clips for s in self.segments)
+
+
+class Cue(Record):
+    """One caption cue; times in seconds from the start of the row's audio."""
+
+    start: float
+    end: float
+    text: str
+
+
+class SegmentJob(Record):
+    """Everything a generator needs to render one planned segment."""
+
+    row_id: str
+    segment: Segment
+    image: str = Field(description="normalized reference image (local path)")
+    audio: str = Field(description="16 kHz mono WAV holding exactly this segment's samples")
+    prompt: str
+    negative_prompt: str | None = None
+    pose_video: str | None = None
+    width: int
+    height: int
+    fps: int = FPS
+    infer_frames: int = INFER_FRAMES
+    resolution: Resolution = Resolution.P480
+    steps: int = 40
+    guidance: float = 4.5
+    cues: list[Cue] = Field(default_factory=list, description="captions, times relative to the segment")
+
+
+class ClipResult(Record):
+    index: int
+    path: str = Field(description="video file of this clip (no audio)")
+    frames: int
+    state: str | None = Field(None, description="file with the lossless state to continue after this clip")
+    reused: bool = Field(False, description="found finished on disk instead of generated")
+    gpu_s: float = 0.0
+
+
+class SegmentResult(Record):
+    segment_index: int
+    backend: str
+    clips: list[ClipResult]
+    frames: int
+    attempts: int = 1
+    worker: str | None = None
+    gpu_s: float = 0.0
+
+    @property
+    def reused_clips(self) -> int:
+        return sum(c.reused for c in self.clips)
+
+
+RowStatus = Literal["succeeded", "failed", "skipped"]
+
+
+class RowResult(Record):
+    """One line of the report."""
+
+    row: int
+    id: str | None
+    status: RowStatus
+    error: str | None = None
+    video: str | None = Field(None, description="relative to the output folder")
+    captions: dict[str, str] = Field(default_factory=dict, description="format -> path relative to output")
+    duration_s: float | None = None
+    backend: str | None = None
+    segments: int | None = None
+    clips: int | None = None
+    clips_reused: int | None = None
+    attempts: int | None = None
+    gpu_s: float | None = None
+    flags: list[str] = Field(default_factory=list)
+    cached: bool = Field(False, description="finished by an earlier run and skipped")
+    audio_qc: AudioQC | None = None
+    image_qc: ImageQC | None = None
+
+
+class Report(Record):
+    manifest: str
+    output: str
+    backend: str
+    started_at: str
+    finished_at: str
+    rows: list[RowResult]
+    manifest_errors: list[str] = Field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {"succeeded": 0, "failed": 0, "skipped": 0}
+        for r in self.rows:
+            out[r.status] += 1
+        return out
+
+
+class RowFailure(Exception):
+    """A row-level failure: the row fails, the batch goes on."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"column '{field}': {reason}")
+        self.field = field
+        self.reason = reason

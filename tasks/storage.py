@@ -1,0 +1,120 @@
+"""Paths that may be local or remote (s3://), atomic writes, and a local cache.
+
+fsspec gives one API over local folders and S3 (s3fs); everything here is a thin layer
+on it so stages can take a URI and get a local file, or write a local file and have it
+land at a URI, without caring where it lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import fsspec
+from fsspec.core import url_to_fs
+
+DEFAULT_CACHE = Path(os.environ.get("S2V_CACHE_DIR", Path.home() / ".cache" / "s2v-batch"))
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs with a protocol other than the local filesystem (s3://, gs://, ...)."""
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    return protocol not in ("file", "local")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI."""
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return str(Path(base).joinpath(*parts))
+
+
+def parent(uri: str) -> str:
+    if is_remote(uri):
+        return posixpath.dirname(uri.rstrip("/"))
+    return str(Path(uri).resolve().parent)
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a URI and the path inside it."""
+    return url_to_fs(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def local_copy(uri: str, cache_dir: Path | None = None) -> Path:
+    """A local path holding the file at `uri`.
+
+    Local paths are returned as they are. Remote files are downloaded once into the
+    cache, keyed by URI and the object's ETag/size, so a changed object is fetched anew
+    and an unchanged one is not fetched twice across runs.
+    """
+    if not is_remote(uri):
+        return Path(uri)
+    fs, path = filesystem(uri)
+    info = fs.info(path)
+    version = str(info.get("ETag") or info.get("etag") or "") + str(info.get("size", ""))
+    key = hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:24]
+    target = (cache_dir or DEFAULT_CACHE) / "inputs" / key / posixpath.basename(path)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_local(target) as tmp:
+            fs.get_file(path, str(tmp))
+    return target
+
+
+@contextmanager
+def atomic_local(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; rename it onto `target` only on success.
+
+    A crash mid-write leaves no half-written file under the final name, so 'the output
+    exists' always means 'the output is complete'.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".part{target.suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def put_file(local: str | Path, uri: str) -> None:
+    """Copy a finished local file to `uri` atomically (S3 PUTs are atomic per object)."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        fs.put_file(str(local), path)
+        return
+    with atomic_local(uri) as tmp:
+        shutil.copyfile(local, tmp)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write text to a local path or URI atomically."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        fs.pipe_file(path, text.encode("utf-8"))
+        return
+    with atomic_local(uri) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -7,7 +7,7 @@ persisted (cache markers, report.json, Prefect artifacts) and must round-trip as
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,7 @@ MOTION_FRAMES = 73
 """Frames of the video so far that condition the next clip."""
 
 
-class Resolution(str, Enum):
+class Resolution(StrEnum):
     """Output size bucket; the real H×W follows the reference image's aspect."""
 
     P480 = "480p"

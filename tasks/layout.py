@@ -1,0 +1,106 @@
+"""Where a batch keeps its files, and the markers that let a rerun skip finished rows.
+
+Output folder (local or s3://):
+    OUT/<row output>.mp4, .srt, .vtt     the deliverables
+    OUT/report.json                      the batch report
+    OUT/.s2v/rows/<id>.json              done marker: the row's fingerprint and result
+Work folder (always local):
+    WORK/<id>/audio_16k.wav, master.wav, image.png, speech.json, plan.json
+    WORK/<id>/seg_000/clip_0000.mp4 (+ .state.npz), audio.wav
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks import storage
+from tasks.records import ManifestRow, RowResult
+
+FINGERPRINT_VERSION = "1"
+"""Bump when a change to the pipeline makes earlier outputs stale."""
+
+
+def default_work_dir(out: str) -> Path:
+    if storage.is_remote(out):
+        key = hashlib.sha256(out.encode()).hexdigest()[:16]
+        return storage.DEFAULT_CACHE / "work" / key
+    return Path(out).resolve() / ".s2v" / "work"
+
+
+@dataclass(frozen=True)
+class RowPaths:
+    """Files of one row in the local work folder."""
+
+    root: Path
+
+    @classmethod
+    def for_row(cls, work_dir: Path, row_id: str) -> RowPaths:
+        return cls(Path(work_dir) / row_id)
+
+    def segment_dir(self, index: int) -> Path:
+        return self.root / f"seg_{index:03d}"
+
+    @property
+    def video(self) -> Path:
+        return self.root / "video.mp4"
+
+    @property
+    def captions_stem(self) -> Path:
+        return self.root / "captions"
+
+
+def output_uris(out: str, row: ManifestRow) -> dict[str, str]:
+    """Final locations of a row's deliverables."""
+    video = storage.join(out, row.output)
+    stem = video[: -len(".mp4")]
+    return {"video": video, "srt": stem + ".srt", "vtt": stem + ".vtt"}
+
+
+def _file_identity(uri: str) -> str:
+    """Cheap identity of an input file: size and modification time (ETag for objects)."""
+    if storage.is_remote(uri):
+        fs, path = storage.filesystem(uri)
+        info = fs.info(path)
+        return f"{info.get('size')}:{info.get('ETag') or info.get('etag') or info.get('LastModified')}"
+    stat = os.stat(uri)
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def row_fingerprint(row: ManifestRow, settings: dict) -> str:
+    """Hash of everything that determines a row's outputs; a change anywhere redoes the row."""
+    inputs = {c: _file_identity(getattr(row, c)) for c in ("audio", "image", "pose_video") if getattr(row, c)}
+    payload = {
+        "version": FINGERPRINT_VERSION,
+        "row": row.model_dump(mode="json", exclude={"row"}),
+        "inputs": inputs,
+        "settings": settings,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def marker_uri(out: str, row_id: str) -> str:
+    return storage.join(out, ".s2v", "rows", f"{row_id}.json")
+
+
+def load_finished(out: str, row: ManifestRow, fingerprint: str) -> RowResult | None:
+    """The earlier result of this row if it finished with the same fingerprint and its video is there."""
+    uri = marker_uri(out, row.id)
+    try:
+        marker = json.loads(storage.read_text(uri))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if marker.get("fingerprint") != fingerprint:
+        return None
+    result = RowResult.model_validate(marker["result"])
+    if result.status != "succeeded" or not storage.exists(output_uris(out, row)["video"]):
+        return None
+    return result.model_copy(update={"row": row.row, "cached": True})
+
+
+def mark_finished(out: str, row: ManifestRow, fingerprint: str, result: RowResult) -> None:
+    marker = {"fingerprint": fingerprint, "result": result.model_dump(mode="json")}
+    storage.write_text(marker_uri(out, row.id), json.dumps(marker, indent=2))

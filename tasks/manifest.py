@@ -1,0 +1,301 @@
+"""Manifest stage: read a CSV manifest (local or s3://) and validate every row in one pass.
+
+A manifest-level problem (not a CSV, a required column missing) stops the batch before
+any work with one message (`ManifestError`). A row-level problem fails that row only:
+every problem of every row is reported with the 1-based data row number, the column and
+the reason, and the good rows go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+from tasks import storage
+from tasks.records import ManifestRow, Resolution, RowIssue
+
+REQUIRED_COLUMNS = ("id", "audio", "image")
+OPTIONAL_COLUMNS = (
+    "script",
+    "prompt",
+    "negative_prompt",
+    "pose_video",
+    "language",
+    "resolution",
+    "seed",
+    "steps",
+    "guidance",
+    "output",
+)
+PATH_COLUMNS = ("audio", "image", "pose_video")
+DEFAULT_SEED = 42
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+LANGUAGE_PATTERN = re.compile(r"^[a-z]{2}$")
+
+
+class ManifestError(Exception):
+    """The manifest as a whole cannot be used; the batch stops before any work."""
+
+
+@dataclass
+class Validation:
+    """Outcome of validating a manifest: the good rows and every row problem."""
+
+    manifest: str
+    rows: list[ManifestRow]
+    issues: list[RowIssue]
+    total_rows: int
+    ignored_columns: list[str] = field(default_factory=list)
+
+    def issues_by_row(self) -> dict[int, list[RowIssue]]:
+        grouped: dict[int, list[RowIssue]] = defaultdict(list)
+        for issue in self.issues:
+            grouped[issue.row].append(issue)
+        return dict(grouped)
+
+
+def read_manifest(uri: str) -> pd.DataFrame:
+    """Read a manifest into a DataFrame of strings (empty cells are '').
+
+    Raises ManifestError with one clear message when the file is missing, is not CSV,
+    has no data rows or lacks a required column.
+    """
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {uri}") from None
+    except Exception as exc:  # permissions, S3 credentials, network: one message, no traceback
+        raise ManifestError(f"cannot read manifest {uri}: {type(exc).__name__}: {exc}") from None
+    if b"\x00" in raw[:4096]:
+        raise ManifestError(f"{uri} is not a CSV file (it looks binary)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{uri} is not a UTF-8 CSV file ({exc.reason} at byte {exc.start})") from None
+    try:
+        frame = pd.read_csv(
+            io.StringIO(text),
+            dtype=str,
+            keep_default_na=False,
+            skipinitialspace=True,
+            skip_blank_lines=True,
+            quoting=csv.QUOTE_MINIMAL,
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
+        raise ManifestError(f"{uri} is not a valid CSV file: {str(exc).strip()}") from None
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        found = ", ".join(frame.columns[:12]) or "none"
+        raise ManifestError(
+            f"{uri} lacks required column(s) {', '.join(missing)} "
+            f"(found: {found}); a manifest needs a header row with at least id, audio, image"
+        )
+    duplicated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if duplicated:
+        raise ManifestError(f"{uri} has duplicate column(s): {', '.join(duplicated)}")
+    if frame.empty:
+        raise ManifestError(f"{uri} has a header but no data rows")
+    return frame.apply(lambda col: col.str.strip())
+
+
+def validate_manifest(
+    uri: str,
+    *,
+    allowed_roots: list[str] | None = None,
+    check_files: bool = True,
+) -> Validation:
+    """Validate every row of the manifest at `uri`.
+
+    Relative paths resolve against the manifest's folder. A path must stay inside the
+    manifest's folder or one of `allowed_roots`; anything else is refused. With
+    `check_files`, referenced files must exist (their content is checked later, by
+    normalization).
+    """
+    frame = read_manifest(uri)
+    base = storage.parent(uri) if storage.is_remote(uri) else str(Path(uri).resolve().parent)
+    roots = [_normalize_root(base)] + [_normalize_root(r) for r in (allowed_roots or [])]
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    ignored = [c for c in frame.columns if c not in known]
+
+    issues: list[RowIssue] = []
+    seen_ids: dict[str, int] = {}
+    seen_outputs: dict[str, int] = {}
+    checked: list[tuple[int, str | None, dict, list[RowIssue]]] = []
+
+    for number, record in enumerate(frame.to_dict(orient="records"), start=1):
+        row_issues, values = _check_row(number, record, base, roots)
+        row_id = values["id"]
+        if row_id and row_id in seen_ids:
+            row_issues.append(RowIssue(row=number, id=row_id, field="id",
+                                       reason=f"duplicate id, already used by row {seen_ids[row_id]}"))
+        elif row_id:
+            seen_ids[row_id] = number
+        output = values["output"]
+        if output and output in seen_outputs and not any(i.field == "id" for i in row_issues):
+            row_issues.append(RowIssue(row=number, id=row_id, field="output",
+                                       reason=f"output {output!r} already written by row {seen_outputs[output]}"))
+        elif output:
+            seen_outputs.setdefault(output, number)
+        checked.append((number, row_id, values, row_issues))
+
+    if check_files:
+        # Every row's files are checked, also rows with other problems: one pass reports all.
+        wanted = [values[c] for _, _, values, _ in checked for c in PATH_COLUMNS if values.get(c)]
+        present = _existing_files(wanted)
+        for number, row_id, values, row_issues in checked:
+            bad_paths = {i.field for i in row_issues}
+            row_issues.extend(
+                RowIssue(row=number, id=row_id, field=c, reason=f"file not found: {values[c]}")
+                for c in PATH_COLUMNS
+                if values.get(c) and c not in bad_paths and values[c] not in present
+            )
+
+    rows: list[ManifestRow] = []
+    for number, _, values, row_issues in checked:
+        if row_issues:
+            issues.extend(row_issues)
+        else:
+            rows.append(ManifestRow(row=number, **values))
+
+    issues.sort(key=lambda i: (i.row, i.field))
+    return Validation(manifest=uri, rows=rows, issues=issues, total_rows=len(frame), ignored_columns=ignored)
+
+
+def _check_row(
+    number: int, record: dict[str, str], base: str, roots: list[str]
+) -> tuple[list[RowIssue], dict]:
+    """Check one row's cells; return its problems and the typed values."""
+    row_id = record.get("id") or None
+    issues: list[RowIssue] = []
+
+    def fail(column: str, reason: str) -> None:
+        issues.append(RowIssue(row=number, id=row_id, field=column, reason=reason))
+
+    values: dict = {}
+    if not row_id:
+        fail("id", "required value is empty")
+    elif not ID_PATTERN.match(row_id):
+        fail("id", "use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    values["id"] = row_id
+
+    for column in PATH_COLUMNS:
+        raw = record.get(column, "")
+        if not raw:
+            if column in REQUIRED_COLUMNS:
+                fail(column, "required value is empty")
+            values[column] = None
+            continue
+        resolved, reason = _resolve_path(raw, base, roots)
+        if reason:
+            fail(column, reason)
+            resolved = None  # never touch a refused path, not even to check it exists
+        values[column] = resolved
+
+    for column in ("script", "prompt", "negative_prompt"):
+        values[column] = record.get(column) or None
+
+    language = (record.get("language") or "").lower() or None
+    if language and not LANGUAGE_PATTERN.match(language):
+        fail("language", f"{record['language']!r} is not a two-letter ISO 639-1 code such as 'en'")
+    values["language"] = language
+
+    resolution = record.get("resolution") or Resolution.P480.value
+    try:
+        values["resolution"] = Resolution(resolution.lower())
+    except ValueError:
+        fail("resolution", f"unknown resolution {resolution!r}; use 480p or 720p")
+
+    values["seed"] = _int_cell(record, "seed", DEFAULT_SEED, 0, 2**32 - 1, fail)
+    values["steps"] = _int_cell(record, "steps", 40, 1, 200, fail)
+    values["guidance"] = _float_cell(record, "guidance", 4.5, 0.0, 30.0, fail)
+
+    output = record.get("output") or (f"{row_id}.mp4" if row_id else "")
+    out_path = PurePosixPath(output.replace("\\", "/"))
+    if output and (out_path.is_absolute() or ".." in out_path.parts or "://" in output):
+        fail("output", f"{output!r} must be a relative path inside the output folder")
+    elif output and out_path.suffix.lower() != ".mp4":
+        fail("output", f"{output!r} must end in .mp4")
+    values["output"] = str(out_path)
+    return issues, values
+
+
+def _int_cell(record: dict, column: str, default: int, low: int, high: int, fail) -> int:
+    raw = record.get(column, "")
+    if not raw:
+        return default
+    try:
+        value = int(float(raw)) if float(raw).is_integer() else None
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        fail(column, f"{raw!r} is not a whole number from {low} to {high}")
+        return default
+    return value
+
+
+def _float_cell(record: dict, column: str, default: float, low: float, high: float, fail) -> float:
+    raw = record.get(column, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        fail(column, f"{raw!r} is not a number from {low:g} to {high:g}")
+        return default
+    return value
+
+
+def _normalize_root(root: str) -> str:
+    if storage.is_remote(root):
+        return root.rstrip("/") + "/"
+    return str(Path(root).expanduser().resolve()) + "/"
+
+
+def _resolve_path(raw: str, base: str, roots: list[str]) -> tuple[str, str | None]:
+    """Resolve a manifest path against the manifest folder and check it stays inside a root."""
+    if "://" in raw:
+        if not storage.is_remote(raw):
+            raw = raw.split("://", 1)[1]
+            resolved = str(Path(raw).resolve())
+        else:
+            protocol, rest = raw.split("://", 1)
+            resolved = f"{protocol}://{posixpath.normpath(rest)}"
+    elif storage.is_remote(base):
+        protocol, rest = base.split("://", 1)
+        resolved = f"{protocol}://{posixpath.normpath(posixpath.join(rest, raw))}"
+    else:
+        resolved = str((Path(base) / Path(raw).expanduser()).resolve())
+    if not any((resolved + "/").startswith(root) for root in roots):
+        allowed = ", ".join(r.rstrip("/") for r in roots)
+        return resolved, f"path {raw!r} resolves outside the allowed folders ({allowed})"
+    return resolved, None
+
+
+def _existing_files(uris: list[str]) -> set[str]:
+    """Which of `uris` exist. Remote folders are listed once each instead of one request a file."""
+    present: set[str] = set()
+    remote_dirs: dict[str, list[str]] = defaultdict(list)
+    for uri in set(uris):
+        if storage.is_remote(uri):
+            remote_dirs[storage.parent(uri)].append(uri)
+        elif Path(uri).is_file():
+            present.add(uri)
+    for folder, members in remote_dirs.items():
+        fs, path = storage.filesystem(folder)
+        protocol = folder.split("://", 1)[0]
+        try:
+            listed = {f"{protocol}://{p}" for p in fs.ls(path, detail=False, refresh=True)}
+        except FileNotFoundError:
+            listed = set()
+        present.update(u for u in members if u in listed)
+    return present

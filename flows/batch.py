@@ -1,0 +1,243 @@
+"""The `batch` Prefect flow: validate a manifest, then run every row through the stages.
+
+Composition only: each task below is a thin wrapper that runs one stage function from
+`tasks/` in a worker thread (stages are blocking: ffmpeg, numpy, torch), so rows run
+concurrently on the flow's event loop. Each row is its own subflow run, which keeps the
+Prefect UI readable for large batches and lets one row fail without failing the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import acreate_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows import progress, steps
+from flows.settings import BatchSettings
+from tasks import captions, layout, storage
+from tasks.generate.backends import load_generator, resolve_backend
+from tasks.manifest import validate_manifest
+from tasks.records import (
+    ClipResult,
+    Cue,
+    ManifestRow,
+    NormalizedAssets,
+    Plan,
+    Report,
+    RowFailure,
+    RowResult,
+    SegmentResult,
+    SpeechAnalysis,
+)
+
+log = logging.getLogger(__name__)
+REPORT_NAME = "report.json"
+
+
+class RowFailed(Exception):
+    """A row stopped at a stage; the message names the row, the field or stage, and the cause."""
+
+    def __init__(self, row: ManifestRow, where: str, reason: str):
+        super().__init__(f"row {row.row} (id {row.id!r}), {where}: {reason}")
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry I/O hiccups (network, S3), never a bad row: its error will not go away."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, OSError | ConnectionError | TimeoutError) and not isinstance(exc, FileNotFoundError)
+
+
+STAGE = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": _is_transient, "cache_policy": NO_CACHE}
+
+
+@task(name="normalize", **STAGE)
+async def normalize_task(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> NormalizedAssets:
+    return await asyncio.to_thread(steps.normalize_step, row, row_dir, settings)
+
+
+@task(name="speech", **STAGE)
+async def speech_task(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
+    return await asyncio.to_thread(steps.speech_step, row, assets, settings)
+
+
+@task(name="plan", **STAGE)
+async def plan_task(
+    row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis, settings: BatchSettings
+) -> Plan:
+    return await asyncio.to_thread(steps.plan_step, row, assets, speech, settings)
+
+
+@task(name="generate", task_run_name="generate {row.id} segment {index}", **STAGE)
+async def generate_task(
+    row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
+    backend: str, settings: BatchSettings,
+) -> SegmentResult:
+    segment = row_plan.segments[index]
+
+    def on_clip(clip: ClipResult) -> None:
+        progress.emit(row.id, "clip", f"segment {index} clip {clip.index + 1}/{segment.clips}")
+
+    return await asyncio.to_thread(
+        steps.generate_step, row, assets, row_plan, cues, index, backend, settings, on_clip
+    )
+
+
+@task(name="stitch", **STAGE)
+async def stitch_task(
+    row: ManifestRow, assets: NormalizedAssets, cues: list[Cue], results: list[SegmentResult],
+    out: str, settings: BatchSettings,
+) -> dict[str, str]:
+    return await asyncio.to_thread(steps.stitch_step, row, assets, cues, results, out, settings)
+
+
+@flow(name="row", validate_parameters=False)
+async def process_row(row: ManifestRow, out: str, work_dir: str, backend: str, settings: BatchSettings) -> RowResult:
+    """One row from inputs to published video; raises RowFailed naming the row and the cause."""
+    logger = get_run_logger()
+    fingerprint = layout.row_fingerprint(row, _fingerprint_settings(settings, backend))
+    if not settings.force and (done := await asyncio.to_thread(layout.load_finished, out, row, fingerprint)):
+        logger.info("row %s finished in an earlier run; skipping", row.id)
+        progress.emit(row.id, "done", "cached")
+        return done
+
+    started = time.monotonic()
+    row_dir = layout.RowPaths.for_row(Path(work_dir), row.id).root
+    where = "stage 'normalize'"
+    try:
+        progress.emit(row.id, "normalize")
+        assets = await normalize_task(row, row_dir, settings)
+        where = "stage 'speech'"
+        progress.emit(row.id, "speech")
+        speech = await speech_task(row, assets, settings)
+        if "skip" in speech.flags:
+            progress.emit(row.id, "done", "skipped")
+            return RowResult(row=row.row, id=row.id, status="skipped", flags=speech.flags,
+                             error="; ".join(f for f in speech.flags if f != "skip"),
+                             audio_qc=assets.audio_qc, image_qc=assets.image_qc)
+        where = "stage 'plan'"
+        row_plan = await plan_task(row, assets, speech, settings)
+        cues = captions.cues_from_words(speech.words)
+        where = "stage 'generate'"
+        progress.emit(row.id, "generate", f"{row_plan.total_clips} clips")
+        results = await asyncio.gather(*(
+            generate_task(row, assets, row_plan, cues, i, backend, settings) for i in range(len(row_plan.segments))
+        ))
+        where = "stage 'stitch'"
+        progress.emit(row.id, "stitch")
+        published = await stitch_task(row, assets, cues, list(results), out, settings)
+    except RowFailure as exc:
+        progress.emit(row.id, "failed", exc.reason)
+        raise RowFailed(row, f"column '{exc.field}'", exc.reason) from None
+    except Exception as exc:
+        progress.emit(row.id, "failed", str(exc))
+        raise RowFailed(row, where, f"{type(exc).__name__}: {exc}") from exc
+
+    flags = list(speech.flags)
+    if speech.approximate and speech.words:
+        flags.append(f"captions approximate ({speech.aligner})")
+    if not assets.script:
+        flags.append("no script: no captions")
+    result = RowResult(
+        row=row.row, id=row.id, status="succeeded",
+        video=_relative(out, published["video"]),
+        captions={k: _relative(out, v) for k, v in published.items() if k != "video"},
+        duration_s=round(assets.duration_s, 3), backend=backend,
+        segments=len(results), clips=sum(len(r.clips) for r in results),
+        clips_reused=sum(r.reused_clips for r in results), attempts=max(r.attempts for r in results),
+        gpu_s=round(sum(r.gpu_s for r in results), 3), flags=flags,
+        audio_qc=assets.audio_qc, image_qc=assets.image_qc,
+    )
+    await asyncio.to_thread(layout.mark_finished, out, row, fingerprint, result)
+    logger.info("row %s done in %.1fs: %s", row.id, time.monotonic() - started, result.video)
+    progress.emit(row.id, "done", "succeeded")
+    return result
+
+
+@flow(name="batch")
+async def batch(manifest: str, out: str, settings: BatchSettings | None = None) -> dict:
+    """Run every row of `manifest` and write `out/report.json`; returns the report as a dict.
+
+    Raises ManifestError / BackendError when the batch as a whole cannot run. Row
+    failures never fail the batch: they are rows with status 'failed' in the report.
+    """
+    settings = settings or BatchSettings()
+    logger = get_run_logger()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    backend = resolve_backend(settings.backend, settings.checkpoint)
+    validation = await asyncio.to_thread(validate_manifest, manifest, allowed_roots=settings.allowed_roots)
+    logger.info("manifest %s: %d rows, %d valid; backend %s%s", manifest, validation.total_rows,
+                len(validation.rows), backend, " (labelled animatic, not the model)" if backend == "preview" else "")
+    for issue in validation.issues:
+        logger.warning("%s", issue)
+    if validation.rows:
+        # Load the model before any row starts so a bad checkpoint fails the batch once, early.
+        await asyncio.to_thread(
+            load_generator, backend, settings.checkpoint, device=settings.device, offload=settings.offload
+        )
+    work_dir = settings.work_dir or str(layout.default_work_dir(out))
+    limit = asyncio.Semaphore(settings.max_concurrent_rows)
+
+    async def run_row(row: ManifestRow) -> RowResult:
+        async with limit:
+            try:
+                return await process_row.with_options(flow_run_name=f"row {row.row}: {row.id}")(
+                    row, out, work_dir, backend, settings
+                )
+            except RowFailed as exc:
+                return RowResult(row=row.row, id=row.id, status="failed", error=str(exc), backend=backend)
+
+    row_results = list(await asyncio.gather(*(run_row(r) for r in validation.rows)))
+    for row_number, issues in validation.issues_by_row().items():
+        row_results.append(RowResult(
+            row=row_number, id=issues[0].id, status="failed", error="; ".join(str(i) for i in issues)
+        ))
+    row_results.sort(key=lambda r: r.row)
+    report = Report(
+        manifest=manifest, output=out, backend=backend, started_at=started_at,
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"), rows=row_results,
+    )
+    await asyncio.to_thread(storage.write_text, storage.join(out, REPORT_NAME),
+                            json.dumps(report_json(report), indent=2))
+    await acreate_table_artifact(
+        key="batch-report",
+        table=[_artifact_row(r) for r in report.rows],
+        description=f"**{manifest}** → {out} · backend `{backend}` · " + ", ".join(
+            f"{n} {k}" for k, n in report.counts.items()
+        ),
+    )
+    logger.info("batch done: %s", report.counts)
+    return report_json(report)
+
+
+def report_json(report: Report) -> dict:
+    data = report.model_dump(mode="json")
+    data["counts"] = report.counts
+    return data
+
+
+def _artifact_row(r: RowResult) -> dict:
+    return {
+        "row": r.row, "id": r.id or "", "status": r.status + (" (cached)" if r.cached else ""),
+        "duration_s": r.duration_s if r.duration_s is not None else "",
+        "clips": r.clips if r.clips is not None else "", "video": r.video or "", "error": r.error or "",
+    }
+
+
+def _relative(out: str, uri: str) -> str:
+    prefix = out.rstrip("/") + "/"
+    if storage.is_remote(out):
+        return uri[len(prefix):] if uri.startswith(prefix) else uri
+    return str(Path(uri).resolve().relative_to(Path(out).resolve()))
+
+
+def _fingerprint_settings(settings: BatchSettings, backend: str) -> dict:
+    keys = ("checkpoint", "pad_s", "max_segment_s", "min_segment_s", "infer_frames", "burn_captions",
+            "language_policy")
+    return {"backend": backend, **{k: getattr(settings, k) for k in keys}}

@@ -1,0 +1,235 @@
+"""The `s2v-batch` command line.
+
+Exit codes: 0 the command ran (for `run`: the batch ran, even if some rows failed);
+1 `validate` found invalid rows; 2 the batch or command could not run at all (bad
+manifest, bad option, no checkpoint, unreachable service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+# Stage modules log through the standard library; let those records reach Prefect's UI.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,model")
+
+app = typer.Typer(
+    name="s2v-batch",
+    help="Turn CSV manifests of scripts, speech audio and portraits into talking-person videos (Wan2.2-S2V).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+
+ManifestArg = Annotated[str, typer.Argument(help="CSV manifest: a local path or s3://bucket/key.csv")]
+AllowedRoot = Annotated[
+    list[str] | None,
+    typer.Option("--allowed-root", help="a folder or s3:// prefix rows may read from besides the manifest's "
+                 "own folder (repeatable)"),
+]
+
+
+class CommandFailed(Exception):
+    """The command could not run; the message says why and what to fix."""
+
+
+def _settings(**overrides):
+    from flows.settings import BatchSettings
+
+    return BatchSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def run(
+    manifest: ManifestArg,
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder: a local path or s3://bucket/prefix")],
+    backend: Annotated[str | None, typer.Option(help="auto | preview | wan-s2v (auto: wan-s2v when a "
+                                                     "checkpoint is set, else the preview animatic)")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Wan2.2-S2V-14B checkpoint folder (local or s3://)")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device for wan-s2v, e.g. cuda:0")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="rows processed at the same time")] = None,
+    allowed_root: AllowedRoot = None,
+    language_policy: Annotated[str | None, typer.Option(help="non-English speech: warn | skip | fail")] = None,
+    max_segment_seconds: Annotated[float | None, typer.Option(help="longest independently generated "
+                                                                   "segment")] = None,
+    burn_captions: Annotated[bool, typer.Option("--burn-captions", help="also burn captions into the "
+                                                                         "video")] = False,
+    force: Annotated[bool, typer.Option("--force", help="redo rows an earlier run finished")] = False,
+    work_dir: Annotated[str | None, typer.Option(help="local scratch folder (default OUT/.s2v/work)")] = None,
+) -> None:
+    """Run a manifest as a batch: every good row becomes OUT/<id>.mp4 with .srt/.vtt captions;
+    the batch ends with OUT/report.json (also a table artifact in Prefect)."""
+    try:
+        settings = _settings(
+            backend=backend, checkpoint=checkpoint, device=device, max_concurrent_rows=concurrency,
+            allowed_roots=allowed_root, language_policy=language_policy, max_segment_s=max_segment_seconds,
+            burn_captions=burn_captions or None, force=force or None, work_dir=work_dir,
+        )
+    except Exception as exc:  # pydantic's message names the setting
+        raise CommandFailed(f"invalid option: {exc}") from None
+    report = _run_batch(manifest, out, settings)
+    _print_report(report, out)
+
+
+def _run_batch(manifest: str, out: str, settings) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows import progress as hooks
+    from flows.batch import batch
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"), console=console, transient=False,
+    ) as bar:
+        overall = bar.add_task("rows", total=None, detail="validating manifest")
+        finished: set[str] = set()
+
+        def on_event(row_id: str, event: str, detail: str) -> None:
+            if event in ("done", "failed"):
+                finished.add(row_id)
+                bar.update(overall, completed=len(finished), detail=f"{row_id}: {detail or event}"[:70])
+            else:
+                bar.update(overall, detail=f"{row_id}: {event} {detail}"[:70])
+
+        unsubscribe = hooks.subscribe(on_event)
+        try:
+            from tasks.generate.backends import resolve_backend
+            from tasks.manifest import validate_manifest
+
+            # Fail fast, before Prefect starts, when the batch as a whole cannot run.
+            resolve_backend(settings.backend, settings.checkpoint)
+            total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
+            bar.update(overall, total=total)
+            return asyncio.run(batch(manifest, out, settings))
+        finally:
+            unsubscribe()
+
+
+def _print_report(report: dict, out: str) -> None:
+    table = Table(title=f"s2v-batch report ({report['backend']})")
+    for col in ("row", "id", "status", "duration", "video / error"):
+        table.add_column(col)
+    colors = {"succeeded": "green", "failed": "red", "skipped": "yellow"}
+    for r in report["rows"]:
+        status = r["status"] + (" (cached)" if r.get("cached") else "")
+        detail = r.get("video") or r.get("error") or ""
+        duration = f"{r['duration_s']:.1f}s" if r.get("duration_s") else ""
+        table.add_row(str(r["row"]), r.get("id") or "", f"[{colors[r['status']]}]{status}", duration, detail)
+    out_console.print(table)
+    counts = report["counts"]
+    out_console.print(
+        f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped; "
+        f"report: {out.rstrip('/')}/report.json"
+    )
+    if report["backend"] == "preview":
+        out_console.print("[yellow]backend 'preview': labelled animatics, not model output. "
+                          "Set --checkpoint to generate with Wan2.2-S2V.")
+
+
+@app.command()
+def validate(
+    manifest: ManifestArg,
+    allowed_root: AllowedRoot = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Check every row of a manifest (columns, values, paths, that files exist) without doing any work.
+    Exits 1 when some rows are invalid."""
+    from tasks.manifest import validate_manifest
+
+    result = validate_manifest(manifest, allowed_roots=allowed_root or [])
+    if as_json:
+        out_console.print_json(json.dumps({
+            "rows": result.total_rows, "valid": len(result.rows),
+            "issues": [i.model_dump() for i in result.issues],
+        }))
+    else:
+        if result.issues:
+            table = Table(title="problems")
+            for col in ("row", "id", "column", "reason"):
+                table.add_column(col)
+            for i in result.issues:
+                table.add_row(str(i.row), i.id or "", i.field, i.reason)
+            out_console.print(table)
+        if result.ignored_columns:
+            out_console.print(f"ignored columns: {', '.join(result.ignored_columns)}")
+        out_console.print(f"{len(result.rows)} of {result.total_rows} rows valid")
+    raise typer.Exit(1 if result.issues else 0)
+
+
+@app.command()
+def plan(
+    manifest: ManifestArg,
+    allowed_root: AllowedRoot = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+) -> None:
+    """Plan segments and clips for every valid row (normalizing and aligning audio, no generation)
+    and estimate GPU time."""
+    from flows.preflight import plan_manifest
+
+    plans, problems = plan_manifest(manifest, _settings(allowed_roots=allowed_root), console=console)
+    from tasks.plan import plan_summary_table, plans_to_json
+
+    if as_json:
+        data = plans_to_json(plans)
+        data["errors"] = problems
+        out_console.print_json(json.dumps(data))
+    else:
+        out_console.print(plan_summary_table(plans))
+        for p in problems:
+            out_console.print(f"[red]{p}")
+
+
+@app.command(name="align")
+def align_cmd(
+    audio: Annotated[Path, typer.Argument(help="speech audio file (any common format)", exists=True)],
+    script: Annotated[str, typer.Option(help="the words spoken, as text")],
+    as_json: Annotated[bool, typer.Option("--json", help="print {'words': [...]} as JSON")] = False,
+) -> None:
+    """Align a script to speech audio with the offline aligner; print word timings in seconds."""
+    from tasks.align import alignment_to_json
+
+    from flows.preflight import align_file
+
+    analysis = align_file(audio, script)
+    if as_json:
+        out_console.print_json(json.dumps(alignment_to_json(analysis)))
+        return
+    table = Table(title=f"{audio.name} ({analysis.aligner})")
+    for col in ("word", "start", "end", "score"):
+        table.add_column(col)
+    for w in analysis.words:
+        table.add_row(w.word, f"{w.start:.3f}", f"{w.end:.3f}", "" if w.score is None else f"{w.score:.2f}")
+    out_console.print(table)
+    for flag in analysis.flags:
+        out_console.print(f"[yellow]{flag}")
+
+
+def main() -> None:
+    """Entry point with one clear message instead of a traceback when the command cannot run."""
+    import click
+
+    from tasks.generate.backends import BackendError
+    from tasks.manifest import ManifestError
+
+    try:
+        code = app(standalone_mode=False)
+    except (ManifestError, BackendError, CommandFailed) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        console.print("[red]interrupted[/red]: finished rows and clips are kept; rerun to resume")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,44 @@
+"""The CPU-only steps before generation, run directly (no Prefect) for `s2v-batch plan` and `align`."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import track
+
+from flows import steps
+from flows.settings import BatchSettings
+from tasks import align, layout, storage
+from tasks.manifest import validate_manifest
+from tasks.normalize_audio import decode_audio
+from tasks.records import MODEL_SAMPLE_RATE, Plan, RowFailure, SpeechAnalysis
+
+
+def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -> tuple[list[Plan], list[str]]:
+    """Normalize, align and plan every valid row; returns the plans and one message per failed row.
+
+    Work files go to a cache folder keyed by the manifest, so planning twice (or planning
+    then running with the same work folder) normalizes and aligns each row once.
+    """
+    validation = validate_manifest(manifest, allowed_roots=settings.allowed_roots)
+    problems = [str(issue) for issue in validation.issues]
+    key = hashlib.sha256(manifest.encode()).hexdigest()[:16]
+    work_dir = Path(settings.work_dir) if settings.work_dir else storage.DEFAULT_CACHE / "plan" / key
+    plans: list[Plan] = []
+    for row in track(validation.rows, description="planning", console=console, transient=True):
+        row_dir = layout.RowPaths.for_row(work_dir, row.id).root
+        try:
+            assets = steps.normalize_step(row, row_dir, settings)
+            speech = steps.speech_step(row, assets, settings)
+            plans.append(steps.plan_step(row, assets, speech, settings))
+        except RowFailure as exc:
+            problems.append(f"row {row.row} (id {row.id!r}), column '{exc.field}': {exc.reason}")
+    return plans, problems
+
+
+def align_file(audio: Path, script: str) -> SpeechAnalysis:
+    """Word timings of `script` in `audio`, in seconds from the start of the file as given."""
+    samples = decode_audio(audio, MODEL_SAMPLE_RATE)
+    return align.align_words(samples, script, sample_rate=MODEL_SAMPLE_RATE)

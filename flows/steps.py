@@ -1,0 +1,126 @@
+"""The per-row steps of a batch as plain functions: each runs one stage with the row's paths.
+
+The Prefect flow wraps each step in a task; the `plan` and `align` commands call them
+directly. Steps own the bookkeeping between stages (where files go, what is cached in
+the row's work folder); the stages themselves live in `tasks/`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import soundfile as sf
+
+from flows.settings import BatchSettings
+from tasks import align, captions, language, layout, normalize, plan, stitch, storage
+from tasks.generate import stage as generate_stage
+from tasks.generate.backends import load_generator
+from tasks.records import (
+    ClipResult,
+    Cue,
+    ManifestRow,
+    NormalizedAssets,
+    Plan,
+    RowFailure,
+    SegmentJob,
+    SegmentResult,
+    SpeechAnalysis,
+)
+
+
+def normalize_step(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> NormalizedAssets:
+    """Fetch the row's inputs and normalize them; reuse the result while inputs and options are unchanged."""
+    key = layout.row_fingerprint(row, {"pad_s": settings.pad_s, "max_audio_s": settings.max_audio_s})
+    cached = row_dir / "assets.json"
+    if cached.exists():
+        data = json.loads(cached.read_text())
+        if data.get("key") == key and all(Path(data["assets"][f]).exists() for f in ("audio_16k", "image")):
+            return NormalizedAssets.model_validate(data["assets"])
+    audio = fetch_input(row.audio, "audio")
+    image = fetch_input(row.image, "image")
+    assets = normalize.normalize_row(
+        row, row_dir, audio_path=audio, image_path=image, pad_s=settings.pad_s, max_duration_s=settings.max_audio_s
+    )
+    with storage.atomic_local(cached) as tmp:
+        tmp.write_text(json.dumps({"key": key, "assets": assets.model_dump(mode="json")}))
+    return assets
+
+
+def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
+    """Align the script to the audio and check languages; cached beside the normalized audio."""
+    cached = Path(assets.audio_16k).with_name("speech.json")
+    key = f"{assets.audio_qc.model_dump_json()}|{assets.script}|{row.language}|{settings.language_policy}"
+    if cached.exists():
+        data = json.loads(cached.read_text())
+        if data.get("key") == key:
+            return SpeechAnalysis.model_validate(data["analysis"])
+    audio, rate = sf.read(assets.audio_16k, dtype="float32")
+    analysis = align.align_words(audio, assets.script or "", sample_rate=rate)
+    analysis = language.check_language(
+        analysis, script=assets.script, expected=row.language, policy=settings.language_policy
+    )
+    with storage.atomic_local(cached) as tmp:
+        tmp.write_text(json.dumps({"key": key, "analysis": analysis.model_dump(mode="json")}))
+    return analysis
+
+
+def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis, settings: BatchSettings) -> Plan:
+    return plan.plan_row(
+        row.id, assets.num_samples, speech.words or None,
+        seed=row.seed, width=assets.width, height=assets.height,
+        infer_frames=settings.infer_frames, max_segment_s=settings.max_segment_s,
+        min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps,
+    )
+
+
+def generate_step(
+    row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
+    backend: str, settings: BatchSettings, on_clip: Callable[[ClipResult], None] | None = None,
+) -> SegmentResult:
+    """Render one planned segment clip by clip, resuming at its first missing clip."""
+    segment = row_plan.segments[index]
+    seg_dir = layout.RowPaths(Path(assets.image).parent).segment_dir(index)
+    generator = load_generator(backend, settings.checkpoint, device=settings.device, offload=settings.offload)
+    audio = generate_stage.write_segment_audio(Path(assets.audio_16k), segment, seg_dir / "audio.wav")
+    job = SegmentJob(
+        row_id=row.id, segment=segment, image=assets.image, audio=str(audio),
+        prompt=row.prompt or "", negative_prompt=row.negative_prompt, pose_video=row.pose_video,
+        width=row_plan.width, height=row_plan.height, fps=row_plan.fps, infer_frames=row_plan.infer_frames,
+        resolution=row.resolution, steps=row.steps, guidance=row.guidance,
+        cues=captions.cues_for_segment(cues, segment),
+    )
+    return generate_stage.generate_segment(job, generator, seg_dir, on_clip=on_clip)
+
+
+def stitch_step(
+    row: ManifestRow, assets: NormalizedAssets, cues: list[Cue], results: list[SegmentResult],
+    out: str, settings: BatchSettings,
+) -> dict[str, str]:
+    """Join the row's clips, mux the master audio, and publish video and captions to the output folder."""
+    paths = layout.RowPaths(Path(assets.image).parent)
+    targets = layout.output_uris(out, row)
+    caption_files = captions.write_captions(cues, paths.captions_stem) if cues else {}
+    clip_paths = [Path(c.path) for r in sorted(results, key=lambda r: r.segment_index) for c in r.clips]
+    burn = caption_files.get("srt") if settings.burn_captions else None
+    video = stitch.stitch_row(clip_paths, Path(assets.audio_master), assets.duration_s, paths.video,
+                              burn_captions=burn)
+    published: dict[str, str] = {}
+    for kind, local in caption_files.items():
+        storage.put_file(local, targets[kind])
+        published[kind] = targets[kind]
+    # The video goes last: its presence is what marks the row's outputs complete.
+    storage.put_file(video, targets["video"])
+    published["video"] = targets["video"]
+    return published
+
+
+def fetch_input(uri: str, column: str) -> Path:
+    """A local copy of an input; a vanished or unreadable file is a row failure naming the column."""
+    try:
+        return storage.local_copy(uri)
+    except FileNotFoundError:
+        raise RowFailure(column, f"file not found: {uri}") from None
+    except PermissionError as exc:
+        raise RowFailure(column, f"file not readable: {uri} ({exc})") from None

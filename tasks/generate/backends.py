@@ -1,0 +1,54 @@
+"""Choosing and loading a generator backend by name."""
+
+from __future__ import annotations
+
+import threading
+
+from tasks.generate.base import Generator
+
+BACKENDS = ("preview", "wan-s2v")
+
+_loaded: dict[tuple, Generator] = {}
+_lock = threading.Lock()
+
+
+class BackendError(Exception):
+    """The requested backend cannot run (unknown name, no checkpoint, model stack missing)."""
+
+
+def resolve_backend(backend: str, checkpoint: str | None) -> str:
+    """'auto' means the model when a checkpoint is configured and the preview animatic otherwise."""
+    if backend == "auto":
+        return "wan-s2v" if checkpoint else "preview"
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if backend == "wan-s2v" and not checkpoint:
+        raise BackendError("backend 'wan-s2v' needs a checkpoint: pass --checkpoint or set S2V_CHECKPOINT")
+    return backend
+
+
+def load_generator(
+    backend: str, checkpoint: str | None = None, *, device: str | None = None, offload: bool = False
+) -> Generator:
+    """Load a backend once per process and reuse it (the model takes minutes to load)."""
+    key = (backend, checkpoint, device, offload)
+    with _lock:
+        if key not in _loaded:
+            _loaded[key] = _build(backend, checkpoint, device, offload)
+        return _loaded[key]
+
+
+def _build(backend: str, checkpoint: str | None, device: str | None, offload: bool) -> Generator:
+    if backend == "preview":
+        from tasks.generate.preview import PreviewGenerator
+
+        return PreviewGenerator()
+    if backend == "wan-s2v":
+        try:
+            from tasks.generate.wan_s2v import WanS2VGenerator
+        except ImportError as exc:
+            raise BackendError(
+                f"backend 'wan-s2v' needs the model stack: pip install 's2v-batch[model]' ({exc})"
+            ) from None
+        return WanS2VGenerator(checkpoint, device=device, offload=offload)
+    raise BackendError(f"unknown backend {backend!r}")

@@ -1,0 +1,677 @@
+"""The Wan2.2-S2V diffusion transformer (`WanS2VTransformer`).
+
+Written from the official `wan/modules/s2v/model_s2v.py` (and DiffSynth-Studio's port) as the
+specification: parameter names and shapes match the official checkpoint exactly, so
+`diffusion_pytorch_model*.safetensors` loads with strict key matching (see `model/checkpoint.py`).
+
+The sequence the blocks see, in order::
+
+    [ video tokens (F*h*w) | reference tokens (h*w) | motion tokens (FramePack, 0 on a first clip) ]
+
+- video tokens: patch embedding of the noisy latents + the pose condition (`cond_encoder`);
+- reference tokens: the reference image latent, RoPE frame position 30 (far from the clip);
+- motion tokens: the last 19 latent frames of the video so far, packed at three rates
+  (1 frame at 1x, 2 frames at 2x, 16 frames at 4x) with negative RoPE frame positions;
+- `trainable_cond_mask` adds a learned vector per kind (0 video, 1 reference, 2 motion);
+- with `zero_timestep` the reference and motion tokens are modulated with timestep 0.
+
+After the configured blocks the audio is injected: per latent frame, the video tokens of that
+frame cross-attend to that frame's audio tokens (AdaIN on the audio's global vector first).
+
+Numerics follow the reference: the residual stream, norms, modulation, time embedding, audio
+encoder and head run in float32; matmuls and attention run in the weights' dtype (bf16 on GPU).
+Speed choices (why the code looks the way it does): `F.scaled_dot_product_attention` (flash or
+cuDNN on GPU); `F.rms_norm`; RoPE from real float32 cos/sin tables built once per shape and kept
+on the device (no float64/complex128, no host copies per call); modulation applied per token group
+into preallocated buffers (no full-length concatenation of modulation tensors); both CFG branches
+can run as one batch of 2; no host synchronisation in `forward`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.config import S2VConfig
+
+__all__ = ["WanS2VTransformer", "official_injector_map", "randomize_"]
+
+
+# ---------------------------------------------------------------------------------------------
+# small building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full width (the official norm_q / norm_k), fused by `F.rms_norm`."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the stored dtype (the official WanLayerNorm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def _linear32(layer: nn.Linear, x: Tensor) -> Tensor:
+    """A linear layer evaluated in float32 (the reference runs these under fp32 autocast)."""
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), _dense_weight(layer).float(), bias)
+
+
+def _dense_weight(layer: nn.Module) -> Tensor:
+    """The weight of a Linear, dequantized if it is stored in fp8 (see checkpoint.Fp8Linear)."""
+    dequant = getattr(layer, "dequantized_weight", None)
+    return dequant() if dequant is not None else layer.weight
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs of x [B, S, H, D] by the angles in `table` [S, 1, D/2, 2].
+
+    The table holds (cos, sin) as float32, viewed as complex64 without a copy; one complex
+    multiply per element, in float32 whatever the dtype of x.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * torch.view_as_complex(table)).flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with RMSNorm on q and k over the full width; self- or cross-attention.
+
+    Names match the official WanSelfAttention / WanCrossAttention / AudioCrossAttention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None) -> Tensor:
+        """x [B, S, D]; context [B, L, D] (None: self-attention); rope [S, 1, D/H/2, 2] or None."""
+        b, s, d = x.shape
+        src = x if context is None else context
+        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, -1)
+        k = self.norm_k(self.k(src)).view(b, src.shape[1], self.num_heads, -1)
+        v = self.v(src).view(b, src.shape[1], self.num_heads, -1)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(out.transpose(1, 2).reshape(b, s, d))
+
+
+# A token group: tokens [start, end) share one modulation row set `mod` [B or 1, 6, D] (float32).
+TokenGroups = list[tuple[int, int, Tensor]]
+
+
+def _modulate(normed: Tensor, groups: TokenGroups, shift_i: int, scale_i: int, dtype: torch.dtype) -> Tensor:
+    """normed * (1 + scale) + shift per token group, written straight into a `dtype` buffer."""
+    out = torch.empty(normed.shape, dtype=dtype, device=normed.device)
+    for start, end, mod in groups:
+        if end > start:
+            shift = mod[:, shift_i : shift_i + 1]
+            scale = mod[:, scale_i : scale_i + 1]
+            torch.addcmul(shift, normed[:, start:end], 1 + scale, out=out[:, start:end])
+    return out
+
+
+def _gated_add_(x: Tensor, y: Tensor, groups: TokenGroups, gate_i: int) -> None:
+    """x += y * gate per token group, in place on the float32 residual stream."""
+    for start, end, mod in groups:
+        if end > start:
+            x[:, start:end].addcmul_(y[:, start:end], mod[:, gate_i : gate_i + 1])
+
+
+class S2VBlock(nn.Module):
+    """One transformer block: modulated self-attention with RoPE, cross-attention to the text,
+    modulated feed-forward (the official WanS2VAttentionBlock)."""
+
+    def __init__(self, cfg: S2VConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, context: Tensor, temb: TokenGroups, rope: Tensor) -> Tensor:
+        """x [B, S, D] float32 (updated in place and returned); context [B, L, D]; temb: token
+        groups with their time projection [B or 1, 6, D]; rope [S, 1, D/H/2, 2]."""
+        dtype = context.dtype
+        dim = (x.shape[-1],)
+        modulation = self.modulation.float()
+        groups = [(start, end, mod + modulation) for start, end, mod in temb]
+        # order of the six rows: shift, scale, gate (attention); shift, scale, gate (ffn)
+        h = _modulate(F.layer_norm(x, dim, eps=self.eps), groups, 0, 1, dtype)
+        _gated_add_(x, self.self_attn(h, rope=rope), groups, 2)
+        h = self.norm3(x) if self.norm3 is not None else x
+        x.add_(self.cross_attn(h.to(dtype), context))
+        h = _modulate(F.layer_norm(x, dim, eps=self.eps), groups, 3, 4, dtype)
+        _gated_add_(x, self.ffn(h), groups, 5)
+        return x
+
+
+class Head(nn.Module):
+    """Final modulated norm and projection to patches (the official Head_S2V), in float32."""
+
+    def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.head = nn.Linear(dim, out_dim * math.prod(patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        """x [B, S, D] float32, e [B, D] float32 (time embedding) -> [B, S, out * prod(patch)]."""
+        mod = self.modulation.float() + e[:, None]
+        h = torch.addcmul(mod[:, 0:1], F.layer_norm(x, (x.shape[-1],), eps=self.eps), 1 + mod[:, 1:2])
+        return _linear32(self.head, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# audio path
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d padded on the left by replicating the first step (no look-ahead)."""
+
+    def __init__(self, chan_in: int, chan_out: int, kernel_size: int = 3, stride: int = 1) -> None:
+        super().__init__()
+        self.pad = kernel_size - 1
+        self.conv = nn.Conv1d(chan_in, chan_out, kernel_size, stride=stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.pad(x, (self.pad, 0), mode="replicate")
+        return F.conv1d(x, self.conv.weight.to(x.dtype), self.conv.bias.to(x.dtype), stride=self.conv.stride)
+
+
+class AudioFrameEncoder(nn.Module):
+    """Compresses audio features 4x in time with causal convolutions into `num_tokens` local
+    tokens (+ one learned padding token) and, for AdaIN, one global vector per latent frame.
+    (The official MotionEncoder_tc; the two paths share conv2/conv3 and the norms.)"""
+
+    def __init__(self, in_dim: int, hidden_dim: int, num_tokens: int, need_global: bool) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.conv1_local = CausalConv1d(in_dim, hidden_dim // 4 * num_tokens, 3, stride=1)
+        self.conv1_global = CausalConv1d(in_dim, hidden_dim // 4, 3, stride=1) if need_global else None
+        self.conv2 = CausalConv1d(hidden_dim // 4, hidden_dim // 2, 3, stride=2)
+        self.conv3 = CausalConv1d(hidden_dim // 2, hidden_dim, 3, stride=2)
+        self.final_linear = nn.Linear(hidden_dim, hidden_dim) if need_global else None
+        self.padding_tokens = nn.Parameter(torch.zeros(1, 1, 1, hidden_dim))
+
+    @staticmethod
+    def _norm_act(x: Tensor) -> Tensor:
+        """[N, C, T] -> LayerNorm over C (no affine) + SiLU -> [N, T, C]."""
+        x = x.transpose(1, 2)
+        return F.silu(F.layer_norm(x, (x.shape[-1],), eps=1e-6))
+
+    def _compress(self, x: Tensor) -> Tensor:
+        """[N, C/4, T] after conv1 -> [N, T', C]."""
+        x = self.conv2(self._norm_act(x).transpose(1, 2))
+        x = self.conv3(self._norm_act(x).transpose(1, 2))
+        return self._norm_act(x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor | None, Tensor]:
+        """x [B, C_a, T] -> (global [B, T', 1, D] or None, local [B, T', num_tokens + 1, D])."""
+        b = x.shape[0]
+        local = self.conv1_local(x).unflatten(1, (self.num_tokens, -1)).flatten(0, 1)
+        local = self._compress(local).unflatten(0, (b, self.num_tokens)).transpose(1, 2)
+        pad = self.padding_tokens.to(local.dtype).expand(b, local.shape[1], 1, -1)
+        local = torch.cat([local, pad], dim=2)
+        if self.conv1_global is None:
+            return None, local
+        glob = _linear32(self.final_linear, self._compress(self.conv1_global(x)))
+        return glob[:, :, None], local
+
+
+class CausalAudioEncoder(nn.Module):
+    """Weighted average over the wav2vec2 hidden states (softly learned weights), then the
+    frame encoder; all in float32 (the official `casual_audio_encoder`, spelling kept)."""
+
+    def __init__(self, audio_dim: int, num_layers: int, out_dim: int, num_tokens: int, need_global: bool) -> None:
+        super().__init__()
+        self.encoder = AudioFrameEncoder(audio_dim, out_dim, num_tokens, need_global)
+        self.weights = nn.Parameter(torch.full((1, num_layers, 1, 1), 0.01))
+
+    def forward(self, features: Tensor) -> tuple[Tensor | None, Tensor]:
+        """features [B, layers, C_a, T] -> (global [B, T', 1, D] | None, local [B, T', n+1, D])."""
+        w = F.silu(self.weights.float())
+        avg = (features.float() * w / w.sum(dim=1, keepdim=True)).sum(dim=1)
+        return self.encoder(avg)
+
+
+class AdaLayerNorm(nn.Module):
+    """LayerNorm (eps 1e-5, no affine) shifted and scaled from a conditioning vector; the
+    diffusers AdaLayerNorm with chunk_dim=1 (shift first) that the reference uses."""
+
+    def __init__(self, dim: int, cond_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, dim * 2)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """x [N, S, D] float32, cond [N, D_c] -> [N, S, D] float32."""
+        shift, scale = _linear32(self.linear, F.silu(cond.float())).chunk(2, dim=1)
+        return torch.addcmul(shift[:, None], F.layer_norm(x, (x.shape[-1],), eps=1e-5), 1 + scale[:, None])
+
+
+def official_injector_map(cfg: S2VConfig) -> tuple[int, dict[int, int]]:
+    """(number of audio injectors, {block index: injector index}) exactly as the reference
+    builds them: it matches the module name `transformer_blocks.{i}` by substring, so with 10 or
+    more layers an id like 1 also matches blocks 10-19 (one extra injector each, and the last one
+    wins). Replicated so any official config loads with strict keys; for the released 40-layer
+    model this is the plain one-to-one mapping."""
+    mapping: dict[int, int] = {}
+    count = 0
+    for block in range(cfg.num_layers):
+        name = f"root.transformer_blocks.{block}"
+        for layer in cfg.audio_inject_layers:
+            if f"transformer_blocks.{layer}" in name:
+                mapping[layer] = count
+                count += 1
+    return count, mapping
+
+
+class AudioInjector(nn.Module):
+    """Per-frame cross-attention of the video tokens to the audio tokens after selected blocks."""
+
+    def __init__(self, cfg: S2VConfig) -> None:
+        super().__init__()
+        count, _ = official_injector_map(cfg)
+        self.injector = nn.ModuleList([Attention(cfg.dim, cfg.num_heads, True, 1e-6) for _ in range(count)])
+        if cfg.enable_adain:
+            self.injector_adain_layers = nn.ModuleList([AdaLayerNorm(cfg.dim, cfg.dim) for _ in range(count)])
+            if cfg.adain_mode != "attn_norm":
+                # present in such checkpoints but unused by the reference forward
+                self.injector_adain_output_layers = nn.ModuleList([nn.Linear(cfg.dim, cfg.dim) for _ in range(count)])
+
+
+# ---------------------------------------------------------------------------------------------
+# FramePack motion tokens
+
+
+class FramePack(nn.Module):
+    """Packs the last 19 motion latent frames into tokens at three rates: the newest frame at
+    1x (patch 1x2x2), the next 2 at 2x (2x4x4), the oldest 16 at 4x (4x8x8); the official
+    FramePackMotioner."""
+
+    def __init__(self, in_dim: int, dim: int, buckets: tuple[int, ...], drop_mode: str) -> None:
+        super().__init__()
+        if tuple(buckets) != (1, 2, 16):
+            raise ValueError(f"FramePack buckets must be (1, 2, 16) (fixed kernels), got {buckets}")
+        self.buckets = tuple(buckets)
+        self.drop_mode = drop_mode
+        self.proj = nn.Conv3d(in_dim, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.proj_2x = nn.Conv3d(in_dim, dim, kernel_size=(2, 4, 4), stride=(2, 4, 4))
+        self.proj_4x = nn.Conv3d(in_dim, dim, kernel_size=(4, 8, 8), stride=(4, 8, 8))
+
+    def segments(self, lat_h: int, lat_w: int, add_last_motion: int) -> list[tuple[tuple, tuple, tuple]]:
+        """RoPE grids (start, end, span) of the packed tokens, in token order (official values)."""
+        b = self.buckets
+        keep_post = not (add_last_motion < 2 and self.drop_mode == "drop")
+        keep_2x = not (add_last_motion < 1 and self.drop_mode == "drop")
+        segs = []
+        if keep_post:
+            segs.append(((-b[0], 0, 0), (-b[0] + b[0], lat_h // 2, lat_w // 2), (b[0], lat_h // 2, lat_w // 2)))
+        if keep_2x:
+            s = -(b[0] + b[1])
+            segs.append(((s, 0, 0), (s + b[1] // 2, lat_h // 4, lat_w // 4), (b[1], lat_h // 2, lat_w // 2)))
+        s = -sum(b)
+        segs.append(((s, 0, 0), (s + b[2] // 4, lat_h // 8, lat_w // 8), (b[2], lat_h // 2, lat_w // 2)))
+        return segs
+
+    def forward(self, motion: Tensor, add_last_motion: int) -> Tensor:
+        """motion [B, C, T_m, h, w] -> tokens [B, N, D] (the last sum(buckets) frames are used;
+        fewer frames are zero-padded at the old end, as the reference)."""
+        total = sum(self.buckets)
+        n = min(total, motion.shape[2])
+        padded = motion.new_zeros(motion.shape[0], motion.shape[1], total, *motion.shape[3:])
+        padded[:, :, total - n :] = motion[:, :, motion.shape[2] - n :]
+        if add_last_motion < 2 and self.drop_mode != "drop":
+            zero_end = sum(self.buckets[: len(self.buckets) - add_last_motion - 1])
+            padded[:, :, total - zero_end :] = 0
+        old, mid, new = padded.split(list(self.buckets)[::-1], dim=2)
+        parts = []
+        if not (add_last_motion < 2 and self.drop_mode == "drop"):
+            parts.append(self.proj(new))
+        if not (add_last_motion < 1 and self.drop_mode == "drop"):
+            parts.append(self.proj_2x(mid))
+        parts.append(self.proj_4x(old))
+        return torch.cat([p.flatten(2).transpose(1, 2) for p in parts], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-D RoPE tables
+
+
+def _rope_inverse_freqs(head_dim: int) -> tuple[np.ndarray, list[int]]:
+    """Inverse frequencies of the D/2 channel pairs and the (frame, height, width) split.
+
+    The reference concatenates three tables of sizes d-4(d//6), 2(d//6), 2(d//6) and then splits
+    the pairs as [c-2(c//3), c//3, c//3] (c = d/2); kept as is so any head size matches it.
+    """
+    d = head_dim
+    dims = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]
+    inv = np.concatenate([1.0 / np.power(10000.0, np.arange(0, k, 2, dtype=np.float64) / k) for k in dims])
+    c = d // 2
+    return inv, [c - 2 * (c // 3), c // 3, c // 3]
+
+
+def _segment_positions(start: tuple, end: tuple, span: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer (frame, height, width) positions of one token grid, as the reference's
+    rope_precompute: `n` positions spread by linspace over `span`, truncated to int; a grid that
+    starts at a negative frame counts backwards (the reference conjugates the frequencies)."""
+    (f0, h0, w0), (f1, h1, w1), (tf, th, tw) = start, end, span
+    nf, nh, nw = f1 - f0, h1 - h0, w1 - w0
+    forward = np.linspace(f0, tf + f0 - 1, nf).astype(int)
+    backward = -np.linspace(-f0, -tf - f0 + 1, nf).astype(int)
+    pf = forward if f0 >= 0 else backward
+    ph = np.linspace(h0, th + h0 - 1, nh).astype(int)
+    pw = np.linspace(w0, tw + w0 - 1, nw).astype(int)
+    return pf, ph, pw
+
+
+def rope_table(head_dim: int, segments: list[tuple[tuple, tuple, tuple]]) -> Tensor:
+    """float32 (cos, sin) table [S, 1, head_dim/2, 2] for token grids in sequence order."""
+    inv, split = _rope_inverse_freqs(head_dim)
+    inv_axes = np.split(inv, np.cumsum(split)[:2])
+    rows = []
+    for seg in segments:
+        pf, ph, pw = _segment_positions(*seg)
+        if len(pf) * len(ph) * len(pw) == 0:
+            continue
+        if max(abs(pf).max(), ph.max(), pw.max()) >= 1024:
+            raise ValueError(f"RoPE position beyond the reference's 1024-entry tables for grid {seg}")
+        af = np.outer(pf, inv_axes[0])[:, None, None, :]
+        ah = np.outer(ph, inv_axes[1])[None, :, None, :]
+        aw = np.outer(pw, inv_axes[2])[None, None, :, :]
+        shape = (len(pf), len(ph), len(pw))
+        ang = np.concatenate(
+            [
+                np.broadcast_to(af, (*shape, af.shape[-1])),
+                np.broadcast_to(ah, (*shape, ah.shape[-1])),
+                np.broadcast_to(aw, (*shape, aw.shape[-1])),
+            ],
+            axis=-1,
+        ).reshape(-1, inv.shape[0])
+        rows.append(np.stack([np.cos(ang), np.sin(ang)], axis=-1))
+    table = np.concatenate(rows, axis=0) if rows else np.zeros((0, inv.shape[0], 2))
+    return torch.from_numpy(table.astype(np.float32))[:, None]
+
+
+def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
+    """[N] timesteps -> [N, dim] (cos | sin), computed in float64 like the reference."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    arg = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+class WanS2VTransformer(nn.Module):
+    """Wan2.2-S2V diffusion transformer; state_dict keys and shapes equal the official checkpoint.
+
+    Call::
+
+        velocity = model(
+            latents,          # [B, 16, F, H, W]  noisy video latents of the clip (F=20 for 80 frames)
+            timestep,         # [B] or [1] or scalar, flow-matching timestep in [0, 1000]
+            context,          # [B, L, text_dim] umT5 embeddings, L <= text_len (zero-padded inside)
+            ref_latents,      # [B, 16, 1, H, W]  VAE latent of the reference image
+            audio,            # [B, audio_num_layers, audio_dim, T_a] wav2vec2 hidden states of the
+                              #   clip's video frames (T_a = infer_frames = 4*F for the default clip)
+            motion_latents,   # [B, 16, T_m, H, W] latents of the last 73 video frames (T_m=19), or
+                              #   None; ignored (no motion tokens) when drop_motion_frames=True
+            pose_latents,     # [B, 16, F, H, W] VAE latents of the pose video, or None (zeros)
+            drop_motion_frames=False,  # True on a first clip (the reference's drop_first_motion)
+            add_last_motion=2,         # FramePack: 2 all, 1 without the newest frame, 0 only 4x
+        )                     # -> [B, 16, F, H, W] float32
+
+    Any conditioning input may have batch 1 and is then shared by all B rows. Classifier-free
+    guidance as one batch of 2: row 0 = (context, audio), row 1 = (negative context, audio * 0),
+    same latents/ref/motion/pose; then `uncond + scale * (cond - uncond)` on the two output rows.
+    Wrong shapes raise ValueError naming the argument and the expected shape.
+    """
+
+    def __init__(self, config: S2VConfig) -> None:
+        super().__init__()
+        cfg = config
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([S2VBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
+        if cfg.cond_dim > 0:
+            self.cond_encoder = nn.Conv3d(cfg.cond_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.casual_audio_encoder = CausalAudioEncoder(
+            cfg.audio_dim, cfg.audio_num_layers, dim, cfg.num_audio_token, cfg.enable_adain
+        )
+        self.audio_injector = AudioInjector(cfg)
+        self.trainable_cond_mask = nn.Embedding(3, dim)
+        if cfg.enable_framepack:
+            self.frame_packer = FramePack(cfg.in_dim, dim, cfg.zip_frame_buckets, cfg.framepack_drop_mode)
+        _, self._injector_of_block = official_injector_map(cfg)
+        self._rope_cache: dict[tuple, Tensor] = {}
+
+    # ---- helpers ----------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of matmuls and attention: the weights' dtype (bf16 for fp8-stored weights)."""
+        dtype = self.text_embedding[0].weight.dtype
+        return torch.bfloat16 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each block (fuses norms, modulation and RoPE around the matmuls)."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+
+    def _rope(self, segments: list, device: torch.device) -> Tensor:
+        key = (tuple(segments), str(device))
+        table = self._rope_cache.get(key)
+        if table is None:
+            table = rope_table(self.config.head_dim, segments).to(device)
+            self._rope_cache[key] = table
+        return table
+
+    def _check_inputs(
+        self, latents, timestep, context, ref_latents, audio, motion_latents, pose_latents, drop_motion_frames
+    ) -> None:
+        cfg = self.config
+        _expect("latents", latents, ("B", cfg.in_dim, "F", "H", "W"), None)
+        b, _, f, h, w = latents.shape
+        p = cfg.patch_size
+        if f % p[0] or h % p[1] or w % p[2]:
+            raise ValueError(f"latents: F, H, W = {f}, {h}, {w} must be multiples of the patch size {p}")
+        _expect("ref_latents", ref_latents, ("B", cfg.in_dim, 1, h, w), b)
+        _expect("context", context, ("B", "L", cfg.text_dim), b, " umT5 embeddings")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context: {context.shape[1]} tokens, more than text_len {cfg.text_len}")
+        _expect("audio", audio, ("B", cfg.audio_num_layers, cfg.audio_dim, "T"), b, " wav2vec2 hidden states")
+        frames = self.audio_latent_frames(audio.shape[3])
+        if frames != f // p[0]:
+            raise ValueError(
+                f"audio: {audio.shape[3]} frames of features give {frames} latent frames but latents have "
+                f"{f // p[0]}; pass the features of the clip's {4 * f} video frames"
+            )
+        if pose_latents is not None:
+            if cfg.cond_dim <= 0:
+                raise ValueError("pose_latents: this model has no pose condition (cond_dim = 0)")
+            _expect("pose_latents", pose_latents, ("B", cfg.cond_dim, f, h, w), b)
+        if motion_latents is not None and not drop_motion_frames:
+            _expect("motion_latents", motion_latents, ("B", cfg.in_dim, "T_m", h, w), b)
+            if h < 8 or w < 8:
+                raise ValueError(f"motion_latents: FramePack needs latents of at least 8x8, got {h}x{w}")
+        t = torch.as_tensor(timestep)
+        if t.ndim > 1 or t.numel() not in (1, b):
+            raise ValueError(f"timestep: expected a scalar or [{b}] or [1], got {_shape(t)}")
+
+    def audio_latent_frames(self, audio_frames: int) -> int:
+        """Latent frames the audio encoder makes of `audio_frames` feature frames (the clip is
+        prefixed with `motion_frames` copies of its first frame, then those are cut off)."""
+        n = audio_frames + self.config.motion_frames
+        for _ in range(2):  # two stride-2 causal convolutions
+            n = (n - 1) // 2 + 1
+        return n - self.config.lat_motion_frames
+
+    def encode_audio(self, audio: Tensor) -> tuple[Tensor | None, Tensor]:
+        """[B, layers, C_a, T] -> (global [B, F, 1, D] | None, local [B, F, n+1, D]), float32."""
+        lead = audio[..., :1].expand(*audio.shape[:3], self.config.motion_frames)
+        glob, local = self.casual_audio_encoder(torch.cat([lead, audio], dim=-1))
+        cut = self.config.lat_motion_frames
+        return (glob[:, cut:] if glob is not None else None), local[:, cut:]
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        latents: Tensor,
+        timestep: Tensor | float,
+        context: Tensor,
+        ref_latents: Tensor,
+        audio: Tensor,
+        motion_latents: Tensor | None = None,
+        pose_latents: Tensor | None = None,
+        *,
+        drop_motion_frames: bool = False,
+        add_last_motion: int = 2,
+    ) -> Tensor:
+        """See the class docstring for shapes. Returns the velocity [B, out_dim, F, H, W] float32."""
+        cfg = self.config
+        self._check_inputs(
+            latents, timestep, context, ref_latents, audio, motion_latents, pose_latents, drop_motion_frames
+        )
+        device, dtype = latents.device, self.compute_dtype
+        b, _, frames, lat_h, lat_w = latents.shape
+        p = cfg.patch_size
+        f, h, w = frames // p[0], lat_h // p[1], lat_w // p[2]
+        n_vid, n_ref = f * h * w, h * w
+        add_last_motion = int(cfg.add_last_motion) * add_last_motion
+        use_motion = cfg.enable_framepack and motion_latents is not None and not drop_motion_frames
+
+        # tokens: video (+ pose), reference, motion, each plus its cond-mask vector
+        vid = self.patch_embedding(latents.to(dtype))
+        if cfg.cond_dim > 0:
+            if pose_latents is not None:
+                vid = vid + self.cond_encoder(pose_latents.to(dtype))
+            else:  # the encoder of an all-zero pose video is its bias
+                vid = vid + self.cond_encoder.bias.to(dtype)[:, None, None, None]
+        ref = self.patch_embedding(ref_latents.to(dtype)).flatten(2).transpose(1, 2)
+        mot = self.frame_packer(motion_latents.to(dtype), add_last_motion) if use_motion else None
+        n_mot = mot.shape[1] if mot is not None else 0
+        seq = n_vid + n_ref + n_mot
+        mask = self.trainable_cond_mask.weight.float()
+        x = torch.empty(b, seq, cfg.dim, dtype=torch.float32, device=device)
+        x[:, :n_vid] = vid.flatten(2).transpose(1, 2).float() + mask[0]
+        x[:, n_vid : n_vid + n_ref] = ref.float() + mask[1]
+        if mot is not None:
+            x[:, n_vid + n_ref :] = mot.float() + mask[2]
+
+        # RoPE: video at frames 0..f-1, reference at frame 30, motion at negative frames
+        segments = [((0, 0, 0), (f, h, w), (f, h, w)), ((30, 0, 0), (31, h, w), (1, h, w))]
+        if mot is not None:
+            segments += self.frame_packer.segments(lat_h, lat_w, add_last_motion)
+        rope = self._rope(segments, device)
+
+        # time: video tokens at t, reference and motion tokens at 0 (zero_timestep)
+        t = torch.as_tensor(timestep, device=device).reshape(-1).float().expand(b)
+        if cfg.zero_timestep:
+            t = torch.cat([t, t.new_zeros(1)])
+        e = _linear32(self.time_embedding[0], sinusoidal_embedding(cfg.freq_dim, t))
+        e = _linear32(self.time_embedding[2], F.silu(e))
+        e0 = _linear32(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))
+        temb = [(0, n_vid, e0[:b]), (n_vid, seq, e0[b:])] if cfg.zero_timestep else [(0, seq, e0)]
+
+        # text, zero-padded to text_len like the reference
+        if context.shape[1] < cfg.text_len:
+            context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        ctx = self.text_embedding(context.to(dtype)).expand(b, -1, -1)
+
+        audio_global, audio_local = self.encode_audio(audio)
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, temb, rope)
+            if i in self._injector_of_block:
+                self._inject_audio(self._injector_of_block[i], x, n_vid, f, audio_global, audio_local, dtype)
+
+        out = self.head(x[:, :n_vid], e[:b])
+        c = cfg.out_dim
+        out = out.view(b, f, h, w, p[0], p[1], p[2], c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, c, f * p[0], h * p[1], w * p[2])
+
+    def _inject_audio(
+        self, idx: int, x: Tensor, n_vid: int, f: int, glob: Tensor | None, local: Tensor, dtype: torch.dtype
+    ) -> None:
+        """x[:, :n_vid] += per-frame cross-attention of the frame's video tokens to its audio tokens."""
+        inj = self.audio_injector
+        b = x.shape[0]
+        vid = x[:, :n_vid].reshape(b * f, n_vid // f, x.shape[-1])
+        if self.config.enable_adain and self.config.adain_mode == "attn_norm":
+            cond = glob[:, :, 0].expand(b, -1, -1).flatten(0, 1)
+            h = inj.injector_adain_layers[idx](vid, cond)
+        else:
+            h = F.layer_norm(vid, (vid.shape[-1],), eps=1e-6)
+        tokens = local.expand(b, -1, -1, -1).flatten(0, 1).to(dtype)
+        res = inj.injector[idx](h.to(dtype), context=tokens)
+        x[:, :n_vid] += res.view(b, n_vid, -1)
+
+
+@torch.no_grad()
+def randomize_(model: WanS2VTransformer, seed: int = 0, std: float = 0.05) -> WanS2VTransformer:
+    """Give every parameter non-trivial random values (in place), for tests and benchmarks.
+
+    Default init leaves some tensors at exact zeros/ones (padding tokens, norm weights, biases),
+    which would hide mistakes in the paths they feed; this adds N(0, std) noise to all of them.
+    The audio layer weights get values in [0.5, 1.5] so their normalising sum stays away from 0.
+    Works on any device (the noise is drawn on CPU from `seed`, so results do not depend on it).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name == "casual_audio_encoder.weights":
+            noise = torch.rand(param.shape, generator=gen) + 0.5
+            param.copy_(noise)
+            continue
+        noise = torch.randn(param.shape, generator=gen) * std
+        param.add_(noise.to(device=param.device, dtype=param.dtype))
+    return model
+
+
+def _expect(name: str, x: object, dims: tuple, batch: int | None, what: str = "") -> None:
+    """Raise ValueError unless x is a tensor of shape `dims`: ints must match, "B" is the batch
+    (`batch` or 1; anything if batch is None), other strings are free sizes."""
+    ok = isinstance(x, Tensor) and x.ndim == len(dims)
+    if ok:
+        for size, want in zip(x.shape, dims, strict=True):
+            if isinstance(want, int) and size != want or want == "B" and batch is not None and size not in (1, batch):
+                ok = False
+    if not ok:
+        desc = ", ".join(f"{batch} or 1" if d == "B" and batch is not None else str(d) for d in dims)
+        raise ValueError(f"{name}: expected [{desc}]{what}, got {_shape(x)}")
+
+
+def _shape(x: object) -> str:
+    return str(list(x.shape)) if isinstance(x, Tensor) else type(x).__name__

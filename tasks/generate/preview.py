@@ -160,7 +160,7 @@ class _Renderer:
     def _caption(self, k: int) -> _Patch:
         if k not in self._caption_cache:
             lines = self.job.cues[k].text.splitlines() or [""]
-            img = _text_box(lines, min(self.w, self.h) // 18, max_width=self.w - 2 * self.margin)
+            img = _text_box(lines, min(self.w, self.h) // 16, max_width=self.w - 2 * self.margin)
             self._caption_cache[k] = _patch_from_rgba(img, self.caption_bottom - img.height, (self.w - img.width) // 2)
         return self._caption_cache[k]
 

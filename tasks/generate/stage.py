@@ -20,11 +20,12 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import av
 import numpy as np
 import soundfile as sf
 
 from tasks.generate.base import GeneratedClip, Generator
-from tasks.media import ffmpeg_exe, probe
+from tasks.media import ffmpeg_exe
 from tasks.records import MODEL_SAMPLE_RATE, ClipResult, Segment, SegmentJob, SegmentResult
 from tasks.storage import atomic_local
 
@@ -116,17 +117,35 @@ def _prepare_dir(job: SegmentJob, generator: Generator, seg_dir: Path) -> None:
         tmp.write_text(json.dumps(want, indent=1))
 
 
+def _whole_clip(path: Path, frames: int) -> bool:
+    """True when `path` holds `frames` complete video packets.
+
+    Atomic renames rule out half-written clips from our own crashes, but a clip copied
+    back from elsewhere may be cut short; with +faststart the header still claims every
+    frame, so the packets themselves are read (no decoding: milliseconds per clip).
+    """
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.frames != frames:
+                return False
+            size = path.stat().st_size
+            count = 0
+            for packet in container.demux(stream):
+                if packet.size:
+                    count += 1
+                    if packet.pos is not None and packet.pos + packet.size > size:
+                        return False
+            return count == frames
+    except (ValueError, IndexError):  # unreadable (PyAV errors are ValueErrors) or no video stream
+        return False
+
+
 def _finished_clips(job: SegmentJob, seg_dir: Path) -> int:
-    """Number of leading clips already on disk and whole (right frame count, readable)."""
+    """Number of leading clips already on disk and whole."""
     for k in range(job.segment.clips):
         path = clip_path(seg_dir, k)
-        if not path.exists():
-            return k
-        try:
-            ok = probe(path).video_frames == clip_frames(job, k)
-        except ValueError:  # unreadable (PyAV errors are ValueErrors)
-            ok = False
-        if not ok:
+        if not path.exists() or not _whole_clip(path, clip_frames(job, k)):
             return k
     return job.segment.clips
 
@@ -195,7 +214,8 @@ def generate_segment(
             sp = state_path(seg_dir, clip.index)
             if clip.state:
                 with atomic_local(sp) as tmp, open(tmp, "wb") as f:
-                    np.savez(f, **clip.state)
+                    # Plain arrays only: states are loaded back with allow_pickle=False.
+                    np.savez(f, allow_pickle=False, **clip.state)
             else:
                 sp.unlink(missing_ok=True)
             cp = clip_path(seg_dir, clip.index)

@@ -76,9 +76,9 @@ def _subtitles_filter(srt: Path, work: Path, width: int, height: int) -> str:
     (fonts / "caption.ttf").write_bytes(ImageFont.load_default(size=12).font_bytes)
     # libass sizes are in script units of a 288-line canvas; aim for a 42-character line
     # within ~90 % of the width, capped on landscape frames.
-    px = min(width / 24, height / 18)
+    px = min(width / 18, height / 16)
     size = max(6, round(px * 288 / height))
-    style = f"FontName={CAPTION_FONT},FontSize={size},Outline=2,Shadow=0,MarginV=12,BorderStyle=1"
+    style = f"FontName={CAPTION_FONT},FontSize={size},Outline=1,Shadow=0,MarginV=12,BorderStyle=1"
     return f"subtitles=filename=captions.srt:fontsdir=fonts:force_style='{style}'"
 
 
@@ -112,7 +112,9 @@ def stitch_row(
         _concat_list([Path(p) for p in clip_paths], work / "clips.ffconcat")
         cmd = [
             ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-            "-f", "concat", "-safe", "0", "-i", "clips.ffconcat",
+            # No filter re-initialisation when the clip size changes mid-list: a rebuilt graph
+            # would drop the frame the fps filter holds and restart trim's frame count.
+            "-reinit_filter", "0", "-f", "concat", "-safe", "0", "-i", "clips.ffconcat",
             "-t", f"{duration_s:.6f}", "-i", str(Path(master_audio).resolve()),
             "-map", "0:v:0", "-map", "1:a:0",
         ]  # fmt: skip

@@ -116,6 +116,16 @@ def test_damaged_clip_is_regenerated(tmp_path: Path) -> None:
     assert [c.reused for c in result.clips] == [True, False, False]
     assert clip_path(seg_dir, 1).read_bytes() == good
 
+    # A damaged state file cannot seed clip 2: clip 1 is redone from clip 0's state.
+    state_path(seg_dir, 1).write_bytes(b"not a zip")
+    clip_path(seg_dir, 2).unlink()
+    gen = RecordingPreview()
+    result = generate_segment(job, gen, seg_dir)
+    assert [c.reused for c in result.clips] == [True, False, False]
+    assert gen.calls[0][0] == 1 and int(gen.calls[0][1]["next_frame"][0]) == INFER
+    with np.load(state_path(seg_dir, 1)) as st:
+        assert int(st["next_frame"][0]) == 2 * INFER
+
 
 def test_changed_job_does_not_reuse_stale_clips(tmp_path: Path) -> None:
     seg_dir = tmp_path / "seg"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,6 +185,15 @@ def generate_segment(
     seg = job.segment
     _prepare_dir(job, generator, seg_dir)
     start = _finished_clips(job, seg_dir)
+    state: dict[str, np.ndarray] | None = None
+    # The state to continue from must load; if it does not, its clip is redone as well.
+    while start > 0 and start < seg.clips:
+        sp = state_path(seg_dir, start - 1)
+        try:
+            state = _load_state(sp) if sp.exists() else {}
+            break
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            start -= 1
     results: list[ClipResult] = []
 
     def report(result: ClipResult) -> None:
@@ -204,10 +214,6 @@ def generate_segment(
         )
 
     if start < seg.clips:
-        state = None
-        if start > 0:
-            sp = state_path(seg_dir, start - 1)
-            state = _load_state(sp) if sp.exists() else {}
         expected = start
         for clip in generator.clips(job, start_clip=start, state=state):
             frames = _check_clip(clip, job, expected)

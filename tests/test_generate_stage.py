@@ -42,6 +42,13 @@ class UnsavableState(PreviewGenerator):
             yield clip
 
 
+class StopsAfterFirst(PreviewGenerator):
+    """The preview backend, ending early (as a crashed worker would) after one clip."""
+
+    def clips(self, job: SegmentJob, start_clip: int = 0, state: dict | None = None) -> Iterator[GeneratedClip]:
+        yield next(super().clips(job, start_clip, state))
+
+
 def _job(tmp_path: Path, *, frames: int = 20, seed: int = 1) -> SegmentJob:
     image = tmp_path / "ref.png"
     rng = np.random.default_rng(3)
@@ -106,14 +113,18 @@ def test_resumes_at_first_missing_clip_with_identical_output(tmp_path: Path) -> 
     assert all(c.reused for c in result.clips) and gen.calls == []
 
 
-def test_damaged_clip_is_regenerated(tmp_path: Path) -> None:
+def test_damaged_clip_or_state_is_regenerated(tmp_path: Path) -> None:
     job = _job(tmp_path, frames=20)
     seg_dir = tmp_path / "seg"
     generate_segment(job, PreviewGenerator(), seg_dir)
     good = clip_path(seg_dir, 1).read_bytes()
     clip_path(seg_dir, 1).write_bytes(good[: len(good) // 3])
+    # A backend failing right after redoing clip 1 must not leave the old clip 2 to be reused.
+    with pytest.raises(RuntimeError, match="stopped after clip 1"):
+        generate_segment(job, StopsAfterFirst(), seg_dir)
+    assert clip_path(seg_dir, 1).exists() and not clip_path(seg_dir, 2).exists()
     result = generate_segment(job, PreviewGenerator(), seg_dir)
-    assert [c.reused for c in result.clips] == [True, False, False]
+    assert [c.reused for c in result.clips] == [True, True, False]
     assert clip_path(seg_dir, 1).read_bytes() == good
 
     # A damaged state file cannot seed clip 2: clip 1 is redone from clip 0's state.

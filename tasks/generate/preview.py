@@ -233,11 +233,16 @@ class PreviewGenerator:
     """CPU animatic backend; see the module docstring."""
 
     name = "preview"
-    fingerprint = "preview-v1"
+    VERSION = 1
     """Bump when the rendering changes, so cached preview clips are redrawn."""
 
     def __init__(self, *, zoom: float = ZOOM):
         self.zoom = zoom
+
+    @property
+    def fingerprint(self) -> str:
+        """What besides the job decides the pixels (read by the stage to spot stale clips)."""
+        return f"preview-v{self.VERSION} zoom={self.zoom}"
 
     def clips(
         self,

@@ -214,6 +214,10 @@ def generate_segment(
         )
 
     if start < seg.clips:
+        # Later clips on disk continued from a clip about to be redone: never mix them in.
+        for k in range(start, seg.clips):
+            clip_path(seg_dir, k).unlink(missing_ok=True)
+            state_path(seg_dir, k).unlink(missing_ok=True)
         expected = start
         for clip in generator.clips(job, start_clip=start, state=state):
             frames = _check_clip(clip, job, expected)

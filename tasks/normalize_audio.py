@@ -1,0 +1,361 @@
+"""Audio normalization: any common format in, a 16 kHz model track and a loudness-normalized master out.
+
+The source is decoded once to float32 (ffmpeg), analysed in numpy (peak, clipping, silence), trimmed,
+and the trimmed samples are piped back into ffmpeg once more to write both files from the same signal,
+so the 16 kHz track and the 48 kHz master start and end at the same instant.
+
+Loudness is EBU R128 in two passes: pass one measures integrated loudness, loudness range, threshold
+and true peak with ffmpeg's `ebur128` filter while decoding; pass two hands those values to `loudnorm`
+with `linear=true`. Measuring with `ebur128` rather than a first `loudnorm` run is deliberate: a
+measuring `loudnorm` pass runs its full dynamic processor at 192 kHz (about 30x real time for stereo
+here), while `ebur128` gives the same BS.1770 measurements at about 300x.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import ffmpeg
+import numpy as np
+
+from tasks.media import MediaInfo, ffmpeg_exe, probe
+from tasks.records import MODEL_SAMPLE_RATE, AudioQC, RowFailure
+from tasks.storage import atomic_local
+
+MASTER_RATE = 48_000
+TARGET_LUFS = -16.0
+TARGET_TP = -1.5
+DEFAULT_LRA = 11.0
+CLIP_LEVEL = 0.999
+FRAME_S = 0.010
+"""Silence detection works on 10 ms RMS frames: short enough for tight cuts, long enough to ignore clicks."""
+
+AUDIO_16K_NAME = "audio_16k.wav"
+MASTER_NAME = "master.wav"
+# Still-image codecs FFmpeg opens as one-frame "video"; an image given as audio gets named as such.
+_IMAGE_CODECS = frozenset(
+    {"png", "mjpeg", "jpegls", "webp", "bmp", "gif", "tiff", "jpeg2000", "libjxl", "qoi"}
+)
+
+
+@dataclass(frozen=True)
+class Loudness:
+    """What an EBU R128 measurement reports."""
+
+    integrated: float
+    lra: float
+    threshold: float
+    true_peak: float
+
+
+def _fail(reason: str) -> RowFailure:
+    return RowFailure("audio", reason)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.1f} seconds"
+
+
+def _ffmpeg_error(err: ffmpeg.Error) -> str:
+    """The last meaningful line ffmpeg wrote, for messages and logs."""
+    lines = [ln.strip() for ln in (err.stderr or b"").decode("utf-8", "replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else "ffmpeg failed"
+
+
+_SUMMARY_NUMBER = r"(-?(?:\d+(?:\.\d+)?|inf|nan))"
+
+
+def _parse_ebur128(stderr: str) -> Loudness:
+    """Read the summary `ebur128` prints at the end of a run."""
+    summary = stderr[stderr.rfind("Summary:") :]
+
+    def grab(pattern: str) -> float:
+        match = re.search(pattern, summary, flags=re.S)
+        if match is None:
+            raise RuntimeError(f"ebur128 summary lacks {pattern!r}")
+        return float(match.group(1))
+
+    return Loudness(
+        integrated=grab(r"Integrated loudness:\s*I:\s*" + _SUMMARY_NUMBER),
+        threshold=grab(r"Integrated loudness:.*?Threshold:\s*" + _SUMMARY_NUMBER),
+        lra=grab(r"Loudness range:\s*LRA:\s*" + _SUMMARY_NUMBER),
+        true_peak=grab(r"True peak:\s*Peak:\s*" + _SUMMARY_NUMBER),
+    )
+
+
+def _parse_loudnorm(stderr: str) -> dict[str, str]:
+    """The JSON block `loudnorm` prints with print_format=json (the last {...} in the log)."""
+    start, end = stderr.rfind("{"), stderr.rfind("}")
+    if start < 0 or end < start:
+        raise RuntimeError("loudnorm printed no measurement")
+    return json.loads(stderr[start : end + 1])
+
+
+def _check_source(src: Path, max_duration_s: float) -> MediaInfo:
+    """Probe the file and turn every way it can be unusable into a reason a person can act on."""
+    if not src.exists():
+        raise _fail(f"audio file not found: {src.name}")
+    if not src.is_file():
+        raise _fail(f"audio path is not a file: {src.name}")
+    try:
+        size = src.stat().st_size
+        with src.open("rb"):
+            pass
+    except OSError as exc:
+        raise _fail(f"audio file cannot be read ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise _fail("audio file is empty (0 bytes)")
+    try:
+        info = probe(src)
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise _fail(
+            f"{src.name} is not an audio file that can be read (expected WAV, MP3, M4A/AAC, FLAC or OGG)"
+        ) from exc
+    if not info.has_audio:
+        if info.video_codec in _IMAGE_CODECS:
+            raise _fail(f"{src.name} is not audio: it looks like an image")
+        raise _fail(f"{src.name} is not an audio file: it holds no sound track")
+    if info.duration_s is not None and info.duration_s > max_duration_s:
+        raise _fail(f"audio is {_minutes(info.duration_s)} long; the maximum is {_minutes(max_duration_s)}")
+    return info
+
+
+def _codec_name(src: Path, fallback: str | None) -> str:
+    """The format's codec name ("mp3", "aac", "opus"), not the decoder's ("mp3float", "libopus")."""
+    try:
+        with av.open(str(src)) as container:
+            return container.streams.audio[0].codec_context.codec.canonical_name
+    except (av.error.FFmpegError, OSError, IndexError, AttributeError):
+        return fallback or "unknown"
+
+
+def _decode(src: Path, sample_rate: int, channels: int) -> tuple[np.ndarray, Loudness | None]:
+    """Decode the first audio stream to float32 (frames × channels) and measure its loudness.
+
+    One ffmpeg run feeds the decoded signal both to stdout and to `ebur128`, so the file is
+    decoded once for analysis and measurement.
+    """
+    stream = ffmpeg.input(str(src))["a:0"]
+    if channels == 2:
+        # Surround and other layouts are folded to stereo before anything is measured.
+        stream = stream.filter("aformat", channel_layouts="stereo")
+    else:
+        stream = stream.filter("aformat", channel_layouts="mono")
+    branches = stream.filter("aresample", sample_rate).asplit()
+    measured = branches[0].filter("ebur128", peak="true", framelog="quiet")
+    outputs = ffmpeg.merge_outputs(
+        ffmpeg.output(branches[1], "pipe:", format="f32le", acodec="pcm_f32le"),
+        ffmpeg.output(measured, "-", format="null"),
+    )
+    try:
+        out, err = outputs.global_args("-nostdin", "-nostats").run(
+            cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True
+        )
+    except ffmpeg.Error as exc:
+        raise _fail(f"audio could not be decoded ({_ffmpeg_error(exc)})") from exc
+    samples = np.frombuffer(out, dtype="<f4")
+    samples = samples[: samples.size - samples.size % channels].reshape(-1, channels)
+    loudness = _parse_ebur128(err.decode("utf-8", "replace")) if samples.size else None
+    return samples, loudness
+
+
+def _trim_points(samples: np.ndarray, sample_rate: int, pad_s: float, threshold_db: float) -> tuple[int, int]:
+    """First and one-past-last sample to keep: sound above the threshold plus `pad_s` either side.
+
+    Works on 10 ms RMS frames over all channels (vectorised: no per-sample Python loop).
+    Returns (0, 0) when no frame is louder than the threshold.
+    """
+    n = samples.shape[0]
+    hop = max(1, int(round(sample_rate * FRAME_S)))
+    power = np.einsum("ij,ij->i", samples, samples) / samples.shape[1]
+    n_full = n // hop
+    frames = power[: n_full * hop].reshape(n_full, hop).mean(axis=1)
+    if n % hop:
+        frames = np.append(frames, power[n_full * hop :].mean())
+    threshold = 10.0 ** (threshold_db / 10.0)  # power ratio for an RMS level in dBFS
+    loud = np.flatnonzero(frames > threshold)
+    if loud.size == 0:
+        return 0, 0
+    pad = int(round(pad_s * sample_rate))
+    start = max(0, int(loud[0]) * hop - pad)
+    end = min(n, (int(loud[-1]) + 1) * hop + pad)
+    return start, end
+
+
+def _limit_peaks(samples: np.ndarray, sample_rate: int, loudness: Loudness) -> tuple[np.ndarray, Loudness]:
+    """Tame peaks that would keep `loudnorm` out of linear mode, and re-measure.
+
+    Linear normalization needs peak-to-loudness headroom of TARGET_TP - TARGET_LUFS (14.5 dB); close
+    speech often has more. loudnorm's own fallback (its dynamic mode) lands 1-2 LU under the target on
+    such speech, so instead the signal is brought to the target loudness, its true peaks (approximated at
+    2x oversampling) held under the ceiling by ffmpeg's lookahead limiter, and measured again; limiting
+    costs a little loudness, so the gain is corrected and the limiter rerun from the original samples.
+    """
+    headroom = TARGET_TP - TARGET_LUFS
+    if loudness.true_peak - loudness.integrated <= headroom - 0.2:
+        return samples, loudness
+    n, channels = samples.shape
+    ceiling = 10.0 ** ((TARGET_TP - 0.5) / 20.0)
+    pcm = memoryview(np.ascontiguousarray(samples, dtype="<f4")).cast("B")
+    gain_db = TARGET_LUFS - loudness.integrated
+    limited, measured = samples, loudness
+    for _ in range(4):
+        stream = (
+            ffmpeg.input("pipe:", format="f32le", ar=sample_rate, ac=channels)
+            .audio.filter("volume", f"{gain_db:.3f}dB")
+            # 2x oversampling catches most inter-sample peaks at half the cost of 4x; the ceiling's
+            # 0.5 dB margin and the re-measurement (true peak at 4x) cover the rest.
+            .filter("aresample", 2 * sample_rate)
+            # latency=true removes the lookahead delay, so the signal stays sample-aligned.
+            .filter("alimiter", limit=ceiling, level="false", latency="true", attack=5, release=50)
+            .filter("aresample", sample_rate)
+            .filter("apad", whole_len=n)
+            .filter("atrim", end_sample=n)
+        )
+        branches = stream.asplit()
+        outputs = ffmpeg.merge_outputs(
+            ffmpeg.output(branches[0], "pipe:", format="f32le", acodec="pcm_f32le", ac=channels),
+            ffmpeg.output(branches[1].filter("ebur128", peak="true", framelog="quiet"), "-", format="null"),
+        )
+        try:
+            out, err = outputs.global_args("-nostats").run(
+                cmd=ffmpeg_exe(), input=pcm, capture_stdout=True, capture_stderr=True
+            )
+        except ffmpeg.Error as exc:
+            raise RuntimeError(f"peak limiting failed: {_ffmpeg_error(exc)}") from exc
+        limited = np.frombuffer(out, dtype="<f4").reshape(-1, channels)
+        measured = _parse_ebur128(err.decode("utf-8", "replace"))
+        if measured.true_peak - measured.integrated <= headroom - 0.05:
+            break
+        # Limiting lowered the loudness; raise the gain and redo it. More gain means more limiting, so
+        # only about half of each step shows up: step twice the shortfall. Overshooting is harmless
+        # (the linear pass turns it down again with the peaks still under the ceiling).
+        gain_db += 2.0 * (TARGET_LUFS - measured.integrated) + 0.1
+    return limited, measured
+
+
+def _write_outputs(
+    samples: np.ndarray,
+    sample_rate: int,
+    loudness: Loudness,
+    audio_16k: Path,
+    master: Path,
+) -> tuple[int, float | None]:
+    """Loudness-normalize the trimmed samples and write both WAVs; returns (16 kHz samples, master LUFS)."""
+    n_src, channels = samples.shape
+    n_master = int(round(n_src * MASTER_RATE / sample_rate))
+    n_model = int(round(n_src * MODEL_SAMPLE_RATE / sample_rate))
+    # Let the target range follow the source so speech dynamics are never squeezed: loudnorm only
+    # stays linear (a pure gain) when measured LRA <= target LRA.
+    samples, loudness = _limit_peaks(samples, sample_rate, loudness)
+    lra_target = min(50.0, max(DEFAULT_LRA, math.ceil(loudness.lra + 0.5)))
+    stream = ffmpeg.input("pipe:", format="f32le", ar=sample_rate, ac=channels).audio
+    stream = stream.filter(
+        "loudnorm",
+        I=TARGET_LUFS,
+        TP=TARGET_TP,
+        LRA=lra_target,
+        measured_I=loudness.integrated,
+        measured_TP=loudness.true_peak,
+        # loudnorm reads 0 as "not measured" and would refuse linear mode (steady tones measure 0 LU).
+        measured_LRA=max(loudness.lra, 0.1),
+        measured_thresh=loudness.threshold,
+        linear="true",
+        print_format="json",
+    ).filter("aresample", MASTER_RATE)
+    branches = stream.asplit()
+    # apad + atrim pin each file to the exact sample count the trimmed source maps to, so resampler
+    # delay or flush never lets the two files drift apart by more than one sample.
+    master_stream = branches[0].filter("apad", whole_len=n_master).filter("atrim", end_sample=n_master)
+    model_stream = (
+        branches[1]
+        .filter("aformat", channel_layouts="mono")
+        .filter("aresample", MODEL_SAMPLE_RATE)
+        .filter("apad", whole_len=n_model)
+        .filter("atrim", end_sample=n_model)
+    )
+    pcm = memoryview(np.ascontiguousarray(samples, dtype="<f4")).cast("B")
+    with atomic_local(audio_16k) as tmp_16k, atomic_local(master) as tmp_master:
+        outputs = ffmpeg.merge_outputs(
+            ffmpeg.output(master_stream, str(tmp_master), format="wav", acodec="pcm_s16le", ac=channels),
+            ffmpeg.output(model_stream, str(tmp_16k), format="wav", acodec="pcm_s16le", ac=1),
+        )
+        try:
+            _, err = (
+                outputs.global_args("-nostats")
+                .overwrite_output()
+                # A flat byte view: subprocess slices its input by index, and a 2-D view would slice rows.
+                .run(cmd=ffmpeg_exe(), input=pcm, capture_stdout=True, capture_stderr=True)
+            )
+        except ffmpeg.Error as exc:
+            raise RuntimeError(f"audio normalization failed: {_ffmpeg_error(exc)}") from exc
+    report = _parse_loudnorm(err.decode("utf-8", "replace"))
+    try:
+        master_lufs: float | None = float(report["output_i"])
+    except (KeyError, ValueError):
+        master_lufs = None
+    return n_model, master_lufs
+
+
+def normalize_audio(
+    src: Path,
+    work_dir: Path,
+    *,
+    pad_s: float = 0.25,
+    max_duration_s: float = 1800,
+    silence_threshold_db: float = -50,
+) -> tuple[Path, Path, AudioQC, int]:
+    """Decode, check, trim and loudness-normalize one audio file.
+
+    Writes `audio_16k.wav` (16 kHz mono s16) and `master.wav` (48 kHz s16, -16 LUFS, stereo when the
+    source is) into `work_dir`, cut at the same trimmed instants. Returns (16 kHz path, master path,
+    QC, samples in the 16 kHz file). Raises RowFailure('audio', ...) for unusable input.
+    """
+    src = Path(src)
+    info = _check_source(src, max_duration_s)
+    source_rate = int(info.sample_rate or MASTER_RATE)
+    source_channels = int(info.channels or 1)
+    channels = 2 if source_channels >= 2 else 1
+    samples, loudness = _decode(src, source_rate, channels)
+    n = samples.shape[0]
+    if n == 0:
+        raise _fail("audio has zero length (the file holds no sound samples)")
+    source_duration = n / source_rate
+    if source_duration > max_duration_s:
+        raise _fail(f"audio is {_minutes(source_duration)} long; the maximum is {_minutes(max_duration_s)}")
+
+    peak = float(np.max(np.abs(samples)))
+    start, end = _trim_points(samples, source_rate, pad_s, silence_threshold_db)
+    if (
+        end <= start
+        or loudness is None
+        or not math.isfinite(loudness.integrated)
+        or loudness.integrated <= -70
+    ):
+        raise _fail(f"audio is silent throughout (nothing louder than {silence_threshold_db:g} dBFS)")
+    clipping = float(np.count_nonzero(np.abs(samples) >= CLIP_LEVEL)) / samples.size
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    audio_16k, master = work_dir / AUDIO_16K_NAME, work_dir / MASTER_NAME
+    n_model, master_lufs = _write_outputs(samples[start:end], source_rate, loudness, audio_16k, master)
+
+    qc = AudioQC(
+        duration_s=n_model / MODEL_SAMPLE_RATE,
+        source_duration_s=source_duration,
+        source_sample_rate=source_rate,
+        source_channels=source_channels,
+        source_codec=_codec_name(src, info.audio_codec),
+        integrated_lufs=loudness.integrated,
+        peak_dbfs=20.0 * math.log10(peak) if peak > 0 else -math.inf,
+        clipping_ratio=clipping,
+        trimmed_start_s=start / source_rate,
+        trimmed_end_s=(n - end) / source_rate,
+        master_lufs=master_lufs,
+    )
+    return audio_16k, master, qc, n_model

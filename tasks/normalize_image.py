@@ -1,0 +1,202 @@
+"""Reference-image normalization: any common still image in, an RGB PNG at the S2V size bucket out."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from tasks.records import ImageQC, Resolution, RowFailure
+from tasks.storage import atomic_local
+
+MIN_SHORT_SIDE = 256
+SIZE_DIVISOR = 64
+"""Wan2.2's S2V size search (`get_size_less_than_area` in wan/speech2video.py) pads both sides to
+multiples of 64, whatever its `divisor` argument says; we keep that grid so our sizes are ones the
+official pipeline produces."""
+IMAGE_NAME = "image.png"
+WHITE = (255, 255, 255)
+
+
+def _fail(reason: str) -> RowFailure:
+    return RowFailure("image", reason)
+
+
+def size_bucket(width: int, height: int, resolution: Resolution) -> tuple[int, int]:
+    """Output (width, height) for a `width`×`height` reference at `resolution`.
+
+    Follows Wan2.2's S2V rule so our sizes are the ones the official pipeline produces: walk the
+    scale down from sqrt(max_area / area) in 100 even steps and take the first whose sides, rounded
+    down and then padded up to multiples of 64, fit within max_area. The walk's lower end is the
+    official one, including its use of 2ac where the quadratic formula has 4ac: the lower end sets
+    the step size and the step size decides the answer for a few percent of aspect ratios.
+    One deliberate difference: the official code never scales an image smaller than max_area up;
+    we do, so every row asking for 480p or 720p gets that bucket's size.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError("image size must be positive")
+    area, d = resolution.max_area, SIZE_DIVISOR
+    max_scale = math.sqrt(area / (width * height))
+    a, b, c = width * height, (d - 1) * (width + height), (d - 1) ** 2 - area
+    min_scale = (-b + math.sqrt(b * b - 2 * a * c)) / (2 * a)
+    for step in range(100):
+        scale = max_scale - (max_scale - min_scale) * step / 100
+        w = math.ceil(int(width * scale) / d) * d
+        h = math.ceil(int(height * scale) / d) * d
+        if w * h <= area:
+            return w, h
+    # Unreachable for real images (the walk ends below the scale where full padding fits); kept
+    # so an absurd aspect ratio still gets a legal size.
+    aspect = width / height
+    return max(d, int(math.sqrt(area * aspect)) // d * d), max(d, int(math.sqrt(area / aspect)) // d * d)
+
+
+def _open(src: Path) -> Image.Image:
+    if not src.exists():
+        raise _fail(f"image file not found: {src.name}")
+    if not src.is_file():
+        raise _fail(f"image path is not a file: {src.name}")
+    try:
+        if src.stat().st_size == 0:
+            raise _fail("image file is empty (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(src)
+            img.load()
+    except RowFailure:
+        raise
+    except (UnidentifiedImageError, SyntaxError) as exc:
+        raise _fail(f"{src.name} is not an image that can be read (expected JPEG, PNG or WebP)") from exc
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise _fail(f"{src.name} is too large to process safely ({exc})") from exc
+    except OSError as exc:
+        raise _fail(f"image file is damaged or cannot be read ({exc})") from exc
+    return img
+
+
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: CMYK, 16-bit and float greys, palette, alpha (composited on white)."""
+    icc = img.info.get("icc_profile")
+    if icc and img.mode in ("RGB", "RGBA", "CMYK"):
+        # Honour an embedded colour profile (CMYK print files, Adobe RGB photos); PIL's plain
+        # conversions ignore it and shift colours.
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+            img = ImageCms.profileToProfile(img, source, _srgb_profile(), outputMode=out_mode)
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken profile is not worth failing the row; fall back to the plain conversion
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's convert() clips these to 0..255 instead of scaling; scale by the format's full range.
+        arr = np.asarray(img).astype(np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if img.mode == "F":
+            full = 1.0 if top <= 1.0 else top
+        else:
+            full = 65535.0 if img.mode.startswith("I;16") or top > 255 else 255.0
+        img = Image.fromarray(np.clip(np.round(arr / full * 255.0), 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, WHITE)
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+@functools.cache
+def _face_detector() -> cv2.CascadeClassifier:
+    if not hasattr(cv2, "CascadeClassifier"):
+        # OpenCV 5 moved Haar cascades out of the main package (and ships no cascade files).
+        raise RuntimeError(f"OpenCV {cv2.__version__} has no Haar cascades; install opencv-python-headless<5")
+    path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+    detector = cv2.CascadeClassifier(path)
+    if detector.empty():
+        raise RuntimeError(f"OpenCV face cascade missing at {path}")
+    return detector
+
+
+def largest_face(gray: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) of the largest frontal face in a grayscale image, or None."""
+    min_side = max(24, int(min(gray.shape[:2]) * 0.08))
+    faces = _face_detector().detectMultiScale(
+        gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side)
+    )
+    if len(faces) == 0:
+        return None
+    x, y, w, h = max(faces, key=lambda f: int(f[2]) * int(f[3]))
+    return int(x), int(y), int(w), int(h)
+
+
+def _crop_origin(centre: float, size: int, limit: int) -> int:
+    """Top-left coordinate of a `size` window centred on `centre`, kept inside [0, limit]."""
+    return int(min(max(round(centre - size / 2), 0), limit - size))
+
+
+def normalize_image(src: Path, work_dir: Path, resolution: Resolution) -> tuple[Path, int, int, ImageQC]:
+    """Orient, convert, resize and face-centre crop the reference image; write `image.png`.
+
+    Returns (path, width, height, QC). Raises RowFailure('image', ...) for unusable input.
+    """
+    src = Path(src)
+    img = _open(src)
+    # Unreadable EXIF: keep the stored orientation rather than fail the row.
+    with contextlib.suppress(OSError, ValueError, SyntaxError):
+        img = ImageOps.exif_transpose(img)
+    source_w, source_h = img.size
+    if min(source_w, source_h) < MIN_SHORT_SIDE:
+        raise _fail(f"image is {source_w}×{source_h} px; its short side must be at least {MIN_SHORT_SIDE} px")
+    img = to_rgb(img)
+
+    out_w, out_h = size_bucket(source_w, source_h, resolution)
+    # Resize so the image covers the bucket on both sides (the short side relative to the bucket's
+    # aspect decides), then crop the excess.
+    scale = max(out_w / source_w, out_h / source_h)
+    resized_w = max(out_w, round(source_w * scale))
+    resized_h = max(out_h, round(source_h * scale))
+    resized = img.resize((resized_w, resized_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+    rgb = np.asarray(resized)
+    face = largest_face(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    if face is not None:
+        fx, fy, fw, fh = face
+        cx, cy = fx + fw / 2, fy + fh / 2
+    else:
+        cx, cy = resized_w / 2, resized_h / 2
+    left = _crop_origin(cx, out_w, resized_w)
+    top = _crop_origin(cy, out_h, resized_h)
+    crop = rgb[top : top + out_h, left : left + out_w]
+
+    face_ratio = None
+    if face is not None:
+        visible = min(fy + fh, top + out_h) - max(fy, top)
+        face_ratio = max(0, visible) / out_h
+    sharpness = float(cv2.Laplacian(cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var())
+
+    work_dir = Path(work_dir)
+    target = work_dir / IMAGE_NAME
+    with atomic_local(target) as tmp:
+        Image.fromarray(np.ascontiguousarray(crop)).save(tmp, format="PNG", compress_level=3)
+    qc = ImageQC(
+        source_width=source_w,
+        source_height=source_h,
+        face_found=face is not None,
+        face_height_ratio=face_ratio,
+        sharpness=sharpness,
+        crop_box=(left, top, left + out_w, top + out_h),
+    )
+    return target, out_w, out_h, qc

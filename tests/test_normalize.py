@@ -1,0 +1,370 @@
+"""Normalization stage on real media made here: many audio formats and rates, awkward images, scripts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from media import (
+    astronaut,
+    cmyk_jpeg,
+    encode,
+    exif_rotated_jpeg,
+    gray16_png,
+    header_only_wav,
+    loudness,
+    on_canvas,
+    onset_s,
+    palette_png,
+    quadrants,
+    rgba_png,
+    speech,
+    speechlike,
+    with_silence,
+    write_wav,
+)
+from PIL import Image
+
+from tasks.normalize import normalize_audio, normalize_image, normalize_row, normalize_script, size_bucket
+from tasks.normalize_image import largest_face
+from tasks.records import ManifestRow, Resolution, RowFailure
+
+SPOKEN = "Welcome to the quarterly update. Sales grew in every region this spring."
+
+
+@pytest.fixture(scope="module")
+def spoken(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About four seconds of espeak-ng speech (22050 Hz mono WAV), made once for the module."""
+    return speech(tmp_path_factory.mktemp("speech") / "spoken.wav", SPOKEN)
+
+
+def _check_pair(audio_16k: Path, master: Path, channels: int, num_samples: int) -> None:
+    model_info, master_info = sf.info(str(audio_16k)), sf.info(str(master))
+    assert (model_info.samplerate, model_info.channels, model_info.subtype) == (16_000, 1, "PCM_16")
+    assert (master_info.samplerate, master_info.channels, master_info.subtype) == (48_000, channels, "PCM_16")
+    assert model_info.frames == num_samples
+    # Same length within one sample at each rate.
+    assert abs(model_info.frames / 16_000 - master_info.frames / 48_000) <= 1 / 16_000
+    integrated, true_peak = loudness(master)
+    assert abs(integrated - (-16.0)) <= 1.0
+    assert true_peak <= -1.0
+
+
+@pytest.mark.parametrize(
+    ("suffix", "rate", "channels", "codec"),
+    [
+        ("wav", 44_100, 2, "pcm_s16le"),
+        ("wav", 8_000, 1, "pcm_s16le"),
+        ("mp3", 22_050, 1, "mp3"),
+        ("m4a", 44_100, 2, "aac"),
+        ("flac", 22_050, 2, "flac"),
+        ("ogg", 48_000, 2, "opus"),
+    ],
+)
+def test_audio_formats_rates_and_layouts(
+    spoken: Path, tmp_path: Path, suffix: str, rate: int, channels: int, codec: str
+) -> None:
+    src = encode(spoken, tmp_path / f"in.{suffix}", rate=rate, channels=channels)
+    audio_16k, master, qc, n = normalize_audio(src, tmp_path / "row")
+    assert (audio_16k.name, master.name) == ("audio_16k.wav", "master.wav")
+    _check_pair(audio_16k, master, channels, n)
+    assert (qc.source_sample_rate, qc.source_channels, qc.source_codec) == (rate, channels, codec)
+    assert qc.duration_s == pytest.approx(n / 16_000)
+    assert 2.5 < qc.duration_s <= qc.source_duration_s
+    assert -30 < qc.integrated_lufs < -10
+    assert qc.master_lufs == pytest.approx(-16.0, abs=1.0)
+    assert qc.peak_dbfs <= 0.5 and qc.clipping_ratio < 0.001
+    assert not list((tmp_path / "row").glob(".*part*")), "temporary files left behind"
+
+
+def test_silence_trimmed_to_pad_with_both_files_in_sync(tmp_path: Path) -> None:
+    rate = 22_050
+    body = speechlike(3.0, rate, channels=2)
+    src = write_wav(tmp_path / "padded.wav", with_silence(body, rate, lead_s=1.5, tail_s=2.0), rate)
+    audio_16k, master, qc, n = normalize_audio(src, tmp_path / "row", pad_s=0.25)
+
+    model, _ = sf.read(str(audio_16k), dtype="float32")
+    mastered, _ = sf.read(str(master), dtype="float32")
+    first_sound = onset_s(body, rate)  # the envelope starts at zero, so sound begins a little in
+    # 1.5 s of lead silence, 0.25 s pad kept (to within the 10 ms analysis frame).
+    assert qc.trimmed_start_s == pytest.approx(1.5 + first_sound - 0.25, abs=0.011)
+    assert onset_s(model, 16_000) == pytest.approx(0.25, abs=0.015)
+    assert onset_s(mastered, 48_000) == pytest.approx(onset_s(model, 16_000), abs=0.002)
+    assert qc.trimmed_end_s > 1.7
+    assert qc.duration_s == pytest.approx(
+        qc.source_duration_s - qc.trimmed_start_s - qc.trimmed_end_s, abs=1e-3
+    )
+    # The tail keeps its pad too: the last 0.2 s are quiet, but sound ends within 0.25 s + a frame of the end.
+    tail = np.abs(mastered[-int(0.2 * 48_000) :]).max()
+    last_loud = np.flatnonzero(np.abs(mastered).max(axis=1) > 0.01)[-1] / 48_000
+    assert tail < 0.01
+    assert mastered.shape[0] / 48_000 - last_loud < 0.25 + 0.02
+    _check_pair(audio_16k, master, 2, n)
+
+
+@pytest.mark.parametrize("level", [0.01, 0.99], ids=["quiet", "peaky-loud"])
+def test_master_reaches_target_loudness_from_quiet_and_peaky_sources(tmp_path: Path, level: float) -> None:
+    rate = 44_100
+    src = write_wav(tmp_path / "in.wav", speechlike(6.0, rate, level=level, seed=3), rate)
+    audio_16k, master, qc, n = normalize_audio(src, tmp_path / "row")
+    _check_pair(audio_16k, master, 1, n)
+    source_lufs, _ = loudness(src)
+    assert qc.integrated_lufs == pytest.approx(source_lufs, abs=0.3)
+
+
+def test_peak_and_clipping_recorded(tmp_path: Path) -> None:
+    rate = 16_000
+    t = np.arange(3 * rate) / rate
+    clipped = np.clip(1.6 * np.sin(2 * np.pi * 220 * t), -1.0, 1.0).astype(np.float32)[:, None]
+    src = write_wav(tmp_path / "clipped.wav", clipped, rate)
+    _, _, qc, _ = normalize_audio(src, tmp_path / "row")
+    assert qc.peak_dbfs == pytest.approx(0.0, abs=0.01)
+    # |1.6 sin| >= 0.999 for about 56% of a period.
+    assert 0.5 < qc.clipping_ratio < 0.62
+
+
+def _audio_failure(src: Path, tmp_path: Path, **options: float) -> RowFailure:
+    with pytest.raises(RowFailure) as caught:
+        normalize_audio(src, tmp_path / "row", **options)
+    assert caught.value.field == "audio"
+    assert not (tmp_path / "row" / "master.wav").exists()
+    return caught.value
+
+
+def test_bad_audio_inputs_fail_with_clear_reasons(tmp_path: Path, spoken: Path) -> None:
+    assert "not found" in _audio_failure(tmp_path / "nope.wav", tmp_path).reason
+
+    (tmp_path / "empty.mp3").write_bytes(b"")
+    assert "empty" in _audio_failure(tmp_path / "empty.mp3", tmp_path).reason
+
+    (tmp_path / "notes.txt").write_text("Hello, this is a script, not a recording.\n" * 20)
+    assert "not an audio file" in _audio_failure(tmp_path / "notes.txt", tmp_path).reason
+
+    astronaut().save(tmp_path / "face.png")
+    reason = _audio_failure(tmp_path / "face.png", tmp_path).reason
+    assert "not audio" in reason and "image" in reason
+
+    header_only_wav(tmp_path / "zero.wav")
+    assert "zero length" in _audio_failure(tmp_path / "zero.wav", tmp_path).reason
+
+    write_wav(tmp_path / "silent.wav", np.zeros((3 * 8000, 1), dtype=np.float32), 8000)
+    assert "silent throughout" in _audio_failure(tmp_path / "silent.wav", tmp_path).reason
+
+    # Noise at -70 dBFS is silence for a -50 dBFS threshold.
+    hiss = np.random.default_rng(0).normal(0, 10 ** (-70 / 20), (2 * 8000, 1)).astype(np.float32)
+    write_wav(tmp_path / "hiss.wav", hiss, 8000)
+    assert "silent throughout" in _audio_failure(tmp_path / "hiss.wav", tmp_path).reason
+
+    reason = _audio_failure(spoken, tmp_path, max_duration_s=2.0).reason
+    assert "long" in reason and "maximum is 2.0 seconds" in reason
+
+
+# ---------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize(
+    ("size", "resolution", "expected"),
+    [
+        # Values from the official rule (wan/speech2video.py get_size_less_than_area).
+        ((1024, 1024), Resolution.P480, (576, 576)),
+        ((1024, 1024), Resolution.P720, (960, 960)),
+        ((1920, 1080), Resolution.P480, (832, 448)),
+        ((1920, 1080), Resolution.P720, (1280, 704)),
+        ((1080, 1920), Resolution.P480, (448, 832)),
+        ((3000, 4000), Resolution.P480, (512, 704)),
+        ((3758, 1877), Resolution.P720, (1280, 640)),
+        ((2341, 2342), Resolution.P480, (576, 576)),
+        # Smaller than the bucket: scaled up (the official code would keep it small).
+        ((512, 512), Resolution.P480, (576, 576)),
+    ],
+)
+def test_size_bucket_matches_official_rule(
+    size: tuple[int, int], resolution: Resolution, expected: tuple[int, int]
+) -> None:
+    assert size_bucket(*size, resolution) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    width=st.integers(256, 6000),
+    height=st.integers(256, 6000),
+    resolution=st.sampled_from(list(Resolution)),
+)
+def test_size_bucket_fits_area_grid_and_aspect(width: int, height: int, resolution: Resolution) -> None:
+    w, h = size_bucket(width, height, resolution)
+    assert w * h <= resolution.max_area
+    assert w % 64 == 0 and h % 64 == 0 and w >= 64 and h >= 64
+    if 1 / 3 <= width / height <= 3:
+        assert abs(math.log((w / h) / (width / height))) < math.log(1.2)
+        assert w * h >= 0.6 * resolution.max_area
+
+
+def _rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        assert img.mode == "RGB"
+        return np.asarray(img)
+
+
+def _colour_at(arr: np.ndarray, fx: float, fy: float) -> tuple[int, ...]:
+    h, w = arr.shape[:2]
+    return tuple(int(v) for v in arr[int(fy * h), int(fx * w)])
+
+
+def test_exif_rotated_jpeg_is_upright(tmp_path: Path) -> None:
+    upright = quadrants((600, 900))  # portrait as the camera saw it
+    src = exif_rotated_jpeg(tmp_path / "phone.jpg", upright)
+    with Image.open(src) as stored:
+        assert stored.size == (900, 600)  # stored on its side
+    path, w, h, qc = normalize_image(src, tmp_path / "row", Resolution.P480)
+    assert (w, h) == size_bucket(600, 900, Resolution.P480) and h > w
+    assert (qc.source_width, qc.source_height) == (600, 900)
+    arr = _rgb(path)
+    assert arr.shape == (h, w, 3)
+    # Red stays top-left and white bottom-right, as in the upright picture.
+    assert _colour_at(arr, 0.2, 0.2)[0] > 200 and _colour_at(arr, 0.2, 0.2)[2] < 60
+    assert min(_colour_at(arr, 0.8, 0.8)) > 200
+
+
+def test_cmyk_16bit_palette_and_alpha_images_become_rgb(tmp_path: Path) -> None:
+    upright = quadrants((640, 480))
+    cases = {
+        "cmyk": cmyk_jpeg(tmp_path / "cmyk.jpg", upright),
+        "gray16": gray16_png(tmp_path / "gray16.png", (640, 480)),
+        "palette": palette_png(tmp_path / "palette.png", upright),
+        "rgba": rgba_png(tmp_path / "rgba.png", (640, 480)),
+    }
+    with Image.open(cases["cmyk"]) as img:
+        assert img.mode == "CMYK"
+    with Image.open(cases["gray16"]) as img:
+        assert img.mode.startswith("I")
+    expected_size = size_bucket(640, 480, Resolution.P480)
+    out = {}
+    for name, src in cases.items():
+        path, w, h, _ = normalize_image(src, tmp_path / name, Resolution.P480)
+        assert (w, h) == expected_size
+        out[name] = _rgb(path)
+        assert out[name].shape == (h, w, 3)
+    # CMYK and palette keep their colours.
+    for name in ("cmyk", "palette"):
+        r, g, b = _colour_at(out[name], 0.2, 0.2)
+        assert r > 200 and g < 60 and b < 60, name
+    # 16-bit ramp is scaled, not clipped: dark on the left, bright on the right, mid-grey between.
+    ramp = out["gray16"]
+    assert ramp[:, :10].mean() < 40 and ramp[:, -10:].mean() > 215 and 90 < ramp[:, w // 2].mean() < 165
+    # Transparent pixels land on white; the opaque square stays red.
+    assert min(_colour_at(out["rgba"], 0.05, 0.05)) == 255
+    assert _colour_at(out["rgba"], 0.5, 0.5) == (255, 0, 0)
+
+
+def test_palette_with_transparency_composites_on_white(tmp_path: Path) -> None:
+    upright = Image.new("RGB", (400, 400), (0, 0, 0))
+    upright.paste((0, 0, 255), (100, 100, 300, 300))
+    src = tmp_path / "pal.png"
+    palette_png(src, upright, transparent_rgb=(0, 0, 0))
+    with Image.open(src) as img:
+        assert img.mode == "P" and "transparency" in img.info
+    path, _, _, _ = normalize_image(src, tmp_path / "row", Resolution.P480)
+    arr = _rgb(path)
+    assert min(_colour_at(arr, 0.05, 0.05)) == 255
+    assert _colour_at(arr, 0.5, 0.5)[2] > 200 and _colour_at(arr, 0.5, 0.5)[0] < 60
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_crop_follows_the_face(tmp_path: Path, side: str) -> None:
+    # A wide canvas whose 480p bucket (1024×384) leaves 201 px to crop from the resized width (1225):
+    # the crop should slide all the way to the side the face is on, where a centre crop takes 100.
+    at = (0, 24) if side == "left" else (1786 - 512, 24)
+    src = tmp_path / "wide.png"
+    on_canvas(astronaut(), (1786, 560), at).save(src)
+    path, w, h, qc = normalize_image(src, tmp_path / "row", Resolution.P480)
+    assert (w, h) == (1024, 384)
+    assert qc.face_found
+    assert qc.face_height_ratio is not None and 0.15 < qc.face_height_ratio < 0.6
+    left, top, right, bottom = qc.crop_box
+    assert (right - left, bottom - top) == (w, h)
+    assert left == (0 if side == "left" else 1225 - 1024)
+    # The face is in the output, whole.
+    face = largest_face(cv2.cvtColor(_rgb(path), cv2.COLOR_RGB2GRAY))
+    assert face is not None
+    fx, fy, fw, fh = face
+    assert fx > 0 and fy >= 0 and fx + fw < w and fy + fh <= h
+    assert qc.sharpness > 10
+
+
+def test_no_face_means_centre_crop(tmp_path: Path) -> None:
+    src = tmp_path / "wide.png"
+    quadrants((1200, 400)).save(src)
+    _, w, h, qc = normalize_image(src, tmp_path / "row", Resolution.P480)
+    assert not qc.face_found and qc.face_height_ratio is None
+    left, top, right, bottom = qc.crop_box
+    resized_w = round(1200 * h / 400)
+    assert abs(left - (resized_w - w) / 2) <= 1 and top == 0
+
+
+def _image_failure(src: Path, tmp_path: Path) -> str:
+    with pytest.raises(RowFailure) as caught:
+        normalize_image(src, tmp_path / "row", Resolution.P480)
+    assert caught.value.field == "image"
+    assert not (tmp_path / "row" / "image.png").exists()
+    return caught.value.reason
+
+
+def test_bad_images_fail_with_clear_reasons(tmp_path: Path, spoken: Path) -> None:
+    assert "not found" in _image_failure(tmp_path / "missing.jpg", tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert "empty" in _image_failure(tmp_path / "empty.png", tmp_path)
+    (tmp_path / "readme.jpg").write_text("not a picture")
+    assert "not an image" in _image_failure(tmp_path / "readme.jpg", tmp_path)
+    assert "not an image" in _image_failure(spoken, tmp_path)
+    quadrants((300, 200)).save(tmp_path / "small.png")
+    reason = _image_failure(tmp_path / "small.png", tmp_path)
+    assert "300×200" in reason and "at least 256" in reason
+    # A truncated JPEG: a real header, then nothing.
+    full = tmp_path / "full.jpg"
+    quadrants((600, 600)).save(full, quality=90)
+    (tmp_path / "cut.jpg").write_bytes(full.read_bytes()[:400])
+    assert "damaged" in _image_failure(tmp_path / "cut.jpg", tmp_path)
+
+
+# ---------------------------------------------------------------- script and row
+
+
+def test_script_normalization_keeps_words() -> None:
+    text = (
+        "  \u201cHello,\u201d she said \u2014 it\u2019s\u00a0the 1990\u20132000 range\u2026"
+        "\n\n\tThanks\u200b! \ufb01ne "
+    )
+    assert normalize_script(text) == '"Hello," she said - it\'s the 1990-2000 range... Thanks! fine'
+    assert normalize_script("Keep CASE and punctuation: yes; no?") == "Keep CASE and punctuation: yes; no?"
+    assert normalize_script("Ｆｕｌｌｗｉｄｔｈ　ｔｅｘｔ") == "Fullwidth text"
+    assert normalize_script("Grüße, señor") == "Grüße, señor"
+    assert normalize_script(None) is None
+    assert normalize_script(" \n\t ") is None
+
+
+def test_normalize_row_end_to_end(tmp_path: Path, spoken: Path) -> None:
+    image = tmp_path / "portrait.jpg"
+    astronaut().save(image, quality=92)
+    row = ManifestRow(
+        row=1, id="intro", audio=str(spoken), image=str(image), script="It\u2019s  here.", output="intro.mp4"
+    )
+    assets = normalize_row(row, tmp_path / "intro", audio_path=spoken, image_path=image)
+    assert assets.row_id == "intro" and assets.script == "It's here."
+    assert (assets.width, assets.height) == size_bucket(512, 512, Resolution.P480) == (576, 576)
+    assert Path(assets.image).name == "image.png" and _rgb(Path(assets.image)).shape == (576, 576, 3)
+    assert sf.info(assets.audio_16k).frames == assets.num_samples
+    assert assets.duration_s == pytest.approx(assets.num_samples / 16_000)
+    assert assets.image_qc.face_found
+    assert ManifestRow.model_validate(row.model_dump()) == row
+    assert type(assets).model_validate_json(assets.model_dump_json()) == assets
+
+    bad = row.model_copy(update={"id": "bad"})
+    with pytest.raises(RowFailure) as caught:
+        normalize_row(bad, tmp_path / "bad", audio_path=image, image_path=image)
+    assert caught.value.field == "audio" and "column 'audio'" in str(caught.value)

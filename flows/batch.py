@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 
 from flows import progress, steps
 from flows.settings import BatchSettings
@@ -41,11 +42,12 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "report.json"
 
 
-class RowFailed(Exception):
-    """A row stopped at a stage; the message names the row, the field or stage, and the cause."""
-
-    def __init__(self, row: ManifestRow, where: str, reason: str):
-        super().__init__(f"row {row.row} (id {row.id!r}), {where}: {reason}")
+def _row_failed(row: ManifestRow, where: str, reason: str) -> State:
+    """The row subflow's final state when a row fails: Failed in the UI, with a message naming the
+    row, the column or stage, and the cause (returned, not raised, so the log holds one line)."""
+    message = f"row {row.row} (id {row.id!r}), {where}: {reason}"
+    progress.emit(row.id, "failed", reason)
+    return Failed(message=message)
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -98,8 +100,10 @@ async def stitch_task(
 
 
 @flow(name="row", validate_parameters=False)
-async def process_row(row: ManifestRow, out: str, work_dir: str, backend: str, settings: BatchSettings) -> RowResult:
-    """One row from inputs to published video; raises RowFailed naming the row and the cause."""
+async def process_row(
+    row: ManifestRow, out: str, work_dir: str, backend: str, settings: BatchSettings
+) -> RowResult | State:
+    """One row from inputs to published video; a failed row ends in a Failed state naming the cause."""
     logger = get_run_logger()
     fingerprint = layout.row_fingerprint(row, _fingerprint_settings(settings, backend))
     if not settings.force and (done := await asyncio.to_thread(layout.load_finished, out, row, fingerprint)):
@@ -133,11 +137,10 @@ async def process_row(row: ManifestRow, out: str, work_dir: str, backend: str, s
         progress.emit(row.id, "stitch")
         published = await stitch_task(row, assets, cues, list(results), out, settings)
     except RowFailure as exc:
-        progress.emit(row.id, "failed", exc.reason)
-        raise RowFailed(row, f"column '{exc.field}'", exc.reason) from None
-    except Exception as exc:
-        progress.emit(row.id, "failed", str(exc))
-        raise RowFailed(row, where, f"{type(exc).__name__}: {exc}") from exc
+        return _row_failed(row, f"column '{exc.field}'", exc.reason)
+    except Exception as exc:  # a bug or an environment problem: still this row's failure only
+        logger.exception("row %s failed unexpectedly at %s", row.id, where)
+        return _row_failed(row, where, f"{type(exc).__name__}: {exc}")
 
     flags = list(speech.flags)
     if speech.approximate and speech.words:
@@ -186,12 +189,13 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
 
     async def run_row(row: ManifestRow) -> RowResult:
         async with limit:
-            try:
-                return await process_row.with_options(flow_run_name=f"row {row.row}: {row.id}")(
-                    row, out, work_dir, backend, settings
-                )
-            except RowFailed as exc:
-                return RowResult(row=row.row, id=row.id, status="failed", error=str(exc), backend=backend)
+            state = await process_row.with_options(flow_run_name=f"row {row.row}: {row.id}")(
+                row, out, work_dir, backend, settings, return_state=True
+            )
+            if state.is_completed():
+                return await state.aresult()
+            return RowResult(row=row.row, id=row.id, status="failed", backend=backend,
+                             error=state.message or f"row {row.row} (id {row.id!r}): {state.name}")
 
     row_results = list(await asyncio.gather(*(run_row(r) for r in validation.rows)))
     for row_number, issues in validation.issues_by_row().items():

@@ -19,6 +19,8 @@ from pathlib import Path
 import fsspec
 from fsspec.core import url_to_fs
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 DEFAULT_CACHE = Path(os.environ.get("S2V_CACHE_DIR", Path.home() / ".cache" / "s2v-batch"))
 
 
@@ -70,6 +72,7 @@ def local_copy(uri: str, cache_dir: Path | None = None) -> Path:
     if not is_remote(uri):
         return Path(uri)
     fs, path = filesystem(uri)
+    fs.invalidate_cache(path)  # a long batch must see objects replaced since it listed them
     info = fs.info(path)
     version = str(info.get("ETag") or info.get("etag") or "") + str(info.get("size", ""))
     key = hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:24]
@@ -95,6 +98,8 @@ def atomic_local(target: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600 files; deliverables get the usual permissions of the umask.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

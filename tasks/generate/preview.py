@@ -120,17 +120,18 @@ class _Renderer:
         self.margin = margin
         self.bar_h = max(2, self.h // 60)
 
-        label = _text_box(["PREVIEW"], short // 7, max_width=self.w - 2 * margin, fill=(255, 70, 70))
+        # Overlays keep to the edges: the middle of a portrait is the face being checked.
+        # Top strip: PREVIEW at the left, row id and segment at the right.
         y = self.bar_h + margin
-        self.static = [_patch_from_rgba(label, y, (self.w - label.width) // 2)]
-        y += label.height + margin // 2
+        label = _text_box(["PREVIEW"], short // 9, max_width=self.w // 2, fill=(255, 70, 70))
+        self.static = [_patch_from_rgba(label, y, margin + self.bar_h)]
         info = _text_box(
-            [f"id {job.row_id} · segment {job.segment.index}", "animatic, not a model"],
-            short // 22,
-            max_width=self.w - 2 * margin,
+            [f"id {job.row_id}", f"segment {job.segment.index}", "not a model"],
+            short // 30,
+            max_width=self.w - label.width - 3 * margin - 2 * self.bar_h,
         )
-        self.static.append(_patch_from_rgba(info, y, (self.w - info.width) // 2))
-        self.marker_y = y + info.height + margin
+        self.static.append(_patch_from_rgba(info, y, self.w - margin - self.bar_h - info.width))
+        self.marker_y = y + max(label.height, info.height) + margin
 
         # Timeline along the bottom edge, with a tick at every planned clip boundary.
         self.timeline_h = max(3, self.h // 80)
@@ -168,12 +169,13 @@ class _Renderer:
         if clip not in self._marker_cache:
             img = _text_box(
                 [f"CLIP {clip + 1}/{self.clips}"],
-                min(self.w, self.h) // 10,
-                max_width=self.w - 2 * self.margin,
+                min(self.w, self.h) // 12,
+                max_width=self.w // 2,
                 fill=(255, 220, 0),
                 box_alpha=190,
             )
-            self._marker_cache[clip] = _patch_from_rgba(img, self.marker_y, (self.w - img.width) // 2)
+            x = self.w - self.margin - self.bar_h - img.width  # right edge, clear of a centred face
+            self._marker_cache[clip] = _patch_from_rgba(img, self.marker_y, x)
         return self._marker_cache[clip]
 
     def _status(self, t: int, clip: int) -> _Patch:
@@ -233,7 +235,7 @@ class PreviewGenerator:
     """CPU animatic backend; see the module docstring."""
 
     name = "preview"
-    VERSION = 1
+    VERSION = 2
     """Bump when the rendering changes, so cached preview clips are redrawn."""
 
     def __init__(self, *, zoom: float = ZOOM):

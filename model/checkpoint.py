@@ -1,0 +1,469 @@
+"""Loading and writing the S2V transformer's weights.
+
+Two layouts are read (auto-detected, see model/README.md for the key mapping):
+
+- official (`Wan-AI/Wan2.2-S2V-14B`): a folder with `config.json` and either
+  `diffusion_pytorch_model.safetensors.index.json` + the shards it names, or one
+  `diffusion_pytorch_model.safetensors`; keys equal our `state_dict()` keys;
+- ComfyUI repackaged single files (`wan2.2_s2v_14B_bf16.safetensors`,
+  `wan2.2_s2v_14B_fp8_scaled.safetensors`): the same keys, optionally under the prefix
+  `model.diffusion_model.`; the fp8 file stores linear weights as float8_e4m3fn with a float32
+  per-tensor scale under `<layer>.scale_weight` (newer files: `<layer>.weight_scale`), plus marker
+  keys (`scaled_fp8`, `<layer>.scale_input`, `<layer>.comfy_quant`) that carry no weights.
+
+Everything is checked before any tensor is read: missing files, unreadable or truncated
+safetensors, and keys or shapes that do not fit the model raise `CheckpointError` naming the file.
+The model is built on the meta device and the loaded tensors are assigned in place, so a 14B
+model is never initialised twice. `s3://` (any fsspec URI) is read through `tasks.storage`'s local
+cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model.config import S2VConfig
+from model.transformer import WanS2VTransformer
+from tasks import storage
+
+__all__ = [
+    "CheckpointError",
+    "Fp8Linear",
+    "detect_layout",
+    "load_transformer",
+    "save_official_dit",
+    "to_comfyui_state_dict",
+]
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+SINGLE_NAME = "diffusion_pytorch_model.safetensors"
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# keys of ComfyUI fp8 files that carry no weights of ours
+_COMFY_MARKERS = (".scale_input", ".input_scale", ".comfy_quant")
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+
+OFFICIAL_LAYOUT = (
+    "the official layout: config.json + diffusion_pytorch_model.safetensors.index.json + the "
+    "diffusion_pytorch_model-0000K-of-0000N.safetensors shards it names (or one "
+    "diffusion_pytorch_model.safetensors)"
+)
+COMFY_LAYOUT = "a ComfyUI single file such as wan2.2_s2v_14B_bf16.safetensors or wan2.2_s2v_14B_fp8_scaled.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# where the files are
+
+
+def _is_dir(uri: str) -> bool:
+    fs, path = storage.filesystem(uri)
+    return fs.isdir(path)
+
+
+def _listdir(uri: str) -> list[str]:
+    fs, path = storage.filesystem(uri)
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+def _local(uri: str, cache_dir: Path | None) -> Path:
+    """A local path for `uri`; remote files are fetched once into the cache."""
+    try:
+        return storage.local_copy(uri, cache_dir)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{uri}: file not found") from exc
+
+
+def detect_layout(path: str | Path) -> Literal["official", "comfyui"]:
+    """'official' for a folder (or a file inside one) with the official DiT files, 'comfyui' for
+    a single .safetensors file (or a folder holding just one .safetensors that is not official).
+    Raises CheckpointError when it is neither."""
+    uri = str(path)
+    if not storage.exists(uri):
+        raise CheckpointError(f"{uri}: no such file or folder; expected {OFFICIAL_LAYOUT}, or {COMFY_LAYOUT}")
+    if not _is_dir(uri):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("diffusion_pytorch_model") or name == CONFIG_NAME:
+            return "official"
+        if name.endswith(".safetensors"):
+            return "comfyui"
+        raise CheckpointError(f"{uri}: not a .safetensors file; expected {OFFICIAL_LAYOUT}, or {COMFY_LAYOUT}")
+    names = _listdir(uri)
+    if CONFIG_NAME in names or any(n.startswith("diffusion_pytorch_model") for n in names):
+        return "official"
+    single = [n for n in names if n.endswith(".safetensors")]
+    if len(single) == 1:
+        return "comfyui"
+    raise CheckpointError(
+        f"{uri}: found {names or 'nothing'}; expected {OFFICIAL_LAYOUT}, or {COMFY_LAYOUT}"
+        + (" (the folder holds several .safetensors files: pass the one to load)" if single else "")
+    )
+
+
+def _official_files(folder: str, cache_dir: Path | None) -> tuple[S2VConfig, list[Path]]:
+    """Config and local shard paths of an official folder; every file checked to exist first."""
+    names = set(_listdir(folder))
+    if CONFIG_NAME not in names:
+        raise CheckpointError(f"{folder}: missing {CONFIG_NAME}; expected {OFFICIAL_LAYOUT}")
+    config_path = _local(storage.join(folder, CONFIG_NAME), cache_dir)
+    try:
+        config = S2VConfig.from_json(config_path)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{storage.join(folder, CONFIG_NAME)}: not an S2V transformer config ({exc})") from exc
+    if INDEX_NAME in names:
+        index_uri = storage.join(folder, INDEX_NAME)
+        try:
+            index = json.loads(_local(index_uri, cache_dir).read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index_uri}: not a safetensors index (needs a 'weight_map'): {exc}") from exc
+        missing = [s for s in shards if s not in names]
+        if missing:
+            raise CheckpointError(
+                f"{folder}: missing shard(s) {', '.join(missing)} named in {INDEX_NAME}; expected {OFFICIAL_LAYOUT}"
+            )
+        paths = [_local(storage.join(folder, s), cache_dir) for s in shards]
+        _check_index(index_uri, weight_map, dict(zip(shards, paths, strict=True)))
+        return config, paths
+    if SINGLE_NAME in names:
+        return config, [_local(storage.join(folder, SINGLE_NAME), cache_dir)]
+    shards = sorted(n for n in names if n.startswith("diffusion_pytorch_model") and n.endswith(".safetensors"))
+    raise CheckpointError(
+        f"{folder}: missing {INDEX_NAME}"
+        + (f" (found shards {', '.join(shards)} but no index naming them)" if shards else "")
+        + f"; expected {OFFICIAL_LAYOUT}"
+    )
+
+
+def _keys(path: Path) -> list[str]:
+    """Tensor names in a safetensors file; CheckpointError if the file is truncated or not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+def _check_index(index_uri: str, weight_map: dict[str, str], shards: dict[str, Path]) -> None:
+    for name, path in shards.items():
+        have = set(_keys(path))
+        want = [k for k, s in weight_map.items() if s == name]
+        lost = [k for k in want if k not in have]
+        if lost:
+            raise CheckpointError(
+                f"{path}: {len(lost)} tensor(s) that {INDEX_NAME} places in this shard are not in it, "
+                f"e.g. {lost[:3]} (shard from another download?)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """fp8 matmuls (torch._scaled_mm) need a CUDA GPU of compute capability 8.9 (Ada) or newer."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer whose weight stays in fp8 (with its per-tensor scale), for Hopper/Ada GPUs.
+
+    On CUDA the input is quantized per row to float8_e4m3fn and multiplied by torch._scaled_mm
+    with bf16 output; elsewhere (tests, CPU) the weight is dequantized and F.linear is used.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scale_weight", scale.float().reshape(()))
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.scale_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = torch.bfloat16 if x.dtype in FP8_DTYPES or x.dtype == torch.float32 else x.dtype
+        if not x.is_cuda:
+            bias = self.bias.to(out_dtype) if self.bias is not None else None
+            return F.linear(x.to(out_dtype), self.dequantized_weight().to(out_dtype), bias)
+        rows = x.reshape(-1, self.in_features)
+        amax = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12)
+        scale_x = amax / torch.finfo(torch.float8_e4m3fn).max
+        xq = (rows.float() / scale_x).to(torch.float8_e4m3fn)
+        scale_w = self.scale_weight.expand(1, self.out_features).contiguous()
+        bias = self.bias.to(out_dtype) if self.bias is not None else None
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_x, scale_b=scale_w, bias=bias, out_dtype=out_dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _strip_comfy(key: str) -> str:
+    for prefix in COMFY_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _comfy_plan(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """({our key: file key}, {our weight key: file key of its fp8 scale}) of a ComfyUI file."""
+    names: dict[str, str] = {}
+    scales: dict[str, str] = {}
+    for key in _keys(path):
+        ours = _strip_comfy(key)
+        if ours == "scaled_fp8" or ours.endswith(_COMFY_MARKERS):
+            continue
+        for suffix in _SCALE_SUFFIXES:
+            if ours.endswith(suffix):
+                scales[ours[: -len(suffix)] + ".weight"] = key
+                break
+        else:
+            names[ours] = key
+    return names, scales
+
+
+def _infer_comfy_config(path: Path, names: dict[str, str]) -> S2VConfig:
+    """The config of a ComfyUI file (which carries none): the released 14B when its shapes are
+    the 14B's; otherwise the caller must pass `config=`."""
+    with safe_open(str(path), framework="pt") as f:
+        shape = f.get_slice(names["patch_embedding.weight"]).get_shape() if "patch_embedding.weight" in names else None
+    layers = {int(k.split(".")[1]) for k in names if k.startswith("blocks.")}
+    ref = S2VConfig.wan_14b()
+    if shape is not None and shape[0] == ref.dim and len(layers) == ref.num_layers:
+        return ref
+    raise CheckpointError(
+        f"{path}: not the 14B shapes (width {shape[0] if shape else '?'}, {len(layers)} blocks) and ComfyUI files "
+        "carry no config: pass config=S2VConfig(...) (another model's weights?)"
+    )
+
+
+def _verify(model_sd: dict[str, torch.Tensor], shapes: dict[str, tuple], files: list[Path]) -> None:
+    """CheckpointError unless the file tensors are exactly the model's keys with its shapes."""
+    where = ", ".join(str(p) for p in files)
+    missing = [k for k in model_sd if k not in shapes]
+    unexpected = [k for k in shapes if k not in model_sd]
+    wrong = [
+        f"{k}: file {list(shapes[k])} vs model {list(model_sd[k].shape)}"
+        for k in model_sd
+        if k in shapes and tuple(shapes[k]) != tuple(model_sd[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:4]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:4]}")
+        if wrong:
+            parts.append(f"{len(wrong)} wrong shape(s), e.g. {wrong[:3]}")
+        raise CheckpointError(
+            f"{where}: does not fit the S2V transformer (another model's weights?): " + "; ".join(parts)
+        )
+
+
+def _shapes(files: list[Path], keymap: dict[str, str] | None = None) -> dict[str, tuple]:
+    """{our key: shape} read from the headers only."""
+    out: dict[str, tuple] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            for key in names:
+                out[key] = tuple(f.get_slice(key).get_shape())
+    if keymap is None:
+        return out
+    return {ours: out[theirs] for ours, theirs in keymap.items()}
+
+
+def _read(files: list[Path], keymap: dict[str, str] | None, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our key, tensor) for every tensor of the files, read straight onto `device`."""
+    reverse = {theirs: ours for ours, theirs in keymap.items()} if keymap is not None else None
+    load_device = str(device) if device.type in ("cpu", "cuda") else "cpu"
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device=load_device) as f:
+                names = f.keys()
+                for key in names:
+                    if reverse is not None and key not in reverse:
+                        continue
+                    yield (reverse[key] if reverse is not None else key), f.get_tensor(key).to(device)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors data (truncated or corrupt?): {exc}") from exc
+
+
+def load_transformer(
+    path_or_uri: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    config: S2VConfig | None = None,
+    fp8: Literal["keep", "dequantize"] = "keep",
+    cache_dir: Path | None = None,
+) -> WanS2VTransformer:
+    """Load the S2V transformer from an official folder or a ComfyUI file (local or s3://).
+
+    dtype: the dtype of all floating weights (bf16 on GPU, float32 for CPU tests).
+    config: required only for a ComfyUI file that is not the 14B (such files carry no config).
+    fp8: for fp8 ComfyUI files: "keep" keeps the linear weights in fp8 for fp8 matmuls and needs
+    a GPU with fp8 support (compute capability 8.9+; otherwise CheckpointError before any
+    generation); "dequantize" multiplies them by their scales into `dtype` on any device.
+    Returns the model in eval mode with gradients off, on `device`.
+    """
+    device = torch.device(device)
+    uri = str(path_or_uri)
+    layout = detect_layout(uri)
+    keymap: dict[str, str] | None = None
+    scales: dict[str, str] = {}
+    if layout == "official":
+        folder = uri if _is_dir(uri) else storage.parent(uri)
+        file_config, files = _official_files(folder, cache_dir)
+        config = config or file_config
+    else:
+        if _is_dir(uri):
+            uri = storage.join(uri, next(n for n in _listdir(uri) if n.endswith(".safetensors")))
+        files = [_local(uri, cache_dir)]
+        keymap, scales = _comfy_plan(files[0])
+        config = config or _infer_comfy_config(files[0], keymap)
+
+    with torch.device("meta"):
+        model = WanS2VTransformer(config)
+    model_sd = model.state_dict()
+    shapes = _shapes(files, keymap)
+    _verify(model_sd, shapes, files)
+
+    fp8_keys: set[str] = set()
+    if keymap is not None:
+        with safe_open(str(files[0]), framework="pt") as f:
+            fp8_keys = {k for k, theirs in keymap.items() if f.get_slice(theirs).get_dtype() in ("F8_E4M3", "F8_E5M2")}
+    keep_fp8 = bool(fp8_keys) and fp8 == "keep"
+    if keep_fp8 and not fp8_supported(device):
+        raise CheckpointError(
+            f"{files[0]}: stores {len(fp8_keys)} weights as fp8, but device {device} has no fp8 support "
+            "(needs a CUDA GPU of compute capability 8.9+, e.g. L40S, H100); load the bf16 file, or pass "
+            "fp8='dequantize' to expand the fp8 weights to bf16 on load"
+        )
+
+    scale_values: dict[str, torch.Tensor] = {}
+    if scales:
+        with safe_open(str(files[0]), framework="pt") as f:
+            scale_values = {k: f.get_tensor(v).float() for k, v in scales.items()}
+
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in _read(files, keymap, device):
+        if key in fp8_keys:
+            scale = scale_values.get(key, torch.ones(())).to(device)
+            if keep_fp8 and _is_linear_weight(model, key):
+                state[key] = tensor
+                state[key[: -len("weight")] + "scale_weight"] = scale
+                continue
+            tensor = tensor.float() * scale
+        state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if keep_fp8:
+        _install_fp8_linears(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _is_linear_weight(model: nn.Module, key: str) -> bool:
+    module_name, _, leaf = key.rpartition(".")
+    return leaf == "weight" and isinstance(model.get_submodule(module_name), nn.Linear)
+
+
+def _install_fp8_linears(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Swap the nn.Linear modules whose weights stay fp8 for Fp8Linear (weights assigned later)."""
+    for key in [k for k in state if k.endswith(".scale_weight")]:
+        module_name = key[: -len(".scale_weight")]
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        weight = state[module_name + ".weight"]
+        bias = state.get(module_name + ".bias")
+        setattr(parent, child, Fp8Linear(weight, state[key], bias if old.bias is not None else None))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def save_official_dit(model: WanS2VTransformer, folder: str | Path, max_shard_bytes: int = 5 * 1024**3) -> list[Path]:
+    """Write the official layout: config.json and safetensors shards of at most `max_shard_bytes`
+    (`diffusion_pytorch_model-0000K-of-0000N.safetensors` + index; one shard is written as
+    `diffusion_pytorch_model.safetensors` without index). Returns the files written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    written = []
+    if len(shards) == 1:
+        names = [SINGLE_NAME]
+    else:
+        names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        with storage.atomic_local(folder / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append(folder / name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: name for name, shard in zip(names, shards, strict=True) for k in shard},
+        }
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        written.append(folder / INDEX_NAME)
+    model.config.to_json(folder / CONFIG_NAME)
+    written.append(folder / CONFIG_NAME)
+    return written
+
+
+def to_comfyui_state_dict(
+    model: WanS2VTransformer, *, fp8: bool = False, prefix: str = "model.diffusion_model."
+) -> dict[str, torch.Tensor]:
+    """Our weights under ComfyUI's naming (the inverse of the load mapping), for tests and export.
+
+    fp8=True writes the linear weights of the blocks as float8_e4m3fn with a float32 per-tensor
+    `scale_weight` (absmax / 448) and the `scaled_fp8` marker, like ComfyUI's `*_fp8_scaled` files.
+    """
+    out: dict[str, torch.Tensor] = {}
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        module_name = key.rpartition(".")[0]
+        if fp8 and key.startswith("blocks.") and _is_linear_weight(model, key):
+            scale = (tensor.float().abs().max() / fp8_max).clamp_min(1e-12)
+            out[prefix + key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            out[prefix + module_name + ".scale_weight"] = scale.reshape(())
+        else:
+            out[prefix + key] = tensor
+    if fp8:
+        out[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of all weights (for memory estimates)."""
+    return sum(math.prod(t.shape) * t.element_size() for t in model.state_dict().values())

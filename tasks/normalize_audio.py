@@ -331,13 +331,12 @@ def normalize_audio(
 
     peak = float(np.max(np.abs(samples)))
     start, end = _trim_points(samples, source_rate, pad_s, silence_threshold_db)
-    if (
-        end <= start
-        or loudness is None
-        or not math.isfinite(loudness.integrated)
-        or loudness.integrated <= -70
-    ):
+    if end <= start:
         raise _fail(f"audio is silent throughout (nothing louder than {silence_threshold_db:g} dBFS)")
+    if loudness is None or not math.isfinite(loudness.integrated) or loudness.integrated <= -70:
+        # Defensive: R128 gates out 400 ms blocks under -70 LUFS, so sound that only just clears the
+        # silence threshold in a few 10 ms frames could leave nothing to measure or normalize.
+        raise _fail("audio is too faint to measure its loudness (nothing above -70 LUFS)")
     clipping = float(np.count_nonzero(np.abs(samples) >= CLIP_LEVEL)) / samples.size
 
     work_dir = Path(work_dir)

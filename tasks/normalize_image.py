@@ -67,14 +67,16 @@ def _open(src: Path) -> Image.Image:
         if src.stat().st_size == 0:
             raise _fail("image file is empty (0 bytes)")
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Photos up to PIL's hard limit (~179 MP, beyond 108 MP phone cameras) are fine to work
+            # on; the warning PIL gives from ~89 MP would only be noise in the logs.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(src)
             img.load()
     except RowFailure:
         raise
     except (UnidentifiedImageError, SyntaxError) as exc:
         raise _fail(f"{src.name} is not an image that can be read (expected JPEG, PNG or WebP)") from exc
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
         raise _fail(f"{src.name} is too large to process safely ({exc})") from exc
     except OSError as exc:
         raise _fail(f"image file is damaged or cannot be read ({exc})") from exc

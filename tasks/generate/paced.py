@@ -1,0 +1,97 @@
+"""The `paced` generator: a fixed cost per clip and model-like state, for benchmarks and fault tests.
+
+It stands in for a GPU model where the pool's behaviour is what is being measured: each
+clip costs exactly `clip_s` seconds (a sleep, so fake GPUs need no real cores), its
+frames depend on the continuation state carried from the previous clip (as the model's
+depend on its float motion frames), and the state is float32, so a resume that lost or
+rounded the state would produce different clips. Faults can be injected per row id:
+an error raised at every attempt, or a CUDA-style out-of-memory error raised while the
+generator is not offloaded; a device can be declared broken, so the generator fails to
+load on it. Optionally it appends one line per computed clip to a log
+file, so tests can tell which clips were computed and by which process.
+
+Loaded by the pool from the import path `tasks.generate.paced:PacedGenerator`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from tasks.generate.base import GeneratedClip
+from tasks.records import SegmentJob
+
+STATE_SIZE = 16
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch's CUDA OOM error, which the pool recognizes by name and message."""
+
+
+class PacedGenerator:
+    """Fixed cost per clip; frames are a deterministic function of (seed, clip, carried state)."""
+
+    name = "paced"
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        *,
+        device: str | None = None,
+        offload: bool = False,
+        clip_s: float = 0.1,
+        fail_rows: Sequence[str] = (),
+        oom_rows: Sequence[str] = (),
+        log: str | None = None,
+        broken_devices: Sequence[str] = (),
+    ):
+        # A GPU that cannot hold the model, as the worker on it sees it (Ray sets CUDA_VISIBLE_DEVICES).
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if visible and visible in set(broken_devices):
+            raise RuntimeError(f"CUDA error: no usable device {visible} (injected)")
+        self.offload = offload
+        self.clip_s = clip_s
+        self.fail_rows = set(fail_rows)
+        self.oom_rows = set(oom_rows)
+        self.log = log
+        self.fingerprint = f"paced-v1:{clip_s}"
+
+    def clips(
+        self, job: SegmentJob, start_clip: int = 0, state: dict[str, np.ndarray] | None = None
+    ) -> Iterator[GeneratedClip]:
+        motion = np.zeros(STATE_SIZE, np.float32)
+        if start_clip > 0:
+            if not state or "motion" not in state:
+                raise ValueError(f"resuming at clip {start_clip} needs the state of clip {start_clip - 1}")
+            motion = np.asarray(state["motion"], np.float32)
+        for k in range(start_clip, job.segment.clips):
+            if job.row_id in self.fail_rows:
+                raise RuntimeError(f"injected failure in row {job.row_id} segment {job.segment.index} clip {k}")
+            if job.row_id in self.oom_rows and not self.offload:
+                raise OutOfMemoryError("CUDA out of memory (injected; retry with offloading)")
+            t0 = time.monotonic()
+            rng = np.random.default_rng([job.segment.seed, k])
+            motion = np.tanh(1.7 * motion + rng.standard_normal(STATE_SIZE).astype(np.float32)).astype(np.float32)
+            frames = _frames(job, k, motion)
+            time.sleep(max(0.0, self.clip_s - (time.monotonic() - t0)))
+            if self.log:
+                # One short O_APPEND write per line: lines from concurrent workers do not interleave.
+                with open(self.log, "a") as f:
+                    f.write(f"{job.row_id}\t{job.segment.index}\t{k}\t{os.getpid()}\n")
+            yield GeneratedClip(index=k, frames=frames, state={"motion": motion.copy()}, gpu_s=self.clip_s)
+
+
+def _frames(job: SegmentJob, clip: int, motion: np.ndarray) -> np.ndarray:
+    """Smooth colour fields driven by the state: cheap to draw and to encode."""
+    t = np.arange(job.infer_frames, dtype=np.float32)[:, None, None]
+    y = np.linspace(0, 1, job.height, dtype=np.float32)[None, :, None]
+    x = np.linspace(0, 1, job.width, dtype=np.float32)[None, None, :]
+    channels = []
+    for c in range(3):
+        a, b, p = motion[3 * c], motion[3 * c + 1], motion[3 * c + 2]
+        wave = np.sin(6.0 * (a * x + b * y) + 0.2 * (t + clip * job.infer_frames) + 3.0 * p)
+        channels.append(127.5 + 100.0 * wave)
+    return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)

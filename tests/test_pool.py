@@ -1,0 +1,162 @@
+"""The GPU pool on a real local Ray with declared (fake) GPUs: workers, scheduling, results, bad input."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import soundfile as sf
+from PIL import Image
+
+from tasks.generate import stage
+from tasks.generate.paced import PacedGenerator
+from tasks.generate.pool import GeneratorPool, PoolConfig, PoolError, SegmentEvent, SegmentFailed
+from tasks.generate.preview import PreviewGenerator
+from tasks.records import Segment, SegmentJob
+
+PACED = "tasks.generate.paced:PacedGenerator"
+W, H, FRAMES = 112, 64, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One Ray for the module: 4 declared GPUs on this CPU machine, small object store, quiet."""
+    ray.init(
+        num_cpus=4,
+        num_gpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 1024**2,
+        logging_level="WARNING",
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("inputs")
+    yy, xx = np.mgrid[0:H, 0:W]
+    Image.fromarray(np.stack([xx * 2, yy * 3, (xx + yy) % 255], -1).astype(np.uint8)).save(folder / "face.png")
+    t = np.arange(16000) / 16000
+    sf.write(
+        folder / "speech.wav", (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16), 16000, subtype="PCM_16"
+    )
+    return folder / "face.png", folder / "speech.wav"
+
+
+def make_job(inputs: tuple[Path, Path], row: str, index: int, clips: int, seed: int = 42) -> SegmentJob:
+    segment = Segment(
+        index=index,
+        start_sample=0,
+        end_sample=16000,
+        start_s=0.0,
+        end_s=1.0,
+        frames=clips * FRAMES - 1,
+        clips=clips,
+        seed=seed * 1000 + index,
+    )
+    return SegmentJob(
+        row_id=row,
+        segment=segment,
+        image=str(inputs[0]),
+        audio=str(inputs[1]),
+        prompt="",
+        width=W,
+        height=H,
+        infer_frames=FRAMES,
+    )
+
+
+@pytest.fixture(scope="module")
+def pool():
+    config = PoolConfig(backend=PACED, backend_options={"clip_s": 0.05}, workers=2, attempts=2, backoff_s=0.1)
+    with GeneratorPool(config) as p:
+        yield p
+
+
+def test_one_worker_per_gpu_serves_many_segments(pool: GeneratorPool, inputs, tmp_path: Path) -> None:
+    assert len(pool.workers) == 2
+    assert len({tuple(w.gpus) for w in pool.workers}) == 2 and all(len(w.gpus) == 1 for w in pool.workers)
+    pids = {w.pid for w in pool.workers}
+    futures = [pool.submit(make_job(inputs, f"r{i}", 0, 2), tmp_path / f"r{i}") for i in range(6)]
+    results = [f.result(timeout=60) for f in futures]
+    served = [next(p for p in pids if f"pid {p} " in r.worker) for r in results]
+    # No process besides the two workers rendered anything: each loaded its generator once.
+    assert set(served) == pids
+    for r in results:
+        assert r.attempts == 1 and len(r.clips) == 2 and r.gpu_s > 0
+        assert all(Path(c.path).exists() and Path(c.state).exists() for c in r.clips)
+
+
+def test_longest_segment_first_and_one_row_on_several_workers(pool: GeneratorPool, inputs, tmp_path) -> None:
+    started: list[tuple[str, int]] = []
+    blocking = threading.Semaphore(0)
+
+    def on_event(event: SegmentEvent) -> None:  # runs on the pool's thread: never block here
+        if event.kind == "started":
+            started.append((event.row_id, event.segment_index))
+            if event.row_id == "block":
+                blocking.release()
+
+    # Two blockers occupy both workers while the rest is queued, so the queue order shows.
+    blockers = [pool.submit(make_job(inputs, "block", i, 4), tmp_path / f"b{i}", on_event) for i in range(2)]
+    assert blocking.acquire(timeout=30) and blocking.acquire(timeout=30)
+    lengths = {("a", 0): 1, ("a", 1): 5, ("b", 0): 3, ("b", 1): 2, ("c", 0): 4}
+    futures = [
+        pool.submit(make_job(inputs, row, i, n), tmp_path / f"{row}{i}", on_event) for (row, i), n in lengths.items()
+    ]
+    for f in [*blockers, *futures]:
+        f.result(timeout=60)
+    order = [s for s in started if s[0] != "block"]
+    assert [lengths[s] for s in order] == sorted(lengths.values(), reverse=True)
+    # Row b's two segments ran at the same time on the two workers.
+    runs = {(s.row_id, s.segment_index): s for s in pool.stats if s.outcome == "done"}
+    b0, b1 = runs[("b", 0)], runs[("b", 1)]
+    assert b0.worker != b1.worker and b0.dispatched < b1.finished and b1.dispatched < b0.finished
+
+
+def test_pool_clips_equal_an_in_process_run(pool: GeneratorPool, inputs, tmp_path: Path) -> None:
+    job = make_job(inputs, "same", 3, 3, seed=7)
+    remote = pool.submit(job, tmp_path / "pool").result(timeout=60)
+    local = stage.generate_segment(job, PacedGenerator(clip_s=0), tmp_path / "local")
+    for a, b in zip(remote.clips, local.clips, strict=True):
+        assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+        with np.load(a.state) as sa, np.load(b.state) as sb:
+            assert sa["motion"].dtype == np.float32 and np.array_equal(sa["motion"], sb["motion"])
+
+
+def test_preview_backend_by_name_matches_in_process(inputs, tmp_path: Path) -> None:
+    job = make_job(inputs, "preview", 0, 2)
+    with GeneratorPool(PoolConfig(backend="preview", workers=1)) as preview_pool:
+        remote = preview_pool.submit(job, tmp_path / "pool").result(timeout=60)
+    local = stage.generate_segment(job, PreviewGenerator(), tmp_path / "local")
+    assert remote.backend == "preview"
+    assert [Path(c.path).read_bytes() for c in remote.clips] == [Path(c.path).read_bytes() for c in local.clips]
+
+
+def test_vanished_input_fails_at_once_naming_the_path(pool: GeneratorPool, inputs, tmp_path: Path) -> None:
+    image = tmp_path / "gone.png"
+    Image.open(inputs[0]).save(image)
+    job = make_job(inputs, "gone", 0, 2).model_copy(update={"image": str(image)})
+    image.unlink()
+    with pytest.raises(SegmentFailed) as info:
+        pool.submit(job, tmp_path / "gone").result(timeout=60)
+    assert info.value.attempts == 1 and str(image) in str(info.value)
+
+
+def test_worker_that_cannot_load_is_left_out(pool: GeneratorPool, inputs, tmp_path: Path) -> None:
+    held = {g for w in pool.workers for g in w.gpus}
+    broken = min({"0", "1", "2", "3"} - held)
+    config = PoolConfig(backend=PACED, backend_options={"clip_s": 0.01, "broken_devices": [broken]}, workers=2)
+    with GeneratorPool(config) as partial:
+        assert len(partial.workers) == 1 and partial.workers[0].gpus != [broken]
+        assert len(partial.failed_workers) == 1
+        assert "on node " in partial.failed_workers[0] and f"no usable device {broken}" in partial.failed_workers[0]
+        assert partial.submit(make_job(inputs, "ok", 0, 1), tmp_path / "ok").result(timeout=60).attempts == 1
+    everyone = PoolConfig(backend=PACED, backend_options={"broken_devices": ["0", "1", "2", "3"]}, workers=2)
+    with pytest.raises(PoolError, match="no worker could start: .*no usable device"):
+        GeneratorPool(everyone).start()

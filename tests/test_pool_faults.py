@@ -1,0 +1,150 @@
+"""Faults against a real local Ray (declared GPUs): a killed worker, a segment that always fails, OOM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import soundfile as sf
+from PIL import Image
+
+from tasks.generate import stage
+from tasks.generate.paced import PacedGenerator
+from tasks.generate.pool import GeneratorPool, PoolConfig, SegmentEvent, SegmentFailed
+from tasks.records import Segment, SegmentJob
+
+PACED = "tasks.generate.paced:PacedGenerator"
+W, H, FRAMES = 112, 64, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(
+        num_cpus=4,
+        num_gpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 1024**2,
+        logging_level="WARNING",
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("inputs")
+    Image.new("RGB", (W, H), (90, 120, 160)).save(folder / "face.png")
+    sf.write(folder / "speech.wav", np.zeros(16000, np.int16), 16000, subtype="PCM_16")
+    return folder / "face.png", folder / "speech.wav"
+
+
+def make_job(inputs: tuple[Path, Path], row: str, index: int, clips: int) -> SegmentJob:
+    segment = Segment(
+        index=index,
+        start_sample=0,
+        end_sample=16000,
+        start_s=0.0,
+        end_s=1.0,
+        frames=clips * FRAMES,
+        clips=clips,
+        seed=1000 + index,
+    )
+    return SegmentJob(
+        row_id=row,
+        segment=segment,
+        image=str(inputs[0]),
+        audio=str(inputs[1]),
+        prompt="",
+        width=W,
+        height=H,
+        infer_frames=FRAMES,
+    )
+
+
+def finished_clips(folder: Path) -> dict[str, tuple[int, int]]:
+    """Clip files in place, with the identity of their bytes on disk (inode, mtime)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("clip_*.mp4")}
+
+
+def test_killed_worker_is_replaced_and_no_finished_clip_is_computed_again(inputs, tmp_path: Path) -> None:
+    computed = tmp_path / "computed.tsv"
+    config = PoolConfig(
+        backend=PACED, backend_options={"clip_s": 0.25, "log": str(computed)}, workers=2, attempts=3, backoff_s=0.1
+    )
+    victim: dict[str, int] = {}
+    killed = threading.Event()
+
+    def on_event(event: SegmentEvent) -> None:
+        # Kill the worker rendering row k's segment 0 once two of its six clips are finished.
+        if (event.kind, event.row_id, event.segment_index, event.clips_done) == ("clip", "k", 0, 2) and not victim:
+            victim["pid"] = event.pid
+            os.kill(event.pid, signal.SIGKILL)
+            killed.set()
+
+    jobs = [make_job(inputs, "k", 0, 6), make_job(inputs, "k", 1, 3), make_job(inputs, "other", 0, 4)]
+    with GeneratorPool(config) as pool:
+        futures = [pool.submit(j, tmp_path / j.row_id / f"seg_{j.segment.index}", on_event) for j in jobs]
+        assert killed.wait(timeout=60)
+        time.sleep(0.3)  # let the kill land before looking at what is on disk
+        before = finished_clips(tmp_path / "k" / "seg_0")
+        results = [f.result(timeout=120) for f in futures]
+        worker_pids = {w.pid for w in pool.workers}
+
+    assert len(before) >= 2
+    k0 = results[0]
+    assert k0.attempts == 2 and f"pid {victim['pid']} " not in k0.worker
+    assert len(worker_pids) == 3 and victim["pid"] in worker_pids  # two at start, one replacement
+    # Every clip finished before the kill is still the same file and was reused, not rendered again.
+    after = finished_clips(tmp_path / "k" / "seg_0")
+    assert {name: after[name] for name in before} == before
+    assert sum(c.reused for c in k0.clips) == len(before) == k0.reused_clips
+    counts = Counter(tuple(line.split("\t")[:3]) for line in computed.read_text().splitlines())
+    for k in range(len(before)):
+        assert counts[("k", "0", str(k))] == 1
+    assert all(r.attempts == 1 for r in results[1:])
+    # The resumed segment equals an uninterrupted run, byte for byte.
+    clean = stage.generate_segment(jobs[0], PacedGenerator(clip_s=0), tmp_path / "clean")
+    for a, b in zip(k0.clips, clean.clips, strict=True):
+        assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+        assert Path(a.state).read_bytes() == Path(b.state).read_bytes()
+
+
+def test_segment_that_always_fails_fails_alone_after_the_configured_attempts(inputs, tmp_path: Path) -> None:
+    config = PoolConfig(
+        backend=PACED, backend_options={"clip_s": 0.02, "fail_rows": ["bad"]}, workers=2, attempts=3, backoff_s=0.05
+    )
+    events: list[SegmentEvent] = []
+    with GeneratorPool(config) as pool:
+        bad = pool.submit(make_job(inputs, "bad", 0, 2), tmp_path / "bad", events.append)
+        good = [pool.submit(make_job(inputs, "good", i, 2), tmp_path / f"good{i}") for i in range(3)]
+        with pytest.raises(SegmentFailed) as info:
+            bad.result(timeout=60)
+        assert [f.result(timeout=60).attempts for f in good] == [1, 1, 1]
+    assert info.value.attempts == 3 and info.value.row_id == "bad"
+    assert "injected failure in row bad segment 0" in str(info.value)
+    assert [e.kind for e in events if e.kind in ("started", "retry", "failed")] == [
+        "started",
+        "retry",
+        "started",
+        "retry",
+        "started",
+        "failed",
+    ]
+
+
+def test_out_of_memory_is_retried_on_an_offloading_worker(inputs, tmp_path: Path) -> None:
+    config = PoolConfig(backend=PACED, backend_options={"clip_s": 0.02, "oom_rows": ["big"]}, workers=1)
+    with GeneratorPool(config) as pool:
+        first = pool.workers[0]
+        result = pool.submit(make_job(inputs, "big", 0, 2), tmp_path / "big").result(timeout=60)
+        rebuilt = pool.workers[-1]
+    assert not first.offload and rebuilt.offload and rebuilt.pid != first.pid
+    assert result.attempts == 2 and f"pid {rebuilt.pid} " in result.worker and len(result.clips) == 2

@@ -329,7 +329,10 @@ def normalize_audio(
     if source_duration > max_duration_s:
         raise _fail(f"audio is {_minutes(source_duration)} long; the maximum is {_minutes(max_duration_s)}")
 
-    peak = float(np.max(np.abs(samples)))
+    magnitude = np.abs(samples)
+    peak = float(magnitude.max())
+    clipping = float(np.count_nonzero(magnitude >= CLIP_LEVEL)) / samples.size
+    del magnitude  # as large as the decoded signal; free it before the ffmpeg passes
     start, end = _trim_points(samples, source_rate, pad_s, silence_threshold_db)
     if end <= start:
         raise _fail(f"audio is silent throughout (nothing louder than {silence_threshold_db:g} dBFS)")
@@ -337,7 +340,6 @@ def normalize_audio(
         # Defensive: R128 gates out 400 ms blocks under -70 LUFS, so sound that only just clears the
         # silence threshold in a few 10 ms frames could leave nothing to measure or normalize.
         raise _fail("audio is too faint to measure its loudness (nothing above -70 LUFS)")
-    clipping = float(np.count_nonzero(np.abs(samples) >= CLIP_LEVEL)) / samples.size
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ here), while `ebur128` gives the same BS.1770 measurements at about 300x.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ import numpy as np
 from tasks.media import MediaInfo, ffmpeg_exe, probe
 from tasks.records import MODEL_SAMPLE_RATE, AudioQC, RowFailure
 from tasks.storage import atomic_local
+
+logger = logging.getLogger(__name__)
 
 MASTER_RATE = 48_000
 TARGET_LUFS = -16.0
@@ -295,6 +298,9 @@ def _write_outputs(
         except ffmpeg.Error as exc:
             raise RuntimeError(f"audio normalization failed: {_ffmpeg_error(exc)}") from exc
     report = _parse_loudnorm(err.decode("utf-8", "replace"))
+    if report.get("normalization_type") != "linear":
+        # Not expected after _limit_peaks; loudnorm's dynamic mode still meets the target within ~1-2 LU.
+        logger.warning("loudnorm fell back to %s mode: %s", report.get("normalization_type"), report)
     try:
         master_lufs: float | None = float(report["output_i"])
     except (KeyError, ValueError):
@@ -316,7 +322,8 @@ def normalize_audio(
     source is) into `work_dir`, cut at the same trimmed instants. Returns (16 kHz path, master path,
     QC, samples in the 16 kHz file). Raises RowFailure('audio', ...) for unusable input.
     """
-    src = Path(src)
+    # Absolute, so neither ffmpeg nor PyAV can read the name as a protocol ("concat:", "http:") or option.
+    src = Path(src).absolute()
     info = _check_source(src, max_duration_s)
     source_rate = int(info.sample_rate or MASTER_RATE)
     source_channels = int(info.channels or 1)

@@ -1,14 +1,16 @@
 """Audio normalization: any common format in, a 16 kHz model track and a loudness-normalized master out.
 
-The source is decoded once to float32 (ffmpeg), analysed in numpy (peak, clipping, silence), trimmed,
-and the trimmed samples are piped back into ffmpeg once more to write both files from the same signal,
-so the 16 kHz track and the 48 kHz master start and end at the same instant.
+The source is decoded once to float32 (ffmpeg), analysed in numpy (peak, clipping, silence) and trimmed
+at sample positions chosen once on that signal; both output files are then written by one ffmpeg run
+from the same trimmed samples, so the 16 kHz track and the 48 kHz master start and end together.
 
 Loudness is EBU R128 in two passes: pass one measures integrated loudness, loudness range, threshold
 and true peak with ffmpeg's `ebur128` filter while decoding; pass two hands those values to `loudnorm`
-with `linear=true`. Measuring with `ebur128` rather than a first `loudnorm` run is deliberate: a
-measuring `loudnorm` pass runs its full dynamic processor at 192 kHz (about 30x real time for stereo
-here), while `ebur128` gives the same BS.1770 measurements at about 300x.
+with `linear=true` (a pure gain to -16 LUFS). Measuring with `ebur128` rather than a first `loudnorm`
+run is deliberate: a measuring `loudnorm` pass runs its full dynamic processor at 192 kHz (about 30x
+real time for stereo here), while `ebur128` gives the same BS.1770 measurements at about 300x.
+Speech whose peaks are too high for a pure gain to stay under -1.5 dBTP first goes through a
+lookahead limiter (see `_limit_peaks`), because loudnorm's own fallback misses the target.
 """
 
 from __future__ import annotations

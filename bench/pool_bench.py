@@ -1,0 +1,165 @@
+"""GPU pool benchmark: N workers over a batch of uneven rows, wall time against the ideal.
+
+Runs the real pool (Ray actors, the stage writing every clip and its state) with the
+`paced` generator, whose clips cost a fixed time (a sleep), on declared GPUs, so it runs
+on a CPU machine. For each worker count it reports:
+
+- wall: first submit to last segment finished (workers already started, as in a batch
+  where the model load is paid once);
+- ideal: total work / N, where the work is the seconds workers spent inside segments
+  (fixed cost plus the stage's encoding and file writes), measured by the workers;
+- nominal ideal: clips x fixed cost / N (what a free encoder would give);
+- overhead per segment: worker seconds not spent inside a segment, (N x wall - work) /
+  segments; it includes the idle tail at the end of the batch;
+- round trip per segment: driver-side attempt time minus worker-side time (dispatch,
+  event streaming, result return).
+
+    .venv/bin/python bench/pool_bench.py --workers 2 8 --segments 200 --clip-s 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import soundfile as sf
+from PIL import Image
+
+from tasks.generate.pool import GeneratorPool, PoolConfig
+from tasks.records import Segment, SegmentJob
+
+W, H, FRAMES = 112, 64, 4
+
+
+def uneven_batch(folder: Path, segments: int, seed: int) -> list[SegmentJob]:
+    """Rows of 1-6 segments, segments of 1-4 clips (a long tail of short ones, a few long)."""
+    rng = random.Random(seed)
+    Image.new("RGB", (W, H), (90, 120, 160)).save(folder / "face.png")
+    sf.write(folder / "speech.wav", np.zeros(16000, np.int16), 16000, subtype="PCM_16")
+    jobs: list[SegmentJob] = []
+    row = 0
+    while len(jobs) < segments:
+        for index in range(min(rng.randint(1, 6), segments - len(jobs))):
+            clips = rng.choice([1, 1, 2, 2, 2, 3, 3, 4])
+            seg = Segment(
+                index=index,
+                start_sample=0,
+                end_sample=16000,
+                start_s=0,
+                end_s=1,
+                frames=clips * FRAMES,
+                clips=clips,
+                seed=row * 100 + index,
+            )
+            jobs.append(
+                SegmentJob(
+                    row_id=f"row{row:03d}",
+                    segment=seg,
+                    image=str(folder / "face.png"),
+                    audio=str(folder / "speech.wav"),
+                    prompt="",
+                    width=W,
+                    height=H,
+                    infer_frames=FRAMES,
+                )
+            )
+        row += 1
+    return jobs
+
+
+def run(workers: int, jobs: list[SegmentJob], clip_s: float, work: Path) -> dict:
+    config = PoolConfig(
+        backend="tasks.generate.paced:PacedGenerator", backend_options={"clip_s": clip_s}, workers=workers
+    )
+    with GeneratorPool(config) as pool:
+        t0 = time.monotonic()
+        futures = [pool.submit(j, work / j.row_id / f"seg_{j.segment.index:03d}") for j in jobs]
+        results = [f.result() for f in futures]
+        wall = time.monotonic() - t0
+        stats = list(pool.stats)
+    busy = sum(s.busy_s for s in stats)
+    clips = sum(len(r.clips) for r in results)
+    ideal = busy / workers
+    return {
+        "workers": workers,
+        "segments": len(jobs),
+        "clips": clips,
+        "clip_s": clip_s,
+        "wall_s": round(wall, 3),
+        "ideal_s": round(ideal, 3),
+        "wall_over_ideal": round(wall / ideal, 4),
+        "nominal_ideal_s": round(clips * clip_s / workers, 3),
+        "encode_s_per_clip": round((busy - clips * clip_s) / clips, 4),
+        "overhead_ms_per_segment": round(1000 * (workers * wall - busy) / len(jobs), 2),
+        "round_trip_ms_per_segment": round(
+            1000 * statistics.mean(s.finished - s.dispatched - s.busy_s for s in stats), 2
+        ),
+        "attempts": len(stats),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--segments", type=int, default=200)
+    parser.add_argument("--clip-s", type=float, default=0.1, help="fixed cost per clip, seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    ray.init(
+        num_cpus=max(args.workers),
+        num_gpus=max(args.workers),
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 1024**2,
+        logging_level="WARNING",
+    )
+    results = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="pool-bench-") as tmp:
+            jobs = uneven_batch(Path(tmp), args.segments, args.seed)
+            for n in args.workers:
+                results.append(run(n, jobs, args.clip_s, Path(tmp) / f"w{n}"))
+                print(json.dumps(results[-1]), flush=True)
+    finally:
+        ray.shutdown()
+    machine = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+    }
+    print("\n| workers | segments | clips | wall s | ideal s | wall/ideal | overhead ms/seg | round trip ms/seg |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['workers']} | {r['segments']} | {r['clips']} | {r['wall_s']} | {r['ideal_s']} | "
+            f"{r['wall_over_ideal']} | {r['overhead_ms_per_segment']} | {r['round_trip_ms_per_segment']} |"
+        )
+    print(f"\nmachine: {machine}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

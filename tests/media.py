@@ -89,6 +89,15 @@ def speech(path: Path, text: str, *, rate: int | None = None, channels: int = 1)
     return encode(raw, path, rate=rate, channels=channels)
 
 
+def video_with_sound(audio: Path, path: Path) -> Path:
+    """An MP4 (H.264 test pattern + AAC) carrying `audio` as its soundtrack."""
+    _ffmpeg(
+        "-f", "lavfi", "-i", "testsrc=size=64x64:rate=10", "-i", str(audio), "-shortest",
+        "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path),
+    )  # fmt: skip
+    return path
+
+
 def header_only_wav(path: Path, rate: int = 16_000) -> Path:
     """A valid WAV header that holds no samples at all."""
     sf.write(str(path), np.zeros((0, 1), dtype=np.float32), rate, subtype="PCM_16")

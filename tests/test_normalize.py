@@ -26,6 +26,7 @@ from media import (
     rgba_png,
     speech,
     speechlike,
+    video_with_sound,
     with_silence,
     write_wav,
 )
@@ -81,6 +82,18 @@ def test_audio_formats_rates_and_layouts(
     assert qc.master_lufs == pytest.approx(-16.0, abs=1.0)
     assert qc.peak_dbfs <= 0.5 and qc.clipping_ratio < 0.001
     assert not list((tmp_path / "row").glob(".*part*")), "temporary files left behind"
+
+
+def test_surround_folds_to_stereo_and_video_soundtrack_is_used(spoken: Path, tmp_path: Path) -> None:
+    surround = encode(spoken, tmp_path / "surround.flac", rate=48_000, channels=6)
+    audio_16k, master, qc, n = normalize_audio(surround, tmp_path / "surround")
+    assert (qc.source_channels, qc.source_codec) == (6, "flac")
+    _check_pair(audio_16k, master, 2, n)
+
+    clip = video_with_sound(spoken, tmp_path / "clip.mp4")
+    audio_16k, master, qc, n = normalize_audio(clip, tmp_path / "clip")
+    assert (qc.source_codec, qc.source_channels) == ("aac", 1)
+    _check_pair(audio_16k, master, 1, n)
 
 
 def test_silence_trimmed_to_pad_with_both_files_in_sync(tmp_path: Path) -> None:

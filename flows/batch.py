@@ -96,7 +96,8 @@ async def stitch_task(
     row: ManifestRow, assets: NormalizedAssets, cues: list[Cue], results: list[SegmentResult],
     out: str, settings: BatchSettings,
 ) -> dict[str, str]:
-    return await asyncio.to_thread(steps.stitch_step, row, assets, cues, results, out, settings)
+    backend = results[0].backend if results else ""
+    return await asyncio.to_thread(steps.stitch_step, row, assets, cues, results, out, settings, backend)
 
 
 @flow(name="row", validate_parameters=False)
@@ -127,7 +128,7 @@ async def process_row(
                              audio_qc=assets.audio_qc, image_qc=assets.image_qc)
         where = "stage 'plan'"
         row_plan = await plan_task(row, assets, speech, settings)
-        cues = captions.cues_from_words(speech.words)
+        cues = captions.cues_from_words(speech.words, until=assets.duration_s)
         where = "stage 'generate'"
         progress.emit(row.id, "generate", f"{row_plan.total_clips} clips")
         results = await asyncio.gather(*(

@@ -96,14 +96,15 @@ def generate_step(
 
 def stitch_step(
     row: ManifestRow, assets: NormalizedAssets, cues: list[Cue], results: list[SegmentResult],
-    out: str, settings: BatchSettings,
+    out: str, settings: BatchSettings, backend: str = "",
 ) -> dict[str, str]:
     """Join the row's clips, mux the master audio, and publish video and captions to the output folder."""
     paths = layout.RowPaths(Path(assets.image).parent)
     targets = layout.output_uris(out, row)
     caption_files = captions.write_captions(cues, paths.captions_stem) if cues else {}
     clip_paths = [Path(c.path) for r in sorted(results, key=lambda r: r.segment_index) for c in r.clips]
-    burn = caption_files.get("srt") if settings.burn_captions else None
+    # The preview animatic already draws its captions; burning them too would show them twice.
+    burn = caption_files.get("srt") if settings.burn_captions and backend != "preview" else None
     video = stitch.stitch_row(clip_paths, Path(assets.audio_master), assets.duration_s, paths.video,
                               burn_captions=burn)
     published: dict[str, str] = {}

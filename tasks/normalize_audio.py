@@ -369,3 +369,14 @@ def normalize_audio(
         master_lufs=master_lufs,
     )
     return audio_16k, master, qc, n_model
+
+
+def decode_audio(src: Path, sample_rate: int = MODEL_SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 samples of a file's first audio stream at `sample_rate`, untrimmed.
+
+    For aligning a file as the user gave it (`s2v-batch align`); raises RowFailure('audio', …)
+    for files that are not audio.
+    """
+    _check_source(Path(src), math.inf)
+    samples, _ = _decode(Path(src), sample_rate, 1)
+    return samples[:, 0]

@@ -49,3 +49,11 @@ def dit_inputs(tiny_config: S2VConfig) -> dict[str, torch.Tensor]:
 def make_inputs():
     """The `make_dit_inputs(cfg, batch=1, frames=2, hw=(16, 16), seed=0)` factory."""
     return make_dit_inputs
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """A complete tiny S2V checkpoint folder in the official layout (written once per session)."""
+    from model.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-s2v"), seed=0)

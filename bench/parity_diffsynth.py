@@ -80,7 +80,7 @@ def diffsynth_forward(ds, dit, latents, timestep, context, ref_latents, audio, m
     ref, (rf, rh, rw) = dit.patchify(dit.patch_embedding(ref_latents))
     grid_sizes = dit.get_grid_sizes((f, h, w), (rf, rh, rw))
     x = torch.cat([x, ref], dim=1)
-    mask = torch.cat([torch.zeros([1, seq_len_x]), torch.ones([1, ref.shape[1]])], dim=1).to(torch.long)
+    mask = torch.cat([torch.zeros([1, seq_len_x]), torch.ones([1, ref.shape[1]])], dim=1).to(torch.long).to(x.device)
     freqs = ds.rope_precompute(
         x.detach().view(1, x.size(1), dit.num_heads, dit.dim // dit.num_heads), grid_sizes, dit.freqs
     )
@@ -88,7 +88,7 @@ def diffsynth_forward(ds, dit, latents, timestep, context, ref_latents, audio, m
         x, freqs, mask, motion_latents, drop_motion_frames=drop_motion, add_last_motion=2
     )
     x = x + dit.trainable_cond_mask(mask).to(x.dtype)
-    timestep = torch.cat([timestep, torch.zeros([1], dtype=timestep.dtype)])
+    timestep = torch.cat([timestep, torch.zeros([1], dtype=timestep.dtype, device=timestep.device)])
     t = dit.time_embedding(ds.sinusoidal_embedding_1d(dit.freq_dim, timestep))
     t_mod = dit.time_projection(t).unflatten(1, (6, dit.dim)).unsqueeze(2).transpose(0, 2)
     for block_id, block in enumerate(dit.blocks):

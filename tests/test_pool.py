@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -160,3 +162,42 @@ def test_worker_that_cannot_load_is_left_out(pool: GeneratorPool, inputs, tmp_pa
     everyone = PoolConfig(backend=PACED, backend_options={"broken_devices": ["0", "1", "2", "3"]}, workers=2)
     with pytest.raises(PoolError, match="no worker could start: .*no usable device"):
         GeneratorPool(everyone).start()
+
+
+def test_store_on_s3_lets_a_worker_anywhere_resume(s3_endpoint: str, inputs, tmp_path: Path) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(anon=False)
+    fs.mkdir("clips")
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    config = PoolConfig(
+        backend=PACED,
+        backend_options={"clip_s": 0.01},
+        workers=1,
+        store="s3://clips/run",
+        scratch_dir=str(tmp_path / "scratch"),
+        env_vars=aws,
+    )
+    job = make_job(inputs, "s3row", 1, 3, seed=5)
+    with GeneratorPool(config) as store_pool:
+        first = store_pool.submit(job, tmp_path / "driver").result(timeout=60)
+        stored = fs.find("clips/run/s3row")
+        assert sorted(Path(p).name for p in stored) == [
+            "clip_0000.mp4",
+            "clip_0000.state.npz",
+            "clip_0001.mp4",
+            "clip_0001.state.npz",
+            "clip_0002.mp4",
+            "clip_0002.state.npz",
+            "segment.json",
+        ]
+        assert len(fs.find("clips/run/inputs")) == 2  # image and audio, stored once by content
+        # Lose the last clip in the store and everything local: the rerun takes the first two from the store.
+        fs.rm([p for p in stored if "clip_0002" in p])
+        shutil.rmtree(tmp_path / "driver")
+        again = store_pool.submit(job, tmp_path / "driver").result(timeout=60)
+    assert [c.reused for c in again.clips] == [True, True, False]
+    assert all(Path(c.path).parent == tmp_path / "driver" for c in first.clips + again.clips)
+    local = stage.generate_segment(job, PacedGenerator(clip_s=0), tmp_path / "local")
+    assert [Path(c.path).read_bytes() for c in again.clips] == [Path(c.path).read_bytes() for c in local.clips]
+    assert not list((tmp_path / "scratch").rglob("clip_*"))  # worker scratch is emptied once stored

@@ -35,6 +35,8 @@ import itertools
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -46,7 +48,7 @@ from typing import Any, Literal
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from tasks.generate import stage
+from tasks.generate import mirror, stage
 from tasks.generate.base import Generator
 from tasks.records import ClipResult, SegmentJob, SegmentResult
 
@@ -96,6 +98,13 @@ class PoolConfig:
     start_timeout_s: float = 1800.0
     """How long a worker may take to start and load the model."""
     object_store_mb: int = 200
+    store: str | None = None
+    """Where segment folders are mirrored (s3://... or a shared folder) for workers on other nodes;
+    None: workers write into the driver's work folder directly (local Ray or a shared filesystem)."""
+    scratch_dir: str | None = None
+    """Workers' local folder for segments when a store is used (default: the system temp folder)."""
+    env_vars: dict[str, str] = field(default_factory=dict)
+    """Environment for the workers (e.g. storage credentials or endpoints), through Ray's runtime_env."""
     """Object store of a local Ray: only small records travel through it."""
 
 
@@ -217,11 +226,14 @@ class GeneratorWorker:
             "error": self.error,
         }
 
-    def run(self, job_json: str, seg_dir: str) -> Iterator[dict[str, Any]]:
+    def run(
+        self, job_json: str, seg_dir: str, store: str | None = None, scratch: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Render one segment; yields {'kind': 'clip'} per clip, then 'done' or 'error'.
 
         Errors are yielded, not raised, so they arrive classified and without depending on
         the exception pickling; only a dead process reaches the driver as a Ray error.
+        With a `store`, the segment is rendered in a local scratch folder mirrored there.
         """
         job = SegmentJob.model_validate_json(job_json)
         started = time.monotonic()
@@ -229,10 +241,14 @@ class GeneratorWorker:
 
         def render() -> None:
             try:
-                result = stage.generate_segment(
-                    job, self.generator, Path(seg_dir), on_clip=lambda c: events.put(("clip", c))
-                )
-                events.put(("done", result))
+                if store:
+                    result, remote = self._render_mirrored(job, store, Path(scratch or tempfile.gettempdir()), events)
+                else:
+                    result = stage.generate_segment(
+                        job, self.generator, Path(seg_dir), on_clip=lambda c: events.put(("clip", c))
+                    )
+                    remote = None
+                events.put(("done", (result, remote)))
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the driver
                 events.put(("error", exc))
 
@@ -244,7 +260,8 @@ class GeneratorWorker:
             if kind == "clip":
                 yield {"kind": "clip", "clip": value.model_dump(mode="json")}
             elif kind == "done":
-                yield {"kind": "done", "result": value.model_dump(mode="json"), "busy_s": busy}
+                result, remote = value
+                yield {"kind": "done", "result": result.model_dump(mode="json"), "remote": remote, "busy_s": busy}
                 return
             else:
                 tb = "".join(traceback.format_exception(value))[-4000:]
@@ -256,6 +273,34 @@ class GeneratorWorker:
                     "busy_s": busy,
                 }
                 return
+
+    def _render_mirrored(
+        self, job: SegmentJob, store: str, scratch: Path, events: queue.Queue
+    ) -> tuple[SegmentResult, str]:
+        local_job = mirror.localize_inputs(job)
+        fingerprint = stage.job_fingerprint(local_job, self.generator)
+        remote = mirror.segment_uri(store, local_job, fingerprint)
+        work = scratch / "s2v-segments" / job.row_id / f"seg_{job.segment.index:03d}" / fingerprint[:24]
+        mirror.pull(remote, work)
+        marker_stored = False
+
+        def on_clip(clip: ClipResult) -> None:
+            nonlocal marker_stored
+            # A reused clip may be one this node wrote but could not upload before it was lost.
+            if clip.reused and mirror.stored(Path(clip.path), remote):
+                events.put(("clip", clip))
+                return
+            if not marker_stored:
+                mirror.push(work / stage.MARKER, remote)
+                marker_stored = True
+            if clip.state:
+                mirror.push(Path(clip.state), remote)
+            mirror.push(Path(clip.path), remote)
+            events.put(("clip", clip))
+
+        result = stage.generate_segment(local_job, self.generator, work, on_clip=on_clip)
+        shutil.rmtree(work, ignore_errors=True)  # everything is in the store; keep worker disks bounded
+        return result, remote
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +477,17 @@ class GeneratorPool:
 
     async def _accept(self, p: _Pending) -> None:
         self._pending[id(p)] = p
+        if self.config.store:
+            # Workers on other nodes read the inputs from the store, not from this machine.
+            try:
+                job = await asyncio.get_running_loop().run_in_executor(
+                    None, mirror.store_inputs, p.job, self.config.store
+                )
+            except OSError as exc:
+                p.last_error = _describe(exc)
+                self._fail(p, None)
+                return
+            p.job, p.job_json = job, job.model_dump_json()
         await self._put(p)
 
     async def _put(self, p: _Pending) -> None:
@@ -472,7 +528,9 @@ class GeneratorPool:
         outcome: dict[str, Any] | None = None
         lost: str | None = None
         try:
-            stream = slot.actor.run.options(num_returns="streaming").remote(p.job_json, p.seg_dir)
+            stream = slot.actor.run.options(num_returns="streaming").remote(
+                p.job_json, p.seg_dir, self.config.store, self.config.scratch_dir
+            )
             async for ref in stream:
                 event = await ref
                 if event["kind"] == "clip":
@@ -502,6 +560,20 @@ class GeneratorPool:
 
         if kind == "done":
             result = SegmentResult.model_validate(outcome["result"])
+            if outcome["remote"]:
+                try:
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        None, _fetch_clips, result, outcome["remote"], Path(p.seg_dir)
+                    )
+                except OSError as exc:
+                    outcome = {
+                        "kind": "error",
+                        "class": "error",
+                        "error": f"fetching clips: {_describe(exc)}",
+                        "traceback": "",
+                    }
+                    kind = "error"
+        if kind == "done":
             result = result.model_copy(update={"attempts": p.attempts, "worker": worker, "gpu_s": round(p.held_s, 3)})
             self._emit(p, "done", info, f"{len(result.clips)} clips, {result.reused_clips} reused")
             self._finish(p, result)
@@ -544,6 +616,7 @@ class GeneratorPool:
                 num_gpus=1,
                 num_cpus=cfg.cpus_per_worker,
                 max_restarts=0,
+                runtime_env={"env_vars": dict(cfg.env_vars)} if cfg.env_vars else None,
             )
             .remote(slot.name, cfg.backend, cfg.checkpoint, cfg.device, slot.offload, dict(cfg.backend_options))
         )
@@ -628,6 +701,21 @@ class GeneratorPool:
             "failed_workers": list(self.failed_workers),
             "attempts": [asdict(s) for s in self.stats],
         }
+
+
+def _fetch_clips(result: SegmentResult, remote: str, seg_dir: Path) -> SegmentResult:
+    """Bring a mirrored segment's clips into the driver's segment folder (for stitching)."""
+    mirror.pull(remote, seg_dir)
+    clips = [
+        c.model_copy(
+            update={
+                "path": str(seg_dir / Path(c.path).name),
+                "state": str(seg_dir / Path(c.state).name) if c.state else None,
+            }
+        )
+        for c in result.clips
+    ]
+    return result.model_copy(update={"clips": clips})
 
 
 async def _gather(*coros) -> list:

@@ -161,7 +161,7 @@ def make_inputs(cfg: S2VConfig, lat_h: int, lat_w: int, frames: int, batch: int,
 
     return {
         "latents": rnd(batch, cfg.in_dim, frames, lat_h, lat_w),
-        "timestep": torch.full((batch,), 937.0, device=device),
+        "timestep": torch.full((batch,), 936.0, device=device),  # exact in bf16 (DiffSynth casts it)
         "context": rnd(batch, cfg.text_len, cfg.text_dim),
         "ref_latents": rnd(1, cfg.in_dim, 1, lat_h, lat_w),
         "audio": rnd(batch, cfg.audio_num_layers, cfg.audio_dim, 4 * frames),
@@ -185,6 +185,17 @@ def main() -> None:
     parser.add_argument("--eager-too", action="store_true", help="also time our eager forward (480p first clip)")
     parser.add_argument("--budget-s", type=float, default=520, help="skip remaining scenarios after this")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--profile", action="store_true", help="kernel-time breakdown of one forward")
+    parser.add_argument(
+        "--precision-check",
+        type=int,
+        default=0,
+        metavar="LAYERS",
+        help="bf16 error of ours and DiffSynth vs an fp32 forward, on a 14B-width model of LAYERS",
+    )
+    parser.add_argument("--fp8", action="store_true", help="also time ours with fp8 block linears (first size)")
+    parser.add_argument("--skip-main", action="store_true", help="only the extras above")
+    parser.add_argument("--main-sizes", default=None, help="sizes of the main table (default: --sizes)")
     parser.add_argument("--sdpa", choices=["cudnn", "flash"], default="cudnn", help="preferred attention kernel")
     args = parser.parse_args()
 
@@ -208,6 +219,10 @@ def main() -> None:
         rate = matmul_tflops(device, dtype, 1024)
     results["matmul_tflops"] = rate
     print(f"device {results['gpu']}  torch {torch.__version__}  bf16 matmul {rate:.0f} TFLOP/s", flush=True)
+
+    if args.precision_check:
+        results["precision"] = precision_check(cfg, args.precision_check, device, sizes_of(args)[0], args.frames)
+        print(f"precision vs fp32: {json.dumps(results['precision'])}", flush=True)
 
     ours = build_ours(cfg, device, dtype, seed=0)
     weights_gb = sum(p.numel() * p.element_size() for p in ours.parameters()) / 1e9
@@ -265,11 +280,15 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
         return record(impl, label, size, motion, batch, times, peak)
 
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    sizes = sizes_of(args)
     with torch.no_grad():
         first = sizes[0]
         lat = (first[0] // 8, first[1] // 8)
         one = make_inputs(cfg, *lat, frames, 1, device, dtype, seed=1)
+        if args.main_sizes:
+            sizes = [tuple(int(v) for v in s.split("x")) for s in args.main_sizes.split(",")]
+        if args.skip_main:
+            sizes = []
         if args.eager_too:
             run("ours-eager", lambda: ours(**one, drop_motion_frames=True), "first clip", first, False, 1)
         # a check that both implementations compute the same function on these weights
@@ -294,11 +313,13 @@ def main() -> None:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             print(f"host synchronisations in a forward: {results['host_syncs']}", flush=True)
+        if args.profile:
+            results["profile"] = profile_forward(lambda: ours(**one, drop_motion_frames=True), device)
         for size in sizes:
             lat = (size[0] // 8, size[1] // 8)
             one = two = None  # free the previous size's inputs first
             one = make_inputs(cfg, *lat, frames, 1, device, dtype, seed=1)
-            big = size != sizes[0]
+            big = size[0] > 480
             reps = max(2, args.repeats - 1) if big else args.repeats  # 720p forwards take 3x longer
             run(impl, lambda one=one: ours(**one, drop_motion_frames=True), "first clip", size, False, 1, reps)
             if dit is not None:
@@ -311,8 +332,92 @@ def main() -> None:
                 two = make_inputs(cfg, *lat, frames, 2, device, dtype, seed=2)
                 run(impl, lambda two=two: ours(**two, drop_motion_frames=True), "CFG step", size, False, 2)
 
+        if args.fp8:
+            from model.checkpoint import quantize_linears_fp8
+
+            size = sizes_of(args)[0]
+            one = make_inputs(cfg, size[0] // 8, size[1] // 8, frames, 1, device, dtype, seed=1)
+            ref = ours(**one, drop_motion_frames=True).float()
+            n = quantize_linears_fp8(ours)
+            got = ours(**one, drop_motion_frames=True).float()
+            results["fp8_rel_diff_vs_bf16"] = ((got - ref).norm() / ref.norm()).item()
+            print(f"fp8 block linears ({n}): rel L2 vs bf16 {results['fp8_rel_diff_vs_bf16']:.2e}", flush=True)
+            run(impl + "+fp8", lambda: ours(**one, drop_motion_frames=True), "first clip", size, False, 1)
+
     _summary(results)
     print(f"total {time.time() - t_start:.0f} s", flush=True)
+
+
+def sizes_of(args) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+
+
+def profile_forward(fn, device: torch.device) -> dict:
+    """GPU kernel time of one call by kind (matmul, attention, fused/elementwise), top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    kinds: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = evt.name
+        ms = evt.device_time / 1000 if hasattr(evt, "device_time") else evt.cuda_time / 1000
+        low = name.lower()
+        if any(k in low for k in ("fmha", "flash", "cudnn", "attention", "sdpa")):
+            kind = "attention"
+        elif any(k in low for k in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90")):
+            kind = "matmul"
+        elif "triton" in low:
+            kind = "fused (triton)"
+        else:
+            kind = "other"
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        kernels[name[:90]] = kernels.get(name[:90], 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    print("kernel time by kind (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items())), flush=True)
+    for name, ms in top:
+        print(f"  {ms:8.1f} ms  {name}", flush=True)
+    return {"by_kind_ms": kinds, "top": top}
+
+
+@torch.no_grad()
+def precision_check(cfg14: S2VConfig, layers: int, device, size, video_frames: int) -> dict:
+    """Relative L2 error of the bf16 forwards (ours, DiffSynth) against an fp32 forward with the
+    same (bf16-representable) weights and inputs, on a 14B-width model with `layers` blocks."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg14, num_layers=layers, audio_inject_layers=(0, layers - 1))
+    low = build_ours(cfg, device, torch.bfloat16, seed=3)
+    with torch.device("meta"):
+        ref = WanS2VTransformer(cfg)
+    ref.load_state_dict({k: v.float() for k, v in low.state_dict().items()}, assign=True)
+    ref.eval()
+    frames = cfg.latent_frames(video_frames)
+    inputs = make_inputs(cfg, size[0] // 8, size[1] // 8, frames, 1, device, torch.bfloat16, seed=4)
+    inputs["timestep"] = torch.full((1,), 936.0, device=device)  # exact in bf16 (DiffSynth casts it)
+    out = {}
+    try:
+        ds, dit = build_diffsynth(cfg, low)
+    except Exception:
+        ds = dit = None
+    for label, drop in (("first", True), ("later", False)):
+        want = ref(**{k: v.float() for k, v in inputs.items()}, drop_motion_frames=drop)
+        got = low(**inputs, drop_motion_frames=drop).float()
+        out[f"ours_bf16_{label}"] = ((got - want).norm() / want.norm()).item()
+        if dit is not None:
+            theirs = _diffsynth_call(ds, dit, inputs, drop=drop).float()
+            out[f"diffsynth_bf16_{label}"] = ((theirs - want).norm() / want.norm()).item()
+    del low, ref, dit
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def _diffsynth_call(ds, dit, inputs: dict, drop: bool) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -34,14 +35,16 @@ from model.transformer import WanS2VTransformer, randomize_
 
 def import_diffsynth_s2v() -> types.ModuleType:
     """Import diffsynth.models.wan_video_dit_s2v without executing the package __init__ files."""
-    spec = importlib.util.find_spec("diffsynth")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("diffsynth is not installed: pip install --no-deps diffsynth==2.1.12 einops")
-    root = list(spec.submodule_search_locations)[0]
-    for name, path in (("diffsynth", root), ("diffsynth.core", f"{root}/core")):
-        if name not in sys.modules:
+    if "diffsynth" not in sys.modules:
+        spec = importlib.util.find_spec("diffsynth")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("diffsynth is not installed: pip install --no-deps diffsynth==2.1.12 einops")
+        root = list(spec.submodule_search_locations)[0]
+        for name, path in (("diffsynth", root), ("diffsynth.core", f"{root}/core")):
             pkg = types.ModuleType(name)
             pkg.__path__ = [path]
+            pkg.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            pkg.__spec__.submodule_search_locations = [path]
             sys.modules[name] = pkg
     return importlib.import_module("diffsynth.models.wan_video_dit_s2v")
 

@@ -41,6 +41,7 @@ __all__ = [
     "Fp8Linear",
     "detect_layout",
     "load_transformer",
+    "quantize_linears_fp8",
     "save_official_dit",
     "to_comfyui_state_dict",
 ]
@@ -207,11 +208,32 @@ class Fp8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         amax = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12)
         scale_x = amax / torch.finfo(torch.float8_e4m3fn).max
-        xq = (rows.float() / scale_x).to(torch.float8_e4m3fn)
+        fp8_max = torch.finfo(torch.float8_e4m3fn).max
+        xq = (rows.float() / scale_x).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
         scale_w = self.scale_weight.expand(1, self.out_features).contiguous()
-        bias = self.bias.to(out_dtype) if self.bias is not None else None
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_x, scale_b=scale_w, bias=bias, out_dtype=out_dtype)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_x, scale_b=scale_w, out_dtype=out_dtype)
+        if self.bias is not None:  # added apart: not every torch accepts a bias with row-wise scales
+            out = out + self.bias.to(out_dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def quantize_linears_fp8(model: nn.Module, prefix: str = "blocks.") -> int:
+    """Replace the nn.Linear layers under `prefix` by Fp8Linear (per-tensor absmax scale), in
+    place; an opt-in speed/memory option for fp8 GPUs (about half the bf16 matmul time), at the
+    cost of fp8 rounding of the weights. Returns how many layers were converted."""
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not name.startswith(prefix) or not isinstance(module, nn.Linear):
+            continue
+        weight = module.weight.float()
+        scale = (weight.abs().max() / fp8_max).clamp_min(1e-12)
+        fp8 = Fp8Linear((weight / scale).to(torch.float8_e4m3fn), scale, module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, fp8)
+        count += 1
+    return count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from model.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, hf_to_wan_t5
 from model.transformer import WanS2VTransformer, randomize_
 from model.vae import VAE_CHECKPOINT, diffusers_to_wan_vae
 
-TINY_VAE = {"base_dim": 4, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2}
+TINY_VAE = {"base_dim": 2, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1}
 _SENTENCES = [
     "A woman speaks to the camera in a bright office, smiling and nodding.",
     "A man presents the quarterly results with calm gestures.",

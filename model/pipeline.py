@@ -1,0 +1,473 @@
+"""`S2VPipeline`: one Wan2.2-S2V checkpoint folder -> clips of a talking-person video.
+
+The clip loop follows the reference (`wan/speech2video.py`, `WanS2V.generate`) step for step:
+
+- the reference image is VAE-encoded once (1 latent frame);
+- clip r draws its noise from a generator seeded with `seed + r` (in the DiT's dtype, as the
+  reference does, so bf16 runs see the reference's noise), reads audio frames
+  [r*F, (r+1)*F) (F = infer_frames) and samples `steps` flow-matching UniPC steps with CFG: the
+  unconditional branch uses the negative prompt and zeroed audio;
+- the first clip drops the motion tokens (`drop_first_motion`), is decoded together with the
+  reference latent and loses the reference frame and its first 3 decoded frames (F - 3 frames);
+- later clips condition on the last 73 decoded frames of the video so far (re-encoded by the
+  VAE as 19 motion latents), are decoded after those motion latents and keep their last F frames;
+- the last 73 frames are carried as float pixels, exactly as the reference carries them.
+
+Audio alignment, as in the reference: the first clip's frames show audio frames 3..F-1 and
+clip r >= 1 shows audio frames r*F .. r*F + F - 1.
+
+`generate_clips` yields each clip as soon as it is decoded, with the lossless continuation state
+(float32 numpy: the last 73 frames and their motion latents). Passing that state back with
+`start_clip=r+1` continues the segment; on CPU the resumed clips are bitwise identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.audio_encoder import SAMPLE_RATE, WAV2VEC_DIR, AudioEncoder
+from model.checkpoint import CheckpointError, load_transformer
+from model.config import S2VConfig
+from model.sampler import GUIDANCE, STEPS, guide, sample
+from model.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, TextEncoder
+from model.transformer import WanS2VTransformer
+from model.vae import COMFY_VAE_CHECKPOINT, VAE_CHECKPOINT, WanVAE
+
+log = logging.getLogger(__name__)
+
+DIT_CONFIG = "config.json"
+DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIT_SINGLE = "diffusion_pytorch_model.safetensors"
+FIRST_CLIP_DROP = 3  # decoded frames the reference discards at the start of the first clip
+# The model's own negative prompt (wan/configs/wan_s2v_14B.py, sample_neg_prompt).
+DEFAULT_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+EXPECTED_LAYOUT = f"""expected the official Wan2.2-S2V-14B layout:
+  {DIT_CONFIG}
+  {DIT_INDEX} + the diffusion_pytorch_model-0000K-of-0000N.safetensors shards it lists
+    (or a single {DIT_SINGLE})
+  {T5_CHECKPOINT}
+  {T5_TOKENIZER}/ (tokenizer.json or spiece.model, tokenizer_config.json)
+  {VAE_CHECKPOINT} (or ComfyUI's {COMFY_VAE_CHECKPOINT})
+  {WAV2VEC_DIR}/ (config.json, preprocessor_config.json, model.safetensors or pytorch_model.bin)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint layout
+
+
+def _dit_files(folder: Path) -> tuple[list[str], list[str]]:
+    """(present, missing) DiT files relative to `folder`."""
+    if (folder / DIT_INDEX).is_file():
+        try:
+            index = json.loads((folder / DIT_INDEX).read_text(encoding="utf-8"))
+            shards = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise CheckpointError(f"{folder / DIT_INDEX}: not a safetensors index ({exc})") from exc
+        files = [DIT_CONFIG, DIT_INDEX, *shards]
+    elif (folder / DIT_SINGLE).is_file():
+        files = [DIT_CONFIG, DIT_SINGLE]
+    else:
+        return [], [DIT_CONFIG, f"{DIT_INDEX} (or {DIT_SINGLE})"]
+    return [f for f in files if (folder / f).is_file()], [f for f in files if not (folder / f).is_file()]
+
+
+def missing_files(folder: str | Path) -> list[str]:
+    """Every file of the official layout that `folder` lacks (empty when complete)."""
+    folder = Path(folder)
+    missing = _dit_files(folder)[1]
+    if not (folder / T5_CHECKPOINT).is_file():
+        missing.append(T5_CHECKPOINT)
+    tok = folder / T5_TOKENIZER
+    if not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):
+        missing.append(f"{T5_TOKENIZER}/tokenizer.json (or spiece.model)")
+    if not ((folder / VAE_CHECKPOINT).is_file() or (folder / COMFY_VAE_CHECKPOINT).is_file()):
+        missing.append(f"{VAE_CHECKPOINT} (or {COMFY_VAE_CHECKPOINT})")
+    w2v = folder / WAV2VEC_DIR
+    for name in ("config.json", "preprocessor_config.json"):
+        if not (w2v / name).is_file():
+            missing.append(f"{WAV2VEC_DIR}/{name}")
+    if not ((w2v / "model.safetensors").is_file() or (w2v / "pytorch_model.bin").is_file()):
+        missing.append(f"{WAV2VEC_DIR}/model.safetensors (or pytorch_model.bin)")
+    return missing
+
+
+def check_layout(folder: str | Path) -> Path:
+    """Raise CheckpointError naming every missing file and the expected layout; return the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist; {EXPECTED_LAYOUT}")
+    missing = missing_files(folder)
+    if missing:
+        raise CheckpointError(f"checkpoint folder {folder} is missing: {', '.join(missing)}; {EXPECTED_LAYOUT}")
+    return folder
+
+
+def fetch_checkpoint(uri: str, cache_dir: Path | None = None) -> Path:
+    """A local folder with the checkpoint at `uri` (a local path, or s3://... copied into the cache).
+
+    Remote files are fetched one by one through `tasks.storage.local_copy` (cached by ETag, written
+    atomically), so an interrupted copy resumes at the first missing file; the cached files are
+    linked into a mirror of the remote layout that the loaders read.
+    """
+    from tasks import storage
+
+    if not storage.is_remote(uri):
+        return check_layout(uri)
+    import hashlib
+
+    fs, root = storage.filesystem(uri)
+    root = root.rstrip("/")
+    try:
+        remote = sorted(p for p in fs.find(root) if not p.endswith("/"))
+    except FileNotFoundError:
+        remote = []
+    wanted = (DIT_CONFIG, DIT_INDEX, DIT_SINGLE, "diffusion_pytorch_model-", T5_CHECKPOINT, T5_TOKENIZER + "/",
+              VAE_CHECKPOINT, COMFY_VAE_CHECKPOINT, WAV2VEC_DIR + "/")  # fmt: skip
+    base = cache_dir or storage.DEFAULT_CACHE
+    mirror = base / "checkpoints" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
+    protocol = uri.split("://", 1)[0]
+    for path in remote:
+        rel = path[len(root) + 1 :]
+        if not rel.startswith(wanted):
+            continue
+        local = storage.local_copy(f"{protocol}://{path}", base)
+        target = mirror / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() and target.resolve() != local.resolve():
+            target.unlink()  # the remote object changed: point at the new copy
+        if not target.exists():
+            target.symlink_to(local.resolve())
+    if not mirror.is_dir():
+        raise CheckpointError(f"checkpoint {uri} has none of the expected files; {EXPECTED_LAYOUT}")
+    try:
+        return check_layout(mirror)
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc).replace(str(mirror), uri)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def prepare_reference(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
+    """The reference's preprocessing: resize the short side to min(height, width) (bilinear,
+    antialiased), centre-crop to height x width; returns uint8 [height, width, 3]. An image that
+    already has the size passes through unchanged."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    img = img.convert("RGB")
+    if img.size == (width, height):
+        return np.asarray(img)
+    target = min(height, width)
+    w0, h0 = img.size
+    size = (target, int(target * h0 / w0)) if w0 <= h0 else (int(target * w0 / h0), target)
+    img = img.resize(size, Image.Resampling.BILINEAR)
+    if size[0] < width or size[1] < height:
+        raise ValueError(f"reference image {w0}x{h0} cannot be centre-cropped to {width}x{height}")
+    left = int(round((size[0] - width) / 2.0))
+    top = int(round((size[1] - height) / 2.0))
+    return np.asarray(img.crop((left, top, left + width, top + height)))
+
+
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3], scaled and truncated as the reference saves it."""
+    x = ((video.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
+    return x.permute(1, 2, 3, 0).cpu().numpy()
+
+
+@dataclass
+class ClipOutput:
+    """One finished clip."""
+
+    index: int
+    frames: np.ndarray
+    """uint8 [T, H, W, 3]: F - 3 frames for the first clip, F for the others."""
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+    """Lossless continuation state: 'motion_frames' float32 [3, 73, H, W] in [-1, 1],
+    'motion_latents' float32 [16, 19, H/8, W/8] (omitted after the last clip), 'next_clip'."""
+    seconds: float = 0.0
+    """Wall seconds of this clip on the device (synchronised on CUDA)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class S2VPipeline:
+    """Text encoder + audio encoder + VAE + DiT, and the reference's clip loop."""
+
+    def __init__(
+        self,
+        transformer: WanS2VTransformer,
+        text_encoder: TextEncoder,
+        audio_encoder: AudioEncoder,
+        vae: WanVAE,
+        device: torch.device | str = "cpu",
+        offload: bool = False,
+        cfg_batch: bool = True,
+    ):
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.config: S2VConfig = transformer.config
+        self.text_encoder = text_encoder
+        self.audio_encoder = audio_encoder
+        self.vae = vae
+        self.device = torch.device(device)
+        self.offload = offload
+        self.cfg_batch = cfg_batch
+        if audio_encoder.num_layers != self.config.audio_num_layers:
+            raise CheckpointError(
+                f"{WAV2VEC_DIR}: wav2vec2 gives {audio_encoder.num_layers} hidden states but the DiT averages "
+                f"{self.config.audio_num_layers} (another model's audio encoder?)"
+            )
+        if audio_encoder.model.config.hidden_size != self.config.audio_dim:
+            raise CheckpointError(
+                f"{WAV2VEC_DIR}: wav2vec2 width {audio_encoder.model.config.hidden_size} != DiT audio_dim "
+                f"{self.config.audio_dim}"
+            )
+        if text_encoder.model.config.d_model != self.config.text_dim:
+            raise CheckpointError(
+                f"{T5_CHECKPOINT}: umT5 width {text_encoder.model.config.d_model} != DiT text_dim "
+                f"{self.config.text_dim}"
+            )
+        text_encoder.text_len = self.config.text_len
+        home = torch.device("cpu") if offload else self.device
+        for part in (self.transformer, text_encoder, audio_encoder, vae):
+            part.to(home)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        offload: bool = False,
+        vae_tiling: bool = False,
+        cache_dir: Path | None = None,
+    ) -> S2VPipeline:
+        """Load every component from one checkpoint folder (local or s3://).
+
+        device: default CUDA when available, else CPU. dtype of the DiT and T5: default bf16 on
+        CUDA, float32 on CPU. The VAE and wav2vec2 run in float32, as in the reference.
+        offload: keep components on the CPU and move each to the GPU only while it works.
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        folder = fetch_checkpoint(str(checkpoint), cache_dir)
+        load_to = torch.device("cpu") if offload else device
+        transformer = load_transformer(folder, device=load_to, dtype=dtype)
+        text_encoder = TextEncoder.from_checkpoint(
+            folder / T5_CHECKPOINT, folder / T5_TOKENIZER, device=load_to, dtype=dtype
+        )
+        audio_encoder = AudioEncoder.from_folder(folder / WAV2VEC_DIR, device=load_to)
+        vae_file = folder / VAE_CHECKPOINT
+        vae = WanVAE.from_checkpoint(vae_file if vae_file.is_file() else folder / COMFY_VAE_CHECKPOINT, load_to)
+        if vae_tiling:
+            vae.enable_tiling()
+        return cls(transformer, text_encoder, audio_encoder, vae, device=device, offload=offload)
+
+    # -- device placement -------------------------------------------------------------------
+
+    def _use(self, part):
+        """Move `part` to the compute device (a no-op without offload)."""
+        if self.offload:
+            part.to(self.device)
+        return part
+
+    def _release(self, part) -> None:
+        if self.offload:
+            part.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- generation -------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.compute_dtype
+
+    def clip_frames(self, clip: int, infer_frames: int) -> int:
+        """Frames clip `clip` yields: F - 3 for the first, F after."""
+        return infer_frames - FIRST_CLIP_DROP if clip == 0 else infer_frames
+
+    @torch.no_grad()
+    def generate_clips(
+        self,
+        image: np.ndarray,
+        audio: np.ndarray,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        num_clips: int,
+        infer_frames: int = 80,
+        seed: int = 42,
+        steps: int = STEPS,
+        guidance: float = GUIDANCE,
+        shift: float = 3.0,
+        sample_rate: int = SAMPLE_RATE,
+        start_clip: int = 0,
+        state: dict[str, np.ndarray] | None = None,
+        on_step: Callable[[int, int, int], None] | None = None,
+    ) -> Iterator[ClipOutput]:
+        """Yield clips `start_clip .. num_clips - 1` of one segment, each as soon as it is done.
+
+        image: uint8 [H, W, 3], already cropped to the output size (H, W multiples of 16).
+        audio: float 16 kHz mono waveform of exactly this segment.
+        state: the state yielded with clip `start_clip - 1` (None when start_clip is 0).
+        on_step(clip, step, steps) is called after every denoising step.
+        """
+        cfg = self.config
+        height, width = self._check_image(image)
+        if infer_frames <= FIRST_CLIP_DROP or infer_frames % 4:
+            raise ValueError(f"infer_frames must be a multiple of 4 above {FIRST_CLIP_DROP}, got {infer_frames}")
+        if num_clips < 1 or not 0 <= start_clip < num_clips:
+            raise ValueError(f"need 0 <= start_clip ({start_clip}) < num_clips ({num_clips})")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        lat_h, lat_w = height // 8, width // 8
+        motion = self._initial_motion(start_clip, state, height, width)
+
+        # conditioning shared by every clip of the segment
+        enc = self._use(self.text_encoder)
+        context = enc.encode([prompt])[0]
+        context_null = enc.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT])[0]
+        self._release(enc)
+        context, context_null = (self._pad_text(c).to(self.device) for c in (context, context_null))
+
+        aenc = self._use(self.audio_encoder)
+        audio_cond = aenc.conditioning(audio, sample_rate, num_clips * infer_frames).cpu()
+        self._release(aenc)
+
+        vae = self._use(self.vae)
+        pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0)
+        ref_latents = vae.encode((pixels * 2 - 1)[None, :, None].to(self.device))
+        self._release(vae)
+
+        lat_frames = cfg.latent_frames(infer_frames)
+        for r in range(start_clip, num_clips):
+            started = time.perf_counter()
+            generator = torch.Generator(device=self.device).manual_seed(seed + r)
+            noise = torch.randn(
+                (1, cfg.in_dim, lat_frames, lat_h, lat_w), dtype=self.dtype, device=self.device, generator=generator
+            )
+            clip_audio = audio_cond[..., r * infer_frames : (r + 1) * infer_frames].to(self.device, self.dtype)
+            first = r == 0  # drop_first_motion
+            if not first and motion["latents"] is None:
+                vae = self._use(self.vae)
+                motion["latents"] = vae.encode(motion["frames"].to(self.device))
+                self._release(vae)
+            motion_latents = None if first else motion["latents"].to(self.device)
+
+            dit = self._use(self.transformer)
+            velocity = self._velocity_fn(
+                dit, context, context_null, ref_latents, clip_audio, motion_latents, first, guidance
+            )
+            step_cb = (lambda i, n, r=r: on_step(r, i, n)) if on_step else None
+            latents = sample(velocity, noise.float(), steps=steps, shift=shift, on_step=step_cb)
+            self._release(dit)
+
+            vae = self._use(self.vae)
+            prefix = ref_latents if first else motion_latents
+            video = vae.decode(torch.cat([prefix.to(latents.device), latents], dim=2))[:, :, -infer_frames:]
+            if first:
+                video = video[:, :, FIRST_CLIP_DROP:]
+            overlap = min(cfg.motion_frames, video.shape[2])
+            frames_carry = torch.cat([motion["frames"][:, :, overlap:], video[:, :, -overlap:].cpu().float()], dim=2)
+            last = r == num_clips - 1
+            latents_carry = None if last else vae.encode(frames_carry.to(self.device))
+            self._release(vae)
+            self._sync()
+            motion = {"frames": frames_carry, "latents": latents_carry}
+
+            new_state = {
+                "motion_frames": frames_carry[0].numpy().copy(),
+                "next_clip": np.array(r + 1, dtype=np.int64),
+            }
+            if latents_carry is not None:
+                new_state["motion_latents"] = latents_carry[0].float().cpu().numpy()
+            yield ClipOutput(r, _to_uint8(video[0]), new_state, time.perf_counter() - started)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check_image(self, image: np.ndarray) -> tuple[int, int]:
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise ValueError(f"reference image must be uint8 [H, W, 3] RGB, got {got}")
+        height, width = image.shape[:2]
+        if height % 16 or width % 16 or min(height, width) < 64:
+            raise ValueError(
+                f"reference image {width}x{height}: width and height must be multiples of 16 and at least 64 "
+                "(crop it with prepare_reference first)"
+            )
+        return height, width
+
+    def _initial_motion(self, start_clip: int, state: dict[str, np.ndarray] | None, height: int, width: int) -> dict:
+        """The carried frames (and latents, when known) before clip `start_clip`."""
+        frames_shape = (3, self.config.motion_frames, height, width)
+        if start_clip == 0:
+            if state:
+                raise ValueError("state given with start_clip=0; a segment's first clip starts from nothing")
+            return {"frames": torch.zeros((1, *frames_shape)), "latents": None}
+        if not state or "motion_frames" not in state:
+            raise ValueError(f"resuming at clip {start_clip} needs the state yielded with clip {start_clip - 1}")
+        if "next_clip" in state and int(state["next_clip"]) != start_clip:
+            raise ValueError(f"state continues at clip {int(state['next_clip'])}, not at clip {start_clip}")
+        frames = np.asarray(state["motion_frames"])
+        if frames.shape != frames_shape or frames.dtype != np.float32:
+            raise ValueError(f"state motion_frames: expected float32 {frames_shape}, got {frames.dtype} {frames.shape}")
+        latents = None
+        if "motion_latents" in state:
+            lat = np.asarray(state["motion_latents"])
+            lat_shape = (self.config.in_dim, self.config.lat_motion_frames, height // 8, width // 8)
+            if lat.shape != lat_shape or lat.dtype != np.float32:
+                raise ValueError(f"state motion_latents: expected float32 {lat_shape}, got {lat.dtype} {lat.shape}")
+            latents = torch.from_numpy(lat.copy())[None]
+        return {"frames": torch.from_numpy(frames.copy())[None], "latents": latents}
+
+    def _pad_text(self, emb: torch.Tensor) -> torch.Tensor:
+        """[L, D] -> [1, text_len, D], zero-padded as the DiT would (lets CFG rows share a batch)."""
+        return F.pad(emb, (0, 0, 0, self.config.text_len - emb.shape[0]))[None].to(self.dtype)
+
+    def _velocity_fn(self, dit, context, context_null, ref_latents, audio, motion_latents, first, guidance):
+        """The guided flow prediction v(latents, t) for one clip."""
+        ref = ref_latents.to(self.device)
+        kwargs = {"motion_latents": motion_latents, "drop_motion_frames": first}
+
+        if guidance <= 1.0:  # the reference skips the unconditional pass
+
+            def cond_only(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return dit(latents, t, context, ref, audio, **kwargs)
+
+            return cond_only
+        if self.cfg_batch:  # both branches as one batch of 2 (one pass over the weights)
+            both_ctx = torch.cat([context, context_null])
+            both_audio = torch.cat([audio, audio * 0.0])
+
+            def batched(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                out = dit(latents.expand(2, -1, -1, -1, -1), t, both_ctx, ref, both_audio, **kwargs)
+                return guide(out[0:1], out[1:2], guidance)
+
+            return batched
+
+        def two_pass(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            cond = dit(latents, t, context, ref, audio, **kwargs)
+            uncond = dit(latents, t, context_null, ref, audio * 0.0, **kwargs)
+            return guide(cond, uncond, guidance)
+
+        return two_pass

@@ -1,0 +1,113 @@
+"""The `wan-s2v` backend: Wan2.2-S2V-14B through our `model.pipeline.S2VPipeline`.
+
+The pipeline is loaded once per process (minutes for the 14B checkpoint) and serves every
+segment routed to this worker. Each `SegmentJob` maps to one `generate_clips` call: the
+normalized image (already cropped to width x height), the segment's 16 kHz WAV, prompt,
+negative prompt, seed (clip r uses seed + r), infer_frames, steps, guidance and the
+resolution's shift (3 at 480p, 5 at 720p).
+
+Whole clips: the stage expects `infer_frames` frames from every clip. The reference drops the
+first 3 decoded frames of a segment's first clip, so its first clip shows audio frames 3..F-1;
+here those 3 frames are filled with copies of the first kept frame. That keeps every frame
+on the audio frame it was generated for (frame k <-> audio k / 16 s), at the cost of a 3-frame
+(0.19 s) hold at the start of each segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image
+
+from model.audio_encoder import SAMPLE_RATE
+from model.pipeline import FIRST_CLIP_DROP, S2VPipeline, prepare_reference
+from model.sampler import shift_for
+from tasks.generate.base import GeneratedClip
+from tasks.records import FPS, SegmentJob
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[value.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def read_segment_audio(path: str) -> np.ndarray:
+    """The segment's waveform as float32 mono at 16 kHz; anything else is an error, not a resample."""
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    if rate != SAMPLE_RATE:
+        raise ValueError(f"{path}: the model needs {SAMPLE_RATE} Hz audio, got {rate} Hz")
+    if audio.shape[1] != 1:
+        raise ValueError(f"{path}: the model needs mono audio, got {audio.shape[1]} channels")
+    return audio[:, 0]
+
+
+def read_reference(path: str, width: int, height: int) -> np.ndarray:
+    """The normalized reference image as uint8 RGB [height, width, 3] (cropped as the reference
+    does if the file is not already at the output size)."""
+    with Image.open(path) as img:
+        return prepare_reference(img, height, width)
+
+
+class WanS2VGenerator:
+    """Generator protocol implementation for Wan2.2-S2V-14B."""
+
+    name = "wan-s2v"
+
+    def __init__(
+        self,
+        checkpoint: str,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        offload: bool = False,
+    ):
+        self.checkpoint = checkpoint
+        self.pipeline = S2VPipeline.from_checkpoint(checkpoint, device=device, dtype=_dtype(dtype), offload=offload)
+
+    def clips(
+        self,
+        job: SegmentJob,
+        start_clip: int = 0,
+        state: dict[str, np.ndarray] | None = None,
+    ) -> Iterator[GeneratedClip]:
+        """Yield clips `start_clip .. job.segment.clips - 1` of the job, each `infer_frames` long."""
+        if job.fps != FPS:
+            raise ValueError(f"Wan2.2-S2V renders at {FPS} fps; the job asks for {job.fps}")
+        if job.pose_video:
+            raise ValueError("pose_video is not supported by the wan-s2v backend yet (pose-free generation only)")
+        image = read_reference(job.image, job.width, job.height)
+        audio = read_segment_audio(job.audio)
+        on_cuda = self.pipeline.device.type == "cuda"
+        for out in self.pipeline.generate_clips(
+            image,
+            audio,
+            job.prompt,
+            job.negative_prompt,
+            num_clips=job.segment.clips,
+            infer_frames=job.infer_frames,
+            seed=job.segment.seed,
+            steps=job.steps,
+            guidance=job.guidance,
+            shift=shift_for(job.resolution.value),
+            start_clip=start_clip,
+            state=state,
+        ):
+            frames = out.frames
+            if out.index == 0:  # restore whole-clip length and audio alignment (see module doc)
+                frames = np.concatenate([np.repeat(frames[:1], FIRST_CLIP_DROP, axis=0), frames])
+            yield GeneratedClip(index=out.index, frames=frames, state=out.state, gpu_s=out.seconds if on_cuda else 0.0)

@@ -1,0 +1,115 @@
+"""S2VPipeline on the tiny checkpoint: layout errors, input checks, the clip loop and its state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.checkpoint import CheckpointError
+from model.pipeline import S2VPipeline, check_layout, prepare_reference
+
+INFER = 8  # frames per clip: a multiple of 4, small to keep CPU tests fast
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_checkpoint: Path) -> S2VPipeline:
+    return S2VPipeline.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def _image(h: int = 64, w: int = 64) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (h + w)], axis=-1).astype(np.uint8)
+
+
+def _speech(seconds: float) -> np.ndarray:
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    return (0.3 * np.sin(2 * np.pi * 160 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
+
+
+def _mirror(src: Path, dst: Path, skip: set[str]) -> Path:
+    """A copy of the checkpoint folder made of symlinks, without the files in `skip`."""
+    for root, _, files in os.walk(src):
+        for name in files:
+            rel = (Path(root) / name).relative_to(src)
+            if str(rel) in skip:
+                continue
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dst / rel).symlink_to(Path(root) / name)
+    return dst
+
+
+def test_missing_files_are_all_named_with_the_layout(tiny_checkpoint: Path, tmp_path: Path):
+    shard = sorted(p.name for p in tiny_checkpoint.glob("diffusion_pytorch_model-*.safetensors"))[1]
+    skip = {shard, "Wan2.1_VAE.pth", "wav2vec2-large-xlsr-53-english/preprocessor_config.json"}
+    folder = _mirror(tiny_checkpoint, tmp_path / "ckpt", skip)
+    with pytest.raises(CheckpointError) as err:
+        S2VPipeline.from_checkpoint(folder)
+    message = str(err.value)
+    for name in skip:
+        assert name in message
+    assert "models_t5_umt5-xxl-enc-bf16.pth" in message  # the expected layout is spelled out
+    assert check_layout(tiny_checkpoint) == tiny_checkpoint
+
+
+def test_loads_from_s3(tiny_checkpoint: Path, s3, tmp_path: Path):
+    s3.put(str(tiny_checkpoint), "s2v-examples/ckpt", recursive=True)
+    pipe = S2VPipeline.from_checkpoint("s3://s2v-examples/ckpt", device="cpu", cache_dir=tmp_path / "cache")
+    assert pipe.config.dim == 64 and pipe.audio_encoder.num_layers == pipe.config.audio_num_layers
+    s3.rm("s2v-examples/ckpt/Wan2.1_VAE.pth")
+    with pytest.raises(CheckpointError, match=r"s3://s2v-examples/ckpt is missing: Wan2\.1_VAE\.pth"):
+        S2VPipeline.from_checkpoint("s3://s2v-examples/ckpt", device="cpu", cache_dir=tmp_path / "cache2")
+
+
+def test_clip_loop_frames_and_state(pipeline: S2VPipeline):
+    # (resuming from the state is tested through the backend, tests/test_wan_s2v_backend.py)
+    clips = list(
+        pipeline.generate_clips(_image(), _speech(1.0), "a person talks", num_clips=2, infer_frames=INFER, steps=2)
+    )
+    assert [c.index for c in clips] == [0, 1]
+    assert [c.frames.shape for c in clips] == [(INFER - 3, 64, 64, 3), (INFER, 64, 64, 3)]
+    assert all(c.frames.dtype == np.uint8 and c.frames.std() > 0 for c in clips)
+    s0, s1 = (c.state for c in clips)
+    assert s0["motion_frames"].shape == (3, 73, 64, 64) and s0["motion_frames"].dtype == np.float32
+    assert s0["motion_latents"].shape == (16, 19, 8, 8) and int(s0["next_clip"]) == 1
+    # the carried frames are the last 73 of the video so far (zeros before its first frame), in
+    # float: the newest ones agree with the clip's uint8 frames up to quantisation
+    assert not s0["motion_frames"][:, : 73 - (INFER - 3)].any()
+    for state, clip in ((s0, clips[0]), (s1, clips[1])):
+        n = len(clip.frames)
+        carried = ((state["motion_frames"][:, -n:] + 1) / 2 * 255).astype(np.uint8).transpose(1, 2, 3, 0)
+        assert np.array_equal(carried, clip.frames)
+    assert np.array_equal(s1["motion_frames"][:, : 73 - INFER], s0["motion_frames"][:, INFER:])
+    assert "motion_latents" not in s1  # nothing follows the last clip
+
+
+def test_bad_inputs_fail_clearly(pipeline: S2VPipeline):
+    audio = _speech(1.0)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        next(pipeline.generate_clips(_image(64, 72), audio, "p", num_clips=1, infer_frames=INFER, steps=1))
+    with pytest.raises(ValueError, match="uint8"):
+        next(pipeline.generate_clips(_image().astype(np.float32), audio, "p", num_clips=1, infer_frames=INFER))
+    with pytest.raises(ValueError, match="16000 Hz"):
+        next(pipeline.generate_clips(_image(), audio, "p", num_clips=1, infer_frames=INFER, sample_rate=8000))
+    with pytest.raises(ValueError, match="needs the state"):
+        next(pipeline.generate_clips(_image(), audio, "p", num_clips=2, infer_frames=INFER, start_clip=1))
+    state = {"motion_frames": np.zeros((3, 73, 64, 64), np.float32), "next_clip": np.array(2)}
+    with pytest.raises(ValueError, match="continues at clip 2, not at clip 1"):
+        next(pipeline.generate_clips(_image(), audio, "p", num_clips=3, infer_frames=INFER, start_clip=1, state=state))
+    state = {"motion_frames": np.zeros((3, 73, 32, 32), np.float32)}
+    with pytest.raises(ValueError, match="motion_frames"):
+        next(pipeline.generate_clips(_image(), audio, "p", num_clips=2, infer_frames=INFER, start_clip=1, state=state))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        next(pipeline.generate_clips(_image(), audio, "p", num_clips=1, infer_frames=10))
+
+
+def test_prepare_reference_resizes_short_side_and_centre_crops():
+    wide = Image.fromarray(np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (100, 1, 3)))
+    out = prepare_reference(wide, 64, 64)  # 200x100 -> 128x64, then the middle 64 columns
+    assert out.shape == (64, 64, 3)
+    assert abs(int(out[0, 0, 0]) - 50) <= 2 and abs(int(out[0, -1, 0]) - 149) <= 2
+    same = _image(64, 96)
+    assert np.array_equal(prepare_reference(same, 64, 96), same)

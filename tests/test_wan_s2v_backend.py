@@ -1,0 +1,81 @@
+"""The `wan-s2v` generator backend on the tiny checkpoint: a 2-clip segment, resume, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from tasks.generate.base import GeneratedClip, Generator
+from tasks.generate.wan_s2v import WanS2VGenerator
+from tasks.records import Segment, SegmentJob
+
+INFER = 8  # frames per clip (a multiple of 4; small for CPU)
+W, H = 64, 64
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory: pytest.TempPathFactory) -> WanS2VGenerator:
+    from model.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-s2v"), seed=1)
+    return WanS2VGenerator(str(folder), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> SegmentJob:
+    root = tmp_path_factory.mktemp("job")
+    y, x = np.mgrid[0:H, 0:W]
+    face = np.stack([128 + 100 * np.cos(x / 9), 128 + 100 * np.sin(y / 7), (x * y) % 256], axis=-1)
+    Image.fromarray(face.astype(np.uint8)).save(root / "ref.png")
+    seconds = 2 * INFER / 16  # exactly two clips of video
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    speech = 0.3 * np.sin(2 * np.pi * 150 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 5 * t))
+    sf.write(root / "seg.wav", speech.astype(np.float32), 16_000, subtype="PCM_16")
+    segment = Segment(
+        index=0, start_sample=0, end_sample=len(t), start_s=0.0, end_s=seconds, frames=2 * INFER, clips=2, seed=5
+    )
+    return SegmentJob(
+        row_id="r1",
+        segment=segment,
+        image=str(root / "ref.png"),
+        audio=str(root / "seg.wav"),
+        prompt="A person talks to the camera.",
+        negative_prompt="blurry",
+        width=W,
+        height=H,
+        infer_frames=INFER,
+        steps=2,
+    )
+
+
+def test_two_clip_segment_then_bitwise_resume(generator: WanS2VGenerator, job: SegmentJob):
+    assert isinstance(generator, Generator) and generator.name == "wan-s2v"
+    clips = list(generator.clips(job))
+    assert [c.index for c in clips] == [0, 1]
+    for clip in clips:
+        assert isinstance(clip, GeneratedClip)
+        assert clip.frames.shape == (INFER, H, W, 3) and clip.frames.dtype == np.uint8
+        assert clip.gpu_s == 0.0  # CPU
+    # the reference's first clip has INFER - 3 frames; the 3 dropped ones are held on its first frame
+    first = clips[0].frames
+    assert all(np.array_equal(first[i], first[3]) for i in range(3))
+    assert clips[0].state["motion_frames"].dtype == np.float32
+
+    resumed = list(generator.clips(job, start_clip=1, state=clips[0].state))
+    assert [c.index for c in resumed] == [1]
+    assert np.array_equal(resumed[0].frames, clips[1].frames)
+    assert resumed[0].state.keys() == clips[1].state.keys()
+    assert all(np.array_equal(resumed[0].state[k], clips[1].state[k]) for k in clips[1].state)
+
+
+def test_wrong_audio_rate_is_rejected(generator: WanS2VGenerator, job: SegmentJob, tmp_path: Path):
+    bad = tmp_path / "44k.wav"
+    sf.write(bad, np.zeros(44_100, dtype=np.float32), 44_100)
+    with pytest.raises(ValueError, match=r"44k\.wav.*16000 Hz"):
+        next(generator.clips(job.model_copy(update={"audio": str(bad)})))
+    with pytest.raises(ValueError, match="16 fps"):
+        next(generator.clips(job.model_copy(update={"fps": 25})))

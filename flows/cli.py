@@ -43,10 +43,18 @@ class CommandFailed(Exception):
     """The command could not run; the message says why and what to fix."""
 
 
-def _settings(**overrides):
-    from flows.settings import BatchSettings
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", help="TOML settings file (default: $S2V_CONFIG, else ./s2v-batch.toml)")
+]
 
-    return BatchSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+def _settings(config: str | None = None, **overrides):
+    from flows.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except SettingsError as exc:
+        raise CommandFailed(str(exc)) from None
 
 
 @app.command()
@@ -66,17 +74,15 @@ def run(
                                                                          "video")] = False,
     force: Annotated[bool, typer.Option("--force", help="redo rows an earlier run finished")] = False,
     work_dir: Annotated[str | None, typer.Option(help="local scratch folder (default OUT/.s2v/work)")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Run a manifest as a batch: every good row becomes OUT/<id>.mp4 with .srt/.vtt captions;
     the batch ends with OUT/report.json (also a table artifact in Prefect)."""
-    try:
-        settings = _settings(
-            backend=backend, checkpoint=checkpoint, device=device, max_concurrent_rows=concurrency,
-            allowed_roots=allowed_root, language_policy=language_policy, max_segment_s=max_segment_seconds,
-            burn_captions=burn_captions or None, force=force or None, work_dir=work_dir,
-        )
-    except Exception as exc:  # pydantic's message names the setting
-        raise CommandFailed(f"invalid option: {exc}") from None
+    settings = _settings(
+        config, backend=backend, checkpoint=checkpoint, device=device, max_concurrent_rows=concurrency,
+        allowed_roots=allowed_root, language_policy=language_policy, max_segment_s=max_segment_seconds,
+        burn_captions=burn_captions or None, force=force or None, work_dir=work_dir,
+    )
     report = _run_batch(manifest, out, settings)
     _print_report(report, out)
 
@@ -134,6 +140,30 @@ def _print_report(report: dict, out: str) -> None:
     if report["backend"] == "preview":
         out_console.print("[yellow]backend 'preview': labelled animatics, not model output. "
                           "Set --checkpoint to generate with Wan2.2-S2V.")
+
+
+@app.command(name="config")
+def show_config(config: ConfigOpt = None) -> None:
+    """Print the effective settings (defaults < config file < S2V_* environment < options), secrets hidden."""
+    from flows.settings import config_file
+
+    settings = _settings(config)
+    table = Table(title="s2v-batch settings")
+    for col in ("setting", "value", "environment variable"):
+        table.add_column(col)
+    for name in type(settings).model_fields:
+        table.add_row(name, _show(getattr(settings, name)), f"S2V_{name.upper()}")
+    out_console.print(table)
+    path = Path(config) if config else config_file()
+    out_console.print(f"config file: {path if path else 'none'}")
+
+
+def _show(value) -> str:
+    from pydantic import SecretStr
+
+    if isinstance(value, SecretStr):
+        return "********" if value.get_secret_value() else ""
+    return "" if value is None else str(value)
 
 
 @app.command()

@@ -1,11 +1,23 @@
-"""Batch settings: one typed object, read from S2V_* environment variables and the command line."""
+"""Batch settings: one typed object, in one place.
+
+Sources, each overriding the one before: the defaults below, a TOML config file
+(`--config FILE`, else `S2V_CONFIG`, else `./s2v-batch.toml` when present), `S2V_<NAME>`
+environment variables, then command-line options.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+CONFIG_ENV = "S2V_CONFIG"
+DEFAULT_CONFIG = Path("s2v-batch.toml")
+_config_file: ContextVar[Path | None] = ContextVar("s2v_config_file", default=None)
 
 Backend = Literal["auto", "preview", "wan-s2v"]
 LanguagePolicy = Literal["warn", "skip", "fail"]
@@ -39,3 +51,47 @@ class BatchSettings(BaseSettings):
     infer_frames: int = Field(80, ge=4, multiple_of=4, description="frames per clip")
     burn_captions: bool = Field(False, description="also burn captions into the video")
     force: bool = Field(False, description="redo rows that an earlier run finished")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = config_file()
+        if config is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config))
+        return tuple(sources)
+
+
+class SettingsError(Exception):
+    """Settings cannot be loaded; the message names the setting or file to fix."""
+
+
+def config_file() -> Path | None:
+    """The config file in effect: --config, else S2V_CONFIG, else ./s2v-batch.toml if it exists."""
+    chosen = _config_file.get() or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if chosen is not None:
+        return chosen
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> BatchSettings:
+    """Build the settings from every source; `overrides` (command-line options) win, None means unset."""
+    token = _config_file.set(Path(config) if config else None)
+    try:
+        path = config_file()
+        if path is not None and not path.is_file():
+            origin = "--config" if config else CONFIG_ENV
+            raise SettingsError(f"config file {path} does not exist (set by {origin})")
+        try:
+            return BatchSettings(**{k: v for k, v in overrides.items() if v is not None})
+        except Exception as exc:  # pydantic's ValidationError names the field and the problem
+            where = f" (config file {path})" if path else ""
+            raise SettingsError(f"invalid settings{where}: {exc}") from None
+    finally:
+        _config_file.reset(token)

@@ -323,6 +323,7 @@ class S2VPipeline:
         sample_rate: int = SAMPLE_RATE,
         start_clip: int = 0,
         state: dict[str, np.ndarray] | None = None,
+        pose: np.ndarray | None = None,
         on_step: Callable[[int, int, int], None] | None = None,
     ) -> Iterator[ClipOutput]:
         """Yield clips `start_clip .. num_clips - 1` of one segment, each as soon as it is done.
@@ -330,6 +331,9 @@ class S2VPipeline:
         image: uint8 [H, W, 3], already cropped to the output size (H, W multiples of 16).
         audio: float 16 kHz mono waveform of exactly this segment.
         state: the state yielded with clip `start_clip - 1` (None when start_clip is 0).
+        pose: optional uint8 [T, H, W, 3] pose video (DWPose renders) at 16 fps and the output
+        size, starting at the segment's first frame; clip r uses frames [r*F, (r+1)*F), padded
+        with -1 past its end as the reference does. Without it the pose condition is zeros.
         on_step(clip, step, steps) is called after every denoising step.
         """
         cfg = self.config
@@ -341,6 +345,12 @@ class S2VPipeline:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         lat_h, lat_w = height // 8, width // 8
+        if pose is not None and (
+            not isinstance(pose, np.ndarray) or pose.dtype != np.uint8 or pose.ndim != 4
+            or pose.shape[1:] != (height, width, 3)
+        ):  # fmt: skip
+            got = f"{pose.dtype} {pose.shape}" if isinstance(pose, np.ndarray) else type(pose).__name__
+            raise ValueError(f"pose video must be uint8 [T, {height}, {width}, 3], got {got}")
         motion = self._initial_motion(start_clip, state, height, width)
 
         # conditioning shared by every clip of the segment
@@ -373,10 +383,11 @@ class S2VPipeline:
                 motion["latents"] = vae.encode(motion["frames"].to(self.device))
                 self._release(vae)
             motion_latents = None if first else motion["latents"].to(self.device)
+            pose_latents = None if pose is None else self._pose_latents(pose, r, infer_frames)
 
             dit = self._use(self.transformer)
             velocity = self._velocity_fn(
-                dit, context, context_null, ref_latents, clip_audio, motion_latents, first, guidance
+                dit, context, context_null, ref_latents, clip_audio, motion_latents, pose_latents, first, guidance
             )
             step_cb = (lambda i, n, r=r: on_step(r, i, n)) if on_step else None
             latents = sample(velocity, noise.float(), steps=steps, shift=shift, on_step=step_cb)
@@ -444,10 +455,22 @@ class S2VPipeline:
         """[L, D] -> [1, text_len, D], zero-padded as the DiT would (lets CFG rows share a batch)."""
         return F.pad(emb, (0, 0, 0, self.config.text_len - emb.shape[0]))[None].to(self.dtype)
 
-    def _velocity_fn(self, dit, context, context_null, ref_latents, audio, motion_latents, first, guidance):
+    def _pose_latents(self, pose: np.ndarray, clip: int, infer_frames: int) -> torch.Tensor:
+        """VAE latents of clip `clip`'s pose frames, as the reference builds them: the chunk in
+        [-1, 1] (padded with -1), its first frame prepended, encoded, first latent dropped."""
+        chunk = pose[clip * infer_frames : (clip + 1) * infer_frames]
+        video = torch.full((1, 3, infer_frames, *pose.shape[1:3]), -1.0)
+        if len(chunk):
+            video[:, :, : len(chunk)] = torch.from_numpy(np.array(chunk)).permute(3, 0, 1, 2).float() / 255 * 2 - 1
+        vae = self._use(self.vae)
+        latents = vae.encode(torch.cat([video[:, :, :1], video], dim=2).to(self.device))[:, :, 1:]
+        self._release(vae)
+        return latents
+
+    def _velocity_fn(self, dit, context, context_null, ref_latents, audio, motion_latents, pose, first, guidance):
         """The guided flow prediction v(latents, t) for one clip."""
         ref = ref_latents.to(self.device)
-        kwargs = {"motion_latents": motion_latents, "drop_motion_frames": first}
+        kwargs = {"motion_latents": motion_latents, "pose_latents": pose, "drop_motion_frames": first}
 
         if guidance <= 1.0:  # the reference skips the unconditional pass
 

@@ -79,3 +79,27 @@ def test_wrong_audio_rate_is_rejected(generator: WanS2VGenerator, job: SegmentJo
         next(generator.clips(job.model_copy(update={"audio": str(bad)})))
     with pytest.raises(ValueError, match="16 fps"):
         next(generator.clips(job.model_copy(update={"fps": 25})))
+
+
+def test_pose_video_is_sampled_at_16_fps_from_the_segment_start(tmp_path: Path):
+    import av
+
+    from tasks.generate.wan_s2v import read_pose_video
+
+    path = tmp_path / "pose.mkv"
+    with av.open(str(path), "w") as out:  # 25 fps, lossless, frame n is grey level 5 * n
+        stream = out.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "bgr0"
+        for n in range(40):
+            img = np.full((64, 96, 3), 5 * n, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    frames = read_pose_video(str(path), start_s=0.5, frames=20, width=64, height=64)
+    # frame i is source frame round((0.5 + i / 16) * 25); the video ends at source frame 39
+    expected = [round((0.5 + i / 16) * 25) for i in range(20)]
+    kept = [n for n in expected if n < 40]
+    assert frames.shape == (len(kept), 64, 64, 3)
+    assert [int(f[32, 32, 0]) // 5 for f in frames] == kept
+    assert read_pose_video(str(path), start_s=10.0, frames=8, width=64, height=64).shape == (0, 64, 64, 3)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import av
 import numpy as np
 import soundfile as sf
 import torch
@@ -64,6 +65,33 @@ def read_reference(path: str, width: int, height: int) -> np.ndarray:
         return prepare_reference(img, height, width)
 
 
+def read_pose_video(path: str, start_s: float, frames: int, width: int, height: int) -> np.ndarray:
+    """`frames` frames of the pose video at 16 fps from `start_s` (the segment's start), each
+    resized and centre-cropped like the reference image; uint8 [T, height, width, 3].
+
+    Frame i is the source frame at time start_s + i / 16 (for 16 or 32 fps sources this is the
+    reference's fixed-interval sampling). Fewer frames come back where the video ends; the
+    pipeline pads those with -1 as the reference does.
+    """
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.base_rate or FPS)
+        wanted: dict[int, list[int]] = {}  # source frame -> output frames (several if rate < 16)
+        for i in range(frames):
+            wanted.setdefault(round((start_s + i / FPS) * rate), []).append(i)
+        out: dict[int, np.ndarray] = {}
+        for n, frame in enumerate(container.decode(stream)):
+            if n > max(wanted):
+                break
+            if n in wanted:
+                rgb = prepare_reference(frame.to_ndarray(format="rgb24"), height, width)
+                out.update(dict.fromkeys(wanted[n], rgb))
+    count = next((i for i in range(frames) if i not in out), frames)
+    if not count:  # the segment lies past the video's end: all padding, as the reference pads
+        return np.zeros((0, height, width, 3), np.uint8)
+    return np.stack([out[i] for i in range(count)])
+
+
 class WanS2VGenerator:
     """Generator protocol implementation for Wan2.2-S2V-14B."""
 
@@ -88,9 +116,11 @@ class WanS2VGenerator:
         """Yield clips `start_clip .. job.segment.clips - 1` of the job, each `infer_frames` long."""
         if job.fps != FPS:
             raise ValueError(f"Wan2.2-S2V renders at {FPS} fps; the job asks for {job.fps}")
-        if job.pose_video:
-            raise ValueError("pose_video is not supported by the wan-s2v backend yet (pose-free generation only)")
         image = read_reference(job.image, job.width, job.height)
+        pose = None
+        if job.pose_video:
+            frames = job.segment.clips * job.infer_frames
+            pose = read_pose_video(job.pose_video, job.segment.start_s, frames, job.width, job.height)
         audio = read_segment_audio(job.audio)
         on_cuda = self.pipeline.device.type == "cuda"
         for out in self.pipeline.generate_clips(
@@ -106,6 +136,7 @@ class WanS2VGenerator:
             shift=shift_for(job.resolution.value),
             start_clip=start_clip,
             state=state,
+            pose=pose,
         ):
             frames = out.frames
             if out.index == 0:  # restore whole-clip length and audio alignment (see module doc)

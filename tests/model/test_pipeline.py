@@ -113,3 +113,16 @@ def test_prepare_reference_resizes_short_side_and_centre_crops():
     assert abs(int(out[0, 0, 0]) - 50) <= 2 and abs(int(out[0, -1, 0]) - 149) <= 2
     same = _image(64, 96)
     assert np.array_equal(prepare_reference(same, 64, 96), same)
+
+
+def test_pose_video_drives_the_pose_condition(pipeline: S2VPipeline):
+    args = (_image(), _speech(0.5), "a person talks")
+    kw = {"num_clips": 1, "infer_frames": INFER, "steps": 1, "seed": 3}
+    plain = next(pipeline.generate_clips(*args, **kw))
+    pose = np.zeros((INFER // 2, 64, 64, 3), np.uint8)  # shorter than the clip: padded with -1
+    pose[:, 20:44, 28:36] = 255
+    posed = next(pipeline.generate_clips(*args, **kw, pose=pose))
+    assert posed.frames.shape == plain.frames.shape
+    assert not np.array_equal(posed.frames, plain.frames)
+    with pytest.raises(ValueError, match=r"pose video must be uint8 \[T, 64, 64, 3\]"):
+        next(pipeline.generate_clips(*args, **kw, pose=np.zeros((4, 32, 32, 3), np.uint8)))

@@ -148,3 +148,47 @@ def test_out_of_memory_is_retried_on_an_offloading_worker(inputs, tmp_path: Path
         rebuilt = pool.workers[-1]
     assert not first.offload and rebuilt.offload and rebuilt.pid != first.pid
     assert result.attempts == 2 and f"pid {rebuilt.pid} " in result.worker and len(result.clips) == 2
+
+
+@pytest.mark.slow
+def test_tiny_wan_s2v_resumed_after_a_lost_worker_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """The real architecture (random weights) on CPU: the lossless state carries the clip loop over."""
+    from model.tiny import write_tiny_checkpoint
+
+    checkpoint = str(write_tiny_checkpoint(tmp_path / "tiny", seed=0))
+    Image.new("RGB", (64, 64), (90, 120, 160)).save(tmp_path / "face.png")
+    t = np.arange(16000) / 16000
+    sf.write(
+        tmp_path / "speech.wav", (0.3 * np.sin(2 * np.pi * 160 * t) * 32767).astype(np.int16), 16000, subtype="PCM_16"
+    )
+    segment = Segment(index=0, start_sample=0, end_sample=16000, start_s=0, end_s=1, frames=12, clips=3, seed=5)
+    job = SegmentJob(
+        row_id="tiny",
+        segment=segment,
+        image=str(tmp_path / "face.png"),
+        audio=str(tmp_path / "speech.wav"),
+        prompt="a person talking",
+        width=64,
+        height=64,
+        infer_frames=4,
+        steps=2,
+    )
+    killed: list[int] = []
+
+    def on_event(event: SegmentEvent) -> None:
+        if event.kind == "clip" and event.clips_done == 1 and not killed:
+            killed.append(event.pid)
+            os.kill(event.pid, signal.SIGKILL)
+
+    # Both runs on pool workers: CPU float results depend on the thread count, which Ray sets per worker.
+    config = PoolConfig(backend="wan-s2v", checkpoint=checkpoint, device="cpu", workers=1, backoff_s=0.1)
+    with GeneratorPool(config) as pool:
+        resumed = pool.submit(job, tmp_path / "resumed", on_event).result(timeout=300)
+        clean = pool.submit(job, tmp_path / "clean").result(timeout=300)
+    assert killed and resumed.attempts == 2 and [c.reused for c in resumed.clips] == [True, False, False]
+    for a, b in zip(resumed.clips, clean.clips, strict=True):
+        assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+        with np.load(a.state) as sa, np.load(b.state) as sb:
+            assert sorted(sa.files) == sorted(sb.files)
+            for key in sa.files:
+                assert sa[key].dtype == sb[key].dtype and np.array_equal(sa[key], sb[key]), key

@@ -1,0 +1,436 @@
+"""Chunk planning: split a row's audio into independently generated segments.
+
+Wan2.2-S2V renders a segment clip by clip, each clip continuing from the previous
+clip's last 73 frames, so a segment's quality drifts with its length and a failure
+late in a long segment is expensive. Long audio is therefore cut into segments of at
+most ``max_segment_s`` that are generated independently from the reference image and
+concatenated afterwards. A cut is a visible seam, so it must fall in a pause between
+words, never inside one.
+
+Rules (all in integer samples of the 16 kHz model audio, so segments tile the audio
+exactly, without gap or overlap):
+
+* A word occupies samples ``[round(start * sr), round(end * sr))``; a cut at sample
+  ``c`` is valid when no word has ``word_start < c < word_end`` (rounding to the
+  nearest sample, so words that touch in seconds touch in samples). Touching words
+  leave a zero-length pause between them, which is valid but the least preferred.
+* Audio no longer than ``max_segment_s`` is one segment. Longer audio is cut greedily:
+  the next cut lies in ``[pos + min, min(pos + max, end - min)]`` and aims at the
+  balanced target ``pos + remaining / ceil(remaining / max)``; among the pauses in that
+  window it takes the best of ``min(pause_s, PAUSE_CAP_S) - DISTANCE_PENALTY *
+  |cut - target|_s`` (prefer the longest pause near the target), cutting at the
+  pause's centre where the window allows.
+* Should a word (or a run of touching words) span the whole window, the cut moves to
+  the first valid point after it: a segment longer than the maximum beats a cut word.
+  No segment is shorter than ``min_segment_s`` unless the audio is.
+* Without word timings (``words=None``) the plan is marked approximate and the cut
+  goes to the quietest stretch of an optional energy envelope near the target, or
+  exactly to the target when no envelope is given.
+
+``frames = ceil(duration_s * fps)`` and ``clips = ceil(frames / infer_frames)``; the
+surplus frames of a segment's last clip are trimmed at stitching.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.table import Table
+
+from tasks.records import FPS, INFER_FRAMES, MODEL_SAMPLE_RATE, Plan, Resolution, Segment, WordTiming
+
+PAUSE_CAP_S = 1.5
+"""Pauses longer than this are no better a cut than this (a sentence break is enough)."""
+DISTANCE_PENALTY = 0.05
+"""Seconds of pause a cut gives up per second it lies away from the target."""
+ENERGY_HOP_S = 0.01
+"""Hop of the energy envelope taken by the no-alignment path (10 ms)."""
+ENERGY_SMOOTH_S = 0.2
+"""The envelope is averaged over this span so a quiet instant inside a word cannot win."""
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Seconds per DiT forward pass: the first clip of a segment and the clips after it.
+
+    Later clips carry the motion-frame tokens (about 35,074 instead of 32,760 tokens at
+    480p), so they cost more.
+    """
+
+    first_clip_s: float
+    later_clip_s: float
+
+
+# Anchor figures, until model/ measures our own stack (see docs/benchmarks.md):
+# DiffSynth-Studio's Wan2.2-S2V DiT on one H100 (torch 2.11, cuDNN SDPA, random bf16
+# weights), as measured in the issue text of issue 4 ("model/: the Wan2.2-S2V-14B
+# inference stack"): 3.75 s per forward for a first 480p clip, 4.18 s for later clips,
+# 13.4 s for a first 720p clip. The 720p later-clip figure is not measured; it is the
+# first-clip figure scaled by the 480p later/first ratio (4.18 / 3.75).
+DEFAULT_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
+    ("H100", Resolution.P480.value): ForwardCost(first_clip_s=3.75, later_clip_s=4.18),
+    ("H100", Resolution.P720.value): ForwardCost(
+        first_clip_s=13.4, later_clip_s=round(13.4 * 4.18 / 3.75, 2)
+    ),
+}
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Estimated GPU seconds of a segment.
+
+    ``est_gpu_s = steps * cfg_passes * (first_clip_s + (clips - 1) * later_clip_s)
+    + clips * overhead_per_clip_s``
+
+    ``cfg_passes`` is 2 because classifier-free guidance runs the DiT twice per
+    denoising step (conditional and audio-zeroed unconditional). ``overhead_per_clip_s``
+    covers VAE decode and motion re-encode; it is 0 until measured. The forward costs
+    are keyed by (GPU type, resolution bucket); the bucket's real H×W follows the
+    reference image's aspect but never exceeds the bucket's area, so the figures are
+    an upper bound within a bucket.
+    """
+
+    gpu: str = "H100"
+    cfg_passes: int = 2
+    overhead_per_clip_s: float = 0.0
+    forward_costs: dict[tuple[str, str], ForwardCost] = field(
+        default_factory=lambda: dict(DEFAULT_FORWARD_COSTS)
+    )
+
+    def forward_cost(self, resolution: Resolution | str) -> ForwardCost | None:
+        key = Resolution(resolution).value
+        return self.forward_costs.get((self.gpu, key))
+
+    def estimate(self, clips: int, *, resolution: Resolution | str, steps: int) -> float | None:
+        """GPU seconds for ``clips`` clips of one segment; None for an unknown GPU/resolution."""
+        cost = self.forward_cost(resolution)
+        if cost is None or clips <= 0:
+            return None if cost is None else 0.0
+        forwards = cost.first_clip_s + (clips - 1) * cost.later_clip_s
+        return round(steps * self.cfg_passes * forwards + clips * self.overhead_per_clip_s, 3)
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def segment_seed(row_seed: int, index: int) -> int:
+    """Seed of segment ``index`` of a row.
+
+    Segment 0 keeps the row's seed, so a row that fits one segment renders exactly as
+    the reference implementation would with that seed. Later segments take
+    ``int.from_bytes(blake2b(f"s2v-batch/segment/{row_seed}/{index}", digest_size=8)) % 2**31``:
+    stable across Python runs and machines (unlike ``hash()``), and far from
+    ``row_seed + k``, which the model already uses for clip k inside a segment.
+    """
+    if index == 0:
+        return row_seed
+    digest = hashlib.blake2b(f"s2v-batch/segment/{row_seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 2**31
+
+
+# --------------------------------------------------------------------------- energy
+
+
+def frame_energy(
+    audio: np.ndarray, *, sample_rate: int = MODEL_SAMPLE_RATE, hop_s: float = ENERGY_HOP_S
+) -> np.ndarray:
+    """Mean-square energy of the audio in consecutive windows of ``hop_s`` (10 ms by default).
+
+    The last window may be shorter. This is the ``energy`` argument of ``plan_row``.
+    """
+    x = np.asarray(audio, dtype=np.float32).reshape(-1)
+    hop = max(1, round(hop_s * sample_rate))
+    n = math.ceil(len(x) / hop)
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    padded = np.zeros(n * hop, dtype=np.float32)
+    padded[: len(x)] = x
+    sq = (padded.reshape(n, hop) ** 2).sum(axis=1)
+    counts = np.full(n, hop, dtype=np.float32)
+    counts[-1] = len(x) - (n - 1) * hop
+    return sq / counts
+
+
+# --------------------------------------------------------------------------- planner
+
+
+def _validate(
+    num_samples: int,
+    sample_rate: int,
+    fps: int,
+    infer_frames: int,
+    max_s: float,
+    min_s: float,
+    width: int,
+    height: int,
+    steps: int,
+) -> None:
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if sample_rate <= 0 or fps <= 0:
+        raise ValueError(f"sample_rate and fps must be positive, got {sample_rate} and {fps}")
+    if infer_frames <= 0 or infer_frames % 4:
+        raise ValueError(f"infer_frames must be a positive multiple of 4, got {infer_frames}")
+    if not max_s > 0:
+        raise ValueError(f"max_segment_s must be positive, got {max_s}")
+    if not 0 <= min_s <= max_s / 2:
+        # With min > max / 2, audio of 1.5 × max could not be cut into valid segments.
+        raise ValueError(f"min_segment_s must be between 0 and max_segment_s / 2, got {min_s} (max {max_s})")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, got {width}×{height}")
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+
+
+def _pauses(words: Sequence[WordTiming], num_samples: int, sample_rate: int) -> tuple[list[int], list[int]]:
+    """Sample intervals [lo, hi] between words (inclusive bounds: valid cut points).
+
+    Overlapping word intervals (aligners do emit them) are merged; touching words leave
+    a zero-length pause.
+    """
+    spans = []
+    for w in words:
+        s = min(max(round(w.start * sample_rate), 0), num_samples)
+        e = min(max(round(w.end * sample_rate), 0), num_samples)
+        if e < s:
+            s, e = e, s
+        spans.append((s, e))
+    spans.sort()
+    lo_list: list[int] = []
+    hi_list: list[int] = []
+    cursor = 0
+    for s, e in spans:
+        if s >= cursor:
+            lo_list.append(cursor)
+            hi_list.append(s)
+        cursor = max(cursor, e)
+    lo_list.append(cursor)
+    hi_list.append(num_samples)
+    return lo_list, hi_list
+
+
+def _cut_from_words(
+    pos: int,
+    lo: int,
+    hi: int,
+    target: int,
+    pause_lo: list[int],
+    pause_hi: list[int],
+    sample_rate: int,
+    num_samples: int,
+    min_len: int,
+) -> int | None:
+    """Best valid cut in [lo, hi]; the first valid cut after hi when none; None when none at all."""
+    # Pauses are sorted and disjoint: those that reach into [lo, hi] are a contiguous run.
+    first = bisect.bisect_left(pause_hi, lo)
+    best: tuple[float, int] | None = None
+    for k in range(first, len(pause_lo)):
+        p_lo, p_hi = pause_lo[k], pause_hi[k]
+        if p_lo > hi:
+            break
+        a, b = max(p_lo, lo), min(p_hi, hi)
+        if a > b:
+            continue
+        centre = (p_lo + p_hi) // 2
+        cut = min(max(centre, a), b)
+        score = (
+            min((p_hi - p_lo) / sample_rate, PAUSE_CAP_S) - DISTANCE_PENALTY * abs(cut - target) / sample_rate
+        )
+        if best is None or score > best[0]:
+            best = (score, cut)
+    if best is not None:
+        return best[1]
+    # A word spans the whole window: cut at the first pause after it, if that leaves
+    # a final segment of at least the minimum.
+    for k in range(first, len(pause_lo)):
+        if pause_lo[k] > hi and pause_lo[k] <= num_samples - min_len:
+            return pause_lo[k]
+    return None
+
+
+def _smoothed_db(energy: np.ndarray) -> np.ndarray:
+    """Energy envelope averaged over ENERGY_SMOOTH_S, in dB."""
+    smooth = max(1, round(ENERGY_SMOOTH_S / ENERGY_HOP_S))
+    avg = np.convolve(np.asarray(energy, dtype=np.float64), np.ones(smooth) / smooth, mode="same")
+    return 10 * np.log10(avg + 1e-10)
+
+
+def _cut_from_energy(lo: int, hi: int, target: int, db: np.ndarray | None, sample_rate: int) -> int:
+    """Quietest point near the target in [lo, hi] (the target itself without an envelope)."""
+    if db is None or len(db) == 0:
+        return target
+    hop = round(ENERGY_HOP_S * sample_rate)
+    i0, i1 = lo // hop, min(hi // hop, len(db) - 1)
+    if i0 > i1:
+        return target
+    centre = np.arange(i0, i1 + 1) * hop + hop // 2
+    # 1 dB of quiet is worth 0.5 s of distance from the target.
+    score = db[i0 : i1 + 1] + 2.0 * np.abs(centre - target) / sample_rate
+    best = int(np.argmin(score))
+    return int(min(max(centre[best], lo), hi))
+
+
+def plan_row(
+    row_id: str,
+    num_samples: int,
+    words: list[WordTiming] | None,
+    *,
+    seed: int,
+    width: int,
+    height: int,
+    sample_rate: int = MODEL_SAMPLE_RATE,
+    fps: int = FPS,
+    infer_frames: int = INFER_FRAMES,
+    max_segment_s: float = 60.0,
+    min_segment_s: float = 10.0,
+    cost: CostModel | None = None,
+    resolution: Resolution = Resolution.P480,
+    steps: int = 40,
+    energy: np.ndarray | None = None,
+) -> Plan:
+    """Plan one row's segments (see the module docstring for the rules).
+
+    ``words``: word timings in seconds from an alignment, or None when there is none
+    (the plan is then approximate). ``energy``: optional envelope from ``frame_energy``
+    used only without words. Raises ValueError on invalid parameters.
+    """
+    _validate(num_samples, sample_rate, fps, infer_frames, max_segment_s, min_segment_s, width, height, steps)
+    cost = cost if cost is not None else CostModel()
+    max_len = max(1, math.floor(max_segment_s * sample_rate))
+    min_len = math.ceil(min_segment_s * sample_rate)
+    pauses = _pauses(words, num_samples, sample_rate) if words else None
+    db = _smoothed_db(energy) if pauses is None and energy is not None and num_samples > max_len else None
+
+    cuts = [0]
+    pos = 0
+    while num_samples - pos > max_len:
+        remaining = num_samples - pos
+        lo = pos + max(min_len, 1)
+        hi = min(pos + max_len, num_samples - max(min_len, 1))
+        target = pos + remaining // math.ceil(remaining / max_len)
+        target = min(max(target, lo), hi)
+        if pauses is not None:
+            cut = _cut_from_words(pos, lo, hi, target, *pauses, sample_rate, num_samples, max(min_len, 1))
+            if cut is None:  # one word (or touching words) runs to the end: no valid cut left
+                break
+        else:
+            cut = _cut_from_energy(lo, hi, target, db, sample_rate)
+        cuts.append(cut)
+        pos = cut
+    cuts.append(num_samples)
+
+    segments = []
+    for index, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        frames = -(-(b - a) * fps // sample_rate)  # ceil in integers: no float drift
+        clips = -(-frames // infer_frames)
+        segments.append(
+            Segment(
+                index=index,
+                start_sample=a,
+                end_sample=b,
+                start_s=a / sample_rate,
+                end_s=b / sample_rate,
+                frames=frames,
+                clips=clips,
+                seed=segment_seed(seed, index),
+                est_gpu_s=cost.estimate(clips, resolution=resolution, steps=steps),
+            )
+        )
+    return Plan(
+        row_id=row_id,
+        fps=fps,
+        infer_frames=infer_frames,
+        sample_rate=sample_rate,
+        width=width,
+        height=height,
+        segments=segments,
+        approximate=words is None,
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def plans_to_json(plans: Iterable[Plan]) -> dict:
+    """The ``s2v-batch plan --json`` document: {"rows": [{"id", "segments": [...]}, ...]}."""
+    return {
+        "rows": [
+            {
+                "id": p.row_id,
+                "segments": [
+                    {
+                        "start_s": s.start_s,
+                        "end_s": s.end_s,
+                        "frames": s.frames,
+                        "clips": s.clips,
+                        "seed": s.seed,
+                        "est_gpu_s": s.est_gpu_s,
+                    }
+                    for s in p.segments
+                ],
+            }
+            for p in plans
+        ]
+    }
+
+
+def _hours(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds / 3600:.2f}"
+
+
+def plan_summary_table(plans: Iterable[Plan]) -> Table:
+    """Rows, segments, clips, audio length and estimated GPU hours, with the batch total.
+
+    A row whose cost is unknown (no figure for its GPU/resolution) shows "?" and makes
+    the total a lower bound, marked with "≥".
+    """
+    table = Table(title="Plan", show_footer=True)
+    plans = list(plans)
+    totals = {"segments": 0, "clips": 0, "frames": 0, "audio": 0.0, "gpu": 0.0}
+    unknown = False
+    rows = []
+    for p in plans:
+        gpu = [s.est_gpu_s for s in p.segments]
+        row_gpu = None if any(g is None for g in gpu) else sum(gpu)
+        unknown |= row_gpu is None
+        audio = p.segments[-1].end_s - p.segments[0].start_s if p.segments else 0.0
+        totals["segments"] += len(p.segments)
+        totals["clips"] += p.total_clips
+        totals["frames"] += p.total_frames
+        totals["audio"] += audio
+        totals["gpu"] += row_gpu or 0.0
+        rows.append(
+            (
+                p.row_id + (" ~" if p.approximate else ""),
+                str(len(p.segments)),
+                str(p.total_clips),
+                str(p.total_frames),
+                f"{audio:.1f}",
+                _hours(row_gpu),
+            )
+        )
+    total_gpu = ("≥ " if unknown else "") + _hours(totals["gpu"])
+    footers = [
+        f"total ({len(plans)} rows)",
+        str(totals["segments"]),
+        str(totals["clips"]),
+        str(totals["frames"]),
+        f"{totals['audio']:.1f}",
+        total_gpu,
+    ]
+    headers = ["row", "segments", "clips", "frames", "audio s", "est GPU h"]
+    for i, (header, footer) in enumerate(zip(headers, footers, strict=True)):
+        table.add_column(header, footer=footer, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    if any(p.approximate for p in plans):
+        table.caption = "~ cuts placed without word timings (approximate)"
+    return table

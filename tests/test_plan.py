@@ -1,0 +1,225 @@
+"""Property-based and example tests of the chunk planner (tasks/plan.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from tasks.plan import CostModel, frame_energy, plan_row, plan_summary_table, plans_to_json, segment_seed
+from tasks.records import Plan, Resolution, WordTiming
+
+SR = 16_000
+
+
+def synthetic_words(
+    rng: np.random.Generator, num_samples: int, *, max_word_s: float, pause_p: float, overlap: bool
+) -> list[WordTiming]:
+    """Words of random length separated by random pauses (some zero-length) up to the end of the audio."""
+    dur = num_samples / SR
+    n = max(1, int(dur / 0.2) + 2)
+    lengths = rng.uniform(0.05, max_word_s, n)
+    gaps = np.where(rng.random(n) < pause_p, rng.exponential(0.4, n), 0.0)
+    if overlap:  # aligners sometimes emit overlapping words; the planner must cope
+        gaps = np.where(rng.random(n) < 0.1, -rng.uniform(0, 0.05, n), gaps)
+    lead = rng.uniform(0, min(2.0, dur / 2))
+    starts = lead + np.concatenate([[0.0], np.cumsum(lengths + gaps)[:-1]])
+    ends = starts + lengths
+    keep = ends <= dur
+    # model_construct: these timings are valid by construction, and hours of words must build fast.
+    return [
+        WordTiming.model_construct(word=f"w{i}", start=float(s), end=float(e), score=None)
+        for i, (s, e) in enumerate(zip(starts[keep], ends[keep], strict=True))
+    ]
+
+
+@st.composite
+def rows(draw: st.DrawFn, *, long_words: bool = False) -> tuple[float, int, float, float, float, bool]:
+    """Parameters of a synthetic row (the words are built from them, keeping failure reports short)."""
+    # Durations from 0.5 s to 3 h, biased towards the interesting region around a few maxima.
+    seconds = draw(
+        st.one_of(
+            st.floats(0.5, 400.0), st.floats(0.5, 400.0), st.floats(400.0, 3 * 3600.0), st.sampled_from([0.5, 10800.0])
+        )
+    )
+    max_s = draw(st.sampled_from([20.0, 30.0, 60.0, 90.0]))
+    # Normal speech: the window between min and max is wider than any word, so both bounds can hold.
+    mins = [0.0, max_s / 2] if long_words else [m for m in (0.0, 2.0, 5.0, 10.0) if m <= max_s / 2 - 2]
+    min_s = draw(st.sampled_from(mins))
+    return seconds, draw(st.integers(0, 2**32 - 1)), max_s, min_s, draw(st.floats(0.0, 1.0)), draw(st.booleans())
+
+
+def build(
+    case: tuple[float, int, float, float, float, bool], *, long_words: bool = False
+) -> tuple[int, list[WordTiming], float, float]:
+    seconds, seed, max_s, min_s, pause_p, overlap = case
+    num_samples = max(1, round(seconds * SR))
+    words = synthetic_words(
+        np.random.default_rng(seed),
+        num_samples,
+        max_word_s=40.0 if long_words else 1.2,
+        pause_p=pause_p,
+        overlap=overlap,
+    )
+    return num_samples, words, max_s, min_s
+
+
+def check_invariants(plan: Plan, num_samples: int, words: list[WordTiming] | None, infer_frames: int = 80) -> None:
+    segs = plan.segments
+    assert segs[0].start_sample == 0 and segs[-1].end_sample == num_samples
+    for a, b in zip(segs, segs[1:], strict=False):
+        assert a.end_sample == b.start_sample  # no gap, no overlap
+    for i, s in enumerate(segs):
+        assert s.index == i
+        assert s.end_sample > s.start_sample
+        assert s.start_s == s.start_sample / SR and s.end_s == s.end_sample / SR
+        assert s.frames == math.ceil(Fraction(s.end_sample - s.start_sample, SR) * 16)
+        assert s.clips == math.ceil(Fraction(s.frames, infer_frames))
+        assert s.est_gpu_s is not None and s.est_gpu_s > 0
+    if words:
+        cuts = np.array([s.start_sample for s in segs[1:]], dtype=np.int64)
+        w_start = np.array([round(w.start * SR) for w in words], dtype=np.int64)
+        w_end = np.array([round(w.end * SR) for w in words], dtype=np.int64)
+        inside = (cuts[:, None] > w_start[None, :]) & (cuts[:, None] < w_end[None, :])
+        assert not inside.any(), "a cut falls inside a word"
+        # ... and in seconds too, as a caller would check it (to the nearest sample).
+        t = cuts[:, None] / SR
+        starts = np.array([w.start for w in words])[None, :] + 0.5 / SR
+        ends = np.array([w.end for w in words])[None, :] - 0.5 / SR
+        assert not ((t > starts) & (t < ends)).any()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows())
+def test_properties_normal_speech(case: tuple[float, int, float, float, float, bool]) -> None:
+    num_samples, words, max_s, min_s = build(case)
+    plan = plan_row("r", num_samples, words, seed=7, width=832, height=480, max_segment_s=max_s, min_segment_s=min_s)
+    check_invariants(plan, num_samples, words)
+    assert not plan.approximate
+    lengths = [(s.end_sample - s.start_sample) / SR for s in plan.segments]
+    # Words shorter than the window always leave a valid cut, so the maximum holds ...
+    assert all(n <= max_s + 1e-9 for n in lengths)
+    # ... and no segment is shorter than the minimum unless the audio is.
+    if len(lengths) > 1:
+        assert all(n >= min_s - 1e-9 for n in lengths)
+    # Deterministic for the same input.
+    again = plan_row("r", num_samples, words, seed=7, width=832, height=480, max_segment_s=max_s, min_segment_s=min_s)
+    assert again == plan
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows(long_words=True))
+def test_properties_words_longer_than_the_window(case: tuple[float, int, float, float, float, bool]) -> None:
+    # Pathological timings (40 s "words", overlaps): never cut a word, even if a segment runs long.
+    num_samples, words, max_s, min_s = build(case, long_words=True)
+    plan = plan_row("r", num_samples, words, seed=1, width=832, height=480, max_segment_s=max_s, min_segment_s=min_s)
+    check_invariants(plan, num_samples, words)
+    if len(plan.segments) > 1:
+        assert all((s.end_sample - s.start_sample) / SR >= min_s - 1e-9 for s in plan.segments)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.5, 3 * 3600.0), st.integers(-(2**31), 2**31 - 1))
+def test_properties_without_words(seconds: float, seed: int) -> None:
+    num_samples = round(seconds * SR)
+    plan = plan_row("r", num_samples, None, seed=seed, width=832, height=480)
+    check_invariants(plan, num_samples, None)
+    assert plan.approximate
+    lengths = [(s.end_sample - s.start_sample) / SR for s in plan.segments]
+    assert all(n <= 60.0 for n in lengths)
+    assert len(lengths) == math.ceil(num_samples / (60 * SR))  # balanced split, no extra segments
+    assert plan.segments[0].seed == seed
+
+
+def test_cut_prefers_the_long_pause_near_the_target() -> None:
+    # 100 s of speech: 0.4 s words every 0.5 s, plus 0.7 s extra pause before the words at 20 s and 45 s,
+    # so two 0.8 s pauses: (20.4, 21.2) and (45.6, 46.4).
+    words = []
+    for k in range(196):
+        start = k * 0.5 + 0.7 * (k * 0.5 >= 20) + 0.7 * (k * 0.5 >= 45)
+        words.append(WordTiming(word="x", start=round(start, 3), end=round(start + 0.4, 3)))
+    plan = plan_row("r", 100 * SR, words, seed=3, width=832, height=480)
+    assert len(plan.segments) == 2
+    # The 0.8 s pause 4 s before the 50 s target beats the 0.1 s gaps at the target and the far pause.
+    assert plan.segments[1].start_s == pytest.approx(46.0)
+
+
+def test_no_alignment_cuts_at_the_quietest_point_near_the_target() -> None:
+    # 90 s of noise with 0.5 s of silence at 41 s: the cut (target 45 s) goes into the silence.
+    rng = np.random.default_rng(0)
+    audio = rng.normal(0, 0.1, 90 * SR).astype(np.float32)
+    audio[41 * SR : int(41.5 * SR)] = 0.0
+    plan = plan_row("r", len(audio), None, seed=3, width=832, height=480, energy=frame_energy(audio))
+    assert plan.approximate and len(plan.segments) == 2
+    assert 41.0 <= plan.segments[1].start_s <= 41.5
+    flat = plan_row("r", len(audio), None, seed=3, width=832, height=480)
+    assert flat.segments[1].start_sample == 45 * SR  # without an envelope: the balanced target
+
+
+def test_one_word_spanning_the_window_moves_the_cut_after_it() -> None:
+    words = [
+        WordTiming(word="a", start=0.0, end=5.0),
+        WordTiming(word="long", start=5.0, end=75.0),
+        WordTiming(word="b", start=75.5, end=90.0),
+    ]
+    plan = plan_row("r", 100 * SR, words, seed=3, width=832, height=480)
+    assert [s.start_sample for s in plan.segments] == [0, 75 * SR]
+
+
+def test_short_audio_is_one_segment_and_cost_follows_the_model() -> None:
+    plan = plan_row("r", SR // 2, [WordTiming(word="hi", start=0.1, end=0.4)], seed=5, width=832, height=480)
+    (seg,) = plan.segments
+    assert (seg.frames, seg.clips, seg.seed) == (8, 1, 5)
+    assert seg.est_gpu_s == pytest.approx(40 * 2 * 3.75)
+    # 3 clips: one first clip, two later ones, 2 CFG passes per step.
+    assert CostModel().estimate(3, resolution=Resolution.P480, steps=40) == pytest.approx(40 * 2 * (3.75 + 2 * 4.18))
+    assert CostModel(gpu="L4").estimate(3, resolution="480p", steps=40) is None
+
+
+def test_segment_seeds_are_stable_and_distinct() -> None:
+    # Fixed values: a change here changes every user's seeded output.
+    assert [segment_seed(42, i) for i in range(3)] == [42, segment_seed(42, 1), segment_seed(42, 2)]
+    assert segment_seed(42, 1) == 47170719
+    assert segment_seed(-5, 2) == segment_seed(-5, 2) != segment_seed(-5, 3)
+    assert all(0 <= segment_seed(s, i) < 2**31 for s in (0, 42, -1, 2**40) for i in range(1, 5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"infer_frames": 78}, "multiple of 4"),
+        ({"infer_frames": 0}, "multiple of 4"),
+        ({"min_segment_s": 40.0}, "min_segment_s"),
+        ({"max_segment_s": 0.0}, "max_segment_s"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"width": 0}, "width"),
+    ],
+)
+def test_invalid_parameters_are_rejected(kwargs: dict, message: str) -> None:
+    args = {"num_samples": SR * 10, "seed": 1, "width": 832, "height": 480} | kwargs
+    with pytest.raises(ValueError, match=message):
+        plan_row("r", args.pop("num_samples"), None, **args)
+
+
+def test_json_and_table() -> None:
+    words = [WordTiming(word="x", start=t, end=t + 0.3) for t in np.arange(0.2, 129.0, 0.5)]
+    plans = [
+        plan_row("a", 130 * SR, words, seed=1, width=832, height=480),
+        plan_row("b", 5 * SR, None, seed=2, width=832, height=480),
+    ]
+    doc = plans_to_json(plans)
+    assert json.loads(json.dumps(doc)) == doc
+    assert [r["id"] for r in doc["rows"]] == ["a", "b"]
+    assert len(doc["rows"][0]["segments"]) == 3
+    assert set(doc["rows"][0]["segments"][0]) == {"start_s", "end_s", "frames", "clips", "seed", "est_gpu_s"}
+    console = Console(record=True, width=120)
+    console.print(plan_summary_table(plans))
+    text = console.export_text()
+    total_h = sum(s.est_gpu_s for p in plans for s in p.segments) / 3600
+    assert "total (2 rows)" in text and f"{total_h:.2f}" in text and "b ~" in text

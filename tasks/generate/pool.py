@@ -511,7 +511,10 @@ class GeneratorPool:
         while True:
             p = await self._take()
             while p is not None:
-                p = await self._attempt(slot, p)
+                try:
+                    p = await self._attempt(slot, p)
+                except Exception as exc:  # a Ray or pool error outside the worker's own reporting
+                    p = await self._unexpected(slot, p, exc)
                 if slot.actor is None:  # the worker could not be replaced: this slot is done
                     if p is not None:
                         await self._put(p)
@@ -581,16 +584,15 @@ class GeneratorPool:
 
         if kind == "lost":
             p.last_error = f"worker {worker} was lost: {lost or 'no result'}"
-            replaced = await self._replace(slot, slot.offload)
             if p.attempts >= self.config.attempts:
                 self._fail(p, info)
-                return None
-            note = f"; replaced by {slot.info}" if replaced else "; could not be replaced"
-            self._emit(p, "retry", info, p.last_error + note)
-            if replaced:
-                await self._put(p)  # any free worker may take it; it resumes at its first missing clip
-                return None
-            return p  # _serve requeues it and retires this slot
+            else:
+                # Queued again at once: any free worker may take it, resuming at its first missing clip,
+                # while this slot starts a new worker (loading the model takes minutes).
+                self._emit(p, "retry", info, p.last_error + "; queued again, replacing the worker")
+                await self._put(p)
+            await self._replace(slot, slot.offload)
+            return None
 
         p.last_error = outcome["error"]
         log.debug("segment %s/%s attempt %d: %s", p.job.row_id, p.job.segment.index, p.attempts, outcome["traceback"])
@@ -604,6 +606,20 @@ class GeneratorPool:
             return p  # retried here, or requeued by _serve if the worker could not be rebuilt
         delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** (p.attempts - 1))
         self._emit(p, "retry", info, f"{p.last_error}; retry in {delay:.1f}s")
+        asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._put(p)))
+        return None
+
+    async def _unexpected(self, slot: _Slot, p: _Pending, exc: Exception) -> _Pending | None:
+        """Settle an attempt that ended in an exception no branch expected: retry later, or fail."""
+        p.last_error = _describe(exc)
+        log.debug(
+            "segment %s/%s attempt %d failed unexpectedly", p.job.row_id, p.job.segment.index, p.attempts, exc_info=exc
+        )
+        if p.attempts >= self.config.attempts:
+            self._fail(p, slot.info)
+            return None
+        delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** (p.attempts - 1))
+        self._emit(p, "retry", slot.info, f"{p.last_error}; retry in {delay:.1f}s")
         asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._put(p)))
         return None
 

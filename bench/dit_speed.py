@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="also time ours with fp8 block linears (first size)")
     parser.add_argument("--skip-main", action="store_true", help="only the extras above")
     parser.add_argument("--main-sizes", default=None, help="sizes of the main table (default: --sizes)")
+    parser.add_argument("--fp8-cfg", action="store_true", help="with --fp8: also the CFG step and later clip")
     parser.add_argument("--sdpa", choices=["cudnn", "flash"], default="cudnn", help="preferred attention kernel")
     args = parser.parse_args()
 
@@ -343,6 +344,10 @@ def main() -> None:
             results["fp8_rel_diff_vs_bf16"] = ((got - ref).norm() / ref.norm()).item()
             print(f"fp8 block linears ({n}): rel L2 vs bf16 {results['fp8_rel_diff_vs_bf16']:.2e}", flush=True)
             run(impl + "+fp8", lambda: ours(**one, drop_motion_frames=True), "first clip", size, False, 1)
+            if args.fp8_cfg:
+                run(impl + "+fp8", lambda: ours(**one), "later clip", size, True, 1)
+                two = make_inputs(cfg, size[0] // 8, size[1] // 8, frames, 2, device, dtype, seed=2)
+                run(impl + "+fp8", lambda: ours(**two, drop_motion_frames=True), "CFG step", size, False, 2)
 
     _summary(results)
     print(f"total {time.time() - t_start:.0f} s", flush=True)

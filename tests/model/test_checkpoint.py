@@ -17,6 +17,7 @@ from model.checkpoint import (
     Fp8Linear,
     detect_layout,
     load_transformer,
+    quantize_linears_fp8,
     save_official_dit,
     to_comfyui_state_dict,
 )
@@ -203,3 +204,15 @@ def test_dtype_conversion_keeps_values(tmp_path: Path) -> None:
     loaded = load_transformer(tmp_path / "b", dtype=torch.float32)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     _assert_same_weights(loaded.to(torch.bfloat16), model)
+
+
+def test_quantize_linears_fp8_is_close_and_keeps_other_layers(tiny_config: S2VConfig, dit_inputs) -> None:
+    model = randomize_(WanS2VTransformer(tiny_config), seed=1).eval().requires_grad_(False)
+    with torch.no_grad():
+        ref = model(**dit_inputs)
+        converted = quantize_linears_fp8(model)
+        out = model(**dit_inputs)
+    assert converted == tiny_config.num_layers * 10  # q, k, v, o twice and two ffn layers per block
+    assert isinstance(model.blocks[0].ffn[0], Fp8Linear) and model.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
+    assert isinstance(model.audio_injector.injector[0].q, torch.nn.Linear)  # outside the blocks: unchanged
+    assert ((out - ref).norm() / ref.norm()) < 0.05

@@ -82,6 +82,11 @@ class S2VConfig:
                 "enable_motioner=True (the MotionerTransformers variant) is not implemented; "
                 "the released Wan2.2-S2V-14B uses FramePack (enable_framepack=True)"
             )
+        if not self.enable_framepack:
+            raise ValueError(
+                "enable_framepack=False (plain patch-embedded motion tokens) is not implemented; "
+                "the released Wan2.2-S2V-14B uses FramePack"
+            )
         if tuple(self.window_size) != (-1, -1):
             raise ValueError(f"window_size {self.window_size} not supported; the S2V model uses (-1, -1)")
         if self.framepack_drop_mode not in ("padd", "drop"):

@@ -553,6 +553,9 @@ class WanS2VTransformer(nn.Module):
         cfg = self.config
         _expect("latents", latents, ("B", cfg.in_dim, "F", "H", "W"), None)
         b, _, f, h, w = latents.shape
+        weights_on = self.patch_embedding.weight.device
+        if latents.device != weights_on and weights_on.type != "meta":
+            raise ValueError(f"latents: on {latents.device} but the model is on {weights_on}")
         p = cfg.patch_size
         if f % p[0] or h % p[1] or w % p[2]:
             raise ValueError(f"latents: F, H, W = {f}, {h}, {w} must be multiples of the patch size {p}")

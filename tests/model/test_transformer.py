@@ -233,5 +233,7 @@ def test_config_rejects_what_the_code_does_not_implement() -> None:
         S2VConfig(enable_motioner=True)
     with pytest.raises(ValueError, match="num_heads"):
         S2VConfig(dim=100, num_heads=3)
+    with pytest.raises(ValueError, match="enable_framepack=False"):
+        S2VConfig(enable_framepack=False)
     with pytest.raises(ValueError, match="audio_inject_layers"):
         S2VConfig(num_layers=4, audio_inject_layers=(0, 4))

@@ -548,7 +548,16 @@ class WanS2VTransformer(nn.Module):
         return table
 
     def _check_inputs(
-        self, latents, timestep, context, ref_latents, audio, motion_latents, pose_latents, drop_motion_frames
+        self,
+        latents,
+        timestep,
+        context,
+        ref_latents,
+        audio,
+        motion_latents,
+        pose_latents,
+        drop_motion_frames,
+        add_last_motion,
     ) -> None:
         cfg = self.config
         _expect("latents", latents, ("B", cfg.in_dim, "F", "H", "W"), None)
@@ -578,6 +587,8 @@ class WanS2VTransformer(nn.Module):
             _expect("motion_latents", motion_latents, ("B", cfg.in_dim, "T_m", h, w), b)
             if h < 8 or w < 8:
                 raise ValueError(f"motion_latents: FramePack needs latents of at least 8x8, got {h}x{w}")
+        if add_last_motion not in (0, 1, 2):
+            raise ValueError(f"add_last_motion: expected 0, 1 or 2, got {add_last_motion!r}")
         t = torch.as_tensor(timestep)
         if t.ndim > 1 or t.numel() not in (1, b):
             raise ValueError(f"timestep: expected a scalar or [{b}] or [1], got {_shape(t)}")
@@ -640,7 +651,15 @@ class WanS2VTransformer(nn.Module):
     ) -> Tensor:
         cfg = self.config
         self._check_inputs(
-            latents, timestep, context, ref_latents, audio, motion_latents, pose_latents, drop_motion_frames
+            latents,
+            timestep,
+            context,
+            ref_latents,
+            audio,
+            motion_latents,
+            pose_latents,
+            drop_motion_frames,
+            add_last_motion,
         )
         device, dtype = latents.device, self.compute_dtype
         b, _, frames, lat_h, lat_w = latents.shape

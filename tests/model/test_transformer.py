@@ -136,10 +136,11 @@ def test_timestep_zero_for_reference_tokens(tiny_config: S2VConfig, make_inputs)
         ("pose_latents", torch.zeros(1, 16, 3, 16, 16), "pose_latents: expected [1 or 1, 16, 2, 16, 16]"),
         ("motion_latents", torch.zeros(1, 16, 19, 16, 8), "motion_latents: expected [1 or 1, 16, T_m, 16, 16]"),
         ("timestep", torch.zeros(3), "timestep: expected a scalar or [1]"),
+        ("add_last_motion", 3, "add_last_motion: expected 0, 1 or 2"),
     ],
 )
 def test_wrong_input_shapes_raise_clear_errors(
-    tiny_dit: WanS2VTransformer, dit_inputs: dict, name: str, bad: torch.Tensor, words: str
+    tiny_dit: WanS2VTransformer, dit_inputs: dict, name: str, bad: object, words: str
 ) -> None:
     with pytest.raises(ValueError) as err:
         tiny_dit(**{**dit_inputs, name: bad})
@@ -237,3 +238,25 @@ def test_config_rejects_what_the_code_does_not_implement() -> None:
         S2VConfig(enable_framepack=False)
     with pytest.raises(ValueError, match="audio_inject_layers"):
         S2VConfig(num_layers=4, audio_inject_layers=(0, 4))
+
+
+def test_add_last_motion_zeroes_the_newest_frames_in_padd_mode(tiny_dit: WanS2VTransformer, dit_inputs: dict) -> None:
+    # 'padd' (the release): add_last_motion=1 hides the newest motion frame, 0 the newest three
+    motion = dit_inputs["motion_latents"]
+    with torch.no_grad():
+        for level, hidden in ((1, 1), (0, 3)):
+            zeroed = motion.clone()
+            zeroed[:, :, -hidden:] = 0
+            got = tiny_dit(**dit_inputs, add_last_motion=level)
+            want = tiny_dit(**{**dit_inputs, "motion_latents": zeroed}, add_last_motion=2)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_framepack_drop_mode_drops_tokens_and_their_grids(tiny_config: S2VConfig) -> None:
+    cfg = dataclasses.replace(tiny_config, framepack_drop_mode="drop")
+    packer = WanS2VTransformer(cfg).frame_packer
+    motion = torch.randn(1, 16, 19, 16, 16)
+    sizes = {2: 8 * 8 + 4 * 4 + 4 * 2 * 2, 1: 4 * 4 + 4 * 2 * 2, 0: 4 * 2 * 2}
+    for level, tokens in sizes.items():
+        assert packer(motion, level).shape[1] == tokens
+        assert rope_table(32, packer.segments(16, 16, level)).shape[0] == tokens

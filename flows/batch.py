@@ -22,9 +22,9 @@ from prefect.states import Failed, State
 
 from flows import progress, steps
 from flows.settings import BatchSettings
-from tasks import captions, layout, storage
-from tasks.generate.backends import load_generator, resolve_backend
-from tasks.manifest import validate_manifest
+from tasks import captions, layout, notify, storage
+from tasks.generate.backends import BackendError, load_generator, resolve_backend
+from tasks.manifest import ManifestError, validate_manifest
 from tasks.records import (
     ClipResult,
     Cue,
@@ -52,14 +52,16 @@ def _row_failed(row: ManifestRow, where: str, reason: str) -> State:
 
 def _is_transient(task, task_run, state) -> bool:
     """Retry I/O hiccups (network, S3), never a bad row: its error will not go away."""
-    exc = state.result(raise_on_failure=False)
+    exc = state.data  # the task engine hands the raised exception over as the Failed state's data
     return isinstance(exc, OSError | ConnectionError | TimeoutError) and not isinstance(exc, FileNotFoundError)
 
 
 STAGE = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": _is_transient, "cache_policy": NO_CACHE}
 
 
-@task(name="normalize", **STAGE)
+# Tags let operators cap stages across all runs with Prefect's tag concurrency limits, e.g.
+# `prefect concurrency-limit create s2v-normalize 4` or `... s2v-generate 8`.
+@task(name="normalize", tags=["s2v-normalize"], **STAGE)
 async def normalize_task(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> NormalizedAssets:
     return await asyncio.to_thread(steps.normalize_step, row, row_dir, settings)
 
@@ -76,7 +78,7 @@ async def plan_task(
     return await asyncio.to_thread(steps.plan_step, row, assets, speech, settings)
 
 
-@task(name="generate", task_run_name="generate {row.id} segment {index}", **STAGE)
+@task(name="generate", task_run_name="generate {row.id} segment {index}", tags=["s2v-generate"], **STAGE)
 async def generate_task(
     row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
     backend: str, settings: BatchSettings,
@@ -98,6 +100,14 @@ async def stitch_task(
 ) -> dict[str, str]:
     backend = results[0].backend if results else ""
     return await asyncio.to_thread(steps.stitch_step, row, assets, cues, results, out, settings, backend)
+
+
+@task(name="notify", cache_policy=NO_CACHE)
+async def notify_task(url: str, payload: dict, settings: BatchSettings) -> bool:
+    """Tell a webhook; never fails the batch (send_webhook retries, then logs and gives up)."""
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    result = await asyncio.to_thread(notify.send_webhook, url, payload, secret=secret)
+    return result.ok
 
 
 @flow(name="row", validate_parameters=False)
@@ -174,8 +184,16 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
     settings = settings or BatchSettings()
     logger = get_run_logger()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    backend = resolve_backend(settings.backend, settings.checkpoint)
-    validation = await asyncio.to_thread(validate_manifest, manifest, allowed_roots=settings.allowed_roots)
+    try:
+        backend = resolve_backend(settings.backend, settings.checkpoint)
+        validation = await asyncio.to_thread(validate_manifest, manifest, allowed_roots=settings.allowed_roots)
+    except (ManifestError, BackendError) as exc:
+        if settings.webhook_url:
+            failed = {"manifest": manifest, "output": out, "started_at": started_at, "rows": [],
+                      "manifest_errors": [str(exc)]}
+            await notify_task.with_options(task_run_name="notify batch")(
+                settings.webhook_url, notify.batch_payload(failed), settings)
+        raise
     logger.info("manifest %s: %d rows, %d valid; backend %s%s", manifest, validation.total_rows,
                 len(validation.rows), backend, " (labelled animatic, not the model)" if backend == "preview" else "")
     for issue in validation.issues:
@@ -194,9 +212,14 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
                 row, out, work_dir, backend, settings, return_state=True
             )
             if state.is_completed():
-                return await state.aresult()
-            return RowResult(row=row.row, id=row.id, status="failed", backend=backend,
-                             error=state.message or f"row {row.row} (id {row.id!r}): {state.name}")
+                result = await state.aresult()
+            else:
+                result = RowResult(row=row.row, id=row.id, status="failed", backend=backend,
+                                   error=state.message or f"row {row.row} (id {row.id!r}): {state.name}")
+        if row.webhook and not result.cached:
+            await notify_task.with_options(task_run_name=f"notify row {row.id}")(
+                row.webhook, notify.row_payload(result, out), settings)
+        return result
 
     row_results = list(await asyncio.gather(*(run_row(r) for r in validation.rows)))
     for row_number, issues in validation.issues_by_row().items():
@@ -218,6 +241,9 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
         ),
     )
     logger.info("batch done: %s", report.counts)
+    if settings.webhook_url:
+        await notify_task.with_options(task_run_name="notify batch")(
+            settings.webhook_url, notify.batch_payload(report_json(report)), settings)
     return report_json(report)
 
 

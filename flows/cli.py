@@ -92,12 +92,18 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
 
     from flows import progress as hooks
     from flows.batch import batch
+    from tasks.generate.backends import resolve_backend
+    from tasks.manifest import validate_manifest
+
+    # Fail fast, before Prefect starts, when the batch as a whole cannot run.
+    resolve_backend(settings.backend, settings.checkpoint)
+    total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[detail]}"), console=console, transient=False,
     ) as bar:
-        overall = bar.add_task("rows", total=None, detail="validating manifest")
+        overall = bar.add_task("rows", total=total, detail="starting")
         finished: set[str] = set()
 
         def on_event(row_id: str, event: str, detail: str) -> None:
@@ -109,13 +115,6 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
 
         unsubscribe = hooks.subscribe(on_event)
         try:
-            from tasks.generate.backends import resolve_backend
-            from tasks.manifest import validate_manifest
-
-            # Fail fast, before Prefect starts, when the batch as a whole cannot run.
-            resolve_backend(settings.backend, settings.checkpoint)
-            total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
-            bar.update(overall, total=total)
             return asyncio.run(batch(manifest, out, settings))
         finally:
             unsubscribe()
@@ -191,7 +190,8 @@ def validate(
                 table.add_row(str(i.row), i.id or "", i.field, i.reason)
             out_console.print(table)
         if result.ignored_columns:
-            out_console.print(f"ignored columns: {', '.join(result.ignored_columns)}")
+            out_console.print(f"columns outside the schema (usable as {{{{column}}}} in script and prompt): "
+                              f"{', '.join(result.ignored_columns)}")
         out_console.print(f"{len(result.rows)} of {result.total_rows} rows valid")
     raise typer.Exit(1 if result.issues else 0)
 
@@ -226,9 +226,8 @@ def align_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print {'words': [...]} as JSON")] = False,
 ) -> None:
     """Align a script to speech audio with the offline aligner; print word timings in seconds."""
-    from tasks.align import alignment_to_json
-
     from flows.preflight import align_file
+    from tasks.align import alignment_to_json
 
     analysis = align_file(audio, script)
     if as_json:
@@ -254,7 +253,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except (ManifestError, BackendError, CommandFailed) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()
@@ -262,4 +261,9 @@ def main() -> None:
     except (KeyboardInterrupt, click.Abort):
         console.print("[red]interrupted[/red]: finished rows and clips are kept; rerun to resume")
         sys.exit(130)
+    except Exception as exc:  # e.g. a checkpoint that cannot load: one message; S2V_DEBUG=1 shows the traceback
+        if os.environ.get("S2V_DEBUG"):
+            raise
+        console.print(f"[red]error:[/red] the batch could not run: {type(exc).__name__}: {exc}", soft_wrap=True)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

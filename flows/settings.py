@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 CONFIG_ENV = "S2V_CONFIG"
@@ -51,6 +51,9 @@ class BatchSettings(BaseSettings):
     infer_frames: int = Field(80, ge=4, multiple_of=4, description="frames per clip")
     burn_captions: bool = Field(False, description="also burn captions into the video")
     force: bool = Field(False, description="redo rows that an earlier run finished")
+    webhook_url: str | None = Field(None, description="URL told when the batch completes or fails (rows may "
+                                    "name their own in a 'webhook' column)")
+    webhook_secret: SecretStr | None = Field(None, description="shared secret signing webhook calls (HMAC-SHA256)")
 
     @classmethod
     def settings_customise_sources(

@@ -2,7 +2,8 @@
 # Create ./.venv and install s2v-batch into it (idempotent: a stamp skips work already done).
 #   scripts/bootstrap.sh          the product (runs the example batch on the preview backend)
 #   scripts/bootstrap.sh dev      + the model stack (torch, transformers, diffusers) and test tools,
-#                                 + Debian tools the tests use to make fixtures (espeak-ng, ffprobe)
+#                                 + Debian tools the tests use: espeak-ng and ffprobe for fixtures,
+#                                   chromium and chromedriver for the Prefect UI test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-base}"
@@ -21,6 +22,8 @@ if [ "$mode" = "dev" ]; then
   missing=()
   command -v espeak-ng >/dev/null || missing+=(espeak-ng)
   command -v ffprobe >/dev/null || missing+=(ffmpeg)
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "bootstrap: installing test tools: ${missing[*]}"

@@ -33,7 +33,10 @@ OPTIONAL_COLUMNS = (
     "steps",
     "guidance",
     "output",
+    "webhook",
 )
+TEMPLATE_COLUMNS = ("script", "prompt", "negative_prompt")
+TEMPLATE_VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 PATH_COLUMNS = ("audio", "image", "pose_video")
 DEFAULT_SEED = 42
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -199,8 +202,13 @@ def _check_row(
             resolved = None  # never touch a refused path, not even to check it exists
         values[column] = resolved
 
-    for column in ("script", "prompt", "negative_prompt"):
-        values[column] = record.get(column) or None
+    for column in TEMPLATE_COLUMNS:
+        values[column] = _fill_template(record.get(column) or "", record, lambda reason, c=column: fail(c, reason))
+
+    webhook = record.get("webhook") or None
+    if webhook and not re.match(r"^https?://[^\s/]+", webhook):
+        fail("webhook", f"{webhook!r} is not an http(s) URL")
+    values["webhook"] = webhook
 
     language = (record.get("language") or "").lower() or None
     if language and not LANGUAGE_PATTERN.match(language):
@@ -225,6 +233,17 @@ def _check_row(
         fail("output", f"{output!r} must end in .mp4")
     values["output"] = str(out_path)
     return issues, values
+
+
+def _fill_template(text: str, record: dict[str, str], fail) -> str | None:
+    """Fill `{{column}}` variables from the row's own cells (any column, known or not)."""
+    unknown = sorted({m.group(1) for m in TEMPLATE_VARIABLE.finditer(text) if m.group(1).lower() not in record})
+    if unknown:
+        names = ", ".join("{{" + u + "}}" for u in unknown)
+        fail(f"unknown template variable {names}; the manifest's columns are {', '.join(record)}")
+        return text or None
+    filled = TEMPLATE_VARIABLE.sub(lambda m: record[m.group(1).lower()], text)
+    return filled.strip() or None
 
 
 def _int_cell(record: dict, column: str, default: int, low: int, high: int, fail) -> int:

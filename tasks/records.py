@@ -54,6 +54,7 @@ class ManifestRow(Record):
     steps: int = 40
     guidance: float = 4.5
     output: str = Field(description="video path relative to the output folder")
+    webhook: str | None = Field(None, description="URL told when this row finishes or fails")
 
 
 class RowIssue(Record):

@@ -131,3 +131,20 @@ def test_s3_relative_paths_and_escapes(s3) -> None:
     assert [r.audio for r in result.rows] == ["s3://s2v-examples/media/welcome.wav"]
     (issue,) = result.issues
     assert issue.row == 2 and issue.field == "audio" and "outside the allowed folders" in issue.reason
+
+
+def test_template_variables_fill_from_the_row(examples: Path) -> None:
+    manifest = write(examples / "t.csv", "\n".join([
+        "id,audio,image,name,course,script,prompt,webhook",
+        "a,media/welcome.wav,media/astronaut.jpg,Ana,Safety 101,"
+        "\"Hello {{name}}, welcome to {{ course }}.\",\"{{name}} smiling\",https://hooks.example/row",
+        "b,media/welcome.wav,media/astronaut.jpg,Bo,,\"Hi {{nme}} and {{ team }}\",,ftp://x",
+    ]) + "\n")
+    result = validate_manifest(str(manifest))
+    (row,) = result.rows
+    assert row.script == "Hello Ana, welcome to Safety 101."
+    assert row.prompt == "Ana smiling" and row.webhook == "https://hooks.example/row"
+    issues = {i.field: i.reason for i in result.issues}
+    assert issues["script"].startswith("unknown template variable {{nme}}, {{team}}")
+    assert "not an http(s) URL" in issues["webhook"]
+    assert result.ignored_columns == ["name", "course"]

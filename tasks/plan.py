@@ -77,9 +77,7 @@ class ForwardCost:
 # first-clip figure scaled by the 480p later/first ratio (4.18 / 3.75).
 DEFAULT_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
     ("H100", Resolution.P480.value): ForwardCost(first_clip_s=3.75, later_clip_s=4.18),
-    ("H100", Resolution.P720.value): ForwardCost(
-        first_clip_s=13.4, later_clip_s=round(13.4 * 4.18 / 3.75, 2)
-    ),
+    ("H100", Resolution.P720.value): ForwardCost(first_clip_s=13.4, later_clip_s=round(13.4 * 4.18 / 3.75, 2)),
 }
 
 
@@ -101,9 +99,7 @@ class CostModel:
     gpu: str = "H100"
     cfg_passes: int = 2
     overhead_per_clip_s: float = 0.0
-    forward_costs: dict[tuple[str, str], ForwardCost] = field(
-        default_factory=lambda: dict(DEFAULT_FORWARD_COSTS)
-    )
+    forward_costs: dict[tuple[str, str], ForwardCost] = field(default_factory=lambda: dict(DEFAULT_FORWARD_COSTS))
 
     def forward_cost(self, resolution: Resolution | str) -> ForwardCost | None:
         key = Resolution(resolution).value
@@ -139,9 +135,7 @@ def segment_seed(row_seed: int, index: int) -> int:
 # --------------------------------------------------------------------------- energy
 
 
-def frame_energy(
-    audio: np.ndarray, *, sample_rate: int = MODEL_SAMPLE_RATE, hop_s: float = ENERGY_HOP_S
-) -> np.ndarray:
+def frame_energy(audio: np.ndarray, *, sample_rate: int = MODEL_SAMPLE_RATE, hop_s: float = ENERGY_HOP_S) -> np.ndarray:
     """Mean-square energy of the audio in consecutive windows of ``hop_s`` (10 ms by default).
 
     The last window may be shorter. This is the ``energy`` argument of ``plan_row``.
@@ -241,9 +235,7 @@ def _cut_from_words(
             continue
         centre = (p_lo + p_hi) // 2
         cut = min(max(centre, a), b)
-        score = (
-            min((p_hi - p_lo) / sample_rate, PAUSE_CAP_S) - DISTANCE_PENALTY * abs(cut - target) / sample_rate
-        )
+        score = min((p_hi - p_lo) / sample_rate, PAUSE_CAP_S) - DISTANCE_PENALTY * abs(cut - target) / sample_rate
         if best is None or score > best[0]:
             best = (score, cut)
     if best is not None:

@@ -1,0 +1,427 @@
+"""Script normalization and the offline forced aligner (pocketsphinx, no downloaded model).
+
+Method (chosen by measurement, see docs/benchmarks.md "Alignment and planning"):
+
+1. The script is split into words at whitespace; each word is expanded into the
+   tokens a speaker says ("$20" -> "twenty dollars", "3.5%" -> "three point five
+   percent", "Dr." -> "doctor") and each token gets a pronunciation from the CMU
+   dictionary that ships in the ``pocketsphinx`` wheel, or from letter rules when it
+   is not there.
+2. A left-to-right finite-state grammar of the tokens, where each token may also be
+   skipped at a small cost, is decoded against the audio with pocketsphinx's bundled
+   US-English acoustic model, with optional silence between tokens. Skipped tokens
+   are script words the audio does not contain.
+3. A free phone loop (the bundled phonetic language model) decodes the same audio;
+   each aligned token scores the similarity of its dictionary phones to the phones
+   the loop heard in its frames (1 - normalized edit distance). The mean over the
+   script is the fit score: it is high when the audio says the script, low for a
+   wrong file, another language or music.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from num2words import num2words
+from pocketsphinx import Decoder, get_model_path
+
+FRAME_RATE = 100
+"""pocketsphinx frames per second (10 ms shift)."""
+SKIP_PROB = 1e-3
+"""Prior of a script token not being spoken: small, so a token is only skipped when the audio says so."""
+SIL_PROB = 1.0
+"""Optional silence between tokens; 1.0 measured best (pauses otherwise get absorbed into words)."""
+FAST_BEAMS = {"beam": 1e-20, "wbeam": 1e-10, "pbeam": 1e-20}
+"""Pruning beams: ~4x faster than pocketsphinx's defaults at the same boundary error on the
+benchmark; when no path survives them the alignment is retried with the defaults."""
+PHONE_LOOP_BEAMS = {"ds": 2}
+"""The phone loop keeps the default beams (with FAST_BEAMS its path dies out) and scores every
+other frame (ds 2): 25% faster, and it only feeds the fit score, not the boundaries."""
+
+_ABBREVIATIONS = {
+    "dr": "doctor",
+    "mr": "mister",
+    "mrs": "missus",
+    "ms": "miz",
+    "prof": "professor",
+    "jr": "junior",
+    "sr": "senior",
+    "st": "saint",
+    "vs": "versus",
+    "etc": "et cetera",
+    "approx": "approximately",
+    "e.g": "for example",
+    "i.e": "that is",
+    "inc": "incorporated",
+    "ltd": "limited",
+    "dept": "department",
+    "mt": "mount",
+}
+_SYMBOLS = {"&": "and", "+": "plus", "@": "at", "%": "percent", "=": "equals", "#": "number"}
+_CURRENCIES = {
+    "$": ("dollar", "dollars", "cent", "cents"),
+    "€": ("euro", "euros", "cent", "cents"),
+    "£": ("pound", "pounds", "penny", "pence"),
+}
+_PUNCT = "\"'“”‘’()[]{}<>,;:!?¡¿…—–-*_/\\|~^`."
+
+
+@dataclass
+class ScriptWord:
+    """One whitespace-separated word of the script and the tokens it is spoken as."""
+
+    text: str
+    tokens: list[str] = field(default_factory=list)
+
+
+def _number_words(num: str) -> list[str]:
+    """Digits as spoken: years as years, decimals with "point", ordinals, thousands separators."""
+    ordinal = re.fullmatch(r"(\d+)(st|nd|rd|th)", num)
+    if ordinal:
+        return _split(num2words(int(ordinal.group(1)), to="ordinal"))
+    plain = num.replace(",", "")
+    if re.fullmatch(r"\d+", plain):
+        value = int(plain)
+        if "," not in num and len(num) == 4 and 1100 <= value <= 2099 and value % 1000 >= 10:
+            return _split(num2words(value, to="year"))
+        return _split(num2words(value))
+    if re.fullmatch(r"\d*\.\d+", plain):
+        whole, frac = plain.split(".")
+        return _split(num2words(int(whole or 0))) + ["point"] + [_split(num2words(int(d)))[0] for d in frac]
+    return []
+
+
+def _split(text: str) -> list[str]:
+    return [t for t in re.split(r"[\s\-,]+", text.lower()) if t and t != "and"] if text else []
+
+
+def _expand(raw: str) -> list[str]:
+    """Tokens spoken for one script word (may be empty for pure punctuation)."""
+    word = raw.strip(_PUNCT.replace(".", "") + ".") if not re.fullmatch(r"[.\d,]+", raw) else raw.strip(".,")
+    low = raw.lower().strip(_PUNCT.replace(".", ""))
+    # Abbreviations are recognised with their period ("Dr." is not "dr" = drive in the dictionary).
+    if low.endswith(".") and low.rstrip(".") in _ABBREVIATIONS:
+        return _ABBREVIATIONS[low.rstrip(".")].split()
+    if not word:
+        return [_SYMBOLS[c] for c in raw if c in _SYMBOLS]
+    currency = re.fullmatch(r"([$€£])(\d[\d,]*)(?:\.(\d\d))?([kKmMbB]?)", word)
+    if currency:
+        sym, whole, cents, scale = currency.groups()
+        one, many, cent, cents_name = _CURRENCIES[sym]
+        tokens = _number_words(whole)
+        tokens += {"k": ["thousand"], "m": ["million"], "b": ["billion"]}.get(scale.lower(), [])
+        tokens.append(one if whole == "1" and not scale else many)
+        if cents and int(cents):
+            tokens += ["and", *_number_words(str(int(cents))), cent if cents == "01" else cents_name]
+        return tokens
+    percent = re.fullmatch(r"(\d[\d,]*(?:\.\d+)?)%", word)
+    if percent:
+        return _number_words(percent.group(1)) + ["percent"]
+    clock = re.fullmatch(r"(\d{1,2}):(\d\d)", word)
+    if clock:
+        hours, minutes = int(clock.group(1)), int(clock.group(2))
+        tail = [] if minutes == 0 else (["oh"] if minutes < 10 else []) + _split(num2words(minutes))
+        return _split(num2words(hours)) + (tail or ["o'clock"])
+    if re.fullmatch(r"\d[\d,]*(?:\.\d+)?|\d+(?:st|nd|rd|th)", word):
+        return _number_words(word)
+    tokens: list[str] = []
+    # Mixed words ("S2V", "mp4", "covid-19", "well-known", "AT&T"): split at symbols and letter/digit changes.
+    for part in re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:\.\d+)?|[&+@=#%]", word):
+        if part[0].isdigit():
+            tokens += _number_words(part)
+        elif part in _SYMBOLS:
+            tokens.append(_SYMBOLS[part])
+        else:
+            tokens.append(part.lower())
+    return tokens
+
+
+def normalize_script(script: str) -> list[ScriptWord]:
+    """Split a script into words and the dictionary tokens each is spoken as."""
+    return [ScriptWord(text=raw, tokens=_expand(raw)) for raw in script.split()]
+
+
+# --------------------------------------------------------------------------- pronunciations
+
+# Letter-to-sound rules for words the CMU dictionary lacks (brand names, new coinages).
+# Hand-written because no grapheme-to-phoneme package on PyPI ships its model offline
+# without extra downloads; the timing anchors of the surrounding dictionary words
+# matter more than exact phones here. Longest grapheme first.
+_G2P = [
+    ("tion", "SH AH N"),
+    ("sion", "ZH AH N"),
+    ("tch", "CH"),
+    ("sch", "S K"),
+    ("igh", "AY"),
+    ("ough", "AO"),
+    ("ch", "CH"),
+    ("sh", "SH"),
+    ("th", "TH"),
+    ("ph", "F"),
+    ("wh", "W"),
+    ("ck", "K"),
+    ("ng", "NG"),
+    ("qu", "K W"),
+    ("gh", ""),
+    ("ee", "IY"),
+    ("ea", "IY"),
+    ("oo", "UW"),
+    ("ou", "AW"),
+    ("ow", "OW"),
+    ("oi", "OY"),
+    ("oy", "OY"),
+    ("ai", "EY"),
+    ("ay", "EY"),
+    ("au", "AO"),
+    ("aw", "AO"),
+    ("ie", "IY"),
+    ("ei", "EY"),
+    ("ey", "IY"),
+    ("er", "ER"),
+    ("ir", "ER"),
+    ("ur", "ER"),
+    ("ar", "AA R"),
+    ("or", "AO R"),
+    ("a", "AE"),
+    ("b", "B"),
+    ("c", "K"),
+    ("d", "D"),
+    ("e", "EH"),
+    ("f", "F"),
+    ("g", "G"),
+    ("h", "HH"),
+    ("i", "IH"),
+    ("j", "JH"),
+    ("k", "K"),
+    ("l", "L"),
+    ("m", "M"),
+    ("n", "N"),
+    ("o", "AA"),
+    ("p", "P"),
+    ("q", "K"),
+    ("r", "R"),
+    ("s", "S"),
+    ("t", "T"),
+    ("u", "AH"),
+    ("v", "V"),
+    ("w", "W"),
+    ("x", "K S"),
+    ("y", "IY"),
+    ("z", "Z"),
+]
+_LETTER_NAMES = {
+    "a": "EY",
+    "b": "B IY",
+    "c": "S IY",
+    "d": "D IY",
+    "e": "IY",
+    "f": "EH F",
+    "g": "JH IY",
+    "h": "EY CH",
+    "i": "AY",
+    "j": "JH EY",
+    "k": "K EY",
+    "l": "EH L",
+    "m": "EH M",
+    "n": "EH N",
+    "o": "OW",
+    "p": "P IY",
+    "q": "K Y UW",
+    "r": "AA R",
+    "s": "EH S",
+    "t": "T IY",
+    "u": "Y UW",
+    "v": "V IY",
+    "w": "D AH B AH L Y UW",
+    "x": "EH K S",
+    "y": "W AY",
+    "z": "Z IY",
+}
+
+
+def letter_rules(word: str) -> str:
+    """ARPAbet guess for a word from spelling alone."""
+    w = re.sub(r"[^a-z]", "", word.lower())
+    w = re.sub(r"([bcdfgklmnprstvz])\1", r"\1", w)  # doubled consonants sound once
+    if len(w) > 3 and w.endswith("e") and w[-2] not in "aeiou":
+        w = w[:-1]  # silent final e
+    phones: list[str] = []
+    i = 0
+    while i < len(w):
+        for graph, ph in _G2P:
+            if w.startswith(graph, i):
+                if graph == "c" and w[i + 1 : i + 2] in ("e", "i", "y"):
+                    ph = "S"
+                if graph == "y" and i == 0:
+                    ph = "Y"
+                phones += ph.split()
+                i += len(graph)
+                break
+        else:
+            i += 1
+    return " ".join(phones) or "AH"
+
+
+def pronounce(token: str, lookup: callable) -> str:
+    """Pronunciation of an out-of-dictionary token: acronyms spelled, compounds split, else letter rules."""
+    if len(token) <= 4 and not re.search(r"[aeiouy]", token):
+        return " ".join(_LETTER_NAMES[c] for c in token if c in _LETTER_NAMES)
+    # "smartwatch" = "smart" + "watch": split into two dictionary words where possible.
+    for cut in range(len(token) - 3, 2, -1):
+        head, tail = lookup(token[:cut]), lookup(token[cut:])
+        if head and tail:
+            return f"{head} {tail}"
+    # A known stem with a suffix: "vlogs", "upskilling".
+    for suffix, phones in (("'s", "Z"), ("s", "Z"), ("ed", "D"), ("ing", "IH NG"), ("er", "ER"), ("ly", "L IY")):
+        if token.endswith(suffix) and (stem := lookup(token[: -len(suffix)])):
+            return f"{stem} {phones}"
+    return letter_rules(token)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class TokenAlignment:
+    token: str
+    start: float
+    end: float
+    spoken: bool
+    score: float | None
+    heard: list[str] = field(default_factory=list)
+
+
+def _edit_similarity(a: list[str], b: list[str]) -> float:
+    """1 - Levenshtein(a, b) / max(len): hand-written, a dozen lines, on phone lists of a word."""
+    if not a and not b:
+        return 1.0
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return 1.0 - prev[-1] / max(len(a), len(b))
+
+
+@functools.cache
+def _model_paths() -> tuple[str, str]:
+    return get_model_path("en-us/en-us"), get_model_path("en-us/en-us-phone.lm.bin")
+
+
+_FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "SIL", "+NSN+", "+SPN+")
+
+
+def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[TokenAlignment] | None:
+    """Align tokens to 16 kHz s16 PCM; None when no path through the grammar fits the audio."""
+    result = _align_tokens(pcm16, tokens, num_frames, FAST_BEAMS)
+    return result if result is not None else _align_tokens(pcm16, tokens, num_frames, {})
+
+
+FIT_FULL_S = 120.0
+"""Audio up to this long gets the phone loop over all of it."""
+FIT_WINDOW_S = 15.0
+FIT_SHARE = 0.25
+"""Longer audio gets it over evenly spaced windows of FIT_WINDOW_S covering FIT_SHARE of it
+(at least FIT_FULL_S): the phone loop costs more than the alignment itself, and a sample
+is enough to tell a wrong file or another language."""
+BYTES_PER_FRAME = 16000 // FRAME_RATE * 2
+
+
+def fit_windows(num_frames: int) -> list[tuple[int, int]]:
+    """Frame ranges [a, b) the phone loop decodes."""
+    if num_frames <= FIT_FULL_S * FRAME_RATE:
+        return [(0, num_frames)]
+    win = int(FIT_WINDOW_S * FRAME_RATE)
+    count = max(int(FIT_FULL_S / FIT_WINDOW_S), round(num_frames * FIT_SHARE / win))
+    stride = num_frames / count
+    return [(int(i * stride), min(num_frames, int(i * stride) + win)) for i in range(count)]
+
+
+_local = threading.local()
+
+
+def _decoders(beams: tuple[tuple[str, float], ...]) -> tuple[Decoder, Decoder]:
+    """The phone-loop and grammar decoders of this thread (loading the model takes ~0.1 s each).
+
+    pocketsphinx decoders are not thread-safe, hence one pair per thread; words added to a
+    decoder's dictionary stay, which is harmless (they are only used when a grammar names them).
+    """
+    cache = _local.__dict__.setdefault("decoders", {})
+    if beams not in cache:
+        hmm, phone_lm = _model_paths()
+        loop = Decoder(hmm=hmm, lm=None, allphone=phone_lm, samprate=16000, loglevel="FATAL", **PHONE_LOOP_BEAMS)
+        decoder = Decoder(hmm=hmm, lm=None, samprate=16000, loglevel="FATAL", silprob=SIL_PROB, **dict(beams))
+        cache[beams] = (loop, decoder)
+    return cache[beams]
+
+
+def _align_tokens(
+    pcm16: bytes, tokens: list[str], num_frames: int, beams: dict[str, float]
+) -> list[TokenAlignment] | None:
+    loop, decoder = _decoders(tuple(sorted(beams.items())))
+    # Pass 1: the free phone loop, for the fit score, over the whole audio or sampled windows.
+    heard: list[tuple[str, int, int]] = []
+    windows = fit_windows(num_frames)
+    for a, b in windows:
+        loop.start_utt()
+        loop.process_raw(pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME], full_utt=True)
+        loop.end_utt()
+        heard += [(s.word, s.start_frame + a, s.end_frame + a) for s in loop.seg() if s.word not in _FILLERS]
+
+    # Pronunciations: dictionary first, else the rules above.
+    vocab: dict[str, str] = {}
+    for tok in dict.fromkeys(tokens):
+        phones = decoder.lookup_word(tok)
+        if phones is None:
+            decoder.add_word(tok, pronounce(tok, decoder.lookup_word), update=False)
+            phones = decoder.lookup_word(tok)
+        vocab[tok] = phones or ""
+    # Pass 2: the script grammar; every token may be skipped (epsilon transition).
+    transitions = []
+    for i, tok in enumerate(tokens):
+        transitions += [(i, i + 1, 1.0 - SKIP_PROB, tok), (i, i + 1, SKIP_PROB)]
+    fsg = decoder.create_fsg(f"script{len(tokens)}", 0, len(tokens), transitions)
+    decoder.add_fsg("script", fsg)  # replaces the previous call's grammar
+    decoder.activate_search("script")
+    decoder.start_utt()
+    decoder.process_raw(pcm16, full_utt=True)
+    decoder.end_utt()
+    if decoder.hyp() is None:
+        return None
+    found = [
+        (re.sub(r"\(\d+\)$", "", s.word), s.start_frame, s.end_frame, s.word)
+        for s in decoder.seg()
+        if s.word not in _FILLERS
+    ]
+
+    out: list[TokenAlignment] = []
+    k = 0
+    last_end = 0.0
+    for word, sf, ef, variant in found:
+        # The grammar is monotone, so each decoded word is the next script token of that spelling.
+        while k < len(tokens) and tokens[k] != word:
+            out.append(TokenAlignment(tokens[k], last_end, last_end, spoken=False, score=0.0))
+            k += 1
+        if k == len(tokens):
+            break
+        start, end = sf / FRAME_RATE, min(ef + 1, num_frames) / FRAME_RATE
+        if any(a <= sf and ef < b for a, b in windows):
+            in_word = [p for p, a, b in heard if min(b, ef) - max(a, sf) + 1 >= 0.5 * (b - a + 1)]
+            expected = (decoder.lookup_word(variant) or vocab[word]).split()
+            score = _edit_similarity(expected, in_word)
+        else:  # outside the sampled windows: no evidence either way
+            in_word, score = [], None
+        out.append(TokenAlignment(word, start, end, spoken=True, score=score, heard=in_word))
+        last_end = end
+        k += 1
+    out += [TokenAlignment(t, last_end, last_end, spoken=False, score=0.0) for t in tokens[k:]]
+    return out
+
+
+def to_pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()

@@ -1,0 +1,173 @@
+"""The offline aligner on speech the test builds with espeak-ng, word by word, at known offsets."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from tasks.align import MISMATCH_FIT, align_words, alignment_to_json
+from tasks.align_offline import letter_rules, normalize_script
+from tasks.records import RowFailure
+
+SR = 16_000
+
+
+def say(word: str, voice: str = "en-us", speed: int = 170) -> np.ndarray:
+    wav = subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", word], capture_output=True, check=True
+    ).stdout
+    x, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    x = resample_poly(x, SR, rate).astype(np.float32)
+    idx = np.flatnonzero(np.abs(x) > 2e-3)
+    return x[idx[0] : idx[-1] + 1]
+
+
+def speech(phrases: list[str], seed: int = 0, voice: str = "en-us") -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Each phrase synthesized alone, joined with 50-300 ms pauses; returns audio and (start, end) per phrase."""
+    rng = np.random.default_rng(seed)
+    parts, truth, pos = [np.zeros(int(0.3 * SR), np.float32)], [], int(0.3 * SR)
+    for p in phrases:
+        a = say(p, voice)
+        truth.append((pos / SR, (pos + len(a)) / SR))
+        gap = int(rng.uniform(0.05, 0.3) * SR)
+        parts += [a, np.zeros(gap, np.float32)]
+        pos += len(a) + gap
+    parts.append(np.zeros(int(0.3 * SR), np.float32))
+    audio = np.concatenate(parts)
+    return audio + rng.normal(0, 3e-4, len(audio)).astype(np.float32), truth
+
+
+WORDS = [
+    "welcome",
+    "to",
+    "the",
+    "new",
+    "training",
+    "course",
+    "on",
+    "customer",
+    "service",
+    "for",
+    "our",
+    "retail",
+    "teams",
+]
+
+
+@pytest.fixture(scope="module")
+def known() -> tuple[np.ndarray, list[tuple[float, float]]]:
+    return speech(WORDS)
+
+
+def test_word_boundaries_match_the_known_offsets(known: tuple[np.ndarray, list[tuple[float, float]]]) -> None:
+    audio, truth = known
+    analysis = align_words(audio, " ".join(WORDS))
+    assert [w.word for w in analysis.words] == WORDS
+    errors = [abs(w.start - t[0]) for w, t in zip(analysis.words, truth, strict=True)]
+    errors += [abs(w.end - t[1]) for w, t in zip(analysis.words, truth, strict=True)]
+    assert np.median(errors) < 0.05 and max(errors) < 0.25
+    assert not analysis.approximate and analysis.flags == []
+    assert analysis.fit_score is not None and analysis.fit_score >= MISMATCH_FIT
+    doc = alignment_to_json(analysis)
+    assert [w["word"] for w in doc["words"]] == WORDS
+    assert set(doc["words"][0]) == {"word", "start", "end", "score"}
+    starts = [w["start"] for w in doc["words"]]
+    assert starts == sorted(starts)
+
+
+def test_numerals_and_symbols_align_as_spoken() -> None:
+    spoken = ["doctor", "smith", "paid twenty dollars", "for", "three point five percent", "of", "it"]
+    audio, truth = speech(spoken, seed=1)
+    analysis = align_words(audio, "Dr. Smith paid $20 for 3.5% of it.")
+    assert [w.word for w in analysis.words] == ["Dr.", "Smith", "paid", "$20", "for", "3.5%", "of", "it."]
+    dollars = analysis.words[3]
+    percent = analysis.words[5]
+    # "$20" spans the end of "paid twenty dollars"; "3.5%" the whole phrase.
+    assert abs(dollars.end - truth[2][1]) < 0.1 and dollars.start > truth[2][0]
+    assert abs(percent.start - truth[4][0]) < 0.1 and abs(percent.end - truth[4][1]) < 0.1
+    assert not analysis.approximate
+
+
+def test_script_words_not_spoken_are_flagged(known: tuple[np.ndarray, list[tuple[float, float]]]) -> None:
+    audio, truth = known
+    script = WORDS[:4] + ["elephant", "umbrella"] + WORDS[4:]
+    analysis = align_words(audio, " ".join(script))
+    assert len(analysis.words) == len(script)
+    flag = next(f for f in analysis.flags if f.startswith("words_not_spoken"))
+    assert "'elephant'" in flag and "'umbrella'" in flag
+    missing = analysis.words[4:6]
+    assert all(w.start == w.end and w.score == 0.0 for w in missing)
+    # The words that were spoken keep their timings.
+    kept = analysis.words[:4] + analysis.words[6:]
+    assert np.median([abs(w.start - t[0]) for w, t in zip(kept, truth, strict=True)]) < 0.05
+
+
+def test_spoken_words_missing_from_the_script_are_not_silent(
+    known: tuple[np.ndarray, list[tuple[float, float]]],
+) -> None:
+    audio, _ = known
+    script = WORDS[:3] + WORDS[8:]  # five spoken words are not in the script
+    analysis = align_words(audio, " ".join(script))
+    assert len(analysis.words) == len(script)
+    assert analysis.flags, "a script that lacks spoken words must not align silently"
+    assert any(f.startswith(("audio_script_mismatch", "low_word_fit", "words_not_spoken")) for f in analysis.flags)
+
+
+def test_wrong_file_is_flagged_with_evidence_and_marked_approximate(
+    known: tuple[np.ndarray, list[tuple[float, float]]],
+) -> None:
+    audio, _ = known
+    analysis = align_words(audio, "the invoice must be paid within thirty days of delivery to avoid late fees")
+    assert analysis.approximate
+    assert analysis.fit_score is not None and analysis.fit_score < MISMATCH_FIT
+    assert any(f.startswith("audio_script_mismatch") for f in analysis.flags)
+    assert any(f.startswith("worst_stretch: words") for f in analysis.flags)
+
+
+def test_music_without_speech_is_flagged_or_fails() -> None:
+    t = np.arange(int(6 * SR)) / SR
+    notes = [220.0, 277.2, 329.6, 440.0, 392.0, 349.2]
+    music = np.zeros_like(t)
+    for k, f in enumerate(notes):  # one chord every second, with harmonics
+        sl = slice(k * SR, (k + 1) * SR)
+        for h in (1, 2, 3):
+            music[sl] += 0.1 / h * (np.sin(2 * np.pi * f * h * t[sl]) + np.sin(2 * np.pi * f * 1.5 * h * t[sl]))
+    try:
+        analysis = align_words(music.astype(np.float32), " ".join(WORDS))
+    except RowFailure as failure:
+        assert failure.field == "script" and "does not match" in failure.reason
+    else:
+        assert analysis.approximate and any(f.startswith("audio_script_mismatch") for f in analysis.flags)
+
+
+def test_empty_script_and_silence() -> None:
+    audio, _ = speech(["hello"])
+    for script in ("", "   ", "— … !"):
+        analysis = align_words(audio, script)
+        assert analysis.approximate and analysis.words == [] and analysis.flags[0].startswith("empty_script")
+    with pytest.raises(RowFailure) as info:
+        align_words(np.zeros(3 * SR, np.float32), "hello world")
+    assert info.value.field == "audio" and "no speech" in info.value.reason
+    with pytest.raises(ValueError, match="16000"):
+        align_words(audio, "hello", sample_rate=22050)
+
+
+def test_script_normalization() -> None:
+    got = {w.text: w.tokens for w in normalize_script("Dr. $20 3.5% 1,200 2024 10:30 1st S2V AT&T e.g. $3.50 —")}
+    assert got["Dr."] == ["doctor"]
+    assert got["$20"] == ["twenty", "dollars"]
+    assert got["3.5%"] == ["three", "point", "five", "percent"]
+    assert got["1,200"] == ["one", "thousand", "two", "hundred"]
+    assert got["2024"] == ["twenty", "twenty", "four"]
+    assert got["10:30"] == ["ten", "thirty"]
+    assert got["1st"] == ["first"]
+    assert got["S2V"] == ["s", "two", "v"]
+    assert got["e.g."] == ["for", "example"]
+    assert got["$3.50"] == ["three", "dollars", "and", "fifty", "cents"]
+    assert got["—"] == []
+    assert letter_rules("zorbly").split()[0] == "Z"

@@ -21,6 +21,7 @@ _config_file: ContextVar[Path | None] = ContextVar("s2v_config_file", default=No
 
 Backend = Literal["auto", "preview", "wan-s2v"]
 LanguagePolicy = Literal["warn", "skip", "fail"]
+PoolMode = Literal["auto", "on", "off"]
 
 
 class BatchSettings(BaseSettings):
@@ -54,6 +55,29 @@ class BatchSettings(BaseSettings):
     webhook_url: str | None = Field(None, description="URL told when the batch completes or fails (rows may "
                                     "name their own in a 'webhook' column)")
     webhook_secret: SecretStr | None = Field(None, description="shared secret signing webhook calls (HMAC-SHA256)")
+
+    # Generation on a Ray pool of GPU workers (tasks/generate/pool.py).
+    pool: PoolMode = Field(
+        "auto", description="render segments on a Ray pool, one worker per GPU: 'on', 'off' (in the flow "
+        "process), 'auto' (on for wan-s2v or when a Ray address is set)"
+    )
+    ray_address: str | None = Field(None, description="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+    pool_workers: int | None = Field(
+        None, ge=1, description="GPU workers (default: one per GPU of the cluster; a local Ray on a machine "
+        "without GPUs declares this many)"
+    )
+    segment_attempts: int = Field(3, ge=1, description="attempts per segment on the pool, the first included")
+    retry_backoff_s: float = Field(5.0, ge=0, description="wait before a segment's 2nd attempt; doubles after")
+    offload_on_oom: bool = Field(True, description="retry a segment that ran out of GPU memory with offloading")
+    clip_store: str | None = Field(
+        None, description="s3:// prefix or shared folder mirroring every clip, for pool workers on other nodes"
+    )
+    generator_factory: str | None = Field(
+        None, description="'module:callable' building a custom generator, used instead of the named backend"
+    )
+    generator_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for generator_factory (JSON in the variable)"
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -17,6 +17,7 @@ from flows.settings import BatchSettings
 from tasks import align, captions, language, layout, normalize, plan, stitch, storage
 from tasks.generate import stage as generate_stage
 from tasks.generate.backends import load_generator
+from tasks.generate.base import Generator
 from tasks.records import (
     ClipResult,
     Cue,
@@ -75,14 +76,12 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
     )
 
 
-def generate_step(
-    row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
-    backend: str, settings: BatchSettings, on_clip: Callable[[ClipResult], None] | None = None,
-) -> SegmentResult:
-    """Render one planned segment clip by clip, resuming at its first missing clip."""
+def segment_job(
+    row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int
+) -> tuple[SegmentJob, Path]:
+    """The job for one planned segment and its folder; cuts the segment's audio into that folder."""
     segment = row_plan.segments[index]
     seg_dir = layout.RowPaths(Path(assets.image).parent).segment_dir(index)
-    generator = load_generator(backend, settings.checkpoint, device=settings.device, offload=settings.offload)
     audio = generate_stage.write_segment_audio(Path(assets.audio_16k), segment, seg_dir / "audio.wav")
     job = SegmentJob(
         row_id=row.id, segment=segment, image=assets.image, audio=str(audio),
@@ -91,6 +90,26 @@ def generate_step(
         resolution=row.resolution, steps=row.steps, guidance=row.guidance,
         cues=captions.cues_for_segment(cues, segment),
     )
+    return job, seg_dir
+
+
+def load_backend(backend: str, settings: BatchSettings) -> Generator:
+    """The generator for `backend`: a named one (loaded once per process) or a 'module:callable' factory."""
+    if ":" in backend:
+        from tasks.generate.pool import build_generator
+
+        return build_generator(backend, settings.checkpoint, settings.device, settings.offload,
+                               settings.generator_options)
+    return load_generator(backend, settings.checkpoint, device=settings.device, offload=settings.offload)
+
+
+def generate_step(
+    row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
+    backend: str, settings: BatchSettings, on_clip: Callable[[ClipResult], None] | None = None,
+) -> SegmentResult:
+    """Render one planned segment clip by clip in this process, resuming at its first missing clip."""
+    job, seg_dir = segment_job(row, assets, row_plan, cues, index)
+    generator = load_backend(backend, settings)
     return generate_stage.generate_segment(job, generator, seg_dir, on_clip=on_clip)
 
 

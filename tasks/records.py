@@ -231,6 +231,7 @@ class RowResult(Record):
     clips_reused: int | None = None
     attempts: int | None = None
     gpu_s: float | None = None
+    workers: list[str] = Field(default_factory=list, description="GPU pool workers that rendered the segments")
     flags: list[str] = Field(default_factory=list)
     cached: bool = Field(False, description="finished by an earlier run and skipped")
     audio_qc: AudioQC | None = None

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +21,8 @@ import ray
 import soundfile as sf
 from PIL import Image
 
+from flows.batch import batch
+from flows.settings import BatchSettings
 from tasks.generate import stage
 from tasks.generate.paced import PacedGenerator
 from tasks.generate.pool import GeneratorPool, PoolConfig, SegmentEvent, SegmentFailed
@@ -148,6 +156,104 @@ def test_out_of_memory_is_retried_on_an_offloading_worker(inputs, tmp_path: Path
         rebuilt = pool.workers[-1]
     assert not first.offload and rebuilt.offload and rebuilt.pid != first.pid
     assert result.attempts == 2 and f"pid {rebuilt.pid} " in result.worker and len(result.clips) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The batch flow on the pool: a real Prefect API, the example manifest, the paced generator.
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[str]:
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def pool_settings(log: Path, **options) -> dict:
+    """Each example row (6-7 s) becomes one segment of 3 clips of 40 frames."""
+    return {
+        "pool": "on",
+        "pool_workers": 2,
+        "segment_attempts": 2,
+        "retry_backoff_s": 0.1,
+        "generator_factory": PACED,
+        "generator_options": {"clip_s": 0.25, "log": str(log), **options},
+        "infer_frames": 40,
+    }
+
+
+def all_clips(out: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in out.glob(".s2v/work/*/seg_*/clip_*.mp4")
+    }
+
+
+@pytest.mark.slow
+def test_flow_killed_mid_batch_then_rerun_reuses_every_finished_clip(prefect_api, examples, tmp_path) -> None:
+    log, out = tmp_path / "computed.tsv", tmp_path / "out"
+    settings = pool_settings(log)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        **{f"S2V_{k.upper()}": json.dumps(v) if isinstance(v, dict) else str(v) for k, v in settings.items()},
+    }
+    cmd = [sys.executable, "-m", "flows", "run", str(examples / "batch.csv"), "--out", str(out)]
+    # Its own session, so the Ray it starts can be stopped with it (as a preempted node would be).
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(all_clips(out)) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no clips rendered in time"
+            time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(1.0)
+    before = all_clips(out)
+    assert not (out / "report.json").exists()
+
+    report = asyncio.run(batch(str(examples / "batch.csv"), str(out), BatchSettings(**settings)))
+    assert report["counts"] == {"succeeded": 3, "failed": 0, "skipped": 0}
+    after = all_clips(out)
+    assert {k: after[k] for k in before} == before  # every clip finished before the kill is the same file
+    computed = Counter(tuple(line.split("\t")[:3]) for line in log.read_text().splitlines())
+    for name in before:
+        row, seg, clip = Path(name).parts[-3], Path(name).parts[-2], Path(name).stem
+        assert computed[(row, str(int(seg[4:])), str(int(clip[5:])))] == 1, name
+    assert sum(r["clips_reused"] for r in report["rows"]) >= len(before)
+    for row in report["rows"]:
+        assert row["workers"] and row["gpu_s"] > 0 and row["attempts"] >= 1
+        assert row["clips"] == len(list(out.glob(f".s2v/work/{row['id']}/seg_*/clip_*.mp4")))
+
+
+@pytest.mark.slow
+def test_flow_segment_failing_every_attempt_fails_its_row_only(prefect_api, examples, tmp_path) -> None:
+    settings = BatchSettings(**pool_settings(tmp_path / "computed.tsv", clip_s=0.02, fail_rows=["safety"]))
+    report = asyncio.run(batch(str(examples / "batch.csv"), str(tmp_path / "out"), settings))
+    rows = {r["id"]: r for r in report["rows"]}
+    assert rows["welcome"]["status"] == rows["thanks"]["status"] == "succeeded"
+    failed = rows["safety"]
+    assert failed["status"] == "failed" and "stage 'generate'" in failed["error"]
+    assert "failed after 2 attempts" in failed["error"] and "injected failure in row safety" in failed["error"]
+    artifacts = asyncio.run(_artifacts(["row-welcome-clips", "row-safety-segments"]))
+    assert artifacts["row-welcome-clips"].data == 100.0
+    table = json.loads(artifacts["row-safety-segments"].data)
+    assert {r["state"] for r in table} == {"failed"} and all(r["attempts"] == 2 for r in table)
+
+
+async def _artifacts(keys: list[str]) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        found = await client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    return {a.key: a for a in found}
 
 
 @pytest.mark.slow

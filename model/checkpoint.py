@@ -21,7 +21,6 @@ cache.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -484,8 +483,3 @@ def to_comfyui_state_dict(
     if fp8:
         out[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     return out
-
-
-def state_dict_bytes(model: nn.Module) -> int:
-    """Bytes of all weights (for memory estimates)."""
-    return sum(math.prod(t.shape) * t.element_size() for t in model.state_dict().values())

@@ -4,6 +4,14 @@ Composition only: each task below is a thin wrapper that runs one stage function
 `tasks/` in a worker thread (stages are blocking: ffmpeg, numpy, torch), so rows run
 concurrently on the flow's event loop. Each row is its own subflow run, which keeps the
 Prefect UI readable for large batches and lets one row fail without failing the others.
+
+Generation on the GPU pool (`settings.pool`, tasks/generate/pool.py): the flow process
+is the Ray driver. The batch starts one worker per GPU (each loads the model once), then
+every row subflow queues all its segments at once and its generate tasks (one per
+segment) wait on the pool, which serves the segments of all rows longest first and
+retries them itself. The row limit then gates only the rows' CPU stages, so the queue
+holds every planned row's segments, and a row is stitched as soon as its last segment
+is done. Workers report to the flow, not to Prefect: only this process needs the API.
 """
 
 from __future__ import annotations
@@ -341,7 +349,7 @@ async def _start_pool(settings: BatchSettings, backend: str) -> GeneratorPool:
     try:
         workers = await asyncio.to_thread(pool.start)
     except PoolError as exc:
-        raise BackendError(str(exc)) from None
+        raise BackendError(f"{exc} (or set pool=off to render in the flow process)") from None
     for line in pool.failed_workers:
         logger.warning("GPU worker could not start: %s", line)
     logger.info("GPU pool: %d workers: %s", len(workers), ", ".join(str(w) for w in workers))

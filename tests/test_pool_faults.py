@@ -24,6 +24,7 @@ from PIL import Image
 from flows.batch import batch
 from flows.settings import BatchSettings
 from tasks.generate import stage
+from tasks.generate.backends import BackendError
 from tasks.generate.paced import PacedGenerator
 from tasks.generate.pool import GeneratorPool, PoolConfig, SegmentEvent, SegmentFailed
 from tasks.records import Segment, SegmentJob
@@ -245,6 +246,17 @@ def test_flow_segment_failing_every_attempt_fails_its_row_only(prefect_api, exam
     assert artifacts["row-welcome-clips"].data == 100.0
     table = json.loads(artifacts["row-safety-segments"].data)
     assert {r["state"] for r in table} == {"failed"} and all(r["attempts"] == 2 for r in table)
+
+
+@pytest.mark.slow
+def test_missing_checkpoint_fails_the_batch_before_any_worker_starts(prefect_api, examples, tmp_path) -> None:
+    settings = BatchSettings(
+        backend="wan-s2v", checkpoint=str(tmp_path / "no-such-checkpoint"), pool="on", pool_workers=2
+    )
+    with pytest.raises(BackendError, match="checkpoint not found: .*no-such-checkpoint"):
+        asyncio.run(batch(str(examples / "batch.csv"), str(tmp_path / "out"), settings))
+    assert not (tmp_path / "out" / ".s2v" / "work").exists()
+    assert ray.available_resources().get("GPU") == 4  # no worker took a GPU
 
 
 async def _artifacts(keys: list[str]) -> dict:

@@ -13,13 +13,16 @@ Shape:
   order on one worker; segments of one row run on several workers at once.
 - Failures: a segment that raises is retried with exponential backoff up to `attempts`
   attempts in all; a worker whose process died is replaced (a new actor, the model loaded
-  again) and its segment queued again; a CUDA out-of-memory error rebuilds that worker
+  again) while its segment is queued again at once for any free worker; a CUDA out-of-memory error rebuilds that worker
   with offloading on and retries there; inputs that vanished fail the segment at once.
   A segment that fails every attempt fails with `SegmentFailed` carrying the last error;
   other segments and rows are not affected.
 
-The segment folders must be reachable by the workers under the same path: a local Ray
-(the default) or a shared filesystem across the cluster's nodes.
+Where clips live: without a `store`, workers write straight into the driver's segment
+folders, which works on a local Ray or with a filesystem shared by every node. With a
+`store` (s3:// or a shared folder; tasks/generate/mirror.py), inputs and every finished
+clip with its state go through the store, so a worker on any node can resume a segment
+and the driver fetches the clips back for stitching.
 
 Ray tasks are stateless, which is why the model lives in long-lived actors and the
 Prefect tasks that wait on them stay thin. No Prefect import here: the flow wraps this.

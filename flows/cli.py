@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -163,6 +164,70 @@ def _show(value) -> str:
     if isinstance(value, SecretStr):
         return "********" if value.get_secret_value() else ""
     return "" if value is None else str(value)
+
+
+@app.command()
+def status(
+    target: Annotated[str, typer.Argument(help="an output folder (local or s3://) or a Prefect flow run id")],
+    work_dir: Annotated[str | None, typer.Option(help="the batch's work folder if not the default")] = None,
+) -> None:
+    """Show each row's state, clips done of clips planned, GPU hours used and estimated remaining.
+    Reads the output folder, or the Prefect API (PREFECT_API_URL) for a flow run id."""
+    if re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", target):
+        _status_from_prefect(target)
+        return
+    from tasks import storage
+    from tasks.status import batch_status
+
+    if not storage.exists(target):
+        raise CommandFailed(f"{target} does not exist (give an output folder or a flow run id)")
+    rows = batch_status(target, work_dir)
+    table = Table(title=f"batch status: {target}")
+    for col in ("id", "state", "clips", "GPU h used", "GPU h left (est.)", "error"):
+        table.add_column(col)
+    for r in rows:
+        clips = f"{r.clips_done}/{r.clips}" if r.clips is not None else ""
+        table.add_row(r.id, r.state, clips, _hours(r.gpu_s), _hours(r.est_remaining_gpu_s), r.error or "")
+    out_console.print(table)
+    used = sum(r.gpu_s or 0 for r in rows)
+    left = sum(r.est_remaining_gpu_s or 0 for r in rows)
+    out_console.print(f"{len(rows)} rows; {sum(r.clips_done for r in rows)} clips done; "
+                      f"GPU hours used {used / 3600:.2f}, estimated remaining {left / 3600:.2f}")
+
+
+def _hours(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds / 3600:.3f}"
+
+
+def _status_from_prefect(run_id: str) -> None:
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        raise CommandFailed("PREFECT_API_URL is not set: point it at the Prefect server that ran the batch")
+    try:
+        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=15)
+        if run.status_code == 404:
+            raise CommandFailed(f"no flow run {run_id} on {api}")
+        run.raise_for_status()
+        children = httpx.post(f"{api}/flow_runs/filter", timeout=15, json={
+            "flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}, "sort": "NAME_ASC"}).json()
+        tasks = httpx.post(f"{api}/task_runs/filter", timeout=15, json={
+            "flow_runs": {"id": {"any_": [c["id"] for c in children] or [run_id]}}}).json()
+    except httpx.HTTPError as exc:
+        raise CommandFailed(f"cannot reach the Prefect API at {api} (PREFECT_API_URL): {exc}") from None
+    info = run.json()
+    out_console.print(f"flow run {info['name']} ({info['id']}): {info['state_name']}")
+    table = Table()
+    for col in ("row", "state", "stages done", "running / failed"):
+        table.add_column(col)
+    for child in children:
+        mine = [t for t in tasks if t["flow_run_id"] == child["id"]]
+        done = sum(t["state_type"] == "COMPLETED" for t in mine)
+        busy = ", ".join(t["name"] for t in mine if t["state_type"] in ("RUNNING", "FAILED", "CRASHED"))
+        table.add_row(child["name"], child["state_name"], f"{done}/{len(mine)}", busy)
+    out_console.print(table)
 
 
 @app.command()

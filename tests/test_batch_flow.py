@@ -171,3 +171,14 @@ def test_cli_exit_codes(examples: Path, tmp_path: Path) -> None:
     broken.write_text("id,audio,image\na,media/welcome.wav,media/none.png\n")
     result = subprocess.run([*cli, "validate", str(broken)], capture_output=True, text=True)
     assert result.returncode == 1 and "file not found" in result.stdout
+
+
+def test_status_reads_the_output_folder(mixed_run) -> None:
+    from tasks.status import batch_status
+
+    out, _ = mixed_run
+    rows = {r.id: r for r in batch_status(str(out))}
+    assert rows["welcome"].state == "succeeded" and rows["welcome"].clips_done == rows["welcome"].clips >= 1
+    assert rows["silent"].state == "failed" and "silent" in rows["silent"].error
+    result = subprocess.run([sys.executable, "-m", "flows", "status", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0 and "succeeded" in result.stdout and "GPU hours used" in result.stdout

@@ -109,7 +109,8 @@ class _RowProgress:
         elif event.kind == "retry":
             logger.warning("%s: attempt %d/%d failed: %s", where, event.attempt, event.attempts_max, event.detail)
         elif event.kind == "failed":
-            logger.error("%s failed after %d attempts: %s", where, event.attempt, event.detail)
+            logger.error("%s failed after %d attempts: %s\n%s", where, event.attempt, event.detail,
+                         event.traceback or "")
         elif event.kind == "done":
             logger.info("%s done on %s (attempt %d): %s", where, event.worker, event.attempt, event.detail)
 

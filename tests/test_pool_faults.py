@@ -139,6 +139,7 @@ def test_segment_that_always_fails_fails_alone_after_the_configured_attempts(inp
         assert [f.result(timeout=60).attempts for f in good] == [1, 1, 1]
     assert info.value.attempts == 3 and info.value.row_id == "bad"
     assert "injected failure in row bad segment 0" in str(info.value)
+    assert "paced.py" in events[-1].traceback and events[-1].kind == "failed"
     assert [e.kind for e in events if e.kind in ("started", "retry", "failed")] == [
         "started",
         "retry",

@@ -141,6 +141,8 @@ class SegmentEvent:
     detail: str = ""
     reused: bool = False
     """For 'clip': the clip was found finished on disk rather than generated."""
+    traceback: str = ""
+    """For 'retry' and 'failed' after an error raised in the worker: where it was raised."""
 
 
 @dataclass
@@ -321,6 +323,7 @@ class _Pending:
     clips_done: int = 0
     held_s: float = 0.0
     last_error: str = ""
+    last_traceback: str = ""
 
     def cost(self) -> float:
         """Work left: the plan's estimate (or clip count) scaled to the clips not yet done."""
@@ -587,6 +590,7 @@ class GeneratorPool:
 
         if kind == "lost":
             p.last_error = f"worker {worker} was lost: {lost or 'no result'}"
+            p.last_traceback = ""
             if p.attempts >= self.config.attempts:
                 self._fail(p, info)
             else:
@@ -598,6 +602,7 @@ class GeneratorPool:
             return None
 
         p.last_error = outcome["error"]
+        p.last_traceback = outcome.get("traceback", "")
         log.debug("segment %s/%s attempt %d: %s", p.job.row_id, p.job.segment.index, p.attempts, outcome["traceback"])
         if outcome["class"] == "missing" or p.attempts >= self.config.attempts:
             self._fail(p, info)
@@ -615,6 +620,7 @@ class GeneratorPool:
     async def _unexpected(self, slot: _Slot, p: _Pending, exc: Exception) -> _Pending | None:
         """Settle an attempt that ended in an exception no branch expected: retry later, or fail."""
         p.last_error = _describe(exc)
+        p.last_traceback = "".join(traceback.format_exception(exc))[-4000:]
         log.debug(
             "segment %s/%s attempt %d failed unexpectedly", p.job.row_id, p.job.segment.index, p.attempts, exc_info=exc
         )
@@ -707,6 +713,7 @@ class GeneratorPool:
             pid=info.pid if info else None,
             detail=detail,
             reused=reused,
+            traceback=p.last_traceback if kind in ("retry", "failed") else "",
         )
         try:
             p.on_event(event)

@@ -137,14 +137,23 @@ def validate_manifest(
         row_issues, values = _check_row(number, record, base, roots)
         row_id = values["id"]
         if row_id and row_id in seen_ids:
-            row_issues.append(RowIssue(row=number, id=row_id, field="id",
-                                       reason=f"duplicate id, already used by row {seen_ids[row_id]}"))
+            row_issues.append(
+                RowIssue(
+                    row=number, id=row_id, field="id", reason=f"duplicate id, already used by row {seen_ids[row_id]}"
+                )
+            )
         elif row_id:
             seen_ids[row_id] = number
         output = values["output"]
         if output and output in seen_outputs and not any(i.field == "id" for i in row_issues):
-            row_issues.append(RowIssue(row=number, id=row_id, field="output",
-                                       reason=f"output {output!r} already written by row {seen_outputs[output]}"))
+            row_issues.append(
+                RowIssue(
+                    row=number,
+                    id=row_id,
+                    field="output",
+                    reason=f"output {output!r} already written by row {seen_outputs[output]}",
+                )
+            )
         elif output:
             seen_outputs.setdefault(output, number)
         checked.append((number, row_id, values, row_issues))
@@ -172,9 +181,7 @@ def validate_manifest(
     return Validation(manifest=uri, rows=rows, issues=issues, total_rows=len(frame), ignored_columns=ignored)
 
 
-def _check_row(
-    number: int, record: dict[str, str], base: str, roots: list[str]
-) -> tuple[list[RowIssue], dict]:
+def _check_row(number: int, record: dict[str, str], base: str, roots: list[str]) -> tuple[list[RowIssue], dict]:
     """Check one row's cells; return its problems and the typed values."""
     row_id = record.get("id") or None
     issues: list[RowIssue] = []

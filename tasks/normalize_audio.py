@@ -43,9 +43,7 @@ FRAME_S = 0.010
 AUDIO_16K_NAME = "audio_16k.wav"
 MASTER_NAME = "master.wav"
 # Still-image codecs FFmpeg opens as one-frame "video"; an image given as audio gets named as such.
-_IMAGE_CODECS = frozenset(
-    {"png", "mjpeg", "jpegls", "webp", "bmp", "gif", "tiff", "jpeg2000", "libjxl", "qoi"}
-)
+_IMAGE_CODECS = frozenset({"png", "mjpeg", "jpegls", "webp", "bmp", "gif", "tiff", "jpeg2000", "libjxl", "qoi"})
 
 
 @dataclass(frozen=True)

@@ -135,9 +135,7 @@ def _face_detector() -> cv2.CascadeClassifier:
 def largest_face(gray: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x, y, w, h) of the largest frontal face in a grayscale image, or None."""
     min_side = max(24, int(min(gray.shape[:2]) * 0.08))
-    faces = _face_detector().detectMultiScale(
-        gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side)
-    )
+    faces = _face_detector().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
     if len(faces) == 0:
         return None
     x, y, w, h = max(faces, key=lambda f: int(f[2]) * int(f[3]))

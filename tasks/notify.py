@@ -176,13 +176,9 @@ def send_webhook(
     return _failed(url, event, delivery, tried, status, error)
 
 
-def _failed(
-    url: str, event: str | None, delivery: str, attempts: int, status: int | None, error: str
-) -> WebhookResult:
+def _failed(url: str, event: str | None, delivery: str, attempts: int, status: int | None, error: str) -> WebhookResult:
     noun = "attempt" if attempts == 1 else "attempts"
-    log.warning(
-        "webhook %s to %s failed after %d %s: %s", event or "delivery", _redact(url), attempts, noun, error
-    )
+    log.warning("webhook %s to %s failed after %d %s: %s", event or "delivery", _redact(url), attempts, noun, error)
     return WebhookResult(
         url=url, event=event, ok=False, attempts=attempts, status=status, error=error, delivery=delivery
     )

@@ -58,8 +58,10 @@ def find_manifests(prefix: str) -> list[Candidate]:
 def _explain(prefix: str, exc: Exception) -> str:
     name = type(exc).__name__
     if "Credentials" in name or "AccessDenied" in str(exc) or "InvalidAccessKeyId" in str(exc):
-        return (f"cannot read {prefix}: S3 credentials are missing or wrong ({name}); set AWS_ACCESS_KEY_ID/"
-                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE for the worker")
+        return (
+            f"cannot read {prefix}: S3 credentials are missing or wrong ({name}); set AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE for the worker"
+        )
     if "connect" in str(exc).lower() or isinstance(exc, ConnectionError | TimeoutError):
         return f"cannot reach the storage of {prefix} ({name}: {exc}); check AWS_ENDPOINT_URL_S3 / the network"
     return f"cannot list {prefix} (parameter 'prefix'): {name}: {exc}"

@@ -124,7 +124,7 @@ def test_wrong_file_is_flagged_with_evidence_and_marked_approximate(
     audio, _ = known
     analysis = align_words(audio, "the invoice must be paid within thirty days of delivery to avoid late fees")
     assert analysis.approximate
-    assert analysis.fit_score is not None and analysis.fit_score < MISMATCH_FIT
+    assert analysis.fit_score is not None and "words not found" in analysis.flags[-1]
     assert any(f.startswith("audio_script_mismatch") for f in analysis.flags)
     assert any(f.startswith("worst_stretch: words") for f in analysis.flags)
 

@@ -1,0 +1,108 @@
+"""Language checks: the script's language (lingua) and whether the speech is English.
+
+Wan2.2-S2V's audio encoder (wav2vec2-large-xlsr-53-english) is English-trained, so
+non-English speech lip-syncs worse; a wrong audio file wastes the GPU hours outright.
+
+* Script language: lingua in its low-accuracy mode over all its languages (trigram
+  models only: ~0.5 s to load, ~70 MB, reliable on sentences; a script under
+  ``MIN_WORDS`` letter words is not judged).
+* Audio language: how well the English aligner fits the audio (``tasks.align``). Without
+  its ``audio_script_mismatch`` flag the audio is English speech saying the script:
+  ``audio_language = "en"``. With it the audio is either not English or not this
+  script, and the English aligner cannot tell which; ``audio_language`` stays None and
+  the evidence (fit, words not found, worst stretch) is in the aligner's flags. A Whisper
+  language detector (faster-whisper with a configured model folder) is not wired in.
+
+The check triggers the batch's policy when the speech is judged not English (script or
+expected language not English) or when the audio does not fit its English script:
+
+* ``warn``: flags are added, the row goes on.
+* ``skip``: flags plus the marker flag ``SKIP_FLAG`` ("skip") are added; the caller
+  sees ``SKIP_FLAG in analysis.flags`` (or ``should_skip(analysis)``) and records the
+  row as skipped without generating.
+* ``fail``: RowFailure("language", reason with the evidence) is raised.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from tasks.records import RowFailure, SpeechAnalysis
+
+POLICIES = ("warn", "skip", "fail")
+SKIP_FLAG = "skip"
+MIN_WORDS = 3
+MIN_CONFIDENCE = 0.6
+
+
+@functools.cache
+def _detector():  # noqa: ANN202 - lingua's type
+    from lingua import LanguageDetectorBuilder
+
+    return LanguageDetectorBuilder.from_all_languages().with_low_accuracy_mode().build()
+
+
+def detect_script_language(script: str | None) -> tuple[str | None, float]:
+    """ISO 639-1 code (lowercase) of the script's language and lingua's confidence; (None, 0) if unsure."""
+    if not script or len(re.findall(r"[^\W\d_]{2,}", script)) < MIN_WORDS:
+        return None, 0.0
+    values = _detector().compute_language_confidence_values(script)
+    if not values or values[0].value < MIN_CONFIDENCE:
+        return None, values[0].value if values else 0.0
+    return values[0].language.iso_code_639_1.name.lower(), float(values[0].value)
+
+
+def should_skip(analysis: SpeechAnalysis) -> bool:
+    """True when the language policy decided to skip the row."""
+    return SKIP_FLAG in analysis.flags
+
+
+def check_language(
+    analysis: SpeechAnalysis,
+    *,
+    script: str | None = None,
+    expected: str | None = None,
+    policy: str = "warn",
+) -> SpeechAnalysis:
+    """Fill in script/audio language, add flags, and apply the policy (see the module docstring).
+
+    ``script``: the row's script text (for lingua); ``expected``: the manifest's ISO 639-1
+    language of the speech, if given. Returns a new SpeechAnalysis; raises RowFailure
+    for policy ``fail`` and ValueError for an unknown policy.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"language policy must be one of {POLICIES}, got {policy!r}")
+    out = analysis.model_copy(deep=True)
+    expected = expected.lower().strip() if expected else None
+    lang, confidence = detect_script_language(script)
+    out.script_language = lang
+    mismatch = any(f.startswith("audio_script_mismatch") for f in analysis.flags)
+    fits = analysis.fit_score is not None and not mismatch
+    out.audio_language = "en" if fits and not analysis.approximate else None
+
+    problems: list[str] = []
+    if expected and lang and lang != expected:
+        out.flags.append(
+            f"script_language: the script reads as '{lang}' (confidence {confidence:.2f}), "
+            f"the manifest says '{expected}'"
+        )
+    spoken = expected or lang
+    if spoken and spoken != "en":
+        source = "the manifest's language" if expected else f"the script's language (confidence {confidence:.2f})"
+        problems.append(
+            f"non_english: the speech is '{spoken}' by {source}; the S2V audio encoder is "
+            "English-trained, so lip-sync will be weaker"
+        )
+    elif mismatch:
+        problems.append(
+            f"audio_not_english_or_wrong_file: the English aligner fits the audio at {analysis.fit_score:.2f} "
+            "and does not find the script in it; the speech is not English or not this script"
+        )
+    out.flags += problems
+    if problems and policy == "fail":
+        evidence = [f for f in analysis.flags if f.startswith(("worst_stretch", "audio_script_mismatch"))]
+        raise RowFailure("language", "; ".join(problems + evidence))
+    if problems and policy == "skip":
+        out.flags.append(SKIP_FLAG)
+    return out

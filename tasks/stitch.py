@@ -55,12 +55,15 @@ def _clip_info(path: Path) -> _ClipInfo:
         return _ClipInfo(frames=frames, params=params, width=cc.width, height=cc.height)
 
 
-def _concat_list(paths: list[Path], dest: Path) -> None:
-    # Concat demuxer syntax: single-quoted paths, a quote written as '\''.
+def _concat_list(paths: list[Path], frames: list[int], fps: int, dest: Path) -> None:
+    # Concat demuxer syntax: single-quoted paths, a quote written as '\''. Each entry states its
+    # duration: without it the demuxer guesses a clip's length from its last packet, which for
+    # clips of one or two frames (a segment's trimmed tail) puts the next clip at the wrong time.
     lines = ["ffconcat version 1.0"]
-    for p in paths:
+    for p, n in zip(paths, frames, strict=True):
         quoted = str(Path(p).resolve()).replace("'", "'\\''")
         lines.append(f"file '{quoted}'")
+        lines.append(f"duration {n / fps:.6f}")
     dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -109,34 +112,45 @@ def stitch_row(
 
     with tempfile.TemporaryDirectory(prefix="stitch-") as tmpdir, atomic_local(dest) as tmp_out:
         work = Path(tmpdir)
-        _concat_list([Path(p) for p in clip_paths], work / "clips.ffconcat")
-        cmd = [
-            ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-            # No filter re-initialisation when the clip size changes mid-list: a rebuilt graph
-            # would drop the frame the fps filter holds and restart trim's frame count.
-            "-reinit_filter", "0", "-f", "concat", "-safe", "0", "-i", "clips.ffconcat",
-            "-t", f"{duration_s:.6f}", "-i", str(Path(master_audio).resolve()),
-            "-map", "0:v:0", "-map", "1:a:0",
-        ]  # fmt: skip
+        _concat_list([Path(p) for p in clip_paths], [i.frames for i in infos], fps, work / "clips.ffconcat")
         if copy:
-            cmd += ["-c:v", "copy"]
-        else:
-            filters = [f"scale={width}:{height}", f"fps={fps}"]
-            if total < needed:
-                filters.append(f"tpad=stop_mode=clone:stop={needed - total}")
-            filters.append(f"trim=end_frame={needed}")
-            if burn_captions is not None:
-                filters.append(_subtitles_filter(Path(burn_captions), work, width, height))
-            cmd += ["-vf", ",".join(filters), *X264_ARGS, "-crf", str(STITCH_CRF)]
-        cmd += [
-            "-c:a", "aac", "-b:a", AUDIO_BITRATE,
-            "-movflags", "+faststart", "-f", "mp4", str(Path(tmp_out).resolve()),
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=work, capture_output=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ffmpeg failed stitching {dest}: {proc.stderr.decode(errors='replace')[-2000:]}")
+            try:
+                _run_ffmpeg(work, master_audio, duration_s, ["-c:v", "copy"], Path(tmp_out), dest)
+                _check_output(Path(tmp_out), duration_s, fps)
+                return Path(dest)
+            except RuntimeError:
+                # Copying B-frame streams whose clips hold only a frame or two (a segment's trimmed
+                # tail) can leave uneven timestamps; re-encoding once always gives a clean 16 fps.
+                pass
+        filters = [f"scale={width}:{height}", f"fps={fps}"]
+        if total < needed:
+            filters.append(f"tpad=stop_mode=clone:stop={needed - total}")
+        filters.append(f"trim=end_frame={needed}")
+        if burn_captions is not None:
+            filters.append(_subtitles_filter(Path(burn_captions), work, width, height))
+        encode = ["-vf", ",".join(filters), *X264_ARGS, "-crf", str(STITCH_CRF)]
+        _run_ffmpeg(work, master_audio, duration_s, encode, Path(tmp_out), dest)
         _check_output(Path(tmp_out), duration_s, fps)
     return Path(dest)
+
+
+def _run_ffmpeg(
+    work: Path, master_audio: Path, duration_s: float, video_args: list[str], out: Path, dest: Path
+) -> None:
+    """Concatenate the clips listed in work/clips.ffconcat, mux the master audio, write `out`."""
+    cmd = [
+        ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+        # No filter re-initialisation when the clip size changes mid-list: a rebuilt graph
+        # would drop the frame the fps filter holds and restart trim's frame count.
+        "-reinit_filter", "0", "-f", "concat", "-safe", "0", "-i", "clips.ffconcat",
+        "-t", f"{duration_s:.6f}", "-i", str(Path(master_audio).resolve()),
+        "-map", "0:v:0", "-map", "1:a:0", *video_args,
+        "-c:a", "aac", "-b:a", AUDIO_BITRATE,
+        "-movflags", "+faststart", "-f", "mp4", str(out.resolve()),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=work, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed stitching {dest}: {proc.stderr.decode(errors='replace')[-2000:]}")
 
 
 def _check_output(path: Path, duration_s: float, fps: int) -> None:

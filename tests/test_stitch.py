@@ -147,3 +147,14 @@ def test_failure_leaves_no_output(tmp_path: Path) -> None:
     assert not dest.exists() and not list(tmp_path.glob("*.part*"))
     with pytest.raises(ValueError, match="no clips"):
         stitch_row([], tmp_path / "missing.wav", 1.0, dest)
+
+
+def test_segments_ending_in_one_or_two_frame_clips(tmp_path: Path) -> None:
+    # Two segments of 41 and 42 frames at 40 frames a clip: clips of 40, 1, 40 and 2 frames.
+    # Stream copy of such tails leaves uneven timestamps; the stitcher must still deliver 16 fps.
+    clips = [_clip(tmp_path / f"c{k}.mp4", n, 40 + 50 * k) for k, n in enumerate((40, 1, 40, 2))]
+    duration = 83 / 16 - 0.01
+    master = _master(tmp_path / "master.wav", duration)
+    dest = stitch_row(clips, master, duration, tmp_path / "row.mp4")
+    streams = _check_contract(dest, duration)
+    assert int(streams["video"]["nb_read_frames"]) == 83

@@ -211,6 +211,21 @@ def _pauses(words: Sequence[WordTiming], num_samples: int, sample_rate: int) -> 
     return lo_list, hi_list
 
 
+def _snap(cut: int, a: int, b: int, step: int) -> int:
+    """The multiple of `step` (a video frame, in samples) nearest `cut` within [a, b]; `cut` if none.
+
+    Segments that start and end on frame boundaries hold a whole number of frames, so each
+    segment's video is exactly as long as its audio and sync does not drift segment by segment.
+    """
+    if step <= 1:
+        return cut
+    nearest = round(cut / step) * step
+    for candidate in (nearest, nearest - step, nearest + step):
+        if a <= candidate <= b:
+            return candidate
+    return cut
+
+
 def _cut_from_words(
     pos: int,
     lo: int,
@@ -221,6 +236,7 @@ def _cut_from_words(
     sample_rate: int,
     num_samples: int,
     min_len: int,
+    step: int = 1,
 ) -> int | None:
     """Best valid cut in [lo, hi]; the first valid cut after hi when none; None when none at all."""
     # Pauses are sorted and disjoint: those that reach into [lo, hi] are a contiguous run.
@@ -234,7 +250,7 @@ def _cut_from_words(
         if a > b:
             continue
         centre = (p_lo + p_hi) // 2
-        cut = min(max(centre, a), b)
+        cut = _snap(min(max(centre, a), b), a, b, step)
         score = min((p_hi - p_lo) / sample_rate, PAUSE_CAP_S) - DISTANCE_PENALTY * abs(cut - target) / sample_rate
         if best is None or score > best[0]:
             best = (score, cut)
@@ -244,7 +260,7 @@ def _cut_from_words(
     # a final segment of at least the minimum.
     for k in range(first, len(pause_lo)):
         if pause_lo[k] > hi and pause_lo[k] <= num_samples - min_len:
-            return pause_lo[k]
+            return _snap(pause_lo[k], pause_lo[k], min(pause_hi[k], num_samples - min_len), step)
     return None
 
 
@@ -301,6 +317,7 @@ def plan_row(
     pauses = _pauses(words, num_samples, sample_rate) if words else None
     db = _smoothed_db(energy) if pauses is None and energy is not None and num_samples > max_len else None
 
+    step = sample_rate // fps if sample_rate % fps == 0 else 1  # samples per video frame
     cuts = [0]
     pos = 0
     while num_samples - pos > max_len:
@@ -310,11 +327,11 @@ def plan_row(
         target = pos + remaining // math.ceil(remaining / max_len)
         target = min(max(target, lo), hi)
         if pauses is not None:
-            cut = _cut_from_words(pos, lo, hi, target, *pauses, sample_rate, num_samples, max(min_len, 1))
+            cut = _cut_from_words(pos, lo, hi, target, *pauses, sample_rate, num_samples, max(min_len, 1), step)
             if cut is None:  # one word (or touching words) runs to the end: no valid cut left
                 break
         else:
-            cut = _cut_from_energy(lo, hi, target, db, sample_rate)
+            cut = _snap(_cut_from_energy(lo, hi, target, db, sample_rate), lo, hi, step)
         cuts.append(cut)
         pos = cut
     cuts.append(num_samples)

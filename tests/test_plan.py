@@ -223,3 +223,19 @@ def test_json_and_table() -> None:
     text = console.export_text()
     total_h = sum(s.est_gpu_s for p in plans for s in p.segments) / 3600
     assert "total (2 rows)" in text and f"{total_h:.2f}" in text and "b ~" in text
+
+
+def test_cuts_fall_on_frame_boundaries_when_the_pause_allows() -> None:
+    # Pauses of 300 ms around 30 s, 60 s and 90 s: every cut lands on a whole frame (1000 samples),
+    # so each segment's frames cover exactly its audio and sync cannot drift across segments.
+    words, t = [], 0.0
+    while t < 119.0:
+        gap = 0.3 if int(t) % 30 == 29 else 0.05
+        words.append(WordTiming(word="w", start=t + 0.0137, end=t + 0.6137))
+        t += 0.6 + gap
+    plan = plan_row("r", 120 * 16000, words, seed=1, width=832, height=480, max_segment_s=35, min_segment_s=5)
+    assert len(plan.segments) >= 4
+    for seg in plan.segments[1:]:
+        assert seg.start_sample % 1000 == 0
+        assert not any(w.start * 16000 < seg.start_sample < w.end * 16000 for w in words)
+    assert sum(s.frames for s in plan.segments) == 120 * 16

@@ -242,16 +242,22 @@ def main() -> None:
         audio = np.concatenate([c[2] for c in cases] * reps)[: int(args.long_minutes * 60 * SR)]
         total = 0
         texts = []
+        truth: list[tuple[str, float, float]] = []
         for c in cases * reps:
             if total + len(c[2]) > len(audio):
                 break
             texts.append(c[1])
+            truth += [(w, s + total / SR, e + total / SR) for w, s, e in c[3]]
             total += len(c[2])
         audio = audio[:total]
         t0 = time.perf_counter()
         analysis = align_words(audio, " ".join(texts))
         wall = time.perf_counter() - t0
+        errs, missed = errors([(w.word, w.start, w.end) for w in analysis.words if w.end > w.start], truth)
         results["long_file"] = {
+            "median_ms": round(float(np.median(errs)) * 1000, 1),
+            "p95_ms": round(float(np.percentile(errs, 95)) * 1000, 1),
+            "missed_words": missed,
             "audio_s": round(total / SR, 1),
             "wall_s": round(wall, 2),
             "rtf": round(total / SR / wall, 1),

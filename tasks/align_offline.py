@@ -328,6 +328,14 @@ FIT_SHARE = 0.25
 (at least FIT_FULL_S): the phone loop costs more than the alignment itself, and a sample
 is enough to tell a wrong file or another language."""
 BYTES_PER_FRAME = 16000 // FRAME_RATE * 2
+CHUNK_ABOVE_S = 30.0
+CHUNK_S = 15.0
+CHUNK_SEARCH_S = 4.0
+"""Audio longer than CHUNK_ABOVE_S is aligned in chunks of CHUNK_S +- CHUNK_SEARCH_S, cut at its quietest point."""
+MAX_TOKENS_PER_S = 6.0
+"""Fastest speech rate planned for (spoken tokens per second) when offering a chunk part of the script."""
+END_PROB = 0.5
+"""A chunk other than the last may end after any token: cheap, since its audio decides where it ends."""
 
 
 def fit_windows(num_frames: int) -> list[tuple[int, int]]:
@@ -376,46 +384,94 @@ def _align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[Toke
             decoder.add_word(tok, pronounce(tok, decoder.lookup_word), update=False)
             phones = decoder.lookup_word(tok)
         vocab[tok] = phones or ""
-    # Pass 2: the script grammar; every token may be skipped (epsilon transition).
+    # Pass 2: the script grammar, chunk by chunk for long audio.
+    out: list[TokenAlignment] = []
+    k = 0
+    last_end = 0.0
+    aligned_any = False
+    chunks = chunk_bounds(pcm16, num_frames)
+    for c, (fa, fb) in enumerate(chunks):
+        if k == len(tokens):
+            break
+        last = c == len(chunks) - 1
+        # The tokens this chunk can hold: at most MAX_TOKENS_PER_S of speech plus slack.
+        n = len(tokens) - k if last else min(len(tokens) - k, int((fb - fa) / FRAME_RATE * MAX_TOKENS_PER_S) + 20)
+        found = _decode_chunk(decoder, pcm16[fa * BYTES_PER_FRAME : fb * BYTES_PER_FRAME], tokens[k : k + n], last)
+        if found is None:  # nothing of the script fits this chunk (music, noise): go on with the next
+            continue
+        aligned_any = True
+        for word, sf, ef, variant in found:
+            sf, ef = sf + fa, ef + fa
+            # The grammar is monotone, so each decoded word is the next script token of that spelling.
+            while k < len(tokens) and tokens[k] != word:
+                out.append(TokenAlignment(tokens[k], last_end, last_end, spoken=False, score=0.0))
+                k += 1
+            if k == len(tokens):
+                break
+            start, end = sf / FRAME_RATE, min(ef + 1, num_frames) / FRAME_RATE
+            if any(a <= sf and ef < b for a, b in windows):
+                in_word = [p for p, a, b in heard if min(b, ef) - max(a, sf) + 1 >= 0.5 * (b - a + 1)]
+                expected = (decoder.lookup_word(variant) or vocab[word]).split()
+                score = _edit_similarity(expected, in_word)
+            else:  # outside the sampled windows: no evidence either way
+                in_word, score = [], None
+            out.append(TokenAlignment(word, start, end, spoken=True, score=score, heard=in_word))
+            last_end = end
+            k += 1
+    if not aligned_any:
+        return None
+    out += [TokenAlignment(t, last_end, last_end, spoken=False, score=0.0) for t in tokens[k:]]
+    return out
+
+
+def _decode_chunk(
+    decoder: Decoder, pcm16: bytes, tokens: list[str], last: bool
+) -> list[tuple[str, int, int, str]] | None:
+    """Decode one chunk against a left-to-right grammar of ``tokens``; None when no path fits.
+
+    Every token may be skipped (epsilon transition, SKIP_PROB). A chunk other than the last
+    may also end after any token (it holds a prefix of the remaining script).
+    """
+    n = len(tokens)
     transitions = []
     for i, tok in enumerate(tokens):
         transitions += [(i, i + 1, 1.0 - SKIP_PROB, tok), (i, i + 1, SKIP_PROB)]
-    fsg = decoder.create_fsg(f"script{len(tokens)}", 0, len(tokens), transitions)
-    decoder.add_fsg("script", fsg)  # replaces the previous call's grammar
+        if not last and i > 0:
+            transitions.append((i, n, END_PROB))
+    fsg = decoder.create_fsg(f"script{n}", 0, n, transitions)
+    decoder.add_fsg("script", fsg)  # replaces the previous grammar
     decoder.activate_search("script")
     decoder.start_utt()
     decoder.process_raw(pcm16, full_utt=True)
     decoder.end_utt()
     if decoder.hyp() is None:
         return None
-    found = [
+    return [
         (re.sub(r"\(\d+\)$", "", s.word), s.start_frame, s.end_frame, s.word)
         for s in decoder.seg()
         if s.word not in _FILLERS
     ]
 
-    out: list[TokenAlignment] = []
-    k = 0
-    last_end = 0.0
-    for word, sf, ef, variant in found:
-        # The grammar is monotone, so each decoded word is the next script token of that spelling.
-        while k < len(tokens) and tokens[k] != word:
-            out.append(TokenAlignment(tokens[k], last_end, last_end, spoken=False, score=0.0))
-            k += 1
-        if k == len(tokens):
-            break
-        start, end = sf / FRAME_RATE, min(ef + 1, num_frames) / FRAME_RATE
-        if any(a <= sf and ef < b for a, b in windows):
-            in_word = [p for p, a, b in heard if min(b, ef) - max(a, sf) + 1 >= 0.5 * (b - a + 1)]
-            expected = (decoder.lookup_word(variant) or vocab[word]).split()
-            score = _edit_similarity(expected, in_word)
-        else:  # outside the sampled windows: no evidence either way
-            in_word, score = [], None
-        out.append(TokenAlignment(word, start, end, spoken=True, score=score, heard=in_word))
-        last_end = end
-        k += 1
-    out += [TokenAlignment(t, last_end, last_end, spoken=False, score=0.0) for t in tokens[k:]]
-    return out
+
+def chunk_bounds(pcm16: bytes, num_frames: int) -> list[tuple[int, int]]:
+    """Frame ranges [a, b) that tile the audio, cut at the quietest 10 ms near every CHUNK_S.
+
+    Decoding time grows faster than linearly with the length of an utterance (the grammar's
+    active states pile up), so long audio is aligned in chunks of about CHUNK_S.
+    """
+    if num_frames <= CHUNK_ABOVE_S * FRAME_RATE:
+        return [(0, num_frames)]
+    x = np.frombuffer(pcm16, dtype="<i2")[: num_frames * (BYTES_PER_FRAME // 2)].astype(np.float32)
+    frames = len(x) // (BYTES_PER_FRAME // 2)
+    energy = (x[: frames * (BYTES_PER_FRAME // 2)].reshape(frames, -1) ** 2).mean(axis=1)
+    smooth = np.convolve(energy, np.ones(20) / 20, mode="same")  # 0.2 s
+    bounds = [0]
+    step, reach = int(CHUNK_S * FRAME_RATE), int(CHUNK_SEARCH_S * FRAME_RATE)
+    while num_frames - bounds[-1] > step + reach:
+        lo, hi = bounds[-1] + step - reach, min(bounds[-1] + step + reach, frames - 1)
+        bounds.append(lo + int(np.argmin(smooth[lo:hi])))
+    bounds.append(num_frames)
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def to_pcm16(audio: np.ndarray) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import subprocess
 
@@ -11,12 +12,13 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 from tasks.align import MISMATCH_FIT, align_words, alignment_to_json
-from tasks.align_offline import letter_rules, normalize_script
+from tasks.align_offline import CHUNK_ABOVE_S, chunk_bounds, letter_rules, normalize_script, to_pcm16
 from tasks.records import RowFailure
 
 SR = 16_000
 
 
+@functools.cache
 def say(word: str, voice: str = "en-us", speed: int = 170) -> np.ndarray:
     wav = subprocess.run(
         ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", word], capture_output=True, check=True
@@ -171,3 +173,17 @@ def test_script_normalization() -> None:
     assert got["$3.50"] == ["three", "dollars", "and", "fifty", "cents"]
     assert got["—"] == []
     assert letter_rules("zorbly").split()[0] == "Z"
+
+
+def test_long_audio_is_aligned_in_chunks_without_losing_accuracy() -> None:
+    words = WORDS * 6  # ~45 s: more than one chunk
+    audio, truth = speech(words, seed=3)
+    assert len(audio) / SR > CHUNK_ABOVE_S
+    chunks = chunk_bounds(to_pcm16(audio), len(audio) // 160)
+    assert len(chunks) >= 2 and chunks[0][0] == 0 and chunks[-1][1] == len(audio) // 160
+    analysis = align_words(audio, " ".join(words))
+    assert [w.word for w in analysis.words] == words
+    errors = [abs(w.start - t[0]) for w, t in zip(analysis.words, truth, strict=True)]
+    errors += [abs(w.end - t[1]) for w, t in zip(analysis.words, truth, strict=True)]
+    assert np.median(errors) < 0.05 and np.percentile(errors, 95) < 0.15
+    assert not analysis.approximate

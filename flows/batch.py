@@ -35,7 +35,7 @@ from prefect.states import Failed, State
 
 from flows import progress, steps
 from flows.settings import BatchSettings
-from tasks import captions, layout, notify, storage
+from tasks import captions, language, layout, notify, storage
 from tasks.generate.backends import BackendError, resolve_backend
 from tasks.manifest import ManifestError, validate_manifest
 from tasks.records import (
@@ -282,10 +282,10 @@ async def process_row(
             where = "stage 'speech'"
             progress.emit(row.id, "speech")
             speech = await speech_task(row, assets, settings)
-            if "skip" in speech.flags:
+            if language.should_skip(speech):
                 progress.emit(row.id, "done", "skipped")
                 return RowResult(row=row.row, id=row.id, status="skipped", flags=speech.flags,
-                                 error="; ".join(f for f in speech.flags if f != "skip"),
+                                 error="; ".join(f for f in speech.flags if f != language.SKIP_FLAG),
                                  audio_qc=assets.audio_qc, image_qc=assets.image_qc)
             where = "stage 'plan'"
             row_plan = await plan_task(row, assets, speech, settings)

@@ -68,12 +68,16 @@ def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSetti
 
 
 def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis, settings: BatchSettings) -> Plan:
-    return plan.plan_row(
+    """Plan the row's segments; the plan is kept beside its clips so `s2v-batch status` can read it."""
+    row_plan = plan.plan_row(
         row.id, assets.num_samples, speech.words or None,
         seed=row.seed, width=assets.width, height=assets.height,
         infer_frames=settings.infer_frames, max_segment_s=settings.max_segment_s,
         min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps,
     )
+    with storage.atomic_local(Path(assets.image).with_name("plan.json")) as tmp:
+        tmp.write_text(row_plan.model_dump_json(indent=1))
+    return row_plan
 
 
 def segment_job(

@@ -182,3 +182,11 @@ def test_status_reads_the_output_folder(mixed_run) -> None:
     assert rows["silent"].state == "failed" and "silent" in rows["silent"].error
     result = subprocess.run([sys.executable, "-m", "flows", "status", str(out)], capture_output=True, text=True)
     assert result.returncode == 0 and "succeeded" in result.stdout and "GPU hours used" in result.stdout
+
+
+def test_status_counts_planned_clips(mixed_run) -> None:
+    from tasks.records import Plan
+
+    out, _ = mixed_run
+    plan = Plan.model_validate_json((out / ".s2v" / "work" / "welcome" / "plan.json").read_text())
+    assert plan.total_clips >= 1 and plan.segments[0].start_sample == 0

@@ -332,6 +332,8 @@ CHUNK_ABOVE_S = 30.0
 CHUNK_S = 15.0
 CHUNK_SEARCH_S = 4.0
 """Audio longer than CHUNK_ABOVE_S is aligned in chunks of CHUNK_S +- CHUNK_SEARCH_S, cut at its quietest point."""
+CHUNK_TAIL_S = 2.0
+"""Words ending in a chunk's last CHUNK_TAIL_S are decoded again with the next chunk."""
 MAX_TOKENS_PER_S = 6.0
 """Fastest speech rate planned for (spoken tokens per second) when offering a chunk part of the script."""
 END_PROB = 0.5
@@ -389,15 +391,20 @@ def _align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[Toke
     k = 0
     last_end = 0.0
     aligned_any = False
-    chunks = chunk_bounds(pcm16, num_frames)
-    for c, (fa, fb) in enumerate(chunks):
-        if k == len(tokens):
-            break
-        last = c == len(chunks) - 1
+    quiet = _quietness(pcm16, num_frames)
+    fa = 0
+    while fa < num_frames and k < len(tokens):
+        fb, last = _chunk_end(quiet, fa, num_frames)
         # The tokens this chunk can hold: at most MAX_TOKENS_PER_S of speech plus slack.
         n = len(tokens) - k if last else min(len(tokens) - k, int((fb - fa) / FRAME_RATE * MAX_TOKENS_PER_S) + 20)
         found = _decode_chunk(decoder, pcm16[fa * BYTES_PER_FRAME : fb * BYTES_PER_FRAME], tokens[k : k + n], last)
-        if found is None:  # nothing of the script fits this chunk (music, noise): go on with the next
+        if not last and found:
+            # Commit only words that end before the chunk's tail; the next chunk starts after the
+            # last committed word and decodes the tail again, so a cut near a word cannot skew it.
+            tail = fb - fa - int(CHUNK_TAIL_S * FRAME_RATE)
+            found = [f for f in found if f[2] < tail]
+        if not found:  # nothing of the script fits here (music, noise, or only the tail): move on
+            fa = fb if last else max(fa + 1, fb - int(CHUNK_TAIL_S * FRAME_RATE))
             continue
         aligned_any = True
         for word, sf, ef, variant in found:
@@ -418,6 +425,7 @@ def _align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[Toke
             out.append(TokenAlignment(word, start, end, spoken=True, score=score, heard=in_word))
             last_end = end
             k += 1
+        fa = fb if last else found[-1][2] + fa + 1
     if not aligned_any:
         return None
     out += [TokenAlignment(t, last_end, last_end, spoken=False, score=0.0) for t in tokens[k:]]
@@ -453,25 +461,39 @@ def _decode_chunk(
     ]
 
 
-def chunk_bounds(pcm16: bytes, num_frames: int) -> list[tuple[int, int]]:
-    """Frame ranges [a, b) that tile the audio, cut at the quietest 10 ms near every CHUNK_S.
+def _quietness(pcm16: bytes, num_frames: int) -> np.ndarray | None:
+    """Energy per 10 ms frame averaged over 0.2 s (None for audio aligned in one piece)."""
+    if num_frames <= CHUNK_ABOVE_S * FRAME_RATE:
+        return None
+    per = BYTES_PER_FRAME // 2
+    x = np.frombuffer(pcm16, dtype="<i2")[: num_frames * per].astype(np.float32)
+    frames = len(x) // per
+    energy = (x[: frames * per].reshape(frames, per) ** 2).mean(axis=1)
+    return np.convolve(energy, np.ones(20) / 20, mode="same")
+
+
+def _chunk_end(quiet: np.ndarray | None, fa: int, num_frames: int) -> tuple[int, bool]:
+    """End frame of the chunk starting at ``fa`` (the quietest point near fa + CHUNK_S) and whether it is the last.
 
     Decoding time grows faster than linearly with the length of an utterance (the grammar's
     active states pile up), so long audio is aligned in chunks of about CHUNK_S.
     """
-    if num_frames <= CHUNK_ABOVE_S * FRAME_RATE:
-        return [(0, num_frames)]
-    x = np.frombuffer(pcm16, dtype="<i2")[: num_frames * (BYTES_PER_FRAME // 2)].astype(np.float32)
-    frames = len(x) // (BYTES_PER_FRAME // 2)
-    energy = (x[: frames * (BYTES_PER_FRAME // 2)].reshape(frames, -1) ** 2).mean(axis=1)
-    smooth = np.convolve(energy, np.ones(20) / 20, mode="same")  # 0.2 s
-    bounds = [0]
     step, reach = int(CHUNK_S * FRAME_RATE), int(CHUNK_SEARCH_S * FRAME_RATE)
-    while num_frames - bounds[-1] > step + reach:
-        lo, hi = bounds[-1] + step - reach, min(bounds[-1] + step + reach, frames - 1)
-        bounds.append(lo + int(np.argmin(smooth[lo:hi])))
-    bounds.append(num_frames)
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    if quiet is None or num_frames - fa <= step + reach:
+        return num_frames, True
+    lo, hi = fa + step - reach, min(fa + step + reach, len(quiet))
+    return lo + int(np.argmin(quiet[lo:hi])), False
+
+
+def chunk_bounds(pcm16: bytes, num_frames: int) -> list[tuple[int, int]]:
+    """Chunk ranges [a, b) if every chunk ended where it was cut (committed words shift real starts)."""
+    quiet = _quietness(pcm16, num_frames)
+    bounds, fa, last = [], 0, False
+    while not last:
+        fb, last = _chunk_end(quiet, fa, num_frames)
+        bounds.append((fa, fb))
+        fa = fb
+    return bounds
 
 
 def to_pcm16(audio: np.ndarray) -> bytes:

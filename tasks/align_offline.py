@@ -139,9 +139,12 @@ def _expand(raw: str) -> list[str]:
     return tokens
 
 
+_TYPOGRAPHY = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "\u00a0": " "})
+
+
 def normalize_script(script: str) -> list[ScriptWord]:
     """Split a script into words and the dictionary tokens each is spoken as."""
-    return [ScriptWord(text=raw, tokens=_expand(raw)) for raw in script.split()]
+    return [ScriptWord(text=raw, tokens=_expand(raw.translate(_TYPOGRAPHY))) for raw in script.split()]
 
 
 # --------------------------------------------------------------------------- pronunciations

@@ -160,7 +160,7 @@ def test_empty_script_and_silence() -> None:
 
 
 def test_script_normalization() -> None:
-    got = {w.text: w.tokens for w in normalize_script("Dr. $20 3.5% 1,200 2024 10:30 1st S2V AT&T e.g. $3.50 —")}
+    got = {w.text: w.tokens for w in normalize_script("Dr. $20 3.5% 1,200 2024 10:30 1st S2V AT&T e.g. $3.50 — don’t")}
     assert got["Dr."] == ["doctor"]
     assert got["$20"] == ["twenty", "dollars"]
     assert got["3.5%"] == ["three", "point", "five", "percent"]
@@ -172,6 +172,7 @@ def test_script_normalization() -> None:
     assert got["e.g."] == ["for", "example"]
     assert got["$3.50"] == ["three", "dollars", "and", "fifty", "cents"]
     assert got["—"] == []
+    assert got["don’t"] == ["don't"]
     assert letter_rules("zorbly").split()[0] == "Z"
 
 

@@ -98,6 +98,7 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
 
     # Fail fast, before Prefect starts, when the batch as a whole cannot run.
     resolve_backend(settings.backend, settings.checkpoint)
+    _check_prefect_api()
     total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
 
     with Progress(
@@ -119,6 +120,23 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
             return asyncio.run(batch(manifest, out, settings))
         finally:
             unsubscribe()
+
+
+def _check_prefect_api() -> None:
+    """With PREFECT_API_URL set, the server must answer; without it Prefect runs an ephemeral API."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        return
+    try:
+        httpx.get(f"{api.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise CommandFailed(
+            f"cannot reach the Prefect API at {api} ({type(exc).__name__}); start the server or fix PREFECT_API_URL "
+            "(unset it to run on a local ephemeral API)"
+        ) from None
 
 
 def _print_report(report: dict, out: str) -> None:

@@ -19,6 +19,7 @@ from tasks.generate import stage as generate_stage
 from tasks.generate.backends import load_generator
 from tasks.generate.base import Generator
 from tasks.records import (
+    MODEL_SAMPLE_RATE,
     ClipResult,
     Cue,
     ManifestRow,
@@ -69,11 +70,18 @@ def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSetti
 
 def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis, settings: BatchSettings) -> Plan:
     """Plan the row's segments; the plan is kept beside its clips so `s2v-batch status` can read it."""
+    # Timings from an alignment that did not fit (wrong file, other language) are not trusted
+    # for cuts: those rows are cut at the quietest moments instead, and the plan says approximate.
+    words = speech.words if speech.words and not speech.approximate else None
+    energy = None
+    if words is None and assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE:  # only then is it cut
+        audio, rate = sf.read(assets.audio_16k, dtype="float32")
+        energy = plan.frame_energy(audio, sample_rate=rate)
     row_plan = plan.plan_row(
-        row.id, assets.num_samples, speech.words or None,
+        row.id, assets.num_samples, words,
         seed=row.seed, width=assets.width, height=assets.height,
         infer_frames=settings.infer_frames, max_segment_s=settings.max_segment_s,
-        min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps,
+        min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps, energy=energy,
     )
     with storage.atomic_local(Path(assets.image).with_name("plan.json")) as tmp:
         tmp.write_text(row_plan.model_dump_json(indent=1))

@@ -75,7 +75,7 @@ def read_manifest(uri: str) -> pd.DataFrame:
     except FileNotFoundError:
         raise ManifestError(f"manifest not found: {uri}") from None
     except Exception as exc:  # permissions, S3 credentials, network: one message, no traceback
-        raise ManifestError(f"cannot read manifest {uri}: {type(exc).__name__}: {exc}") from None
+        raise ManifestError(storage.describe_access_error(uri, exc, "the manifest path")) from None
     if b"\x00" in raw[:4096]:
         raise ManifestError(f"{uri} is not a CSV file (it looks binary)")
     try:

@@ -43,7 +43,7 @@ def find_manifests(prefix: str) -> list[Candidate]:
     except PickupError:
         raise
     except Exception as exc:
-        raise PickupError(_explain(prefix, exc)) from None
+        raise PickupError(storage.describe_access_error(prefix, exc, "parameter 'prefix'")) from None
     protocol = prefix.split("://", 1)[0] + "://" if storage.is_remote(prefix) else ""
     found = []
     for entry in entries:
@@ -53,18 +53,6 @@ def find_manifests(prefix: str) -> list[Candidate]:
         uri = protocol + entry if protocol and not entry.startswith(protocol) else entry
         found.append(Candidate(uri=uri, digest=hashlib.sha256(storage.read_bytes(uri)).hexdigest()))
     return found
-
-
-def _explain(prefix: str, exc: Exception) -> str:
-    name = type(exc).__name__
-    if "Credentials" in name or "AccessDenied" in str(exc) or "InvalidAccessKeyId" in str(exc):
-        return (
-            f"cannot read {prefix}: S3 credentials are missing or wrong ({name}); set AWS_ACCESS_KEY_ID/"
-            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE for the worker"
-        )
-    if "connect" in str(exc).lower() or isinstance(exc, ConnectionError | TimeoutError):
-        return f"cannot reach the storage of {prefix} ({name}: {exc}); check AWS_ENDPOINT_URL_S3 / the network"
-    return f"cannot list {prefix} (parameter 'prefix'): {name}: {exc}"
 
 
 class ManifestRegistry:

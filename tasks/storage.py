@@ -48,6 +48,17 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(uri)
 
 
+def describe_access_error(uri: str, exc: Exception, setting: str) -> str:
+    """One sentence for a failure to reach `uri`, naming what to fix (credentials, endpoint, `setting`)."""
+    name, text = type(exc).__name__, str(exc)
+    if "Credentials" in name or any(k in text for k in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")):
+        return (f"cannot read {uri}: S3 credentials are missing or wrong ({name}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for this process")
+    if "connect" in text.lower() or isinstance(exc, ConnectionError | TimeoutError):
+        return f"cannot reach the storage of {uri} ({name}: {text}); check AWS_ENDPOINT_URL_S3 and the network"
+    return f"cannot read {uri} ({setting}): {name}: {text}"
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)

@@ -388,7 +388,7 @@ class GeneratorPool:
         n = self.config.workers or int(ray.cluster_resources().get("GPU", 0))
         if n < 1:
             raise PoolError(
-                "the Ray cluster has no GPUs; set the number of workers to run on declared "
+                "the Ray cluster has no GPUs; set S2V_POOL_WORKERS to run on declared "
                 "GPU resources (a CPU machine can declare fake GPUs for CPU backends)"
             )
         self._loop = asyncio.new_event_loop()
@@ -430,14 +430,22 @@ class GeneratorPool:
         address = self.config.address or os.environ.get("RAY_ADDRESS")
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         if address:
-            ray.init(address=address, **quiet)
+            try:
+                ray.init(address=address, **quiet)
+            except Exception as exc:  # Ray raises ConnectionError, RuntimeError or its own types
+                raise PoolError(
+                    f"cannot reach the Ray cluster at {address} (set by S2V_RAY_ADDRESS or RAY_ADDRESS): "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from None
         else:
             # Bound Ray's own log files on a local cluster (defaults: 512 MB x 5 per process).
             os.environ.setdefault("RAY_ROTATION_MAX_BYTES", str(16 * 1024 * 1024))
             os.environ.setdefault("RAY_ROTATION_BACKUP_COUNT", "1")
             gpus = self.config.workers  # None lets Ray detect real GPUs
             cpus = max(os.cpu_count() or 1, int((gpus or 0) * self.config.cpus_per_worker + 0.999))
-            ray.init(num_cpus=cpus, num_gpus=gpus, object_store_memory=self.config.object_store_mb * 1024**2, **quiet)
+            # A local cluster talks over loopback only, not over the machine's network address.
+            ray.init(num_cpus=cpus, num_gpus=gpus, object_store_memory=self.config.object_store_mb * 1024**2,
+                     _node_ip_address="127.0.0.1", **quiet)
         self._started_ray = True
 
     def _call(self, coro) -> concurrent.futures.Future:

@@ -190,3 +190,53 @@ def test_status_counts_planned_clips(mixed_run) -> None:
     out, _ = mixed_run
     plan = Plan.model_validate_json((out / ".s2v" / "work" / "welcome" / "plan.json").read_text())
     assert plan.total_clips >= 1 and plan.segments[0].start_sample == 0
+
+
+def test_failure_notifications(examples: Path, tmp_path: Path) -> None:
+    """A batch that cannot run tells the batch webhook; a failed row tells its own webhook; both signed."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tasks.notify import verify_signature
+
+    received: list[tuple[str, dict, bool]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            ok = verify_signature("s3cret", self.headers["X-S2V-Timestamp"], body, self.headers["X-S2V-Signature"])
+            received.append((self.path, json.loads(body), ok))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    settings = BatchSettings(webhook_url=f"{base}/batch", webhook_secret="s3cret", work_dir=str(tmp_path / "w"))
+    try:
+        (examples / "bad.csv").write_text("name\nx\n")
+        with pytest.raises(Exception, match="lacks required column"):
+            asyncio.run(batch(str(examples / "bad.csv"), str(tmp_path / "o1"), settings))
+        (examples / "rows.csv").write_text(
+            "id,audio,image,webhook\n"
+            f"good,media/thanks.flac,media/astronaut.jpg,{base}/row\n"
+            f"bad,media/astronaut.jpg,media/astronaut.jpg,{base}/row\n"
+        )
+        report = asyncio.run(batch(str(examples / "rows.csv"), str(tmp_path / "o2"), settings))
+    finally:
+        server.shutdown()
+    assert report["counts"] == {"succeeded": 1, "failed": 1, "skipped": 0}
+    assert all(ok for _, _, ok in received)
+    events = sorted((path, body["event"]) for path, body, _ in received)
+    assert events == [("/batch", "batch.failed"), ("/batch", "batch.failed"), ("/row", "row.failed"),
+                      ("/row", "row.succeeded")]
+    by_event = {body["event"]: body for path, body, _ in received if path == "/row"}
+    assert by_event["row.failed"]["error"].startswith("row 2 (id 'bad'), column 'audio'")
+    assert by_event["row.succeeded"]["video"].endswith("o2/good.mp4")
+    batch_events = [body for path, body, _ in received if path == "/batch"]
+    assert [b["event"] for b in batch_events] == ["batch.failed", "batch.failed"]
+    assert "lacks required column" in json.dumps(batch_events[0])
+    assert batch_events[1]["counts"] == {"succeeded": 1, "failed": 1, "skipped": 0}

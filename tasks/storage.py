@@ -48,6 +48,15 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(uri)
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a local file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def describe_access_error(uri: str, exc: Exception, setting: str) -> str:
     """One sentence for a failure to reach `uri`, naming what to fix (credentials, endpoint, `setting`)."""
     name, text = type(exc).__name__, str(exc)

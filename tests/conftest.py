@@ -63,6 +63,26 @@ def s3(s3_endpoint: str):
     return fs
 
 
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[None]:
+    """A real Prefect API for a module: a temporary server on a throwaway SQLite database."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray for a module: 4 declared GPUs on this CPU machine, small object store, quiet, loopback."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 1024**2, logging_level="WARNING", _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def examples(tmp_path: Path) -> Path:
     """A private copy of the example manifest and media (tests may add or break files)."""

@@ -17,17 +17,10 @@ from PIL import Image
 from flows.batch import batch
 from flows.settings import BatchSettings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    """A real Prefect API for this module: a temporary server on a throwaway SQLite database."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def ffprobe(path: Path) -> dict:

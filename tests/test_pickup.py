@@ -13,16 +13,10 @@ from flows.pickup import pickup, registry_for
 from flows.settings import BatchSettings
 from tasks.registry import Candidate, ManifestRegistry, PickupError, find_manifests
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def drop(prefix: Path) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import soundfile as sf
 from PIL import Image
 
@@ -19,23 +18,12 @@ from tasks.generate.pool import GeneratorPool, PoolConfig, PoolError, SegmentEve
 from tasks.generate.preview import PreviewGenerator
 from tasks.records import Segment, SegmentJob
 
+pytestmark = pytest.mark.usefixtures("local_ray")
+
 PACED = "tasks.generate.paced:PacedGenerator"
 W, H, FRAMES = 112, 64, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """One Ray for the module: 4 declared GPUs on this CPU machine, small object store, quiet."""
-    ray.init(
-        num_cpus=4,
-        num_gpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 * 1024**2,
-        logging_level="WARNING",
-    )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -29,22 +29,12 @@ from tasks.generate.paced import PacedGenerator
 from tasks.generate.pool import GeneratorPool, PoolConfig, SegmentEvent, SegmentFailed
 from tasks.records import Segment, SegmentJob
 
+pytestmark = pytest.mark.usefixtures("local_ray")
+
 PACED = "tasks.generate.paced:PacedGenerator"
 W, H, FRAMES = 112, 64, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(
-        num_cpus=4,
-        num_gpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 * 1024**2,
-        logging_level="WARNING",
-    )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ a changed job are never mixed in.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from tasks import storage
@@ -25,12 +24,6 @@ from tasks.records import SegmentJob
 INPUT_FIELDS = ("image", "audio", "pose_video")
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def store_inputs(job: SegmentJob, store: str) -> SegmentJob:
@@ -40,7 +33,7 @@ def store_inputs(job: SegmentJob, store: str) -> SegmentJob:
         path = getattr(job, name)
         if not path or storage.is_remote(path):
             continue
-        uri = storage.join(store, "inputs", _digest(path) + Path(path).suffix)
+        uri = storage.join(store, "inputs", storage.file_digest(path) + Path(path).suffix)
         if not storage.exists(uri):
             storage.put_file(path, uri)
         update[name] = uri

@@ -28,7 +28,7 @@ import soundfile as sf
 from tasks.generate.base import GeneratedClip, Generator
 from tasks.media import ffmpeg_exe
 from tasks.records import MODEL_SAMPLE_RATE, ClipResult, Segment, SegmentJob, SegmentResult
-from tasks.storage import atomic_local
+from tasks.storage import atomic_local, file_digest
 
 CLIP_CRF = 14
 """x264 quality of the intermediate clips: visually lossless, re-encoded at most once."""
@@ -80,13 +80,7 @@ def encode_frames(frames: np.ndarray, dest: Path, fps: int, *, crf: int = CLIP_C
 
 
 def _file_digest(path: str | None) -> str | None:
-    if not path:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path) if path else None
 
 
 def job_fingerprint(job: SegmentJob, generator: Generator) -> str:

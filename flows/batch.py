@@ -289,7 +289,11 @@ async def process_row(
                                  audio_qc=assets.audio_qc, image_qc=assets.image_qc)
             where = "stage 'plan'"
             row_plan = await plan_task(row, assets, speech, settings)
-            cues = captions.cues_from_words(speech.words, until=assets.duration_s)
+            # Timings the aligner itself distrusts are not used: captions then spread evenly (flagged).
+            words = speech.words
+            if speech.approximate and assets.script:
+                words = captions.even_spread_words(assets.script, assets.duration_s)
+            cues = captions.cues_from_words(words, until=assets.duration_s)
         where = "stage 'generate'"
         progress.emit(row.id, "generate", f"{row_plan.total_clips} clips")
         results = await _generate_row(row, assets, row_plan, cues, backend, settings)
@@ -306,8 +310,8 @@ async def process_row(
         return _row_failed(row, where, f"{type(exc).__name__}: {exc}")
 
     flags = list(speech.flags)
-    if speech.approximate and speech.words:
-        flags.append(f"captions approximate ({speech.aligner})")
+    if speech.approximate and assets.script:
+        flags.append("captions approximate: spread evenly over the speech, not aligned")
     if not assets.script:
         flags.append("no script: no captions")
     result = RowResult(

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# No telemetry from the Prefect servers the tests start (the network is closed anyway).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "manifests" / "examples"
 EXAMPLE_BUCKET = "s2v-examples"

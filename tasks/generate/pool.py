@@ -427,6 +427,8 @@ class GeneratorPool:
     def _connect(self) -> None:
         if ray.is_initialized():
             return
+        # Ray would report usage statistics to its servers by default; a batch tool should not.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         address = self.config.address or os.environ.get("RAY_ADDRESS")
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         if address:

@@ -47,6 +47,11 @@ class BatchSettings(BaseSettings):
     pad_s: float = Field(0.25, ge=0, description="silence kept before and after speech when trimming")
     max_audio_s: float = Field(1800.0, gt=0, description="longest audio accepted per row, seconds")
     language_policy: LanguagePolicy = Field("warn", description="what non-English speech does to a row")
+    alignment_model: str | None = Field(
+        None, description="local Hugging Face Wav2Vec2ForCTC folder to align scripts with (tasks/align_ctc.py); "
+        "unset: the checkpoint's wav2vec2-large-xlsr-53-english folder for English rows when the checkpoint is "
+        "a local folder holding it, else the offline aligner (pocketsphinx)"
+    )
     max_segment_s: float = Field(60.0, gt=0, description="longest independently generated segment, seconds")
     min_segment_s: float = Field(10.0, ge=0, description="shortest segment unless the audio is shorter")
     infer_frames: int = Field(80, ge=4, multiple_of=4, description="frames per clip")

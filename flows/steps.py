@@ -14,7 +14,7 @@ from pathlib import Path
 import soundfile as sf
 
 from flows.settings import BatchSettings
-from tasks import align, captions, language, layout, normalize, plan, stitch, storage
+from tasks import align, align_ctc, captions, language, layout, normalize, plan, stitch, storage
 from tasks.generate import stage as generate_stage
 from tasks.generate.backends import load_generator
 from tasks.generate.base import Generator
@@ -53,13 +53,16 @@ def normalize_step(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> 
 def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
     """Align the script to the audio and check languages; cached beside the normalized audio."""
     cached = Path(assets.audio_16k).with_name("speech.json")
-    key = f"{assets.audio_qc.model_dump_json()}|{assets.script}|{row.language}|{settings.language_policy}"
+    model = align_ctc.resolve_alignment_model(settings.alignment_model, settings.checkpoint, row.language)
+    key = f"{assets.audio_qc.model_dump_json()}|{assets.script}|{row.language}|{settings.language_policy}|{model}"
     if cached.exists():
         data = json.loads(cached.read_text())
         if data.get("key") == key:
             return SpeechAnalysis.model_validate(data["analysis"])
     audio, rate = sf.read(assets.audio_16k, dtype="float32")
-    analysis = align.align_words(audio, assets.script or "", sample_rate=rate)
+    analysis = align.align_row(
+        audio, assets.script or "", sample_rate=rate, model_folder=model, device=settings.device or "cpu"
+    )
     analysis = language.check_language(
         analysis, script=assets.script, expected=row.language, policy=settings.language_policy
     )

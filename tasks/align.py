@@ -189,6 +189,25 @@ def _to_analysis(script_words: list[ScriptWord], aligned: list[TokenAlignment], 
     return SpeechAnalysis(aligner=ALIGNER, approximate=mismatch, words=words, fit_score=round(fit, 3), flags=flags)
 
 
+def align_row(
+    audio_16k: np.ndarray,
+    script: str,
+    *,
+    sample_rate: int = MODEL_SAMPLE_RATE,
+    model_folder: str | None = None,
+    device: str = "cpu",
+) -> SpeechAnalysis:
+    """Align with the CTC model in ``model_folder`` (tasks/align_ctc.py, loaded once per process) when
+    one is given, else with the offline aligner (``align_words``)."""
+    if not model_folder:
+        return align_words(audio_16k, script, sample_rate=sample_rate)
+    if sample_rate != MODEL_SAMPLE_RATE:
+        raise ValueError(f"align_row takes {MODEL_SAMPLE_RATE} Hz audio, got {sample_rate} Hz")
+    from tasks.align_ctc import cached_ctc_model  # torch and transformers load only when a model is used
+
+    return cached_ctc_model(model_folder, device).align(audio_16k, script)
+
+
 def alignment_to_json(analysis: SpeechAnalysis) -> dict:
     """The ``s2v-batch align --json`` document: {"words": [{"word", "start", "end", "score"}, ...]}."""
     return {"words": [{"word": w.word, "start": w.start, "end": w.end, "score": w.score} for w in analysis.words]}

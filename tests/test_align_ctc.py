@@ -1,0 +1,286 @@
+"""The CTC aligner: its Viterbi core on hand-built emissions, and the whole path on a tiny random Wav2Vec2ForCTC.
+
+A random model knows no speech, so the timings it gives cannot be checked for accuracy;
+the tests check the contract (one timing per script word, in order, inside the audio,
+scores in [0, 1], numerals spelled out) and that the loading code is the real one.
+The algorithm's correctness is asserted exactly on synthetic emissions.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from scipy.signal import resample_poly
+from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+from tasks.align import align_row
+from tasks.align_ctc import (
+    ENGLISH_FOLDER,
+    CtcAligner,
+    char_spans,
+    ctc_viterbi,
+    load_ctc_model,
+    resolve_alignment_model,
+    spoken_words,
+)
+from tasks.records import RowFailure
+
+SR = 16_000
+LOW, HIGH = np.log(0.02), np.log(0.96)
+
+
+@functools.cache
+def say(word: str) -> np.ndarray:
+    wav = subprocess.run(["espeak-ng", "-v", "en-us", "--stdout", word], capture_output=True, check=True).stdout
+    x, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    x = resample_poly(x, SR, rate).astype(np.float32)
+    idx = np.flatnonzero(np.abs(x) > 2e-3)
+    return x[idx[0] : idx[-1] + 1]
+
+
+def speech(phrases: list[str], seed: int) -> np.ndarray:
+    """Each phrase said alone by espeak-ng, joined with 50-300 ms pauses over a light noise floor."""
+    rng = np.random.default_rng(seed)
+    parts = [np.zeros(int(0.3 * SR), np.float32)]
+    for p in phrases:
+        parts += [say(p), np.zeros(int(rng.uniform(0.05, 0.3) * SR), np.float32)]
+    audio = np.concatenate(parts)
+    return audio + rng.normal(0, 3e-4, len(audio)).astype(np.float32)
+
+
+def emissions(frames: int, peaks: dict[int, int], classes: int = 3, blank: int = 0) -> np.ndarray:
+    """Log-probs where frame t is confidently `peaks[t]` and otherwise blank."""
+    out = np.full((frames, classes), LOW)
+    for t in range(frames):
+        out[t, peaks.get(t, blank)] = HIGH
+    return out
+
+
+def test_viterbi_follows_the_peaks() -> None:
+    lp = emissions(10, {2: 1, 3: 1, 6: 2})
+    assert ctc_viterbi(lp, [1, 2], blank=0).tolist() == [-1, -1, 0, 0, -1, -1, 1, -1, -1, -1]
+
+
+def test_repeated_characters_need_a_blank_between() -> None:
+    lp = emissions(7, {2: 1, 4: 1})
+    assert ctc_viterbi(lp, [1, 1], blank=0).tolist() == [-1, -1, 0, -1, 1, -1, -1]
+    assert ctc_viterbi(lp[:2], [1, 1], blank=0) is None  # "aa" needs 3 frames
+    assert ctc_viterbi(lp[:3], [1, 1], blank=0).tolist() == [0, -1, 1]
+
+
+def test_every_target_gets_a_frame_even_without_evidence() -> None:
+    lp = emissions(6, {1: 1})  # the audio only says the first character
+    path = ctc_viterbi(lp, [1, 2], blank=0)
+    spans = char_spans(path, lp, [1, 2])
+    assert spans[0].start == 1 and spans[0].score == pytest.approx(0.96)
+    assert spans[1].end - spans[1].start == 1 and spans[1].score == pytest.approx(0.02)
+
+
+def brute_force_best(lp: np.ndarray, targets: list[int], blank: int) -> float:
+    """Max score over every frame labelling that collapses (merge repeats, drop blanks) to the targets."""
+    best = -np.inf
+    for labels in itertools.product(range(lp.shape[1]), repeat=lp.shape[0]):
+        collapsed = [k for k, _ in itertools.groupby(labels) if k != blank]
+        if collapsed == targets:
+            best = max(best, float(sum(lp[t, k] for t, k in enumerate(labels))))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_viterbi_matches_exhaustive_search(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    lp = np.log(rng.dirichlet(np.ones(3), size=7))
+    targets = [[1, 2, 1], [2, 2], [1, 1, 2], [1], [2, 1, 2], [1, 2]][seed]
+    path = ctc_viterbi(lp, targets, blank=0)
+    labels = [0 if k < 0 else targets[k] for k in path]
+    assert [k for k, _ in itertools.groupby(path.tolist()) if k >= 0] == list(range(len(targets)))
+    assert sum(lp[t, k] for t, k in enumerate(labels)) == pytest.approx(brute_force_best(lp, targets, 0))
+    # A band as wide as the trellis is the unbanded search.
+    assert ctc_viterbi(lp, targets, blank=0, band=2 * len(targets) + 1).tolist() == path.tolist()
+
+
+def test_banded_search_on_a_long_sequence() -> None:
+    rng = np.random.default_rng(1)
+    targets = rng.integers(1, 5, 300).tolist()
+    peaks = {}
+    t = 5
+    for k in targets:  # characters at an even rate, one peak every 4-6 frames
+        peaks[t] = k
+        t += int(rng.integers(4, 7))
+    lp = emissions(t + 5, peaks, classes=5)
+    full = ctc_viterbi(lp, targets, blank=0)
+    assert full is not None
+    assert ctc_viterbi(lp, targets, blank=0, band=80).tolist() == full.tolist()
+    assert [int(np.flatnonzero(full == k)[0]) for k in range(len(targets))] == sorted(peaks)
+
+
+# --------------------------------------------------------------------------- a tiny real model
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Wav2Vec2ForCTC with a lowercase character vocabulary (no digits), saved like a released one."""
+    out = tmp_path_factory.mktemp("ctc") / "tiny-ctc-en"
+    out.mkdir()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}
+    vocab.update({c: i + 5 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})  # no apostrophe: wildcard
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        conv_bias=True,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(config).eval().save_pretrained(str(out))
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True).save_pretrained(
+        str(out)
+    )
+    Wav2Vec2CTCTokenizer(str(out / "vocab.json")).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def aligner(tiny_folder: Path) -> CtcAligner:
+    return load_ctc_model(tiny_folder)
+
+
+PHRASES = ["the", "course", "costs", "$20", "and", "it's", "3.5%", "cheaper"]
+
+
+def test_contract_on_espeak_speech(aligner: CtcAligner) -> None:
+    audio = speech(PHRASES, seed=3)
+    analysis = aligner.align(audio, " ".join(PHRASES) + " —")
+    duration = len(audio) / SR
+    assert [w.word for w in analysis.words] == [*PHRASES, "—"]
+    assert analysis.aligner == "ctc:tiny-ctc-en"
+    starts = [w.start for w in analysis.words]
+    assert starts == sorted(starts)
+    for prev, w in itertools.pairwise(analysis.words):
+        assert 0 <= w.start <= w.end <= duration and prev.end <= w.start
+    spoken = analysis.words[:-1]
+    assert all(0.0 <= w.score <= 1.0 and w.end > w.start for w in spoken)
+    assert analysis.words[-1].score is None and analysis.words[-1].start == analysis.words[-2].end
+    # "$20" and "3.5%" were aligned as the words said: more frames than characters of the numeral.
+    twenty, percent = analysis.words[3], analysis.words[6]
+    assert twenty.end - twenty.start >= len("twenty dollars") * 0.02
+    assert percent.end - percent.start >= len("three point five percent") * 0.02
+    # Random weights: the fit is near 1/vocabulary, so the aligner must say the audio does not fit.
+    assert analysis.fit_score < 0.25 and analysis.approximate
+    assert any(f.startswith("audio_script_mismatch") for f in analysis.flags)
+
+
+def test_long_audio_in_windows_and_band(aligner: CtcAligner) -> None:
+    audio = speech(PHRASES * 3, seed=4)
+    audio = np.tile(audio, 5)  # ~75 s: three emission windows, a banded search
+    script = " ".join(PHRASES * 15)
+    log_probs = aligner.emissions(audio)
+    assert len(log_probs) == (len(audio) - 400) // 320 + 1
+    analysis = aligner.align(audio, script)
+    assert len(analysis.words) == len(script.split())
+    assert all(a.end <= b.start for a, b in itertools.pairwise(analysis.words))
+    assert analysis.words[-1].end <= len(audio) / SR
+
+
+def test_bad_input(aligner: CtcAligner) -> None:
+    empty = aligner.align(np.zeros(SR, np.float32), " ... ")
+    assert empty.words == [] and empty.approximate and empty.flags[0].startswith("empty_script")
+    with pytest.raises(RowFailure) as silent:
+        aligner.align(np.zeros(SR, np.float32), "hello there")
+    assert silent.value.field == "audio"
+    with pytest.raises(RowFailure) as short:  # 0.2 s cannot hold 60 characters
+        aligner.align(np.random.default_rng(0).normal(0, 0.1, SR // 5).astype(np.float32), "word " * 12)
+    assert short.value.field == "script"
+
+
+def test_numerals_and_other_scripts_are_spelled_for_the_model() -> None:
+    assert spoken_words("Dr. Smith paid $20 for 3.5% café") == [
+        ("Dr.", ["doctor"]),
+        ("Smith", ["smith"]),
+        ("paid", ["paid"]),
+        ("$20", ["twenty", "dollars"]),
+        ("for", ["for"]),
+        ("3.5%", ["three", "point", "five", "percent"]),
+        ("café", ["café"]),
+    ]
+    assert spoken_words("привет, мир!") == [("привет,", ["привет"]), ("мир!", ["мир"])]
+
+
+def test_missing_files_are_named(tiny_folder: Path, tmp_path: Path) -> None:
+    for missing in ("vocab.json", "preprocessor_config.json", "config.json", "model.safetensors"):
+        broken = tmp_path / missing
+        broken.mkdir()
+        for f in tiny_folder.iterdir():
+            if f.name != missing:
+                (broken / f.name).symlink_to(f)
+        with pytest.raises(ValueError, match=missing.replace(".", r"\.")) as err:
+            load_ctc_model(broken)
+        assert "Wav2Vec2ForCTC folder" in str(err.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_ctc_model(tmp_path / "nowhere")
+
+
+def test_selection(tiny_folder: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "Wan2.2-S2V-14B"
+    (checkpoint / ENGLISH_FOLDER).mkdir(parents=True)
+    assert resolve_alignment_model(str(tiny_folder), str(checkpoint), "es") == str(tiny_folder)
+    assert resolve_alignment_model(None, str(checkpoint), None) == str(checkpoint / ENGLISH_FOLDER)
+    assert resolve_alignment_model(None, str(checkpoint), "de") is None
+    assert resolve_alignment_model(None, str(tmp_path), "en") is None
+    assert resolve_alignment_model(None, None, "en") is None
+    audio = speech(["hello", "world"], seed=5)
+    assert align_row(audio, "hello world", model_folder=str(tiny_folder)).aligner == "ctc:tiny-ctc-en"
+    assert align_row(audio, "hello world", model_folder=None).aligner == "pocketsphinx-en-us"
+
+
+def test_setting_from_the_environment(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.settings import load_settings
+
+    assert load_settings().alignment_model is None
+    monkeypatch.setenv("S2V_ALIGNMENT_MODEL", str(tiny_folder))
+    assert load_settings().alignment_model == str(tiny_folder)
+
+
+def test_speech_step_picks_the_checkpoint_english_model(tiny_folder: Path, tmp_path: Path) -> None:
+    from flows.settings import BatchSettings
+    from flows.steps import speech_step
+    from tasks.records import AudioQC, ImageQC, ManifestRow, NormalizedAssets
+
+    checkpoint = tmp_path / "Wan2.2-S2V-14B"
+    checkpoint.mkdir()
+    (checkpoint / ENGLISH_FOLDER).symlink_to(tiny_folder)
+    audio = speech(["hello", "world"], seed=6)
+    sf.write(tmp_path / "audio_16k.wav", audio, SR, subtype="PCM_16")
+    qc = AudioQC(
+        duration_s=len(audio) / SR, source_duration_s=len(audio) / SR, source_sample_rate=SR, source_channels=1,
+        source_codec="pcm_s16le", integrated_lufs=-20, peak_dbfs=-3, clipping_ratio=0,
+        trimmed_start_s=0, trimmed_end_s=0,
+    )  # fmt: skip
+    assets = NormalizedAssets(
+        row_id="r1", audio_16k=str(tmp_path / "audio_16k.wav"), audio_master=str(tmp_path / "audio_16k.wav"),
+        image=str(tmp_path / "face.png"), width=64, height=64, duration_s=len(audio) / SR, num_samples=len(audio),
+        script="hello world", audio_qc=qc,
+        image_qc=ImageQC(source_width=64, source_height=64, face_found=False, sharpness=1, crop_box=(0, 0, 64, 64)),
+    )  # fmt: skip
+    row = ManifestRow(row=1, id="r1", audio="a.wav", image="face.png", script="hello world", output="r1.mp4")
+    with_model = speech_step(row, assets, BatchSettings(checkpoint=str(checkpoint)))
+    assert with_model.aligner == f"ctc:{ENGLISH_FOLDER}" and len(with_model.words) == 2
+    # The cache remembers which aligner made it: without a model the offline aligner runs again.
+    assert speech_step(row, assets, BatchSettings()).aligner == "pocketsphinx-en-us"

@@ -9,8 +9,14 @@ the real-time factor (audio seconds per wall second, one process, one thread).
 It also calibrates the fit score: the fit of each recording with its own script and
 with another recording's script (a wrong file).
 
+With ``--ctc-model FOLDER`` (a Wav2Vec2ForCTC folder) the CTC aligner (tasks/align_ctc.py) is
+measured too, and its fit calibrated the same way. No trained CTC model can be downloaded where
+this was written, so its accuracy has not been measured; with a random-weight folder of the
+real size only its real-time factor means anything.
+
 Usage:
     .venv/bin/python bench/align_accuracy.py [--quick] [--json out.json] [--long-minutes 10]
+        [--ctc-model FOLDER [--ctc-device cuda]]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +128,20 @@ ALIGNERS = {
     "pocketsphinx set_align_text": pocketsphinx_plain,
     "proportional (no alignment)": proportional,
 }
+CTC: dict = {}
+
+
+def add_ctc(folder: Path, device: str) -> None:
+    """Add the CTC aligner (tasks/align_ctc.py) with the model in ``folder`` as a row; loading is not timed."""
+    from tasks.align_ctc import load_ctc_model
+
+    CTC["aligner"] = load_ctc_model(folder, device)
+
+    def ctc(audio: np.ndarray, script: str) -> list[tuple[str, float, float]]:
+        analysis = CTC["aligner"].align(audio, script)
+        return [(w.word, w.start, w.end) for w in analysis.words if w.end > w.start]
+
+    ALIGNERS[f"ctc (tasks.align_ctc, {folder.name}, {device})"] = ctc
 
 
 def errors(result: list[tuple[str, float, float]], truth: list[tuple[str, float, float]]) -> tuple[list[float], int]:
@@ -139,18 +160,18 @@ def errors(result: list[tuple[str, float, float]], truth: list[tuple[str, float,
     return errs, len(truth) - matched
 
 
-def calibrate(pairs: list[tuple[np.ndarray, str]]) -> dict:
+def calibrate(pairs: list[tuple[np.ndarray, str]], aligner: Callable = align_words) -> dict:
     """Fit and flags of each recording with its own script and with the next recording's (a wrong file)."""
     own, wrong = [], []
     for i, (audio, text) in enumerate(pairs):
-        own.append(describe(audio, text))
-        wrong.append(describe(audio, pairs[(i + 1) % len(pairs)][1]))
+        own.append(describe(audio, text, aligner))
+        wrong.append(describe(audio, pairs[(i + 1) % len(pairs)][1], aligner))
     return {"own": own, "wrong": wrong}
 
 
-def describe(audio: np.ndarray, text: str) -> str:
+def describe(audio: np.ndarray, text: str, aligner: Callable = align_words) -> str:
     try:
-        a = align_words(audio, text)
+        a = aligner(audio, text)
     except RowFailure:
         return "no alignment (RowFailure)"
     mismatch = any(f.startswith("audio_script_mismatch") for f in a.flags)
@@ -189,6 +210,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two voices only")
     ap.add_argument("--long-minutes", type=float, default=10.0, help="length of the long-file speed test (0: skip)")
     ap.add_argument("--json", type=Path, help="write results here")
+    ap.add_argument("--ctc-model", type=Path, help="also measure the CTC aligner with this Wav2Vec2ForCTC folder")
+    ap.add_argument("--ctc-device", default="cpu", help="torch device for the CTC model")
     ap.add_argument(
         "--librivox",
         type=Path,
@@ -196,6 +219,8 @@ def main() -> None:
         "alignments, as in pocketsphinx's source distribution (test/data/librivox)",
     )
     args = ap.parse_args()
+    if args.ctc_model:
+        add_ctc(args.ctc_model, args.ctc_device)
     rng = np.random.default_rng(0)
     voices = VOICES[:2] if args.quick else VOICES
     cases = []
@@ -232,6 +257,9 @@ def main() -> None:
 
     results["fit_espeak"] = calibrate([(c[2], c[1]) for c in cases])
     print("fit (espeak-ng)", results["fit_espeak"], flush=True)
+    if args.ctc_model:
+        results["fit_espeak_ctc"] = calibrate([(c[2], c[1]) for c in cases], CTC["aligner"].align)
+        print("fit (espeak-ng, CTC)", results["fit_espeak_ctc"], flush=True)
     if args.librivox:
         results["librivox"] = librivox(args.librivox)
         print("librivox", results["librivox"], flush=True)

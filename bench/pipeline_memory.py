@@ -1,0 +1,213 @@
+"""GPU memory and time of a full S2V clip through `S2VPipeline.generate_clips`, offload off and on
+(issue 4, item 6: "480p runs on one 80 GB GPU without offloading; an offload mode serves 24-48 GB
+GPUs; report both").
+
+Every component at its released size with random weights, configs built here (nothing is read or
+downloaded): the 14B DiT (meta device + random bf16 init on the GPU, as bench/dit_speed.py), the
+umT5-xxl encoder (5.7B, bf16), wav2vec2-large-xlsr-53 (float32) and the Wan2.1 VAE (float32). The
+tokenizer is the tiny one the test checkpoint trains (prompt length does not change memory: T5
+always runs on 512 padded tokens). One segment of `--clips` clips (a first clip, then a later
+clip with motion latents) of 480x832 x 80 frames with `--steps` steps and CFG, first with the
+pipeline holding everything on the GPU (CFG as one batch of 2), then with `offload=True` (each
+component moved to the GPU only while it works; CFG as two passes, the default with offload).
+
+Reported per mode: resident GPU memory before generating and between clips
+(torch.cuda.memory_allocated), each clip's peak (max_memory_allocated / max_memory_reserved), the
+seconds of each denoising step after the first (synchronised), each clip's seconds and the
+40-step clip time extrapolated as clip - steps * step + 40 * step.
+
+    python3 bench/pipeline_memory.py                                # on CUDA: full size, both modes
+    .venv/bin/python bench/pipeline_memory.py --tiny --device cpu   # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from transformers import (
+    AutoTokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+)
+
+from model.audio_encoder import SAMPLE_RATE, AudioEncoder
+from model.config import S2VConfig
+from model.pipeline import S2VPipeline
+from model.text_encoder import TextEncoder
+from model.tiny import TINY_VAE, _tiny_tokenizer
+from model.vae import WanVAE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dit_speed import build_ours  # noqa: E402  (the 14B on the meta device, random weights on the GPU)
+
+GIB = 2**30
+
+
+def umt5_xxl_config(tiny: bool, text_dim: int) -> UMT5Config:
+    """google/umt5-xxl's encoder (what models_t5_umt5-xxl-enc-bf16.pth holds), or a tiny one."""
+    if tiny:
+        return UMT5Config(vocab_size=256, d_model=text_dim, d_kv=text_dim // 2, d_ff=2 * text_dim, num_layers=2,
+                          num_heads=2, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
+                          dropout_rate=0.0, tie_word_embeddings=False)  # fmt: skip
+    return UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                      feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+                      tie_word_embeddings=False)  # fmt: skip
+
+
+def wav2vec2_config(tiny: bool, hidden: int, layers: int) -> Wav2Vec2Config:
+    """wav2vec2-large-xlsr-53 (stable layer norm, 24 layers of 1024), or a tiny one."""
+    if tiny:
+        return Wav2Vec2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                              intermediate_size=2 * hidden, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                              num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+                              do_stable_layer_norm=True, conv_bias=True)  # fmt: skip
+    return Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                          conv_dim=(512,) * 7, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+                          feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)  # fmt: skip
+
+
+@torch.no_grad()
+def random_t5(config: UMT5Config, device: torch.device, dtype: torch.dtype, seed: int) -> UMT5EncoderModel:
+    """The encoder materialised on `device` with scaled random weights (no CPU copy of 11 GB)."""
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 1:  # layer norms
+            p.fill_(1.0)
+        elif "relative_attention_bias" in name or "shared" in name:
+            p.normal_(0, 1.0, generator=gen)
+        else:
+            p.normal_(0, p.shape[1] ** -0.5, generator=gen)
+    return model.eval()
+
+
+def build_pipeline(args, device: torch.device) -> S2VPipeline:
+    cfg = S2VConfig.tiny() if args.tiny else S2VConfig.wan_14b()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dit = build_ours(cfg, device, dtype, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        _tiny_tokenizer(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    text = TextEncoder(random_t5(umt5_xxl_config(args.tiny, cfg.text_dim), device, dtype, args.seed), tokenizer)
+    torch.manual_seed(args.seed)
+    w2v = Wav2Vec2Model(wav2vec2_config(args.tiny, cfg.audio_dim, cfg.audio_num_layers - 1))
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                         do_normalize=True, return_attention_mask=True)  # fmt: skip
+    vae = WanVAE(AutoencoderKLWan(**TINY_VAE) if args.tiny else AutoencoderKLWan(), device)
+    return S2VPipeline(dit, text, AudioEncoder(w2v, extractor), vae, device=device)
+
+
+def mem(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {
+        "allocated_gib": torch.cuda.memory_allocated(device) / GIB,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+    }
+
+
+def run_mode(pipe: S2VPipeline, args, device: torch.device, label: str) -> dict:
+    """Generate one segment of `args.clips` clips; per-clip memory and timings."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    result = {"mode": label, "resident_before": mem(device), "clips": []}
+    rng = np.random.default_rng(args.seed)
+    image = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
+    seconds_audio = args.clips * args.frames / 16 + 0.5
+    audio = (0.1 * rng.standard_normal(int(seconds_audio * SAMPLE_RATE))).astype(np.float32)
+    stamps: list[float] = []
+
+    def on_step(clip: int, step: int, steps: int) -> None:
+        sync()
+        stamps.append(time.perf_counter())
+
+    clips = pipe.generate_clips(image, audio, "a person talks to the camera", num_clips=args.clips,
+                                infer_frames=args.frames, steps=args.steps, on_step=on_step)  # fmt: skip
+    for out in clips:
+        step_s = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]  # steps after the first
+        step = float(np.mean(step_s)) if step_s else float("nan")
+        row = {
+            "clip": out.index,
+            "frames": int(out.frames.shape[0]),
+            "seconds": out.seconds,
+            "step_seconds": step_s,
+            "clip_40_steps_seconds": out.seconds + (40 - args.steps) * step,
+            **mem(device),
+        }
+        result["clips"].append(row)
+        print(json.dumps({"mode": label, **row}), flush=True)
+        stamps.clear()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--frames", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--clips", type=int, default=2)
+    parser.add_argument("--modes", default="off,on", help="offload modes to run, in order")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    if args.tiny and args.height == 480:
+        args.height, args.width, args.frames = 64, 64, 8
+    device = torch.device(args.device)
+    info = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    print(json.dumps(info), flush=True)
+    started = time.perf_counter()
+    base = build_pipeline(args, device)
+    print(json.dumps({"built_seconds": time.perf_counter() - started, **mem(device)}), flush=True)
+    results = []
+    for mode in args.modes.split(","):
+        offload = mode == "on"
+        # the same components; the constructor moves them to their home (CPU with offload)
+        pipe = S2VPipeline(base.transformer, base.text_encoder, base.audio_encoder, base.vae,
+                           device=device, offload=offload, cfg_batch=not offload)  # fmt: skip
+        results.append(run_mode(pipe, args, device, f"offload {mode}"))
+        if args.json:
+            args.json.write_text(
+                json.dumps({**info, "args": vars(args) | {"json": str(args.json)}, "results": results})
+            )
+
+    print(f"\n{info['device']}, torch {info['torch']}, {args.height}x{args.width}, {args.frames} frames, "
+          f"{args.steps} steps, CFG")  # fmt: skip
+    print("| offload | clip | resident before GiB | peak alloc GiB | peak reserved GiB | resident after GiB "
+          "| s / step | s / clip | 40-step clip s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for res in results:
+        for row in res["clips"]:
+            before = res["resident_before"].get("allocated_gib", float("nan"))
+            print(f"| {res['mode']} | {row['clip']} | {before:.1f} | {row.get('peak_allocated_gib', float('nan')):.1f} "
+                  f"| {row.get('peak_reserved_gib', float('nan')):.1f} | {row.get('allocated_gib', float('nan')):.1f} "
+                  f"| {np.mean(row['step_seconds']) if row['step_seconds'] else float('nan'):.2f} "
+                  f"| {row['seconds']:.1f} | {row['clip_40_steps_seconds']:.0f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,9 @@ NOT_SPOKEN_SCORE = 0.05
 MISMATCH_FIT = 0.25
 """Below this fit the audio does not say the script (provisional; a trained model scores matching speech
 far higher, a random one ~1/vocabulary)."""
+MAX_UNKNOWN_SHARE = 0.3
+"""When more of the script's characters than this are outside the model's vocabulary, the wildcard
+(any character) carries the alignment and its score means nothing: a model for another language."""
 
 _REQUIRED = {
     "config.json": "the model configuration",
@@ -231,7 +234,8 @@ class CtcAligner:
         """One WordTiming per whitespace script word, in order, in seconds, score in [0, 1].
 
         Flags and failures follow ``tasks.align.align_words``: ``empty_script``,
-        ``words_not_spoken``, ``audio_script_mismatch`` (+ ``worst_stretch``);
+        ``words_not_spoken``, ``audio_script_mismatch`` (+ ``worst_stretch``), and
+        ``script_outside_vocabulary`` when the model's alphabet is not the script's;
         RowFailure("audio") for silence, RowFailure("script") when the script cannot fit.
         """
         audio = np.asarray(audio_16k, dtype=np.float32)
@@ -255,7 +259,9 @@ class CtcAligner:
                 f"for a script of {len(words)} words",
             )
         log_probs = self.emissions(audio)
-        if any(t < 0 for t in targets):  # characters outside the vocabulary: whisperx's wildcard column
+        unknown = sorted({ch for (_, tokens) in words for ch in "".join(tokens) if ch not in self.vocab})
+        unknown_share = sum(t < 0 for t in targets) / sum(o >= 0 for o in owner)  # delimiters aside
+        if unknown:  # characters outside the vocabulary: whisperx's wildcard column
             non_blank = np.delete(log_probs, self.blank, axis=1).max(axis=1, keepdims=True)
             log_probs = np.concatenate([log_probs, non_blank], axis=1)
             targets = [t if t >= 0 else log_probs.shape[1] - 1 for t in targets]
@@ -272,7 +278,15 @@ class CtcAligner:
                 f"the audio does not match the script: its {len(targets)} characters do not fit "
                 f"the {duration:.1f} s of audio (too short for the script, or wrong file?)",
             )
-        return self._analysis(words, owner, char_spans(path, log_probs, targets), duration)
+        analysis = self._analysis(words, owner, char_spans(path, log_probs, targets), duration)
+        if unknown_share > MAX_UNKNOWN_SHARE:
+            analysis.approximate = True
+            analysis.flags.append(
+                f"script_outside_vocabulary: {unknown_share:.0%} of the script's characters "
+                f"({''.join(unknown[:20])}) are not in the vocabulary of {self.name}; the timings are not "
+                "reliable (a CTC model for the script's language is needed)"
+            )
+        return analysis
 
     def _targets(self, words: list[tuple[str, list[str]]]) -> tuple[list[int], list[int]]:
         """Vocabulary ids of the script's characters (-1: not in the vocabulary), the word of each (-1: "|")."""

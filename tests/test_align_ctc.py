@@ -205,6 +205,10 @@ def test_bad_input(aligner: CtcAligner) -> None:
     with pytest.raises(RowFailure) as silent:
         aligner.align(np.zeros(SR, np.float32), "hello there")
     assert silent.value.field == "audio"
+    audio = speech(["hello", "world"], seed=7)
+    foreign = aligner.align(audio, "привет мир")  # the tiny vocabulary is Latin only
+    assert foreign.approximate and [w.word for w in foreign.words] == ["привет", "мир"]
+    assert any(f.startswith("script_outside_vocabulary: 100%") for f in foreign.flags)
     with pytest.raises(RowFailure) as short:  # 0.2 s cannot hold 60 characters
         aligner.align(np.random.default_rng(0).normal(0, 0.1, SR // 5).astype(np.float32), "word " * 12)
     assert short.value.field == "script"

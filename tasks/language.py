@@ -10,8 +10,12 @@ non-English speech lip-syncs worse; a wrong audio file wastes the GPU hours outr
   its ``audio_script_mismatch`` flag the audio is English speech saying the script:
   ``audio_language = "en"``. With it the audio is either not English or not this
   script, and the English aligner cannot tell which; ``audio_language`` stays None and
-  the evidence (fit, words not found, worst stretch) is in the aligner's flags. A Whisper
-  language detector (faster-whisper with a configured model folder) is not wired in.
+  the evidence (fit, words not found, worst stretch) is in the aligner's flags.
+* With a Whisper model configured (``tasks/transcribe.py``), the caller passes Whisper's
+  detected language and probability (``detected``): at ``MIN_AUDIO_CONFIDENCE`` or above it
+  is the audio language and the judged spoken language; a script that reads as another
+  language than the audio is flagged ``script_audio_language_mismatch`` (wrong file or
+  wrong script), which triggers the policy. Below it Whisper is only noted in a flag.
 
 The check triggers the batch's policy when the speech is judged not English (script or
 expected language not English) or when the audio does not fit its English script:
@@ -34,6 +38,9 @@ POLICIES = ("warn", "skip", "fail")
 SKIP_FLAG = "skip"
 MIN_WORDS = 3
 MIN_CONFIDENCE = 0.6
+MIN_AUDIO_CONFIDENCE = 0.5
+"""Whisper's language probability at which its detection is taken as the audio language (faster-whisper
+stops looking at further windows above the same 0.5)."""
 
 
 @functools.cache
@@ -64,11 +71,13 @@ def check_language(
     script: str | None = None,
     expected: str | None = None,
     policy: str = "warn",
+    detected: tuple[str, float] | None = None,
 ) -> SpeechAnalysis:
     """Fill in script/audio language, add flags, and apply the policy (see the module docstring).
 
     ``script``: the row's script text (for lingua); ``expected``: the manifest's ISO 639-1
-    language of the speech, if given. Returns a new SpeechAnalysis; raises RowFailure
+    language of the speech, if given; ``detected``: the audio's (ISO 639-1 code, probability) from a
+    Whisper language detector, if one is configured. Returns a new SpeechAnalysis; raises RowFailure
     for policy ``fail`` and ValueError for an unknown policy.
     """
     if policy not in POLICIES:
@@ -88,11 +97,33 @@ def check_language(
             f"the manifest says '{expected}'"
         )
     spoken = expected or lang
+    source = "the manifest's language" if expected else f"the script's language (confidence {confidence:.2f})"
+    heard = None
+    if detected is not None:
+        code, probability = detected[0].lower().strip(), float(detected[1])
+        whisper = f"Whisper hears '{code}' (probability {probability:.2f})"
+        if probability >= MIN_AUDIO_CONFIDENCE:
+            heard = out.audio_language = code
+            # What the audio says outweighs what the manifest or script claim about it.
+            spoken, source = code, "Whisper's language detection"
+            if expected and expected != code:
+                out.flags.append(f"audio_language: {whisper}, the manifest says '{expected}'")
+            if lang and lang != code:
+                problems.append(
+                    f"script_audio_language_mismatch: the script reads as '{lang}' (confidence "
+                    f"{confidence:.2f}) but {whisper}: wrong audio file or wrong script"
+                )
+        else:
+            out.flags.append(f"audio_language_unsure: {whisper}, below {MIN_AUDIO_CONFIDENCE}; not used")
     if spoken and spoken != "en":
-        source = "the manifest's language" if expected else f"the script's language (confidence {confidence:.2f})"
         problems.append(
             f"non_english: the speech is '{spoken}' by {source}; the S2V audio encoder is "
             "English-trained, so lip-sync will be weaker"
+        )
+    elif mismatch and heard == "en":
+        problems.append(
+            f"wrong_file_or_script: the speech is English ({whisper}) but the English aligner fits it at "
+            f"{analysis.fit_score:.2f} and does not find the script in it: wrong audio file or wrong script"
         )
     elif mismatch:
         problems.append(

@@ -52,6 +52,10 @@ class BatchSettings(BaseSettings):
         "unset: the checkpoint's wav2vec2-large-xlsr-53-english folder for English rows when the checkpoint is "
         "a local folder holding it, else the offline aligner (pocketsphinx)"
     )
+    whisper_model: str | None = Field(
+        None, description="local faster-whisper (CTranslate2) model folder (tasks/transcribe.py): detects each "
+        "row's audio language for the language check and transcribes rows without a script; unset: no Whisper"
+    )
     max_segment_s: float = Field(60.0, gt=0, description="longest independently generated segment, seconds")
     min_segment_s: float = Field(10.0, ge=0, description="shortest segment unless the audio is shorter")
     infer_frames: int = Field(80, ge=4, multiple_of=4, description="frames per clip")

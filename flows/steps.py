@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 
 from flows.settings import BatchSettings
@@ -29,6 +30,7 @@ from tasks.records import (
     SegmentJob,
     SegmentResult,
     SpeechAnalysis,
+    WordTiming,
 )
 
 
@@ -55,20 +57,56 @@ def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSetti
     cached = Path(assets.audio_16k).with_name("speech.json")
     model = align_ctc.resolve_alignment_model(settings.alignment_model, settings.checkpoint, row.language)
     key = f"{assets.audio_qc.model_dump_json()}|{assets.script}|{row.language}|{settings.language_policy}|{model}"
+    if settings.whisper_model:
+        key += f"|whisper={settings.whisper_model}"
     if cached.exists():
         data = json.loads(cached.read_text())
         if data.get("key") == key:
             return SpeechAnalysis.model_validate(data["analysis"])
     audio, rate = sf.read(assets.audio_16k, dtype="float32")
-    analysis = align.align_row(
-        audio, assets.script or "", sample_rate=rate, model_folder=model, device=settings.device or "cpu"
-    )
+    detected, script, heard = None, assets.script, []
+    transcribed = bool(settings.whisper_model) and not (assets.script and assets.script.strip())
+    if settings.whisper_model:
+        detected, script, heard = _whisper_pass(row, assets, audio, settings)
+    try:
+        analysis = align.align_row(
+            audio, script or "", sample_rate=rate, model_folder=model, device=settings.device or "cpu"
+        )
+    except RowFailure as exc:
+        if not transcribed:
+            raise
+        # The aligner found no path through a transcript (Whisper misheard): keep Whisper's own timings,
+        # marked approximate so no cut relies on them.
+        analysis = SpeechAnalysis(
+            aligner="faster-whisper", approximate=True, words=heard,
+            flags=[f"transcript_not_aligned: {exc.reason}; Whisper's word timings kept, cuts approximate"],
+        )
+    if transcribed:
+        analysis.flags.insert(0, f"transcribed: no script; Whisper heard {len(heard)} words: {script[:80]!r}")
     analysis = language.check_language(
-        analysis, script=assets.script, expected=row.language, policy=settings.language_policy
+        analysis, script=assets.script, expected=row.language, policy=settings.language_policy, detected=detected
     )
     with storage.atomic_local(cached) as tmp:
         tmp.write_text(json.dumps({"key": key, "analysis": analysis.model_dump(mode="json")}))
     return analysis
+
+
+def _whisper_pass(
+    row: ManifestRow, assets: NormalizedAssets, audio: np.ndarray, settings: BatchSettings
+) -> tuple[tuple[str, float], str | None, list[WordTiming]]:
+    """Whisper's (language, probability) for the audio and, for a row without a script, its transcript
+    and word timings (else the row's script and no words)."""
+    from tasks import transcribe  # faster-whisper loads only when a Whisper model is configured
+
+    cuda = (settings.device or "").startswith("cuda")
+    whisper = transcribe.load_whisper(
+        settings.whisper_model, device="cuda" if cuda else "cpu", compute_type="float16" if cuda else "int8"
+    )
+    detected = transcribe.detect_language(whisper, audio)
+    if assets.script and assets.script.strip():
+        return detected, assets.script, []
+    text, words = transcribe.transcribe(whisper, audio, language=row.language or detected[0])
+    return detected, text, words
 
 
 def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis, settings: BatchSettings) -> Plan:

@@ -105,7 +105,9 @@ def _whisper_pass(
     detected = transcribe.detect_language(whisper, audio)
     if assets.script and assets.script.strip():
         return detected, assets.script, []
-    text, words = transcribe.transcribe(whisper, audio, language=row.language or detected[0])
+    # A manifest language Whisper has no token for (e.g. 'ga') is left to its detection.
+    spoken = row.language if row.language in whisper.supported_languages else detected[0]
+    text, words = transcribe.transcribe(whisper, audio, language=spoken)
     return detected, text, words
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create ./.venv and install s2v-batch into it (idempotent: a stamp skips work already done).
 #   scripts/bootstrap.sh          the product (runs the example batch on the preview backend)
-#   scripts/bootstrap.sh dev      + the model stack (torch, transformers, diffusers) and test tools,
+#   scripts/bootstrap.sh dev      + the model stack (torch, transformers, diffusers, ray), faster-whisper
+#                                 and the test tools,
 #                                 + Debian tools the tests use: espeak-ng and ffprobe for fixtures,
 #                                   chromium and chromedriver for the Prefect UI test
 set -euo pipefail
@@ -38,7 +39,7 @@ fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 extras=""
-[ "$mode" = "dev" ] && extras="[model,dev]"
+[ "$mode" = "dev" ] && extras="[model,whisper,dev]"
 stamp=".venv/.s2v-installed-$mode"
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

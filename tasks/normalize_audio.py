@@ -5,8 +5,9 @@ at sample positions chosen once on that signal; both output files are then writt
 from the same trimmed samples, so the 16 kHz track and the 48 kHz master start and end together.
 
 Loudness is EBU R128 in two passes: pass one measures integrated loudness, loudness range, threshold
-and true peak with ffmpeg's `ebur128` filter while decoding; pass two hands those values to `loudnorm`
-with `linear=true` (a pure gain to -16 LUFS). Measuring with `ebur128` rather than a first `loudnorm`
+and true peak with ffmpeg's `ebur128` filter while decoding; pass two applies the pure gain to -16 LUFS
+with `volume` (what `loudnorm` with `linear=true` would do, without its 192 kHz detour; `loudnorm` is
+the fallback when a pure gain would overshoot the peak target). Measuring with `ebur128` rather than a first `loudnorm`
 run is deliberate: a measuring `loudnorm` pass runs its full dynamic processor at 192 kHz (about 30x
 real time for stereo here), while `ebur128` gives the same BS.1770 measurements at about 300x.
 Speech whose peaks are too high for a pure gain to stay under -1.5 dBTP first goes through a

@@ -69,6 +69,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 def load_wan_unipc(source: str) -> types.ModuleType:
     """The official fm_solvers_unipc module, from a file or from a Wan2.2 git directory."""
     path = Path(source)
+    if path.is_dir() and (path / UNIPC_PATH).is_file():  # a checkout with a work tree
+        path = path / UNIPC_PATH
     if path.is_file():
         text = path.read_text(encoding="utf-8")
     else:
@@ -140,6 +142,7 @@ def import_diffsynth_vae() -> types.ModuleType:
 def tiny_velocity(seed: int, lat_hw: tuple[int, int] = (8, 8), frames: int = 2):
     """v(latents, t): our tiny DiT with fixed conditioning and CFG 4.5 (a later clip: motion tokens)."""
     cfg = S2VConfig.tiny()
+    torch.manual_seed(seed)  # the same velocity whatever ran before
     dit = randomize_(WanS2VTransformer(cfg), seed=seed).float().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     h, w = lat_hw

@@ -381,3 +381,18 @@ def test_normalize_row_end_to_end(tmp_path: Path, spoken: Path) -> None:
     with pytest.raises(RowFailure) as caught:
         normalize_row(bad, tmp_path / "bad", audio_path=image, image_path=image)
     assert caught.value.field == "audio" and "column 'audio'" in str(caught.value)
+
+
+def test_stereo_master_keeps_both_channels_and_model_track_is_mono(tmp_path: Path) -> None:
+    # Left and right carry different signals: a master made from a mono mix would have equal channels.
+    rate = 44_100
+    left = speechlike(3.0, rate, seed=1)[:, 0]
+    right = speechlike(3.0, rate, seed=2, level=0.15)[:, 0] * np.sin(np.linspace(0, 40, left.size))
+    src = write_wav(tmp_path / "stereo.wav", np.stack([left, right], axis=1), rate)
+    audio_16k, master, qc, n = normalize_audio(src, tmp_path / "row", pad_s=0.25)
+    mastered, master_rate = sf.read(str(master), dtype="float32")
+    assert master_rate == 48_000 and mastered.shape[1] == 2
+    assert np.abs(mastered[:, 0] - mastered[:, 1]).max() > 0.05
+    measured, _ = loudness(master)
+    assert measured == pytest.approx(-16.0, abs=1.0) and qc.master_lufs == pytest.approx(measured, abs=0.5)
+    _check_pair(audio_16k, master, 2, n)

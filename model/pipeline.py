@@ -266,9 +266,9 @@ class S2VPipeline:
         cfg_batch: run both CFG branches as one batch of 2 (faster; about 7 GiB more activations
         at 480p). Default: on, except with offload, where memory matters more.
 
-        Measured on one H100 (random bf16 weights, 480x832, 80 frames, CFG): without offload
-        42.7 GiB resident and a 52 GiB peak per clip; with offload (and batched CFG) a 39.6 GiB
-        peak, the bf16 DiT alone being 32 GiB, so 40-48 GB GPUs fit and 24 GB ones need fp8.
+        Memory at 480x832, 80 frames, bf16: without offload about 45 GiB resident and a 54 GiB
+        peak per clip; with offload a 35 GiB peak, the bf16 DiT alone being 30 GiB, so 40-48 GB
+        GPUs fit and 24 GB ones do not (figures and method: docs/benchmarks.md).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

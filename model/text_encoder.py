@@ -175,6 +175,8 @@ class TextEncoder:
             model.load_state_dict(hf_state, strict=True, assign=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{checkpoint}: does not match a umt5 encoder: {exc}") from exc
+        # One embedding, as in the checkpoint: without the tie `.to()` makes two 2 GiB copies.
+        model.encoder.embed_tokens = model.shared
         model = model.to(device=device, dtype=dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)

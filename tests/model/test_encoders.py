@@ -141,3 +141,8 @@ def test_scheduler_uses_the_reference_sigma_grid():
         assert torch.equal(sched.sigmas, torch.from_numpy(np.append(shifted, 0.0).astype(np.float32)))
     with pytest.raises(ValueError, match="1080p"):
         shift_for("1080p")
+
+
+def test_text_encoder_keeps_one_token_embedding(text_encoder: TextEncoder) -> None:
+    # Wan's checkpoint has one token embedding; two untied copies would cost 2 GiB on the GPU at full size.
+    assert text_encoder.model.encoder.embed_tokens.weight is text_encoder.model.shared.weight

@@ -24,6 +24,8 @@ Callers plan with ``analysis.words`` only when ``analysis.approximate`` is false
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from tasks.align_offline import ScriptWord, TokenAlignment, align_tokens, normalize_script, to_pcm16
@@ -161,32 +163,52 @@ def _to_analysis(script_words: list[ScriptWord], aligned: list[TokenAlignment], 
         spoken.append(bool(said) or not parts)
         prev_end = words[-1].end
 
-    scored = [w.score for w in words if w.score is not None]
-    fit = float(np.mean(scored)) if scored else 0.0
-    flags: list[str] = []
     missing = [i for i, (w, s) in enumerate(zip(words, spoken, strict=True)) if not s]
-    if missing:
-        shown = ", ".join(f"'{words[i].word}' (near {words[i].start:.1f} s)" for i in missing[:6])
-        flags.append(
-            f"words_not_spoken: {len(missing)} of {len(words)} script words not found in the audio: "
-            f"{shown}{' …' if len(missing) > 6 else ''}"
-        )
+    low_fit = []
     for i, j in _low_runs(words, spoken):
         mean = np.mean([w.score or 0.0 for w in words[i : j + 1]])
-        flags.append(
+        low_fit.append(
             f"low_word_fit: words {i + 1}-{j + 1} {_quote([w.word for w in words[i : j + 1]])} at "
             f"{words[i].start:.1f}-{words[j].end:.1f} s match the audio poorly (score {mean:.2f})"
         )
-    skipped_share = len(missing) / len(words)
-    mismatch = fit < MISMATCH_FIT or skipped_share >= MISMATCH_SKIPPED
+    return judge_fit(ALIGNER, words, missing, mismatch_fit=MISMATCH_FIT, how_missing="not found in the audio",
+                     extra_flags=low_fit)
+
+
+def judge_fit(
+    aligner: str,
+    words: list[WordTiming],
+    missing: list[int],
+    *,
+    mismatch_fit: float,
+    how_missing: str,
+    extra_flags: Sequence[str] = (),
+) -> SpeechAnalysis:
+    """The verdict every aligner gives the same way: fit score (mean word score), the words not
+    spoken, and whether the audio says this script at all (then the timings are approximate).
+
+    The mismatch flags come last so a reader of the report sees the conclusion after its evidence.
+    """
+    scored = [w.score for w in words if w.score is not None]
+    fit = float(np.mean(scored)) if scored else 0.0
+    flags: list[str] = []
+    if missing:
+        shown = ", ".join(f"'{words[i].word}' (near {words[i].start:.1f} s)" for i in missing[:6])
+        flags.append(
+            f"words_not_spoken: {len(missing)} of {len(words)} script words {how_missing}: "
+            f"{shown}{' …' if len(missing) > 6 else ''}"
+        )
+    flags.extend(extra_flags)
+    share = len(missing) / len(words)
+    mismatch = fit < mismatch_fit or share >= MISMATCH_SKIPPED
     if mismatch:
         flags.append(_worst_stretch(words))
         flags.append(
-            f"audio_script_mismatch: fit {fit:.2f} (threshold {MISMATCH_FIT}), {skipped_share:.0%} of "
+            f"audio_script_mismatch: fit {fit:.2f} (threshold {mismatch_fit}), {share:.0%} of "
             f"{len(words)} words not found (threshold {MISMATCH_SKIPPED:.0%}): the audio does not say this "
             "script (wrong file, another language, or no speech)"
         )
-    return SpeechAnalysis(aligner=ALIGNER, approximate=mismatch, words=words, fit_score=round(fit, 3), flags=flags)
+    return SpeechAnalysis(aligner=aligner, approximate=mismatch, words=words, fit_score=round(fit, 3), flags=flags)
 
 
 def align_row(

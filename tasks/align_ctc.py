@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks.align import MISMATCH_SKIPPED, SILENCE_DBFS, _rms_dbfs, _worst_stretch
+from tasks.align import SILENCE_DBFS, _rms_dbfs, judge_fit
 from tasks.align_offline import normalize_script
 from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
 
@@ -318,28 +318,9 @@ class CtcAligner:
                 score = None
             timings.append(WordTiming(word=text, start=round(start, 3), end=round(end, 3), score=score))
             prev_end = timings[-1].end
-        scored = [w.score for w in timings if w.score is not None]
-        fit = float(np.mean(scored)) if scored else 0.0
-        flags: list[str] = []
         missing = [i for i, w in enumerate(timings) if w.score is not None and w.score < NOT_SPOKEN_SCORE]
-        if missing:
-            shown = ", ".join(f"'{timings[i].word}' (near {timings[i].start:.1f} s)" for i in missing[:6])
-            flags.append(
-                f"words_not_spoken: {len(missing)} of {len(timings)} script words fit the audio below "
-                f"{NOT_SPOKEN_SCORE}: {shown}{' …' if len(missing) > 6 else ''}"
-            )
-        share = len(missing) / len(timings)
-        mismatch = fit < MISMATCH_FIT or share >= MISMATCH_SKIPPED
-        if mismatch:
-            flags.append(_worst_stretch(timings))
-            flags.append(
-                f"audio_script_mismatch: fit {fit:.2f} (threshold {MISMATCH_FIT}), {share:.0%} of "
-                f"{len(timings)} words not found (threshold {MISMATCH_SKIPPED:.0%}): the audio does not say "
-                "this script (wrong file, another language, or no speech)"
-            )
-        return SpeechAnalysis(
-            aligner=self.aligner, approximate=mismatch, words=timings, fit_score=round(fit, 3), flags=flags
-        )
+        return judge_fit(self.aligner, timings, missing, mismatch_fit=MISMATCH_FIT,
+                         how_missing=f"fit the audio below {NOT_SPOKEN_SCORE}")
 
 
 def load_ctc_model(folder: str | Path, device: str = "cpu") -> CtcAligner:

@@ -69,16 +69,17 @@ class ForwardCost:
     later_clip_s: float
 
 
-# Anchor figures, until model/ measures our own stack (see docs/benchmarks.md):
-# DiffSynth-Studio's Wan2.2-S2V DiT on one H100 (torch 2.11, cuDNN SDPA, random bf16
-# weights), as measured in the issue text of issue 4 ("model/: the Wan2.2-S2V-14B
-# inference stack"): 3.75 s per forward for a first 480p clip, 4.18 s for later clips,
-# 13.4 s for a first 720p clip. The 720p later-clip figure is not measured; it is the
-# first-clip figure scaled by the 480p later/first ratio (4.18 / 3.75).
+# Our pipeline on one H100 (docs/benchmarks.md, "Memory of a full clip"): a full 480x832
+# 80-frame clip through S2VPipeline with random bf16 weights, eager DiT, CFG as two passes,
+# measured 6.37 s per denoising step for a first clip and 7.03 s for a later one (motion
+# tokens), i.e. 3.185 s and 3.515 s per forward; the rest of a clip (text/audio encoding, VAE
+# decode, motion re-encode) came to about 7 s. 720p: our DiT's first-clip forward, 11.6 s
+# ("Speed per forward"); the later-clip figure is scaled by the 480p later/first ratio.
 DEFAULT_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
-    ("H100", Resolution.P480.value): ForwardCost(first_clip_s=3.75, later_clip_s=4.18),
-    ("H100", Resolution.P720.value): ForwardCost(first_clip_s=13.4, later_clip_s=round(13.4 * 4.18 / 3.75, 2)),
+    ("H100", Resolution.P480.value): ForwardCost(first_clip_s=3.185, later_clip_s=3.515),
+    ("H100", Resolution.P720.value): ForwardCost(first_clip_s=11.6, later_clip_s=round(11.6 * 3.515 / 3.185, 2)),
 }
+DEFAULT_OVERHEAD_PER_CLIP_S = 7.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class CostModel:
 
     ``cfg_passes`` is 2 because classifier-free guidance runs the DiT twice per
     denoising step (conditional and audio-zeroed unconditional). ``overhead_per_clip_s``
-    covers VAE decode and motion re-encode; it is 0 until measured. The forward costs
+    covers encoders, VAE decode and motion re-encode (measured with the forwards). The forward costs
     are keyed by (GPU type, resolution bucket); the bucket's real H×W follows the
     reference image's aspect but never exceeds the bucket's area, so the figures are
     an upper bound within a bucket.
@@ -98,7 +99,7 @@ class CostModel:
 
     gpu: str = "H100"
     cfg_passes: int = 2
-    overhead_per_clip_s: float = 0.0
+    overhead_per_clip_s: float = DEFAULT_OVERHEAD_PER_CLIP_S
     forward_costs: dict[tuple[str, str], ForwardCost] = field(default_factory=lambda: dict(DEFAULT_FORWARD_COSTS))
 
     def forward_cost(self, resolution: Resolution | str) -> ForwardCost | None:

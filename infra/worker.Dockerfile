@@ -66,8 +66,8 @@ ENV VIRTUAL_ENV=/opt/venv \
 
 # Dependencies before the source, so editing code does not reinstall torch. PyPI's Linux torch
 # wheel is the CUDA build (it brings its own CUDA libraries); constraints.txt pins the version
-# the project is tested with. Ray, and prefect's kubernetes extra (the Kubernetes worker), are
-# installed here because pyproject.toml does not list them. Empty packages stand in for the
+# the project is tested with. `ray[default]` adds the cluster pieces (autoscaler, dashboard agent)
+# to the model extra's Ray, and prefect's kubernetes extra the Kubernetes worker. Empty packages stand in for the
 # source so that pip resolves the project's dependencies now.
 WORKDIR /opt/s2v
 COPY --chown=s2v:s2v pyproject.toml constraints.txt README.md ./
@@ -92,7 +92,8 @@ ENV S2V_PROJECT_DIR=/opt/s2v \
     S2V_CHECKPOINT=/models/Wan2.2-S2V-14B \
     S2V_WORK_DIR=/data/work \
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    RAY_USAGE_STATS_ENABLED=0
 VOLUME ["/models"]
 
 # Ray's GCS/Ray Client/object manager ports are opened by Ray itself; 8265 (dashboard) is not

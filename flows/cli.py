@@ -75,6 +75,15 @@ def run(
                                                                          "video")] = False,
     force: Annotated[bool, typer.Option("--force", help="redo rows an earlier run finished")] = False,
     work_dir: Annotated[str | None, typer.Option(help="local scratch folder (default OUT/.s2v/work)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster for the GPU pool (default: RAY_ADDRESS, "
+                                                         "else a local Ray)")] = None,
+    workers: Annotated[int | None, typer.Option(help="GPU workers in the pool (default: the cluster's GPUs)")] = None,
+    offload: Annotated[bool, typer.Option("--offload", help="keep idle model parts on the CPU (40-48 GB "
+                                                            "GPUs)")] = False,
+    alignment_model: Annotated[str | None, typer.Option(help="local Wav2Vec2ForCTC folder for forced "
+                                                             "alignment (default: the offline aligner)")] = None,
+    whisper_model: Annotated[str | None, typer.Option(help="local faster-whisper folder: transcribe rows "
+                                                           "without a script, detect the spoken language")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run a manifest as a batch: every good row becomes OUT/<id>.mp4 with .srt/.vtt captions;
@@ -83,6 +92,8 @@ def run(
         config, backend=backend, checkpoint=checkpoint, device=device, max_concurrent_rows=concurrency,
         allowed_roots=allowed_root, language_policy=language_policy, max_segment_s=max_segment_seconds,
         burn_captions=burn_captions or None, force=force or None, work_dir=work_dir,
+        ray_address=ray_address, pool_workers=workers, offload=offload or None,
+        alignment_model=alignment_model, whisper_model=whisper_model,
     )
     report = _run_batch(manifest, out, settings)
     _print_report(report, out)

@@ -85,9 +85,16 @@ def run(
     whisper_model: Annotated[str | None, typer.Option(help="local faster-whisper folder: transcribe rows "
                                                            "without a script, detect the spoken language")] = None,
     config: ConfigOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also print Prefect's run logs (they are "
+                                                                  "always in the Prefect UI)")] = False,
 ) -> None:
     """Run a manifest as a batch: every good row becomes OUT/<id>.mp4 with .srt/.vtt captions;
     the batch ends with OUT/report.json (also a table artifact in Prefect)."""
+    if not verbose:
+        # The terminal shows the progress bar, warnings and the report; every log line still
+        # reaches the Prefect API. Must be set before Prefect is imported (it configures logging then).
+        for name in ("CONSOLE", "CONSOLE_FLOW_RUNS", "CONSOLE_TASK_RUNS"):
+            os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{name}_LEVEL", "WARNING")
     settings = _settings(
         config, backend=backend, checkpoint=checkpoint, device=device, max_concurrent_rows=concurrency,
         allowed_roots=allowed_root, language_policy=language_policy, max_segment_s=max_segment_seconds,

@@ -112,19 +112,8 @@ def align_words(audio_16k: np.ndarray, script: str, *, sample_rate: int = MODEL_
     script_words: list[ScriptWord] = normalize_script(script or "")
     tokens = [t for w in script_words for t in w.tokens]
     if not tokens:
-        return SpeechAnalysis(
-            aligner=ALIGNER,
-            approximate=True,
-            words=[],
-            flags=["empty_script: the script has no words to align; cuts will be approximate"],
-        )
-    level = _rms_dbfs(audio) if len(audio) else -200.0
-    if len(audio) < sample_rate // 10 or level < SILENCE_DBFS:
-        raise RowFailure(
-            "audio",
-            f"no speech to align: {duration:.2f} s of audio at {level:.0f} dBFS RMS "
-            f"for a script of {len(script_words)} words",
-        )
+        return empty_script(ALIGNER)
+    require_sound(audio, sample_rate, len(script_words))
     num_frames = int(round(duration * 100))
     aligned = align_tokens(to_pcm16(audio), tokens, num_frames)
     if aligned is None:
@@ -173,6 +162,27 @@ def _to_analysis(script_words: list[ScriptWord], aligned: list[TokenAlignment], 
         )
     return judge_fit(ALIGNER, words, missing, mismatch_fit=MISMATCH_FIT, how_missing="not found in the audio",
                      extra_flags=low_fit)
+
+
+def empty_script(aligner: str) -> SpeechAnalysis:
+    """What every aligner answers for a script with nothing to align: no timings, flagged."""
+    return SpeechAnalysis(
+        aligner=aligner,
+        approximate=True,
+        words=[],
+        flags=["empty_script: the script has no words to align; cuts will be approximate"],
+    )
+
+
+def require_sound(audio: np.ndarray, sample_rate: int, script_words: int) -> None:
+    """Refuse audio too short or too quiet to hold speech (RowFailure on the audio column)."""
+    level = _rms_dbfs(audio) if len(audio) else -200.0
+    if len(audio) < sample_rate // 10 or level < SILENCE_DBFS:
+        raise RowFailure(
+            "audio",
+            f"no speech to align: {len(audio) / sample_rate:.2f} s of audio at {level:.0f} dBFS RMS "
+            f"for a script of {script_words} words",
+        )
 
 
 def judge_fit(

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks.align import SILENCE_DBFS, _rms_dbfs, judge_fit
+from tasks.align import empty_script, judge_fit, require_sound
 from tasks.align_offline import normalize_script
 from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
 
@@ -245,19 +245,8 @@ class CtcAligner:
         words = spoken_words(script or "")
         targets, owner = self._targets(words)
         if not targets:
-            return SpeechAnalysis(
-                aligner=self.aligner,
-                approximate=True,
-                words=[],
-                flags=["empty_script: the script has no words to align; cuts will be approximate"],
-            )
-        level = _rms_dbfs(audio) if len(audio) else -200.0
-        if len(audio) < MODEL_SAMPLE_RATE // 10 or level < SILENCE_DBFS:
-            raise RowFailure(
-                "audio",
-                f"no speech to align: {duration:.2f} s of audio at {level:.0f} dBFS RMS "
-                f"for a script of {len(words)} words",
-            )
+            return empty_script(self.aligner)
+        require_sound(audio, MODEL_SAMPLE_RATE, len(words))
         log_probs = self.emissions(audio)
         unknown = sorted({ch for (_, tokens) in words for ch in "".join(tokens) if ch not in self.vocab})
         unknown_share = sum(t < 0 for t in targets) / sum(o >= 0 for o in owner)  # delimiters aside

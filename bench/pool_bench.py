@@ -41,6 +41,7 @@ import ray
 import soundfile as sf
 from PIL import Image
 
+from tasks.generate.paced import paced_job
 from tasks.generate.pool import GeneratorPool, PoolConfig
 from tasks.records import Segment, SegmentJob
 
@@ -57,28 +58,8 @@ def uneven_batch(folder: Path, segments: int, seed: int) -> list[SegmentJob]:
     while len(jobs) < segments:
         for index in range(min(rng.randint(1, 6), segments - len(jobs))):
             clips = rng.choice([1, 1, 2, 2, 2, 3, 3, 4])
-            seg = Segment(
-                index=index,
-                start_sample=0,
-                end_sample=16000,
-                start_s=0,
-                end_s=1,
-                frames=clips * FRAMES,
-                clips=clips,
-                seed=row * 100 + index,
-            )
-            jobs.append(
-                SegmentJob(
-                    row_id=f"row{row:03d}",
-                    segment=seg,
-                    image=str(folder / "face.png"),
-                    audio=str(folder / "speech.wav"),
-                    prompt="",
-                    width=W,
-                    height=H,
-                    infer_frames=FRAMES,
-                )
-            )
+            jobs.append(paced_job(folder / "face.png", folder / "speech.wav", row=f"row{row:03d}", index=index,
+                                  clips=clips, seed=row * 100 + index, infer_frames=FRAMES, size=(W, H)))
         row += 1
     return jobs
 

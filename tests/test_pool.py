@@ -13,10 +13,10 @@ import soundfile as sf
 from PIL import Image
 
 from tasks.generate import stage
-from tasks.generate.paced import PacedGenerator
+from tasks.generate.paced import PacedGenerator, paced_job
 from tasks.generate.pool import GeneratorPool, PoolConfig, PoolError, SegmentEvent, SegmentFailed
 from tasks.generate.preview import PreviewGenerator
-from tasks.records import Segment, SegmentJob
+from tasks.records import SegmentJob
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -39,26 +39,9 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def make_job(inputs: tuple[Path, Path], row: str, index: int, clips: int, seed: int = 42) -> SegmentJob:
-    segment = Segment(
-        index=index,
-        start_sample=0,
-        end_sample=16000,
-        start_s=0.0,
-        end_s=1.0,
-        frames=clips * FRAMES - 1,
-        clips=clips,
-        seed=seed * 1000 + index,
-    )
-    return SegmentJob(
-        row_id=row,
-        segment=segment,
-        image=str(inputs[0]),
-        audio=str(inputs[1]),
-        prompt="",
-        width=W,
-        height=H,
-        infer_frames=FRAMES,
-    )
+    # The last clip is trimmed by a frame, as a planned segment's usually is.
+    return paced_job(*inputs, row=row, index=index, clips=clips, seed=seed * 1000 + index,
+                     frames=clips * FRAMES - 1, infer_frames=FRAMES, size=(W, H))
 
 
 @pytest.fixture(scope="module")

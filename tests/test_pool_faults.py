@@ -25,7 +25,7 @@ from flows.batch import batch
 from flows.settings import BatchSettings
 from tasks.generate import stage
 from tasks.generate.backends import BackendError
-from tasks.generate.paced import PacedGenerator
+from tasks.generate.paced import PacedGenerator, paced_job
 from tasks.generate.pool import GeneratorPool, PoolConfig, SegmentEvent, SegmentFailed
 from tasks.records import Segment, SegmentJob
 
@@ -46,26 +46,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def make_job(inputs: tuple[Path, Path], row: str, index: int, clips: int) -> SegmentJob:
-    segment = Segment(
-        index=index,
-        start_sample=0,
-        end_sample=16000,
-        start_s=0.0,
-        end_s=1.0,
-        frames=clips * FRAMES,
-        clips=clips,
-        seed=1000 + index,
-    )
-    return SegmentJob(
-        row_id=row,
-        segment=segment,
-        image=str(inputs[0]),
-        audio=str(inputs[1]),
-        prompt="",
-        width=W,
-        height=H,
-        infer_frames=FRAMES,
-    )
+    return paced_job(*inputs, row=row, index=index, clips=clips, seed=1000 + index, infer_frames=FRAMES, size=(W, H))
 
 
 def finished_clips(folder: Path) -> dict[str, tuple[int, int]]:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from tasks.generate.base import GeneratedClip
-from tasks.records import SegmentJob
+from tasks.records import Segment, SegmentJob
 
 STATE_SIZE = 16
 
@@ -95,3 +96,27 @@ def _frames(job: SegmentJob, clip: int, motion: np.ndarray) -> np.ndarray:
         wave = np.sin(6.0 * (a * x + b * y) + 0.2 * (t + clip * job.infer_frames) + 3.0 * p)
         channels.append(127.5 + 100.0 * wave)
     return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+
+
+def paced_job(
+    image: str | Path,
+    audio: str | Path,
+    *,
+    row: str,
+    index: int,
+    clips: int,
+    seed: int,
+    frames: int | None = None,
+    infer_frames: int = 4,
+    size: tuple[int, int] = (112, 64),
+) -> SegmentJob:
+    """A small segment job for the paced generator (tests and the pool benchmark): one second of
+    16 kHz audio, `clips` clips of `infer_frames` frames (`frames` to trim the last clip)."""
+    segment = Segment(
+        index=index, start_sample=0, end_sample=16000, start_s=0.0, end_s=1.0,
+        frames=clips * infer_frames if frames is None else frames, clips=clips, seed=seed,
+    )
+    return SegmentJob(
+        row_id=row, segment=segment, image=str(image), audio=str(audio), prompt="",
+        width=size[0], height=size[1], infer_frames=infer_frames,
+    )

@@ -142,6 +142,10 @@ def build_diffsynth(cfg: S2VConfig, ours: WanS2VTransformer):
     from parity_diffsynth import import_diffsynth_s2v
 
     ds = import_diffsynth_s2v()
+    for name, module in list(sys.modules.items()):  # FA4's `flash_attn` package is not FlashAttention-2
+        fa2 = "diffsynth" in name and getattr(module, "FLASH_ATTN_2_AVAILABLE", None) is True
+        if fa2 and not hasattr(getattr(module, "flash_attn", None), "flash_attn_func"):
+            module.FLASH_ATTN_2_AVAILABLE = False
     with torch.device("meta"):
         dit = construct(ds, cfg)
     dit.load_state_dict(ours.state_dict(), strict=True, assign=True)
@@ -198,6 +202,7 @@ def main() -> None:
     parser.add_argument("--main-sizes", default=None, help="sizes of the main table (default: --sizes)")
     parser.add_argument("--fp8-cfg", action="store_true", help="with --fp8: also the CFG step and later clip")
     parser.add_argument("--sdpa", choices=["cudnn", "flash"], default="cudnn", help="preferred attention kernel")
+    parser.add_argument("--fa4", action="store_true", help="also time ours with FA4 self-attention (first size)")
     args = parser.parse_args()
 
     t_start = time.time()
@@ -332,6 +337,28 @@ def main() -> None:
             if not big:
                 two = make_inputs(cfg, *lat, frames, 2, device, dtype, seed=2)
                 run(impl, lambda two=two: ours(**two, drop_motion_frames=True), "CFG step", size, False, 2)
+
+        if args.fa4:
+            size = sizes_of(args)[0]
+            one = make_inputs(cfg, size[0] // 8, size[1] // 8, frames, 1, device, dtype, seed=1)
+            ref = ours(**one, drop_motion_frames=True).float()
+            try:
+                ours.set_attention("fa4")
+            except ValueError as exc:
+                print(f"FA4 unavailable: {exc}", flush=True)
+                results["fa4_error"] = str(exc)
+            else:
+                got = ours(**one, drop_motion_frames=True).float()
+                results["fa4_rel_diff_vs_sdpa"] = ((got - ref).norm() / ref.norm()).item()
+                print(f"FA4 self-attention: rel L2 vs SDPA {results['fa4_rel_diff_vs_sdpa']:.2e}", flush=True)
+                if args.profile:
+                    results["profile_fa4"] = profile_forward(lambda: ours(**one, drop_motion_frames=True), device)
+                run(impl + "+fa4", lambda: ours(**one, drop_motion_frames=True), "first clip", size, False, 1)
+                run(impl + "+fa4", lambda: ours(**one), "later clip", size, True, 1)
+                two = make_inputs(cfg, size[0] // 8, size[1] // 8, frames, 2, device, dtype, seed=2)
+                run(impl + "+fa4", lambda: ours(**two, drop_motion_frames=True), "CFG step", size, False, 2)
+                impl += "+fa4"
+            del ref
 
         if args.fp8:
             from model.checkpoint import quantize_linears_fp8

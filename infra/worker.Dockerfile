@@ -67,14 +67,14 @@ ENV VIRTUAL_ENV=/opt/venv \
 # Dependencies before the source, so editing code does not reinstall torch. PyPI's Linux torch
 # wheel is the CUDA build (it brings its own CUDA libraries); constraints.txt pins the version
 # the project is tested with. `ray[default]` adds the cluster pieces (autoscaler, dashboard agent)
-# to the model extra's Ray, and prefect's kubernetes extra the Kubernetes worker. Empty packages stand in for the
+# to the model extra's Ray, the fa4 extra FlashAttention-4 (used on Hopper/Blackwell GPUs), and prefect's kubernetes extra the Kubernetes worker. Empty packages stand in for the
 # source so that pip resolves the project's dependencies now.
 WORKDIR /opt/s2v
 COPY --chown=s2v:s2v pyproject.toml constraints.txt README.md ./
 RUN mkdir -p tasks flows model \
  && touch tasks/__init__.py flows/__init__.py model/__init__.py \
  && pip install --upgrade pip \
- && pip install -c constraints.txt ".[model]" "prefect[kubernetes]" "ray[default]==${RAY_VERSION}" \
+ && pip install -c constraints.txt ".[model,fa4]" "prefect[kubernetes]" "ray[default]==${RAY_VERSION}" \
  && pip uninstall -y s2v-batch
 
 # The project itself, editable: Prefect deployments run `flows/batch.py:batch` from this folder

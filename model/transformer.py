@@ -29,6 +29,7 @@ can run as one batch of 2; no host synchronisation in `forward`.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 from contextlib import AbstractContextManager, nullcontext
@@ -61,6 +62,37 @@ def attention_backends(device: torch.device) -> AbstractContextManager:
     if device.type != "cuda" or not _HAS_PRIORITY:
         return nullcontext()
     return sdpa_kernel(SDPA_PRIORITY, set_priority=True)
+
+
+# Kernels for the self-attention, half of a 480p forward's FLOPs: "sdpa" (PyTorch SDPA, cuDNN first)
+# or "fa4" (FlashAttention-4's CuTe kernels from the `flash-attn-4` package, Hopper and Blackwell).
+ATTENTION_KERNELS = ("sdpa", "fa4")
+
+
+def fa4_unavailable(device: torch.device) -> str | None:
+    """Why the FA4 kernel cannot run on `device` (None when it can)."""
+    if device.type != "cuda":
+        return f"FA4 needs a CUDA GPU, not {device.type}"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major not in (9, 10):
+        return f"FA4 needs a Hopper or Blackwell GPU (compute capability 9.x or 10.x), this one is {major}.x"
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        return "FA4 needs the flash-attn-4 package (pip install flash-attn-4)"
+    return None
+
+
+# A custom op, so torch.compile'd blocks treat the kernel as one opaque call instead of breaking
+# the graph around it; [B, S, H, D] in and out, the layout the projections produce (no transposes).
+@torch.library.custom_op("s2v::fa4_attention", mutates_args=())
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    from flash_attn.cute import flash_attn_func
+
+    return flash_attn_func(q, k, v)[0]
+
+
+@fa4_attention.register_fake
+def _fa4_attention_shape(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return q.new_empty(*q.shape[:3], v.shape[3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +162,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.kernel = "sdpa"  # or "fa4" (self-attention only), see WanS2VTransformer.set_attention
 
     def forward(self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None) -> Tensor:
         """x [B, S, D]; context [B, L, D] (None: self-attention); rope [S, 1, D/H/2, 2] or None."""
@@ -140,6 +173,8 @@ class Attention(nn.Module):
         v = self.v(src).view(b, src.shape[1], self.num_heads, -1)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.kernel == "fa4" and context is None:
+            return self.o(fa4_attention(q, k, v).reshape(b, s, d))
         # strided [B, H, S, D] views: cuDNN reads them as they are (contiguous head-major copies
         # measured no faster on an H100, see docs/benchmarks.md)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -538,6 +573,25 @@ class WanS2VTransformer(nn.Module):
         """torch.compile each block (fuses norms, modulation and RoPE around the matmuls)."""
         for block in self.blocks:
             block.compile(**kwargs)
+
+    def set_attention(self, kernel: str, device: torch.device | str | None = None) -> None:
+        """Choose the self-attention kernel: "sdpa" (default) or "fa4" (see ATTENTION_KERNELS).
+
+        Raises ValueError when the kernel cannot run on `device` (default: where the weights are),
+        i.e. no Hopper/Blackwell GPU or no flash-attn-4 package, before any forward is attempted."""
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
+        if kernel == "fa4":
+            reason = fa4_unavailable(torch.device(device) if device else self.patch_embedding.weight.device)
+            if reason:
+                raise ValueError(reason)
+        for block in self.blocks:
+            block.self_attn.kernel = kernel
+
+    @property
+    def attention(self) -> str:
+        """The self-attention kernel in use ("sdpa" or "fa4")."""
+        return self.blocks[0].self_attn.kernel if len(self.blocks) else "sdpa"
 
     def _rope(self, segments: list, device: torch.device) -> Tensor:
         key = (tuple(segments), str(device))

@@ -159,6 +159,113 @@ def run_mode(pipe: S2VPipeline, args, device: torch.device, label: str) -> dict:
     return result
 
 
+def h2d_gbps(device: torch.device, gib: float = 1.0) -> dict[str, float]:
+    """Host-to-device copy rate from pinned and from pageable memory (median of 5), GB/s."""
+    n = int(gib * GIB)
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    out = {}
+    for label, src in (
+        ("pinned", torch.empty(n, dtype=torch.uint8).pin_memory()),
+        ("pageable", torch.empty(n, dtype=torch.uint8)),
+    ):
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        out[label] = n / float(np.median(times)) / 1e9
+    return out
+
+
+def dit_inputs(cfg: S2VConfig, args, device: torch.device, batch: int) -> dict:
+    """Random inputs of one first-clip DiT forward at the bench's size."""
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    lat_f, lat_h, lat_w = cfg.latent_frames(args.frames), args.height // 8, args.width // 8
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    return {
+        "latents": rnd(batch, cfg.in_dim, lat_f, lat_h, lat_w),
+        "timestep": torch.full((batch,), 936.0, device=device),
+        "context": rnd(batch, cfg.text_len, cfg.text_dim),
+        "ref_latents": rnd(1, cfg.in_dim, 1, lat_h, lat_w),
+        "audio": rnd(batch, cfg.audio_num_layers, cfg.audio_dim, args.frames),
+        "drop_motion_frames": True,
+    }
+
+
+def time_dit(dit, inputs: dict, device: torch.device, repeats: int = 3) -> dict:
+    """Median seconds of `repeats` DiT forwards after one warm-up, and their peak memory."""
+    dit(**inputs)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dit(**inputs)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": float(np.median(times)), "all": times, **mem(device)}
+
+
+def dit_offload_comparison(pipe: S2VPipeline, args, device: torch.device) -> list[dict]:
+    """One DiT forward (batch 1 and the CFG batch of 2) resident, streamed by our BlockStreamer,
+    and streamed by diffusers' block-level group offloading (its CUDA-stream prefetch): the same
+    weights and inputs, eager. Leaves the DiT streamed by diffusers' hooks: run it last."""
+    from model.offload import stream_blocks
+
+    dit = pipe.transformer
+    rows = []
+    for batch in (1, 2):
+        inputs = dit_inputs(dit.config, args, device, batch)
+        rows.append({"impl": "resident", "batch": batch, **time_dit(dit, inputs, device)})
+        print(json.dumps(rows[-1]), flush=True)
+    for part in (pipe.text_encoder, pipe.audio_encoder, pipe.vae):
+        part.to("cpu")
+    torch.cuda.empty_cache()
+    streamer = dit.block_streamer or stream_blocks(dit, device)
+    for batch in (1, 2):
+        inputs = dit_inputs(dit.config, args, device, batch)
+        torch.cuda.empty_cache()
+        rows.append({"impl": "ours streamed", "batch": batch, **time_dit(dit, inputs, device)})
+        print(json.dumps(rows[-1]), flush=True)
+    streamer.reset()
+    dit.block_streamer = None  # the blocks stay in their pinned homes for diffusers to take over
+    try:
+        from diffusers.hooks import apply_group_offloading
+
+        apply_group_offloading(dit, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=True)  # fmt: skip
+        for batch in (1, 2):
+            inputs = dit_inputs(dit.config, args, device, batch)
+            torch.cuda.empty_cache()
+            rows.append({"impl": "diffusers group offload", "batch": batch, **time_dit(dit, inputs, device)})
+            print(json.dumps(rows[-1]), flush=True)
+    except Exception as exc:  # report and go on
+        rows.append({"impl": "diffusers group offload", "error": repr(exc)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+MODES = {
+    # label: (offload, cfg_batch, vae_tiling, memory cap in GiB or None)
+    "off": ("none", True, False, None),
+    "model": ("model", False, False, None),
+    "blocks": ("blocks", True, False, None),
+    "blocks-2pass": ("blocks", False, False, None),
+    "blocks-24g": ("blocks", True, False, 22.0),
+    "blocks-24g-tiled": ("blocks", True, True, 22.0),
+    "blocks-2pass-24g": ("blocks", False, False, 22.0),
+    "blocks-2pass-24g-tiled": ("blocks", False, True, 22.0),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU smoke test)")
@@ -168,7 +275,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=80)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--clips", type=int, default=2)
-    parser.add_argument("--modes", default="off,on", help="offload modes to run, in order")
+    parser.add_argument("--modes", default="off,model,blocks,blocks-2pass,blocks-24g",
+                        help=f"pipeline modes to run, in order, from: {', '.join(MODES)}")  # fmt: skip
+    parser.add_argument("--dit-offload", action="store_true",
+                        help="then time one DiT forward resident / streamed by us / by diffusers")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
@@ -179,34 +289,65 @@ def main() -> None:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+    if device.type == "cuda":
+        info["h2d_gbps"] = h2d_gbps(device)
     print(json.dumps(info), flush=True)
     started = time.perf_counter()
     base = build_pipeline(args, device)
     print(json.dumps({"built_seconds": time.perf_counter() - started, **mem(device)}), flush=True)
-    results = []
-    for mode in args.modes.split(","):
-        offload = mode == "on"
-        # the same components; the constructor moves them to their home (CPU with offload)
-        pipe = S2VPipeline(base.transformer, base.text_encoder, base.audio_encoder, base.vae,
-                           device=device, offload=offload, cfg_batch=not offload)  # fmt: skip
-        results.append(run_mode(pipe, args, device, f"offload {mode}"))
+    results: list[dict] = []
+    extra: dict = {}
+
+    def save() -> None:
         if args.json:
-            args.json.write_text(
-                json.dumps({**info, "args": vars(args) | {"json": str(args.json)}, "results": results})
-            )
+            doc = {**info, "args": vars(args) | {"json": str(args.json)}, "results": results, **extra}
+            args.json.write_text(json.dumps(doc))
+
+    for mode in [m for m in args.modes.split(",") if m]:
+        offload, cfg_batch, tiling, cap = MODES[mode]
+        if tiling:
+            base.vae.enable_tiling()
+        if cap is not None and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(cap * GIB / total, torch.cuda.current_device())
+        # the same components; the constructor moves them to their home (CPU with offload; once the
+        # DiT streams its blocks, later modes must stream too)
+        pipe = S2VPipeline(base.transformer, base.text_encoder, base.audio_encoder, base.vae,
+                           device=device, offload=offload, cfg_batch=cfg_batch)  # fmt: skip
+        try:
+            results.append(run_mode(pipe, args, device, mode))
+        except torch.OutOfMemoryError as exc:
+            results.append({"mode": mode, "error": f"out of memory: {str(exc).splitlines()[0]}", "clips": []})
+            print(json.dumps(results[-1]), flush=True)
+            pipe.transformer.block_streamer and pipe.transformer.block_streamer.reset()
+        finally:
+            if cap is not None and device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
+            if tiling:
+                base.vae.disable_tiling()
+        save()
+    if args.dit_offload and device.type == "cuda":
+        pipe = S2VPipeline(base.transformer, base.text_encoder, base.audio_encoder, base.vae, device=device,
+                           offload="blocks" if base.transformer.block_streamer else "none")  # fmt: skip
+        extra["dit_offload"] = dit_offload_comparison(pipe, args, device)
+        save()
 
     print(f"\n{info['device']}, torch {info['torch']}, {args.height}x{args.width}, {args.frames} frames, "
           f"{args.steps} steps, CFG")  # fmt: skip
-    print("| offload | clip | resident before GiB | peak alloc GiB | peak reserved GiB | resident after GiB "
+    print("| mode | clip | resident before GiB | peak alloc GiB | peak reserved GiB | resident after GiB "
           "| s / step | s / clip | 40-step clip s |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for res in results:
+        if "error" in res:
+            print(f"| {res['mode']} | {res['error']} |")
         for row in res["clips"]:
             before = res["resident_before"].get("allocated_gib", float("nan"))
             print(f"| {res['mode']} | {row['clip']} | {before:.1f} | {row.get('peak_allocated_gib', float('nan')):.1f} "
                   f"| {row.get('peak_reserved_gib', float('nan')):.1f} | {row.get('allocated_gib', float('nan')):.1f} "
                   f"| {np.mean(row['step_seconds']) if row['step_seconds'] else float('nan'):.2f} "
                   f"| {row['seconds']:.1f} | {row['clip_40_steps_seconds']:.0f} |")  # fmt: skip
+    for row in extra.get("dit_offload", []):
+        print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -78,8 +78,8 @@ def run(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster for the GPU pool (default: RAY_ADDRESS, "
                                                          "else a local Ray)")] = None,
     workers: Annotated[int | None, typer.Option(help="GPU workers in the pool (default: the cluster's GPUs)")] = None,
-    offload: Annotated[bool, typer.Option("--offload", help="keep idle model parts on the CPU (40-48 GB "
-                                                            "GPUs)")] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="stream the model from CPU memory (GPUs of "
+                                                            "24 GB and up)")] = False,
     alignment_model: Annotated[str | None, typer.Option(help="local Wav2Vec2ForCTC folder for forced "
                                                              "alignment (default: the offline aligner)")] = None,
     whisper_model: Annotated[str | None, typer.Option(help="local faster-whisper folder: transcribe rows "

@@ -35,7 +35,10 @@ class BatchSettings(BaseSettings):
     )
     checkpoint: str | None = Field(None, description="Wan2.2-S2V-14B checkpoint folder or file (local or s3://)")
     device: str | None = Field(None, description="torch device for wan-s2v (default: cuda if available)")
-    offload: bool = Field(False, description="offload idle model parts to CPU (24-48 GB GPUs)")
+    offload: bool = Field(
+        False, description="keep the DiT's blocks in CPU memory and stream them to the GPU one by one, and the "
+        "encoders and VAE on the CPU until they work (GPUs of 24 GB and up; as fast as without on an H100)"
+    )
     allowed_roots: list[str] = Field(
         default_factory=list, description="folders/prefixes besides the manifest's own that rows may read from"
     )

@@ -38,9 +38,10 @@ from PIL import Image
 from model.audio_encoder import SAMPLE_RATE, WAV2VEC_DIR, AudioEncoder
 from model.checkpoint import CheckpointError, load_transformer
 from model.config import S2VConfig
+from model.offload import stream_blocks
 from model.sampler import GUIDANCE, STEPS, guide, sample
 from model.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, TextEncoder
-from model.transformer import WanS2VTransformer
+from model.transformer import WanS2VTransformer, fa4_unavailable
 from model.vae import COMFY_VAE_CHECKPOINT, VAE_CHECKPOINT, WanVAE
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,21 @@ EXPECTED_LAYOUT = f"""expected the official Wan2.2-S2V-14B layout:
   {T5_TOKENIZER}/ (tokenizer.json or spiece.model, tokenizer_config.json)
   {VAE_CHECKPOINT} (or ComfyUI's {COMFY_VAE_CHECKPOINT})
   {WAV2VEC_DIR}/ (config.json, preprocessor_config.json, model.safetensors or pytorch_model.bin)"""
+
+
+OFFLOAD_MODES = ("none", "blocks", "model")
+
+
+def offload_mode(offload: bool | str | None) -> str:
+    """Normalise an offload setting: False/None -> "none", True -> "blocks" (the mode that fits
+    the smallest GPUs), or one of OFFLOAD_MODES."""
+    if offload is None or offload is False:
+        return "none"
+    if offload is True:
+        return "blocks"
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload {offload!r}: expected one of {', '.join(OFFLOAD_MODES)} (or True / False)")
+    return offload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +232,7 @@ class S2VPipeline:
         audio_encoder: AudioEncoder,
         vae: WanVAE,
         device: torch.device | str = "cpu",
-        offload: bool = False,
+        offload: bool | str = False,
         cfg_batch: bool = True,
     ):
         self.transformer = transformer.eval().requires_grad_(False)
@@ -225,7 +241,7 @@ class S2VPipeline:
         self.audio_encoder = audio_encoder
         self.vae = vae
         self.device = torch.device(device)
-        self.offload = offload
+        self.offload = offload_mode(offload)
         self.cfg_batch = cfg_batch
         if audio_encoder.num_layers != self.config.audio_num_layers:
             raise CheckpointError(
@@ -243,9 +259,16 @@ class S2VPipeline:
                 f"{self.config.text_dim}"
             )
         text_encoder.text_len = self.config.text_len
-        home = torch.device("cpu") if offload else self.device
-        for part in (self.transformer, text_encoder, audio_encoder, vae):
+        home = torch.device("cpu") if self.offload != "none" else self.device
+        for part in (text_encoder, audio_encoder, vae):
             part.to(home)
+        if self.offload == "blocks":
+            if transformer.block_streamer is None:
+                stream_blocks(transformer, self.device)
+        elif transformer.block_streamer is not None:
+            raise ValueError("this transformer streams its blocks; build the pipeline with offload='blocks'")
+        else:
+            transformer.to(home)
 
     @classmethod
     def from_checkpoint(
@@ -253,27 +276,36 @@ class S2VPipeline:
         checkpoint: str | Path,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        offload: bool = False,
+        offload: bool | str = False,
         vae_tiling: bool = False,
         cache_dir: Path | None = None,
         cfg_batch: bool | None = None,
+        attention: str = "auto",
     ) -> S2VPipeline:
         """Load every component from one checkpoint folder (local or s3://).
 
         device: default CUDA when available, else CPU. dtype of the DiT and T5: default bf16 on
         CUDA, float32 on CPU. The VAE and wav2vec2 run in float32, as in the reference.
-        offload: keep components on the CPU and move each to the GPU only while it works.
-        cfg_batch: run both CFG branches as one batch of 2 (faster; about 7 GiB more activations
-        at 480p). Default: on, except with offload, where memory matters more.
+        offload (see OFFLOAD_MODES): "none" (False) keeps everything on the GPU; "blocks" (True)
+        streams the DiT's blocks from pinned CPU memory (model.offload) and moves the encoders and
+        the VAE to the GPU only while they work; "model" moves whole components, the DiT once per clip.
+        cfg_batch: run both CFG branches as one batch of 2 (one pass over the weights; about 7 GiB
+        more activations at 480p). Default: on, except with offload="model", where memory matters more.
+        attention: the DiT's self-attention kernel, "sdpa" or "fa4" (WanS2VTransformer.set_attention);
+        "auto" takes FA4 where it runs (a Hopper/Blackwell GPU with the flash-attn-4 package; 7-8 % faster
+        per forward on an H100) and SDPA elsewhere.
 
-        Memory at 480x832, 80 frames, bf16: without offload about 45 GiB resident and a 54 GiB
-        peak per clip; with offload a 35 GiB peak, the bf16 DiT alone being 30 GiB, so 40-48 GB
-        GPUs fit and 24 GB ones do not (figures and method: docs/benchmarks.md).
+        Memory at 480x832, 80 frames, bf16 on an H100 (figures and method: docs/benchmarks.md):
+        without offload 45 GiB resident and a 54 GiB peak per clip (80 GB GPUs); with "blocks"
+        6 GiB resident and an 18 GiB peak (umT5 at work), no slower per step, and 720p under a
+        22 GiB cap with VAE tiling (24 GB GPUs); with "model" a 35 GiB peak (the bf16 DiT alone is
+        30 GiB) and about 30 s more per clip.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        mode = offload_mode(offload)
         folder = fetch_checkpoint(str(checkpoint), cache_dir)
-        load_to = torch.device("cpu") if offload else device
+        load_to = torch.device("cpu") if mode != "none" else device
         transformer = load_transformer(folder, device=load_to, dtype=dtype)
         text_encoder = TextEncoder.from_checkpoint(
             folder / T5_CHECKPOINT, folder / T5_TOKENIZER, device=load_to, dtype=dtype
@@ -283,22 +315,30 @@ class S2VPipeline:
         vae = WanVAE.from_checkpoint(vae_file if vae_file.is_file() else folder / COMFY_VAE_CHECKPOINT, load_to)
         if vae_tiling:
             vae.enable_tiling()
-        batch = (not offload) if cfg_batch is None else cfg_batch
-        return cls(transformer, text_encoder, audio_encoder, vae, device=device, offload=offload, cfg_batch=batch)
+        batch = (mode != "model") if cfg_batch is None else cfg_batch
+        pipe = cls(transformer, text_encoder, audio_encoder, vae, device=device, offload=mode, cfg_batch=batch)
+        if attention == "auto":
+            attention = "sdpa" if fa4_unavailable(device) else "fa4"
+        transformer.set_attention(attention, device)
+        log.info("DiT self-attention kernel: %s; offload: %s", attention, mode)
+        return pipe
 
     # -- device placement -------------------------------------------------------------------
 
     def _use(self, part):
-        """Move `part` to the compute device (a no-op without offload)."""
-        if self.offload:
+        """Move `part` to the compute device (a no-op without offload, and for a streamed DiT)."""
+        if self._moves(part):
             part.to(self.device)
         return part
 
     def _release(self, part) -> None:
-        if self.offload:
+        if self._moves(part):
             part.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _moves(self, part) -> bool:
+        return self.offload == "model" or (self.offload == "blocks" and part is not self.transformer)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

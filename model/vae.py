@@ -216,6 +216,9 @@ class WanVAE:
         """Spatial tiling (diffusers' blending) to cap decode memory at 720p on small GPUs."""
         self.model.enable_tiling(tile, tile, stride, stride)
 
+    def disable_tiling(self) -> None:
+        self.model.disable_tiling()
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """[B, 3, T, H, W] in [-1, 1] -> normalised latents [B, 16, 1 + (T - 1) // 4, H / 8, W / 8]."""

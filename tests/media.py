@@ -168,9 +168,7 @@ def gray16_png(path: Path, size: tuple[int, int]) -> Path:
     return path
 
 
-def palette_png(
-    path: Path, upright: Image.Image, transparent_rgb: tuple[int, int, int] | None = None
-) -> Path:
+def palette_png(path: Path, upright: Image.Image, transparent_rgb: tuple[int, int, int] | None = None) -> Path:
     """A 16-colour palette PNG; pixels of `transparent_rgb` (if given) marked transparent via tRNS."""
     img = upright.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     if transparent_rgb is None:
@@ -202,3 +200,15 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def gradient_image(h: int = 64, w: int = 64) -> np.ndarray:
+    """uint8 [h, w, 3] colour ramps: a reference image for the model's tiny checkpoint."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (h + w)], axis=-1).astype(np.uint8)
+
+
+def voiced_tone(seconds: float, rate: int = 16_000) -> np.ndarray:
+    """float32 mono: a 160 Hz tone with a 4 Hz syllable-like envelope."""
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * 160 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)

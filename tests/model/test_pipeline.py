@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from media import gradient_image, voiced_tone
 from PIL import Image
 
 from model.checkpoint import CheckpointError
@@ -20,14 +21,8 @@ def pipeline(tiny_checkpoint: Path) -> S2VPipeline:
     return S2VPipeline.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
-def _image(h: int = 64, w: int = 64) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w]
-    return np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (h + w)], axis=-1).astype(np.uint8)
-
-
-def _speech(seconds: float) -> np.ndarray:
-    t = np.arange(int(16_000 * seconds)) / 16_000
-    return (0.3 * np.sin(2 * np.pi * 160 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
+_image = gradient_image
+_speech = voiced_tone
 
 
 def _mirror(src: Path, dst: Path, skip: set[str]) -> Path:

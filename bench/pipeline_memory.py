@@ -222,6 +222,13 @@ def dit_offload_comparison(pipe: S2VPipeline, args, device: torch.device) -> lis
 
     dit = pipe.transformer
     rows = []
+    probe = dit_inputs(dit.config, args, device, 1)
+    reference = dit(**probe).float()
+
+    def rel_diff() -> float:
+        out = dit(**probe).float()
+        return ((out - reference).norm() / reference.norm()).item()
+
     for batch in (1, 2):
         inputs = dit_inputs(dit.config, args, device, batch)
         rows.append({"impl": "resident", "batch": batch, **time_dit(dit, inputs, device)})
@@ -235,6 +242,16 @@ def dit_offload_comparison(pipe: S2VPipeline, args, device: torch.device) -> lis
         torch.cuda.empty_cache()
         rows.append({"impl": "ours streamed", "batch": batch, **time_dit(dit, inputs, device)})
         print(json.dumps(rows[-1]), flush=True)
+    rows.append({"impl": "ours streamed", "rel_l2_vs_resident": rel_diff()})
+    print(json.dumps(rows[-1]), flush=True)
+    dit.compile_blocks(dynamic=False)
+    for batch in (1, 2):
+        inputs = dit_inputs(dit.config, args, device, batch)
+        torch.cuda.empty_cache()
+        rows.append({"impl": "ours streamed, compiled", "batch": batch, **time_dit(dit, inputs, device)})
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append({"impl": "ours streamed, compiled", "rel_l2_vs_resident_eager": rel_diff()})
+    print(json.dumps(rows[-1]), flush=True)
     streamer.reset()
     dit.block_streamer = None  # the blocks stay in their pinned homes for diffusers to take over
     try:
@@ -279,6 +296,8 @@ def main() -> None:
                         help=f"pipeline modes to run, in order, from: {', '.join(MODES)}")  # fmt: skip
     parser.add_argument("--dit-offload", action="store_true",
                         help="then time one DiT forward resident / streamed by us / by diffusers")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (as on CUDA "
+                        "S2VPipeline.from_checkpoint does by default)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
@@ -313,7 +332,7 @@ def main() -> None:
         # the same components; the constructor moves them to their home (CPU with offload; once the
         # DiT streams its blocks, later modes must stream too)
         pipe = S2VPipeline(base.transformer, base.text_encoder, base.audio_encoder, base.vae,
-                           device=device, offload=offload, cfg_batch=cfg_batch)  # fmt: skip
+                           device=device, offload=offload, cfg_batch=cfg_batch, compile_dit=args.compile)  # fmt: skip
         try:
             results.append(run_mode(pipe, args, device, mode))
         except torch.OutOfMemoryError as exc:

@@ -571,9 +571,11 @@ class WanS2VTransformer(nn.Module):
         return torch.bfloat16 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype
 
     def compile_blocks(self, **kwargs) -> None:
-        """torch.compile each block (fuses norms, modulation and RoPE around the matmuls)."""
+        """torch.compile each block (fuses norms, modulation and RoPE around the matmuls); blocks
+        already compiled are left as they are. The blocks share one compiled graph per token layout."""
         for block in self.blocks:
-            block.compile(**kwargs)
+            if getattr(block, "_compiled_call_impl", None) is None:
+                block.compile(**kwargs)
 
     def set_attention(self, kernel: str, device: torch.device | str | None = None) -> None:
         """Choose the self-attention kernel: "sdpa" (default) or "fa4" (see ATTENTION_KERNELS).

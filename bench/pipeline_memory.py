@@ -7,16 +7,20 @@ downloaded): the 14B DiT (meta device + random bf16 init on the GPU, as bench/di
 umT5-xxl encoder (5.7B, bf16), wav2vec2-large-xlsr-53 (float32) and the Wan2.1 VAE (float32). The
 tokenizer is the tiny one the test checkpoint trains (prompt length does not change memory: T5
 always runs on 512 padded tokens). One segment of `--clips` clips (a first clip, then a later
-clip with motion latents) of 480x832 x 80 frames with `--steps` steps and CFG, first with the
-pipeline holding everything on the GPU (CFG as one batch of 2), then with `offload=True` (each
-component moved to the GPU only while it works; CFG as two passes, the default with offload).
+clip with motion latents) of 480x832 x 80 frames with `--steps` steps and CFG, once per mode
+of MODES: the pipeline holding everything on the GPU ("off"), the whole-component offload
+("model"), block streaming ("blocks": model/offload.py), with CFG as a batch of 2 or two passes,
+VAE tiling, and the allocator capped at 22 GiB (`set_per_process_memory_fraction`) standing in
+for a 24 GB GPU. Once the DiT streams its blocks, later modes in the same process stream too.
+`--dit-offload` then times single DiT forwards resident, streamed and streamed + compiled, with
+diffusers' block-level group offloading as a peer.
 
 Reported per mode: resident GPU memory before generating and between clips
 (torch.cuda.memory_allocated), each clip's peak (max_memory_allocated / max_memory_reserved), the
 seconds of each denoising step after the first (synchronised), each clip's seconds and the
 40-step clip time extrapolated as clip - steps * step + 40 * step.
 
-    python3 bench/pipeline_memory.py                                # on CUDA: full size, both modes
+    python3 bench/pipeline_memory.py                                # on CUDA: full size, five modes
     .venv/bin/python bench/pipeline_memory.py --tiny --device cpu   # smoke test, seconds
 """
 

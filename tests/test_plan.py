@@ -176,7 +176,7 @@ def test_short_audio_is_one_segment_and_cost_follows_the_model() -> None:
     plan = plan_row("r", SR // 2, [WordTiming(word="hi", start=0.1, end=0.4)], seed=5, width=832, height=480)
     (seg,) = plan.segments
     assert (seg.frames, seg.clips, seg.seed) == (8, 1, 5)
-    first, later, overhead = 3.185, 3.515, 7.0  # the H100 figures in tasks/plan.py (docs/benchmarks.md)
+    first, later, overhead = 2.975, 3.27, 7.0  # the H100 figures in tasks/plan.py (docs/benchmarks.md)
     assert seg.est_gpu_s == pytest.approx(40 * 2 * first + overhead)
     # 3 clips: one first clip, two later ones, 2 CFG passes per step, plus each clip's overhead.
     assert CostModel().estimate(3, resolution=Resolution.P480, steps=40) == pytest.approx(

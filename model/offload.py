@@ -24,6 +24,8 @@ failed on its first forward with a device mismatch (not investigated further).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -158,10 +160,16 @@ def _pinned_bytes(nbytes: int) -> torch.Tensor:
     up to a power of two, which for 28 GB of blocks would lock 32 GB (or 40 GB block by block)."""
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     try:
-        registered = nbytes > 0 and int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)) == 0
+        cudart = torch.cuda.cudart()
+        registered = nbytes > 0 and int(cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)) == 0
     except (AttributeError, RuntimeError, TypeError):
         registered = False
-    return buffer if registered and buffer.is_pinned() else buffer.pin_memory()
+    if not (registered and buffer.is_pinned()):
+        return buffer.pin_memory()
+    # unlock the pages when the buffer goes (weakref callbacks run before torch frees the memory)
+    unlock = weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
+    unlock.atexit = False  # at exit the process's memory goes anyway, maybe after CUDA's teardown
+    return buffer
 
 
 def stream_blocks(model: nn.Module, device: torch.device | str, slots: int = 2) -> BlockStreamer:

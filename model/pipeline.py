@@ -280,7 +280,7 @@ class S2VPipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         offload: bool | str = False,
-        vae_tiling: bool = False,
+        vae_tiling: bool | None = None,
         cache_dir: Path | None = None,
         cfg_batch: bool | None = None,
         attention: str = "auto",
@@ -294,7 +294,10 @@ class S2VPipeline:
         streams the DiT's blocks from pinned CPU memory (model.offload) and moves the encoders and
         the VAE to the GPU only while they work; "model" moves whole components, the DiT once per clip.
         cfg_batch: run both CFG branches as one batch of 2 (one pass over the weights; about 7 GiB
-        more activations at 480p). Default: on, except with offload="model", where memory matters more.
+        more activations at 480p). Default: on without offload; with offload two passes, where
+        memory matters more (as fast at 480p on an H100).
+        vae_tiling: decode frames larger than 480x832 in tiles (WanVAE.enable_tiling); default on
+        with offload (720p then stays under 22 GiB), off otherwise.
         attention: the DiT's self-attention kernel, "sdpa" or "fa4" (WanS2VTransformer.set_attention);
         "auto" takes FA4 where it runs (a Hopper/Blackwell GPU with the flash-attn-4 package; 7-8 % faster
         per forward on an H100) and SDPA elsewhere.
@@ -319,9 +322,9 @@ class S2VPipeline:
         audio_encoder = AudioEncoder.from_folder(folder / WAV2VEC_DIR, device=load_to)
         vae_file = folder / VAE_CHECKPOINT
         vae = WanVAE.from_checkpoint(vae_file if vae_file.is_file() else folder / COMFY_VAE_CHECKPOINT, load_to)
-        if vae_tiling:
+        if (mode != "none") if vae_tiling is None else vae_tiling:
             vae.enable_tiling()
-        batch = (mode != "model") if cfg_batch is None else cfg_batch
+        batch = (mode == "none") if cfg_batch is None else cfg_batch
         compile_dit = device.type == "cuda" if compile_dit is None else compile_dit
         pipe = cls(
             transformer, text_encoder, audio_encoder, vae,

@@ -212,9 +212,17 @@ class WanVAE:
         self.model.to(device)
         return self
 
-    def enable_tiling(self, tile: int = 256, stride: int = 192) -> None:
-        """Spatial tiling (diffusers' blending) to cap decode memory at 720p on small GPUs."""
-        self.model.enable_tiling(tile, tile, stride, stride)
+    def enable_tiling(
+        self, tile: int | tuple[int, int] = (480, 832), stride: int | tuple[int, int] = (384, 704)
+    ) -> None:
+        """Spatial tiling (diffusers' blending) to cap decode memory at 720p on small GPUs.
+
+        tile / stride: pixels, (height, width) or one number for both. Frames no larger than a
+        tile are not tiled: the default leaves 480x832 clips exactly as without tiling and
+        decodes 720x1280 ones in 480x832 tiles overlapping by 96 / 128 pixels."""
+        th, tw = (tile, tile) if isinstance(tile, int) else tile
+        sh, sw = (stride, stride) if isinstance(stride, int) else stride
+        self.model.enable_tiling(th, tw, sh, sw)
 
     def disable_tiling(self) -> None:
         self.model.disable_tiling()

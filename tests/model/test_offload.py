@@ -158,3 +158,14 @@ def test_compiled_streamed_pipeline_matches_eager(tiny_checkpoint: Path):
         assert np.allclose(ref.state["motion_frames"], got.state["motion_frames"], atol=1e-3)
     # one graph per token layout (first clip, later clip), shared by the 3 blocks
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_offload_defaults_favour_memory(tiny_checkpoint: Path):
+    """With offload, CFG runs as two passes and frames above 480x832 decode in tiles (what let
+    720p run under a 22 GiB cap); without, a batch of 2 and no tiling."""
+    for mode, batch, tiling in (("none", True, False), ("blocks", False, True), ("model", False, True)):
+        pipe = S2VPipeline.from_checkpoint(tiny_checkpoint, device="cpu", offload=mode)
+        vae = pipe.vae.model
+        assert (pipe.cfg_batch, vae.use_tiling) == (batch, tiling)
+        if tiling:
+            assert (vae.tile_sample_min_height, vae.tile_sample_min_width) == (480, 832)

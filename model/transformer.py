@@ -680,32 +680,6 @@ class WanS2VTransformer(nn.Module):
         add_last_motion: int = 2,
     ) -> Tensor:
         """See the class docstring for shapes. Returns the velocity [B, out_dim, F, H, W] float32."""
-        with attention_backends(latents.device):
-            return self._forward(
-                latents,
-                timestep,
-                context,
-                ref_latents,
-                audio,
-                motion_latents,
-                pose_latents,
-                drop_motion_frames=drop_motion_frames,
-                add_last_motion=add_last_motion,
-            )
-
-    def _forward(
-        self,
-        latents: Tensor,
-        timestep: Tensor | float,
-        context: Tensor,
-        ref_latents: Tensor,
-        audio: Tensor,
-        motion_latents: Tensor | None,
-        pose_latents: Tensor | None,
-        *,
-        drop_motion_frames: bool,
-        add_last_motion: int,
-    ) -> Tensor:
         cfg = self.config
         self._check_inputs(
             latents,
@@ -718,72 +692,73 @@ class WanS2VTransformer(nn.Module):
             drop_motion_frames,
             add_last_motion,
         )
-        device, dtype = latents.device, self.compute_dtype
-        b, _, frames, lat_h, lat_w = latents.shape
-        p = cfg.patch_size
-        f, h, w = frames // p[0], lat_h // p[1], lat_w // p[2]
-        n_vid, n_ref = f * h * w, h * w
-        add_last_motion = int(cfg.add_last_motion) * add_last_motion
-        use_motion = cfg.enable_framepack and motion_latents is not None and not drop_motion_frames
+        with attention_backends(latents.device):
+            device, dtype = latents.device, self.compute_dtype
+            b, _, frames, lat_h, lat_w = latents.shape
+            p = cfg.patch_size
+            f, h, w = frames // p[0], lat_h // p[1], lat_w // p[2]
+            n_vid, n_ref = f * h * w, h * w
+            add_last_motion = int(cfg.add_last_motion) * add_last_motion
+            use_motion = cfg.enable_framepack and motion_latents is not None and not drop_motion_frames
 
-        # tokens: video (+ pose), reference, motion, each plus its cond-mask vector
-        vid = self.patch_embedding(latents.to(dtype))
-        if cfg.cond_dim > 0:
-            if pose_latents is not None:
-                vid = vid + self.cond_encoder(pose_latents.to(dtype))
-            else:  # the encoder of an all-zero pose video is its bias
-                vid = vid + self.cond_encoder.bias.to(dtype)[:, None, None, None]
-        ref = self.patch_embedding(ref_latents.to(dtype)).flatten(2).transpose(1, 2)
-        mot = self.frame_packer(motion_latents.to(dtype), add_last_motion) if use_motion else None
-        n_mot = mot.shape[1] if mot is not None else 0
-        seq = n_vid + n_ref + n_mot
-        mask = self.trainable_cond_mask.weight.float()
-        x = torch.empty(b, seq, cfg.dim, dtype=torch.float32, device=device)
-        x[:, :n_vid] = vid.flatten(2).transpose(1, 2).float() + mask[0]
-        x[:, n_vid : n_vid + n_ref] = ref.float() + mask[1]
-        if mot is not None:
-            x[:, n_vid + n_ref :] = mot.float() + mask[2]
+            # tokens: video (+ pose), reference, motion, each plus its cond-mask vector
+            vid = self.patch_embedding(latents.to(dtype))
+            if cfg.cond_dim > 0:
+                if pose_latents is not None:
+                    vid = vid + self.cond_encoder(pose_latents.to(dtype))
+                else:  # the encoder of an all-zero pose video is its bias
+                    vid = vid + self.cond_encoder.bias.to(dtype)[:, None, None, None]
+            ref = self.patch_embedding(ref_latents.to(dtype)).flatten(2).transpose(1, 2)
+            mot = self.frame_packer(motion_latents.to(dtype), add_last_motion) if use_motion else None
+            n_mot = mot.shape[1] if mot is not None else 0
+            seq = n_vid + n_ref + n_mot
+            mask = self.trainable_cond_mask.weight.float()
+            x = torch.empty(b, seq, cfg.dim, dtype=torch.float32, device=device)
+            x[:, :n_vid] = vid.flatten(2).transpose(1, 2).float() + mask[0]
+            x[:, n_vid : n_vid + n_ref] = ref.float() + mask[1]
+            if mot is not None:
+                x[:, n_vid + n_ref :] = mot.float() + mask[2]
 
-        # RoPE: video at frames 0..f-1, reference at frame 30, motion at negative frames
-        segments = [((0, 0, 0), (f, h, w), (f, h, w)), ((30, 0, 0), (31, h, w), (1, h, w))]
-        if mot is not None:
-            segments += self.frame_packer.segments(lat_h, lat_w, add_last_motion)
-        rope = self._rope(segments, device)
+            # RoPE: video at frames 0..f-1, reference at frame 30, motion at negative frames
+            segments = [((0, 0, 0), (f, h, w), (f, h, w)), ((30, 0, 0), (31, h, w), (1, h, w))]
+            if mot is not None:
+                segments += self.frame_packer.segments(lat_h, lat_w, add_last_motion)
+            rope = self._rope(segments, device)
 
-        # time: video tokens at t, reference and motion tokens at 0 (zero_timestep)
-        t = torch.as_tensor(timestep, device=device).reshape(-1).float().expand(b)
-        if cfg.zero_timestep:
-            t = torch.cat([t, t.new_zeros(1)])
-        e = _linear32(self.time_embedding[0], sinusoidal_embedding(cfg.freq_dim, t))
-        e = _linear32(self.time_embedding[2], F.silu(e))
-        e0 = _linear32(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))
-        temb = [(0, n_vid, e0[:b]), (n_vid, seq, e0[b:])] if cfg.zero_timestep else [(0, seq, e0)]
+            # time: video tokens at t, reference and motion tokens at 0 (zero_timestep)
+            t = torch.as_tensor(timestep, device=device).reshape(-1).float().expand(b)
+            if cfg.zero_timestep:
+                t = torch.cat([t, t.new_zeros(1)])
+            e = _linear32(self.time_embedding[0], sinusoidal_embedding(cfg.freq_dim, t))
+            e = _linear32(self.time_embedding[2], F.silu(e))
+            e0 = _linear32(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))
+            temb = [(0, n_vid, e0[:b]), (n_vid, seq, e0[b:])] if cfg.zero_timestep else [(0, seq, e0)]
 
-        # text, zero-padded to text_len like the reference
-        if context.shape[1] < cfg.text_len:
-            context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
-        ctx = self.text_embedding(context.to(dtype)).expand(b, -1, -1)
+            # text, zero-padded to text_len like the reference
+            if context.shape[1] < cfg.text_len:
+                context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+            ctx = self.text_embedding(context.to(dtype)).expand(b, -1, -1)
 
-        audio_global, audio_local = self.encode_audio(audio)
-        streamer = self.block_streamer
-        try:
-            for i, block in enumerate(self.blocks):
+            audio_global, audio_local = self.encode_audio(audio)
+            streamer = self.block_streamer
+            try:
+                for i, block in enumerate(self.blocks):
+                    if streamer is not None:
+                        streamer.before(i)  # block i's weights onto the device, block i + 1's on the way
+                    x = block(x, ctx, temb, rope)
+                    if streamer is not None:
+                        streamer.after(i)
+                    if i in self._injector_of_block:
+                        self._inject_audio(self._injector_of_block[i], x, n_vid, f, audio_global, audio_local, dtype)
+            except BaseException:
                 if streamer is not None:
-                    streamer.before(i)  # block i's weights onto the device, block i + 1's on the way
-                x = block(x, ctx, temb, rope)
-                if streamer is not None:
-                    streamer.after(i)
-                if i in self._injector_of_block:
-                    self._inject_audio(self._injector_of_block[i], x, n_vid, f, audio_global, audio_local, dtype)
-        except BaseException:
-            if streamer is not None:
-                streamer.reset()
-            raise
+                    streamer.reset()
+                raise
 
-        out = self.head(x[:, :n_vid], e[:b])
-        c = cfg.out_dim
-        out = out.view(b, f, h, w, p[0], p[1], p[2], c).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.reshape(b, c, f * p[0], h * p[1], w * p[2])
+            out = self.head(x[:, :n_vid], e[:b])
+            c = cfg.out_dim
+            out = out.view(b, f, h, w, p[0], p[1], p[2], c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+            return out.reshape(b, c, f * p[0], h * p[1], w * p[2])
 
     def _inject_audio(
         self, idx: int, x: Tensor, n_vid: int, f: int, glob: Tensor | None, local: Tensor, dtype: torch.dtype

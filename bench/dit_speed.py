@@ -338,43 +338,39 @@ def main() -> None:
                 two = make_inputs(cfg, *lat, frames, 2, device, dtype, seed=2)
                 run(impl, lambda two=two: ours(**two, drop_motion_frames=True), "CFG step", size, False, 2)
 
-        if args.fa4:
+        def variant(name: str, change, key: str, all_scenarios: bool = True, profile: bool = False) -> bool:
+            """Apply `change` to our model (in place), record its relative L2 against the forward
+            before it under `key`, and time it at the first size; False if it cannot run here."""
             size = sizes_of(args)[0]
-            one = make_inputs(cfg, size[0] // 8, size[1] // 8, frames, 1, device, dtype, seed=1)
+            lat = (size[0] // 8, size[1] // 8)
+            one = make_inputs(cfg, *lat, frames, 1, device, dtype, seed=1)
             ref = ours(**one, drop_motion_frames=True).float()
             try:
-                ours.set_attention("fa4")
+                change()
             except ValueError as exc:
-                print(f"FA4 unavailable: {exc}", flush=True)
-                results["fa4_error"] = str(exc)
-            else:
-                got = ours(**one, drop_motion_frames=True).float()
-                results["fa4_rel_diff_vs_sdpa"] = ((got - ref).norm() / ref.norm()).item()
-                print(f"FA4 self-attention: rel L2 vs SDPA {results['fa4_rel_diff_vs_sdpa']:.2e}", flush=True)
-                if args.profile:
-                    results["profile_fa4"] = profile_forward(lambda: ours(**one, drop_motion_frames=True), device)
-                run(impl + "+fa4", lambda: ours(**one, drop_motion_frames=True), "first clip", size, False, 1)
-                run(impl + "+fa4", lambda: ours(**one), "later clip", size, True, 1)
-                two = make_inputs(cfg, size[0] // 8, size[1] // 8, frames, 2, device, dtype, seed=2)
-                run(impl + "+fa4", lambda: ours(**two, drop_motion_frames=True), "CFG step", size, False, 2)
-                impl += "+fa4"
-            del ref
+                print(f"{name} unavailable: {exc}", flush=True)
+                results[f"{key}_error"] = str(exc)
+                return False
+            got = ours(**one, drop_motion_frames=True).float()
+            results[key] = ((got - ref).norm() / ref.norm()).item()
+            print(f"{name}: {key} {results[key]:.2e}", flush=True)
+            del ref, got
+            if profile:
+                results[f"profile_{key}"] = profile_forward(lambda: ours(**one, drop_motion_frames=True), device)
+            label = f"{impl}+{name}"
+            run(label, lambda: ours(**one, drop_motion_frames=True), "first clip", size, False, 1)
+            if all_scenarios:
+                run(label, lambda: ours(**one), "later clip", size, True, 1)
+                two = make_inputs(cfg, *lat, frames, 2, device, dtype, seed=2)
+                run(label, lambda: ours(**two, drop_motion_frames=True), "CFG step", size, False, 2)
+            return True
 
+        if args.fa4 and variant("fa4", lambda: ours.set_attention("fa4"), "fa4_rel_diff_vs_sdpa", profile=args.profile):
+            impl += "+fa4"
         if args.fp8:
             from model.checkpoint import quantize_linears_fp8
 
-            size = sizes_of(args)[0]
-            one = make_inputs(cfg, size[0] // 8, size[1] // 8, frames, 1, device, dtype, seed=1)
-            ref = ours(**one, drop_motion_frames=True).float()
-            n = quantize_linears_fp8(ours)
-            got = ours(**one, drop_motion_frames=True).float()
-            results["fp8_rel_diff_vs_bf16"] = ((got - ref).norm() / ref.norm()).item()
-            print(f"fp8 block linears ({n}): rel L2 vs bf16 {results['fp8_rel_diff_vs_bf16']:.2e}", flush=True)
-            run(impl + "+fp8", lambda: ours(**one, drop_motion_frames=True), "first clip", size, False, 1)
-            if args.fp8_cfg:
-                run(impl + "+fp8", lambda: ours(**one), "later clip", size, True, 1)
-                two = make_inputs(cfg, size[0] // 8, size[1] // 8, frames, 2, device, dtype, seed=2)
-                run(impl + "+fp8", lambda: ours(**two, drop_motion_frames=True), "CFG step", size, False, 2)
+            variant("fp8", lambda: quantize_linears_fp8(ours), "fp8_rel_diff_vs_bf16", all_scenarios=args.fp8_cfg)
 
     _summary(results)
     print(f"total {time.time() - t_start:.0f} s", flush=True)

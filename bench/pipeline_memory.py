@@ -219,9 +219,10 @@ def time_dit(dit, inputs: dict, device: torch.device, repeats: int = 3) -> dict:
 
 
 def dit_offload_comparison(pipe: S2VPipeline, args, device: torch.device) -> list[dict]:
-    """One DiT forward (batch 1 and the CFG batch of 2) resident, streamed by our BlockStreamer,
-    and streamed by diffusers' block-level group offloading (its CUDA-stream prefetch): the same
-    weights and inputs, eager. Leaves the DiT streamed by diffusers' hooks: run it last."""
+    """One DiT forward (batch 1 and the CFG batch of 2) resident, streamed by our BlockStreamer
+    (eager, then compiled), and streamed by diffusers' block-level group offloading (its
+    CUDA-stream prefetch): the same weights and inputs. Leaves the DiT to diffusers' hooks: run
+    it last."""
     from model.offload import stream_blocks
 
     dit = pipe.transformer
@@ -233,29 +234,27 @@ def dit_offload_comparison(pipe: S2VPipeline, args, device: torch.device) -> lis
         out = dit(**probe).float()
         return ((out - reference).norm() / reference.norm()).item()
 
-    for batch in (1, 2):
-        inputs = dit_inputs(dit.config, args, device, batch)
-        rows.append({"impl": "resident", "batch": batch, **time_dit(dit, inputs, device)})
-        print(json.dumps(rows[-1]), flush=True)
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def timed(impl: str) -> None:
+        """One row per batch (1 and the CFG batch of 2) for the DiT as it is set up now."""
+        for batch in (1, 2):
+            inputs = dit_inputs(dit.config, args, device, batch)
+            torch.cuda.empty_cache()
+            record({"impl": impl, "batch": batch, **time_dit(dit, inputs, device)})
+
+    timed("resident")
     for part in (pipe.text_encoder, pipe.audio_encoder, pipe.vae):
         part.to("cpu")
     torch.cuda.empty_cache()
     streamer = dit.block_streamer or stream_blocks(dit, device)
-    for batch in (1, 2):
-        inputs = dit_inputs(dit.config, args, device, batch)
-        torch.cuda.empty_cache()
-        rows.append({"impl": "ours streamed", "batch": batch, **time_dit(dit, inputs, device)})
-        print(json.dumps(rows[-1]), flush=True)
-    rows.append({"impl": "ours streamed", "rel_l2_vs_resident": rel_diff()})
-    print(json.dumps(rows[-1]), flush=True)
+    timed("ours streamed")
+    record({"impl": "ours streamed", "rel_l2_vs_resident": rel_diff()})
     dit.compile_blocks(dynamic=False)
-    for batch in (1, 2):
-        inputs = dit_inputs(dit.config, args, device, batch)
-        torch.cuda.empty_cache()
-        rows.append({"impl": "ours streamed, compiled", "batch": batch, **time_dit(dit, inputs, device)})
-        print(json.dumps(rows[-1]), flush=True)
-    rows.append({"impl": "ours streamed, compiled", "rel_l2_vs_resident_eager": rel_diff()})
-    print(json.dumps(rows[-1]), flush=True)
+    timed("ours streamed, compiled")
+    record({"impl": "ours streamed, compiled", "rel_l2_vs_resident_eager": rel_diff()})
     streamer.reset()
     dit.block_streamer = None  # the blocks stay in their pinned homes for diffusers to take over
     try:
@@ -263,14 +262,9 @@ def dit_offload_comparison(pipe: S2VPipeline, args, device: torch.device) -> lis
 
         apply_group_offloading(dit, onload_device=device, offload_device=torch.device("cpu"),
                                offload_type="block_level", num_blocks_per_group=1, use_stream=True)  # fmt: skip
-        for batch in (1, 2):
-            inputs = dit_inputs(dit.config, args, device, batch)
-            torch.cuda.empty_cache()
-            rows.append({"impl": "diffusers group offload", "batch": batch, **time_dit(dit, inputs, device)})
-            print(json.dumps(rows[-1]), flush=True)
+        timed("diffusers group offload")
     except Exception as exc:  # report and go on
-        rows.append({"impl": "diffusers group offload", "error": repr(exc)})
-        print(json.dumps(rows[-1]), flush=True)
+        record({"impl": "diffusers group offload", "error": repr(exc)})
     return rows
 
 

@@ -41,9 +41,9 @@ import ray
 import soundfile as sf
 from PIL import Image
 
-from tasks.generate.paced import paced_job
+from tasks.generate.paced import paced_job, tiny_s2v_job
 from tasks.generate.pool import GeneratorPool, PoolConfig
-from tasks.records import Segment, SegmentJob
+from tasks.records import SegmentJob
 
 W, H, FRAMES = 112, 64, 4
 
@@ -99,26 +99,7 @@ def resume_check(folder: Path) -> dict:
     """Interrupted-and-resumed on the pool vs uninterrupted in process, with the tiny wan-s2v model."""
     import signal
 
-    from model.tiny import write_tiny_checkpoint
-
-    checkpoint = str(write_tiny_checkpoint(folder / "tiny", seed=0))
-    Image.new("RGB", (64, 64), (90, 120, 160)).save(folder / "face.png")
-    t = np.arange(16000) / 16000
-    sf.write(
-        folder / "speech.wav", (0.3 * np.sin(2 * np.pi * 160 * t) * 32767).astype(np.int16), 16000, subtype="PCM_16"
-    )
-    seg = Segment(index=0, start_sample=0, end_sample=16000, start_s=0, end_s=1, frames=12, clips=3, seed=5)
-    job = SegmentJob(
-        row_id="tiny",
-        segment=seg,
-        image=str(folder / "face.png"),
-        audio=str(folder / "speech.wav"),
-        prompt="a person talking",
-        width=64,
-        height=64,
-        infer_frames=4,
-        steps=2,
-    )
+    checkpoint, job = tiny_s2v_job(folder)
     killed: list[int] = []
 
     def on_event(event) -> None:

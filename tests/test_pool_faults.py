@@ -25,9 +25,9 @@ from flows.batch import batch
 from flows.settings import BatchSettings
 from tasks.generate import stage
 from tasks.generate.backends import BackendError
-from tasks.generate.paced import PacedGenerator, paced_job
+from tasks.generate.paced import PacedGenerator, paced_job, tiny_s2v_job
 from tasks.generate.pool import GeneratorPool, PoolConfig, SegmentEvent, SegmentFailed
-from tasks.records import Segment, SegmentJob
+from tasks.records import SegmentJob
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -247,26 +247,7 @@ async def _artifacts(keys: list[str]) -> dict:
 @pytest.mark.slow
 def test_tiny_wan_s2v_resumed_after_a_lost_worker_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """The real architecture (random weights) on CPU: the lossless state carries the clip loop over."""
-    from model.tiny import write_tiny_checkpoint
-
-    checkpoint = str(write_tiny_checkpoint(tmp_path / "tiny", seed=0))
-    Image.new("RGB", (64, 64), (90, 120, 160)).save(tmp_path / "face.png")
-    t = np.arange(16000) / 16000
-    sf.write(
-        tmp_path / "speech.wav", (0.3 * np.sin(2 * np.pi * 160 * t) * 32767).astype(np.int16), 16000, subtype="PCM_16"
-    )
-    segment = Segment(index=0, start_sample=0, end_sample=16000, start_s=0, end_s=1, frames=12, clips=3, seed=5)
-    job = SegmentJob(
-        row_id="tiny",
-        segment=segment,
-        image=str(tmp_path / "face.png"),
-        audio=str(tmp_path / "speech.wav"),
-        prompt="a person talking",
-        width=64,
-        height=64,
-        infer_frames=4,
-        steps=2,
-    )
+    checkpoint, job = tiny_s2v_job(tmp_path)
     killed: list[int] = []
 
     def on_event(event: SegmentEvent) -> None:

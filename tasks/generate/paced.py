@@ -120,3 +120,24 @@ def paced_job(
         row_id=row, segment=segment, image=str(image), audio=str(audio), prompt="",
         width=size[0], height=size[1], infer_frames=infer_frames,
     )
+
+
+def tiny_s2v_job(folder: Path) -> tuple[str, SegmentJob]:
+    """The tiny Wan2.2-S2V checkpoint (model.tiny, random weights) written under `folder`, and a
+    one-segment job of 3 clips of 4 frames at 64x64 for it (a 160 Hz tone as speech): the
+    real architecture on CPU in seconds, for the pool's kill-and-resume test and benchmark."""
+    import soundfile as sf
+    from PIL import Image
+
+    from model.tiny import write_tiny_checkpoint  # the model extra: only where this is used
+
+    checkpoint = str(write_tiny_checkpoint(folder / "tiny", seed=0))
+    Image.new("RGB", (64, 64), (90, 120, 160)).save(folder / "face.png")
+    tone = 0.3 * np.sin(2 * np.pi * 160 * np.arange(16000) / 16000)
+    sf.write(folder / "speech.wav", (tone * 32767).astype(np.int16), 16000, subtype="PCM_16")
+    segment = Segment(index=0, start_sample=0, end_sample=16000, start_s=0, end_s=1, frames=12, clips=3, seed=5)
+    job = SegmentJob(
+        row_id="tiny", segment=segment, image=str(folder / "face.png"), audio=str(folder / "speech.wav"),
+        prompt="a person talking", width=64, height=64, infer_frames=4, steps=2,
+    )  # fmt: skip
+    return checkpoint, job

@@ -336,7 +336,6 @@ def main() -> None:
         except torch.OutOfMemoryError as exc:
             results.append({"mode": mode, "error": f"out of memory: {str(exc).splitlines()[0]}", "clips": []})
             print(json.dumps(results[-1]), flush=True)
-            pipe.transformer.block_streamer and pipe.transformer.block_streamer.reset()
         finally:
             if cap is not None and device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())

@@ -136,6 +136,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def start_ray(cpus: int, gpus: int) -> None:
+    """A local Ray on loopback (as the pool starts one), with `gpus` declared GPUs."""
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 1024**2, logging_level="WARNING", _node_ip_address="127.0.0.1")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 8])
@@ -146,14 +152,7 @@ def main() -> None:
     parser.add_argument("--resume-check", action="store_true", help="tiny wan-s2v kill-and-resume check")
     args = parser.parse_args()
     if args.resume_check:
-        ray.init(
-            num_cpus=2,
-            num_gpus=1,
-            include_dashboard=False,
-            log_to_driver=False,
-            object_store_memory=200 * 1024**2,
-            logging_level="WARNING",
-        )
+        start_ray(cpus=2, gpus=1)
         try:
             with tempfile.TemporaryDirectory(prefix="pool-resume-") as tmp:
                 print(json.dumps(resume_check(Path(tmp))))
@@ -161,14 +160,7 @@ def main() -> None:
             ray.shutdown()
         return
 
-    ray.init(
-        num_cpus=max(args.workers),
-        num_gpus=max(args.workers),
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 * 1024**2,
-        logging_level="WARNING",
-    )
+    start_ray(cpus=max(args.workers), gpus=max(args.workers))
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="pool-bench-") as tmp:

@@ -66,6 +66,8 @@ def attention_backends(device: torch.device) -> AbstractContextManager:
 
 # Kernels for the self-attention, half of a 480p forward's FLOPs: "sdpa" (PyTorch SDPA, cuDNN first)
 # or "fa4" (FlashAttention-4's CuTe kernels from the `flash-attn-4` package, Hopper and Blackwell).
+# FA4 serves the self-attention only: on the text and audio cross-attentions (512 and 5 keys) cuDNN
+# was faster on an H100 (bench/dit_kernels.py); no other Hopper tile tried beat FA4's own 128 x 128.
 ATTENTION_KERNELS = ("sdpa", "fa4")
 
 
@@ -223,6 +225,22 @@ def _add(x: Tensor, y: Tensor) -> Tensor:
     return x + y if torch.compiler.is_compiling() else x.add_(y)
 
 
+# Fuse the feed-forward's bias and tanh GELU into the first GEMM's epilogue on CUDA (cuBLASLt,
+# through torch._addmm_activation, which Inductor calls as it is): its 13824-wide activation is
+# then written once instead of written, read and written again (see docs/benchmarks.md).
+FFN_GELU_EPILOGUE = True
+
+
+def feed_forward(ffn: nn.Sequential, x: Tensor) -> Tensor:
+    """ffn = (Linear, GELU(tanh), Linear) applied to x [B, S, D]."""
+    up, down = ffn[0], ffn[2]
+    fused = FFN_GELU_EPILOGUE and x.is_cuda and type(up) is nn.Linear and up.bias is not None
+    if not fused or x.dtype not in (torch.bfloat16, torch.float16):
+        return ffn(x)
+    hidden = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)
+    return down(hidden.view(*x.shape[:-1], -1))
+
+
 class S2VBlock(nn.Module):
     """One transformer block: modulated self-attention with RoPE, cross-attention to the text,
     modulated feed-forward (the official WanS2VAttentionBlock)."""
@@ -250,7 +268,7 @@ class S2VBlock(nn.Module):
         h = self.norm3(x) if self.norm3 is not None else x
         x = _add(x, self.cross_attn(h.to(dtype), context))
         h = _modulate(F.layer_norm(x, dim, eps=self.eps), groups, 3, 4, dtype)
-        return _gated_add(x, self.ffn(h), groups, 5)
+        return _gated_add(x, feed_forward(self.ffn, h), groups, 5)
 
 
 class Head(nn.Module):

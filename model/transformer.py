@@ -374,6 +374,16 @@ class AdaLayerNorm(nn.Module):
         return torch.addcmul(shift[:, None], F.layer_norm(x, (x.shape[-1],), eps=1e-5), 1 + scale[:, None])
 
 
+def audio_injection(
+    attn: Attention, adain: AdaLayerNorm | None, vid: Tensor, cond: Tensor | None, tokens: Tensor
+) -> Tensor:
+    """One audio injection's residual: video tokens vid [N, S, D] float32 (N = batch x latent
+    frames), normalised (AdaIN from cond [N, D] when given, else plain LayerNorm), cross-attend to
+    that frame's audio tokens [N, n, D]; returned in the tokens' dtype."""
+    h = adain(vid, cond) if adain is not None else F.layer_norm(vid, (vid.shape[-1],), eps=1e-6)
+    return attn(h.to(tokens.dtype), context=tokens)
+
+
 def official_injector_map(cfg: S2VConfig) -> tuple[int, dict[int, int]]:
     """(number of audio injectors, {block index: injector index}) exactly as the reference
     builds them: it matches the module name `transformer_blocks.{i}` by substring, so with 10 or
@@ -579,6 +589,7 @@ class WanS2VTransformer(nn.Module):
             self.frame_packer = FramePack(cfg.in_dim, dim, cfg.zip_frame_buckets, cfg.framepack_drop_mode)
         _, self._injector_of_block = official_injector_map(cfg)
         self._rope_cache: dict[tuple, Tensor] = {}
+        self._audio_injection = audio_injection  # compiled by compile_blocks
         self.block_streamer = None  # model.offload.stream_blocks installs one (blocks kept in CPU memory)
 
     # ---- helpers ----------------------------------------------------------------------------
@@ -589,11 +600,14 @@ class WanS2VTransformer(nn.Module):
         return torch.bfloat16 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype
 
     def compile_blocks(self, **kwargs) -> None:
-        """torch.compile each block (fuses norms, modulation and RoPE around the matmuls); blocks
-        already compiled are left as they are. The blocks share one compiled graph per token layout."""
+        """torch.compile each block (fuses norms, modulation and RoPE around the matmuls) and the
+        audio injection; what is already compiled is left as it is. The blocks share one compiled
+        graph per token layout, the injectors one graph."""
         for block in self.blocks:
             if getattr(block, "_compiled_call_impl", None) is None:
                 block.compile(**kwargs)
+        if self._audio_injection is audio_injection:  # one graph for all injectors (modules are inputs)
+            self._audio_injection = torch.compile(audio_injection, **kwargs)
 
     def set_attention(self, kernel: str, device: torch.device | str | None = None) -> None:
         """Choose the self-attention kernel: "sdpa" (default) or "fa4" (see ATTENTION_KERNELS).
@@ -785,13 +799,12 @@ class WanS2VTransformer(nn.Module):
         inj = self.audio_injector
         b = x.shape[0]
         vid = x[:, :n_vid].reshape(b * f, n_vid // f, x.shape[-1])
+        adain = cond = None
         if self.config.enable_adain and self.config.adain_mode == "attn_norm":
+            adain = inj.injector_adain_layers[idx]
             cond = glob[:, :, 0].expand(b, -1, -1).flatten(0, 1)
-            h = inj.injector_adain_layers[idx](vid, cond)
-        else:
-            h = F.layer_norm(vid, (vid.shape[-1],), eps=1e-6)
         tokens = local.expand(b, -1, -1, -1).flatten(0, 1).to(dtype)
-        res = inj.injector[idx](h.to(dtype), context=tokens)
+        res = self._audio_injection(inj.injector[idx], adain, vid, cond, tokens)
         x[:, :n_vid] += res.view(b, n_vid, -1)
 
 

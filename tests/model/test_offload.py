@@ -156,8 +156,9 @@ def test_compiled_streamed_pipeline_matches_eager(tiny_checkpoint: Path):
     for ref, got in zip(eager, compiled, strict=True):
         assert np.abs(ref.frames.astype(int) - got.frames.astype(int)).max() <= 2
         assert np.allclose(ref.state["motion_frames"], got.state["motion_frames"], atol=1e-3)
-    # one graph per token layout (first clip, later clip), shared by the 3 blocks
-    assert counters["stats"]["unique_graphs"] <= 2
+    # one block graph per token layout (first clip, later clip), shared by the 3 blocks, and one
+    # audio-injection graph shared by the injectors (its shapes do not depend on motion tokens)
+    assert counters["stats"]["unique_graphs"] <= 3
 
 
 def test_offload_defaults_favour_memory(tiny_checkpoint: Path):

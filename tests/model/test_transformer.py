@@ -193,8 +193,11 @@ def test_rope_positions_follow_the_reference() -> None:
     assert pf.tolist() == [30]
     # frame position p rotates the first pairs by p * 10000^0 = p radians; negative ones backwards
     table = rope_table(128, [((-19, 0, 0), (-15, 1, 1), (16, 2, 2))])
-    assert table.shape == (4, 1, 64, 2) and table.dtype == torch.float32
-    angles = torch.atan2(table[:, 0, 0, 1], table[:, 0, 0, 0])
+    assert table.shape == (4, 1, 128, 2) and table.dtype == torch.float32
+    # per channel (cos, signed sin): both channels of a pair share the angle, the even one negated
+    torch.testing.assert_close(table[..., 0::2, 0], table[..., 1::2, 0])
+    torch.testing.assert_close(table[..., 0::2, 1], -table[..., 1::2, 1])
+    angles = torch.atan2(table[:, 0, 1, 1], table[:, 0, 1, 0])
     expected = torch.tensor([-19.0, -14.0, -9.0, -4.0])
     torch.testing.assert_close(torch.remainder(angles - expected + np.pi, 2 * np.pi), torch.full((4,), np.pi))
 

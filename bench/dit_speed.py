@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--fp8-cfg", action="store_true", help="with --fp8: also the CFG step and later clip")
     parser.add_argument("--sdpa", choices=["cudnn", "flash"], default="cudnn", help="preferred attention kernel")
     parser.add_argument("--fa4", action="store_true", help="also time ours with FA4 self-attention (first size)")
+    parser.add_argument("--gelu-ablation", action="store_true", help="with --fa4: first the GELU as a separate pass")
     args = parser.parse_args()
 
     t_start = time.time()
@@ -365,8 +366,8 @@ def main() -> None:
                 run(label, lambda: ours(**two, drop_motion_frames=True), "CFG step", size, False, 2)
             return True
 
-        if args.fa4 and variant("fa4", lambda: ours.set_attention("fa4"), "fa4_rel_diff_vs_sdpa", profile=args.profile):
-            impl += "+fa4"
+        if args.fa4:
+            impl = fa4_variants(ours, args, variant, impl)
         if args.fp8:
             from model.checkpoint import quantize_linears_fp8
 
@@ -374,6 +375,25 @@ def main() -> None:
 
     _summary(results)
     print(f"total {time.time() - t_start:.0f} s", flush=True)
+
+
+def fa4_variants(ours: WanS2VTransformer, args, variant, impl: str) -> str:
+    """After the SDPA rows: the feed-forward with its GELU as a separate pass (first clip; the
+    cuBLASLt epilogue that replaces it is the default), then FA4 self-attention, timed in all
+    scenarios (and profiled with --profile). Returns the label for the rows after it."""
+
+    def gelu_separate() -> None:
+        transformer.FFN_GELU_EPILOGUE = False
+
+    def fa4() -> None:
+        transformer.FFN_GELU_EPILOGUE = True
+        ours.set_attention("fa4")
+
+    if args.gelu_ablation:
+        variant("gelu-separate", gelu_separate, "gelu_separate_rel_diff_vs_epilogue", all_scenarios=False)
+    if variant("fa4", fa4, "fa4_rel_diff_vs_sdpa", profile=args.profile):
+        impl += "+fa4"
+    return impl
 
 
 def sizes_of(args) -> list[tuple[int, int]]:

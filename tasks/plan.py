@@ -73,9 +73,10 @@ class ForwardCost:
 # 80-frame clip through S2VPipeline with random bf16 weights, compiled DiT (the CUDA default),
 # SDPA attention, CFG as a batch of 2, measured 5.95 s per denoising step for a first clip and
 # 6.54 s for a later one (motion tokens), i.e. 2.975 s and 3.27 s per forward; the rest of a clip
-# (text/audio encoding, VAE decode, motion re-encode) came to about 7 s. With FA4 installed clips
-# are about 8 % faster than this. 720p: our compiled DiT's first-clip forward, 11.6 s ("Speed per
-# forward"); the later-clip figure is scaled by the 480p later/first ratio.
+# (text/audio encoding, VAE decode, motion re-encode) came to about 7 s. With FA4 installed the
+# DiT's forwards are about 9 % faster than this (not yet measured through the whole pipeline).
+# 720p: our compiled DiT's first-clip forward, 11.6 s ("Speed per forward"); the later-clip
+# figure is scaled by the 480p later/first ratio.
 DEFAULT_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
     ("H100", Resolution.P480.value): ForwardCost(first_clip_s=2.975, later_clip_s=3.27),
     ("H100", Resolution.P720.value): ForwardCost(first_clip_s=11.6, later_clip_s=round(11.6 * 3.27 / 2.975, 2)),

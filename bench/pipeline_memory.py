@@ -296,6 +296,8 @@ def main() -> None:
                         help="then time one DiT forward resident / streamed by us / by diffusers")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (as on CUDA "
                         "S2VPipeline.from_checkpoint does by default)")  # fmt: skip
+    parser.add_argument("--attention", choices=["sdpa", "fa4"], default="sdpa",
+                        help="the DiT's self-attention kernel ('auto' in from_checkpoint picks fa4)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
@@ -311,6 +313,8 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     started = time.perf_counter()
     base = build_pipeline(args, device)
+    base.transformer.set_attention(args.attention, device)
+    info["attention"] = args.attention
     print(json.dumps({"built_seconds": time.perf_counter() - started, **mem(device)}), flush=True)
     results: list[dict] = []
     extra: dict = {}

@@ -102,11 +102,18 @@ def write_vae(folder: Path, generator: torch.Generator) -> None:
 
 
 def write_wav2vec(folder: Path, hidden: int, layers: int, generator: torch.Generator) -> None:
-    """A Wav2Vec2ForCTC folder shaped like wav2vec2-large-xlsr-53 (stable layer norm, 50 Hz) but tiny."""
-    out = folder / WAV2VEC_DIR
+    """The checkpoint's wav2vec2 folder, tiny (see write_ctc_folder)."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    write_ctc_folder(folder / WAV2VEC_DIR, hidden, layers, "abcdefghijklmnopqrstuvwxyz'", seed)
+
+
+def write_ctc_folder(out: Path, hidden: int, layers: int, characters: str, seed: int) -> Path:
+    """A random Wav2Vec2ForCTC folder shaped like wav2vec2-large-xlsr-53 (stable layer norm, 50 Hz)
+    but tiny, with a vocabulary of the special tokens, "|" and `characters`; saved the way the
+    released folder is (config + weights, preprocessor_config.json, vocab/tokenizer files)."""
     out.mkdir(parents=True, exist_ok=True)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}
-    vocab.update({c: i + 5 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")})
+    vocab.update({c: i + 5 for i, c in enumerate(characters)})
     (out / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     config = Wav2Vec2Config(
         vocab_size=len(vocab),
@@ -122,15 +129,14 @@ def write_wav2vec(folder: Path, hidden: int, layers: int, generator: torch.Gener
         conv_bias=True,
         pad_token_id=0,
     )
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    torch.manual_seed(seed)
     Wav2Vec2ForCTC(config).eval().save_pretrained(str(out))
     extractor = Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True, return_attention_mask=True
     )
-    # The processor's two halves, saved the way the released folder has them
-    # (preprocessor_config.json + vocab/tokenizer files).
     extractor.save_pretrained(str(out))
     Wav2Vec2CTCTokenizer(str(out / "vocab.json")).save_pretrained(str(out))
+    return out
 
 
 def write_dit(folder: Path, config: S2VConfig, generator: torch.Generator, max_shard_bytes: int) -> None:

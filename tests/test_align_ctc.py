@@ -11,17 +11,15 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from scipy.signal import resample_poly
-from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
+from model.tiny import write_ctc_folder
 from tasks.align import align_row
 from tasks.align_ctc import (
     ENGLISH_FOLDER,
@@ -129,32 +127,8 @@ def test_banded_search_on_a_long_sequence() -> None:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random Wav2Vec2ForCTC with a lowercase character vocabulary (no digits), saved like a released one."""
-    out = tmp_path_factory.mktemp("ctc") / "tiny-ctc-en"
-    out.mkdir()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}
-    vocab.update({c: i + 5 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})  # no apostrophe: wildcard
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    config = Wav2Vec2Config(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        conv_bias=True,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    Wav2Vec2ForCTC(config).eval().save_pretrained(str(out))
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True).save_pretrained(
-        str(out)
-    )
-    Wav2Vec2CTCTokenizer(str(out / "vocab.json")).save_pretrained(str(out))
-    return out
+    # no apostrophe in the vocabulary: the aligner treats it as a wildcard
+    return write_ctc_folder(tmp_path_factory.mktemp("ctc") / "tiny-ctc-en", 32, 2, "abcdefghijklmnopqrstuvwxyz", 0)
 
 
 @pytest.fixture(scope="module")

@@ -299,8 +299,8 @@ class S2VPipeline:
         vae_tiling: decode frames larger than 480x832 in tiles (WanVAE.enable_tiling); default on
         with offload (720p then stays under 22 GiB), off otherwise.
         attention: the DiT's self-attention kernel, "sdpa" or "fa4" (WanS2VTransformer.set_attention);
-        "auto" takes FA4 where it runs (a Hopper/Blackwell GPU with the flash-attn-4 package; 7-8 % faster
-        per forward on an H100) and SDPA elsewhere.
+        "auto" takes FA4 where it runs (a Hopper/Blackwell GPU with the flash-attn-4 package; about 9 %
+        faster per forward on an H100) and SDPA elsewhere.
         compile_dit: torch.compile the DiT's blocks (default on CUDA): 6 % faster forwards at 480p on
         an H100 for about 20 s of compilation per token layout (first clip, later clip) per process.
 

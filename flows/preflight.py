@@ -12,7 +12,7 @@ from flows import steps
 from flows.settings import BatchSettings
 from tasks import align, layout, storage
 from tasks.manifest import validate_manifest
-from tasks.normalize_audio import decode_audio
+from tasks.normalize.audio import decode_audio
 from tasks.records import MODEL_SAMPLE_RATE, Plan, RowFailure, SpeechAnalysis
 
 

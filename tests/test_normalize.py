@@ -33,7 +33,7 @@ from media import (
 from PIL import Image
 
 from tasks.normalize import normalize_audio, normalize_image, normalize_row, normalize_script, size_bucket
-from tasks.normalize_image import largest_face
+from tasks.normalize.image import largest_face
 from tasks.records import ManifestRow, Resolution, RowFailure
 
 SPOKEN = "Welcome to the quarterly update. Sales grew in every region this spring."

@@ -1,7 +1,7 @@
 """Normalization stage: one manifest row's audio, image and script made ready for every later stage.
 
-Audio and image work live in `tasks.normalize_audio` and `tasks.normalize_image`; this module is the
-stage's entry point (`normalize_row`) and holds the script clean-up.
+Audio and image work live in `audio.py` and `image.py`; this module is the stage's entry point
+(`normalize_row`) and holds the script clean-up.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import re
 import unicodedata
 from pathlib import Path
 
-from tasks.normalize_audio import normalize_audio
-from tasks.normalize_image import normalize_image, size_bucket
+from tasks.normalize.audio import normalize_audio
+from tasks.normalize.image import normalize_image, size_bucket
 from tasks.records import ManifestRow, NormalizedAssets, Resolution, RowFailure
 
 __all__ = ["normalize_audio", "normalize_image", "normalize_row", "normalize_script", "size_bucket"]

@@ -9,7 +9,7 @@ the real-time factor (audio seconds per wall second, one process, one thread).
 It also calibrates the fit score: the fit of each recording with its own script and
 with another recording's script (a wrong file).
 
-With ``--ctc-model FOLDER`` (a Wav2Vec2ForCTC folder) the CTC aligner (tasks/align_ctc.py) is
+With ``--ctc-model FOLDER`` (a Wav2Vec2ForCTC folder) the CTC aligner (tasks/speech/ctc.py) is
 measured too, and its fit calibrated the same way. No trained CTC model can be downloaded where
 this was written, so its accuracy has not been measured; with a random-weight folder of the
 real size only its real-time factor means anything.
@@ -38,9 +38,8 @@ from scipy.signal import resample_poly
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.align import align_words  # noqa: E402
-from tasks.align_offline import FRAME_RATE, _model_paths, to_pcm16  # noqa: E402
 from tasks.records import RowFailure  # noqa: E402
+from tasks.speech.offline import FRAME_RATE, _model_paths, align_words, to_pcm16  # noqa: E402
 
 SR = 16_000
 SENTENCES = [
@@ -132,8 +131,8 @@ CTC: dict = {}
 
 
 def add_ctc(folder: Path, device: str) -> None:
-    """Add the CTC aligner (tasks/align_ctc.py) with the model in ``folder`` as a row; loading is not timed."""
-    from tasks.align_ctc import load_ctc_model
+    """Add the CTC aligner (tasks/speech/ctc.py) with the model in ``folder`` as a row; loading is not timed."""
+    from tasks.speech.ctc import load_ctc_model
 
     CTC["aligner"] = load_ctc_model(folder, device)
 

@@ -5,7 +5,7 @@ sentences, spoken word by word with 0-250 ms pauses and 400-700 ms after every 8
 noise floor, as in bench/align_accuracy.py), upmixed to stereo 44.1 kHz and encoded as a 128 kbit/s
 MP3 (or kept as WAV), with a 1080×1350 JPEG portrait. It goes through the flow's own per-row steps:
 ``flows.steps.normalize_step`` (fetch + audio/image normalization), ``speech_step`` (alignment, then
-``tasks.language.check_language``) and ``plan_step``, with default ``BatchSettings``. Each stage is
+``tasks.speech.language.check_language``) and ``plan_step``, with default ``BatchSettings``. Each stage is
 timed in wall time and CPU time (this process plus its ffmpeg children). The row runs twice in a
 fresh process: pass 1 pays the one-time loads (pocketsphinx decoders, lingua's language models),
 pass 2 (a new work folder, so nothing is cached) is the steady state of a batch worker. The process

@@ -35,7 +35,7 @@ from prefect.states import Failed, State
 
 from flows import progress, steps
 from flows.settings import BatchSettings
-from tasks import captions, language, layout, notify, storage
+from tasks import captions, layout, notify, storage
 from tasks.generate.backends import BackendError, resolve_backend
 from tasks.manifest import ManifestError, validate_manifest
 from tasks.records import (
@@ -50,6 +50,7 @@ from tasks.records import (
     SegmentResult,
     SpeechAnalysis,
 )
+from tasks.speech import language
 
 if TYPE_CHECKING:
     from tasks.generate.pool import GeneratorPool, SegmentEvent

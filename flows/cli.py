@@ -328,7 +328,7 @@ def align_cmd(
 ) -> None:
     """Align a script to speech audio with the offline aligner; print word timings in seconds."""
     from flows.preflight import align_file
-    from tasks.align import alignment_to_json
+    from tasks.speech import alignment_to_json
 
     analysis = align_file(audio, script)
     if as_json:

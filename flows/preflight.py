@@ -10,7 +10,7 @@ from rich.progress import track
 
 from flows import steps
 from flows.settings import BatchSettings
-from tasks import align, layout, storage
+from tasks import layout, speech, storage
 from tasks.manifest import validate_manifest
 from tasks.normalize.audio import decode_audio
 from tasks.records import MODEL_SAMPLE_RATE, Plan, RowFailure, SpeechAnalysis
@@ -41,4 +41,4 @@ def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -
 def align_file(audio: Path, script: str) -> SpeechAnalysis:
     """Word timings of `script` in `audio`, in seconds from the start of the file as given."""
     samples = decode_audio(audio, MODEL_SAMPLE_RATE)
-    return align.align_words(samples, script, sample_rate=MODEL_SAMPLE_RATE)
+    return speech.align_words(samples, script, sample_rate=MODEL_SAMPLE_RATE)

@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from flows.settings import BatchSettings
-from tasks import align, align_ctc, captions, language, layout, normalize, plan, stitch, storage
+from tasks import captions, layout, normalize, plan, speech, stitch, storage
 from tasks.generate import stage as generate_stage
 from tasks.generate.backends import load_generator
 from tasks.generate.base import Generator
@@ -32,6 +32,7 @@ from tasks.records import (
     SpeechAnalysis,
     WordTiming,
 )
+from tasks.speech import language
 
 
 def normalize_step(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> NormalizedAssets:
@@ -55,7 +56,7 @@ def normalize_step(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> 
 def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
     """Align the script to the audio and check languages; cached beside the normalized audio."""
     cached = Path(assets.audio_16k).with_name("speech.json")
-    model = align_ctc.resolve_alignment_model(settings.alignment_model, settings.checkpoint, row.language)
+    model = speech.resolve_alignment_model(settings.alignment_model, settings.checkpoint, row.language)
     key = f"{assets.audio_qc.model_dump_json()}|{assets.script}|{row.language}|{settings.language_policy}|{model}"
     if settings.whisper_model:
         key += f"|whisper={settings.whisper_model}"
@@ -69,7 +70,7 @@ def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSetti
     if settings.whisper_model:
         detected, script, heard = _whisper_pass(row, assets, audio, settings)
     try:
-        analysis = align.align_row(
+        analysis = speech.align_row(
             audio, script or "", sample_rate=rate, model_folder=model, device=settings.device or "cpu"
         )
     except RowFailure as exc:
@@ -96,7 +97,7 @@ def _whisper_pass(
 ) -> tuple[tuple[str, float], str | None, list[WordTiming]]:
     """Whisper's (language, probability) for the audio and, for a row without a script, its transcript
     and word timings (else the row's script and no words)."""
-    from tasks import transcribe  # faster-whisper loads only when a Whisper model is configured
+    from tasks.speech import transcribe  # faster-whisper loads only when a Whisper model is configured
 
     cuda = (settings.device or "").startswith("cuda")
     whisper = transcribe.load_whisper(

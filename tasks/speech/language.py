@@ -6,12 +6,12 @@ non-English speech lip-syncs worse; a wrong audio file wastes the GPU hours outr
 * Script language: lingua in its low-accuracy mode over all its languages (trigram
   models only: ~0.5 s to load, ~70 MB, reliable on sentences; a script under
   ``MIN_WORDS`` letter words is not judged).
-* Audio language: how well the English aligner fits the audio (``tasks.align``). Without
+* Audio language: how well the English aligner fits the audio (``tasks.speech``). Without
   its ``audio_script_mismatch`` flag the audio is English speech saying the script:
   ``audio_language = "en"``. With it the audio is either not English or not this
   script, and the English aligner cannot tell which; ``audio_language`` stays None and
   the evidence (fit, words not found, worst stretch) is in the aligner's flags.
-* With a Whisper model configured (``tasks/transcribe.py``), the caller passes Whisper's
+* With a Whisper model configured (``tasks/speech/transcribe.py``), the caller passes Whisper's
   detected language and probability (``detected``): at ``MIN_AUDIO_CONFIDENCE`` or above it
   is the audio language and the judged spoken language; a script that reads as another
   language than the audio is flagged ``script_audio_language_mismatch`` (wrong file or

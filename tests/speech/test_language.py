@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import io
-import subprocess
-
 import numpy as np
 import pytest
-import soundfile as sf
-from scipy.signal import resample_poly
+from spoken import SR, espeak
 
-from tasks.align import align_words
-from tasks.language import SKIP_FLAG, check_language, detect_script_language, should_skip
 from tasks.records import RowFailure, SpeechAnalysis
+from tasks.speech.language import SKIP_FLAG, check_language, detect_script_language, should_skip
+from tasks.speech.offline import align_words
 
-SR = 16_000
 EN = "please review the safety checklist before you start working with the machine"
 ES = "por favor revise la lista de seguridad antes de empezar a trabajar con la máquina"
-
-
-def espeak(text: str, voice: str) -> np.ndarray:
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", "165", "--stdout", text], capture_output=True, check=True
-    ).stdout
-    x, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    return resample_poly(x, SR, rate).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +20,13 @@ def english() -> SpeechAnalysis:
     # well; its continuous synthetic speech is too far from the human speech the model knows.
     parts = []
     for w in EN.split():
-        parts += [espeak(w, "en-us"), np.zeros(SR // 10, np.float32)]
+        parts += [espeak(w, "en-us", speed=165), np.zeros(SR // 10, np.float32)]
     return align_words(np.concatenate([np.zeros(SR // 4, np.float32), *parts]), EN)
 
 
 @pytest.fixture(scope="module")
 def spanish_audio_english_script() -> SpeechAnalysis:
-    return align_words(espeak(ES, "es"), EN)
+    return align_words(espeak(ES, "es", speed=165), EN)
 
 
 def test_script_language_detection() -> None:

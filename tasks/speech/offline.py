@@ -1,12 +1,11 @@
-"""Script normalization and the offline forced aligner (pocketsphinx, no downloaded model).
+"""The offline forced aligner (pocketsphinx with its bundled English model, no downloaded model).
 
 Method (chosen by measurement, see docs/benchmarks.md "Alignment and planning"):
 
 1. The script is split into words at whitespace; each word is expanded into the
-   tokens a speaker says ("$20" -> "twenty dollars", "3.5%" -> "three point five
-   percent", "Dr." -> "doctor") and each token gets a pronunciation from the CMU
-   dictionary that ships in the ``pocketsphinx`` wheel, or from letter rules when it
-   is not there.
+   tokens a speaker says (``tasks/speech/script.py``) and each token gets a pronunciation
+   from the CMU dictionary that ships in the ``pocketsphinx`` wheel, or from letter rules
+   when it is not there.
 2. A left-to-right finite-state grammar of the tokens, where each token may also be
    skipped at a small cost, is decoded against the audio with pocketsphinx's bundled
    US-English acoustic model, with optional silence between tokens. Skipped tokens
@@ -16,6 +15,8 @@ Method (chosen by measurement, see docs/benchmarks.md "Alignment and planning"):
    the loop heard in its frames (1 - normalized edit distance). The mean over the
    script is the fit score: it is high when the audio says the script, low for a
    wrong file, another language or music.
+
+Flags and failures are the shared ones (``tasks/speech/verdict.py``); unspoken words score 0.
 """
 
 from __future__ import annotations
@@ -26,9 +27,19 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-from num2words import num2words
 from pocketsphinx import Decoder, get_model_path
 
+from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
+from tasks.speech.script import ScriptWord, normalize_script
+from tasks.speech.verdict import as_mono_16k, empty_script, judge_fit, low_fit_flags, require_sound
+
+ALIGNER = "pocketsphinx-en-us"
+MISMATCH_FIT = 0.15
+"""The audio does not say the script when the fit is below MISMATCH_FIT or at least
+MISMATCH_SKIPPED (tasks/speech/verdict.py) of the script words were not found. Calibrated with
+bench/align_accuracy.py (docs/benchmarks.md): with their own script, LibriVox human speech fits at
+0.39-0.46 with no word skipped and espeak-ng speech at 0.19-0.51 with <= 17% skipped; with another
+recording's script or a Spanish script, fits are 0.03-0.16 with >= 37% skipped (or no alignment at all)."""
 FRAME_RATE = 100
 """pocketsphinx frames per second (10 ms shift)."""
 SKIP_PROB = 1e-3
@@ -40,111 +51,6 @@ SIL_PROB = 1.0
 # continuous synthetic speech (skipping words instead of failing).
 PHONE_LOOP_BEAMS = {"ds": 2}
 """The phone loop scores every other frame (ds 2): 25% faster; it only feeds the fit score."""
-
-_ABBREVIATIONS = {
-    "dr": "doctor",
-    "mr": "mister",
-    "mrs": "missus",
-    "ms": "miz",
-    "prof": "professor",
-    "jr": "junior",
-    "sr": "senior",
-    "st": "saint",
-    "vs": "versus",
-    "etc": "et cetera",
-    "approx": "approximately",
-    "e.g": "for example",
-    "i.e": "that is",
-    "inc": "incorporated",
-    "ltd": "limited",
-    "dept": "department",
-    "mt": "mount",
-}
-_SYMBOLS = {"&": "and", "+": "plus", "@": "at", "%": "percent", "=": "equals", "#": "number"}
-_CURRENCIES = {
-    "$": ("dollar", "dollars", "cent", "cents"),
-    "€": ("euro", "euros", "cent", "cents"),
-    "£": ("pound", "pounds", "penny", "pence"),
-}
-_PUNCT = "\"'“”‘’()[]{}<>,;:!?¡¿…—–-*_/\\|~^`."
-
-
-@dataclass
-class ScriptWord:
-    """One whitespace-separated word of the script and the tokens it is spoken as."""
-
-    text: str
-    tokens: list[str] = field(default_factory=list)
-
-
-def _number_words(num: str) -> list[str]:
-    """Digits as spoken: years as years, decimals with "point", ordinals, thousands separators."""
-    ordinal = re.fullmatch(r"(\d+)(st|nd|rd|th)", num)
-    if ordinal:
-        return _split(num2words(int(ordinal.group(1)), to="ordinal"))
-    plain = num.replace(",", "")
-    if re.fullmatch(r"\d+", plain):
-        value = int(plain)
-        if "," not in num and len(num) == 4 and 1100 <= value <= 2099 and value % 1000 >= 10:
-            return _split(num2words(value, to="year"))
-        return _split(num2words(value))
-    if re.fullmatch(r"\d*\.\d+", plain):
-        whole, frac = plain.split(".")
-        return _split(num2words(int(whole or 0))) + ["point"] + [_split(num2words(int(d)))[0] for d in frac]
-    return []
-
-
-def _split(text: str) -> list[str]:
-    return [t for t in re.split(r"[\s\-,]+", text.lower()) if t and t != "and"] if text else []
-
-
-def _expand(raw: str) -> list[str]:
-    """Tokens spoken for one script word (may be empty for pure punctuation)."""
-    word = raw.strip(_PUNCT.replace(".", "") + ".") if not re.fullmatch(r"[.\d,]+", raw) else raw.strip(".,")
-    low = raw.lower().strip(_PUNCT.replace(".", ""))
-    # Abbreviations are recognised with their period ("Dr." is not "dr" = drive in the dictionary).
-    if low.endswith(".") and low.rstrip(".") in _ABBREVIATIONS:
-        return _ABBREVIATIONS[low.rstrip(".")].split()
-    if not word:
-        return [_SYMBOLS[c] for c in raw if c in _SYMBOLS]
-    currency = re.fullmatch(r"([$€£])(\d[\d,]*)(?:\.(\d\d))?([kKmMbB]?)", word)
-    if currency:
-        sym, whole, cents, scale = currency.groups()
-        one, many, cent, cents_name = _CURRENCIES[sym]
-        tokens = _number_words(whole)
-        tokens += {"k": ["thousand"], "m": ["million"], "b": ["billion"]}.get(scale.lower(), [])
-        tokens.append(one if whole == "1" and not scale else many)
-        if cents and int(cents):
-            tokens += ["and", *_number_words(str(int(cents))), cent if cents == "01" else cents_name]
-        return tokens
-    percent = re.fullmatch(r"(\d[\d,]*(?:\.\d+)?)%", word)
-    if percent:
-        return _number_words(percent.group(1)) + ["percent"]
-    clock = re.fullmatch(r"(\d{1,2}):(\d\d)", word)
-    if clock:
-        hours, minutes = int(clock.group(1)), int(clock.group(2))
-        tail = [] if minutes == 0 else (["oh"] if minutes < 10 else []) + _split(num2words(minutes))
-        return _split(num2words(hours)) + (tail or ["o'clock"])
-    if re.fullmatch(r"\d[\d,]*(?:\.\d+)?|\d+(?:st|nd|rd|th)", word):
-        return _number_words(word)
-    tokens: list[str] = []
-    # Mixed words ("S2V", "mp4", "covid-19", "well-known", "AT&T"): split at symbols and letter/digit changes.
-    for part in re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:\.\d+)?|[&+@=#%]", word):
-        if part[0].isdigit():
-            tokens += _number_words(part)
-        elif part in _SYMBOLS:
-            tokens.append(_SYMBOLS[part])
-        else:
-            tokens.append(part.lower())
-    return tokens
-
-
-_TYPOGRAPHY = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "\u00a0": " "})
-
-
-def normalize_script(script: str) -> list[ScriptWord]:
-    """Split a script into words and the dictionary tokens each is spoken as."""
-    return [ScriptWord(text=raw, tokens=_expand(raw.translate(_TYPOGRAPHY))) for raw in script.split()]
 
 
 # --------------------------------------------------------------------------- pronunciations
@@ -318,11 +224,6 @@ def _model_paths() -> tuple[str, str]:
 _FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "SIL", "+NSN+", "+SPN+")
 
 
-def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[TokenAlignment] | None:
-    """Align tokens to 16 kHz s16 PCM; None when no path through the grammar fits the audio."""
-    return _align_tokens(pcm16, tokens, num_frames)
-
-
 FIT_FULL_S = 120.0
 """Audio up to this long gets the phone loop over all of it."""
 FIT_WINDOW_S = 15.0
@@ -370,7 +271,8 @@ def _decoders() -> tuple[Decoder, Decoder]:
     return _local.decoders
 
 
-def _align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[TokenAlignment] | None:
+def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[TokenAlignment] | None:
+    """Align tokens to 16 kHz s16 PCM; None when no path through the grammar fits the audio."""
     loop, decoder = _decoders()
     # Pass 1: the free phone loop, for the fit score, over the whole audio or sampled windows.
     heard: list[tuple[str, int, int]] = []
@@ -488,16 +390,65 @@ def _chunk_end(quiet: np.ndarray | None, fa: int, num_frames: int) -> tuple[int,
     return lo + int(np.argmin(quiet[lo:hi])), False
 
 
-def chunk_bounds(pcm16: bytes, num_frames: int) -> list[tuple[int, int]]:
-    """Chunk ranges [a, b) if every chunk ended where it was cut (committed words shift real starts)."""
-    quiet = _quietness(pcm16, num_frames)
-    bounds, fa, last = [], 0, False
-    while not last:
-        fb, last = _chunk_end(quiet, fa, num_frames)
-        bounds.append((fa, fb))
-        fa = fb
-    return bounds
-
-
 def to_pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+# --------------------------------------------------------------------------- the aligner
+
+
+def align_words(audio_16k: np.ndarray, script: str, *, sample_rate: int = MODEL_SAMPLE_RATE) -> SpeechAnalysis:
+    """Align ``script`` to mono float audio at 16 kHz (values in [-1, 1]).
+
+    Returns one WordTiming per whitespace-separated script word, in order, in seconds,
+    with a score in [0, 1] (phone agreement between the script and what was heard);
+    ``fit_score`` is the mean over the script. Raises ValueError for audio that is not
+    16 kHz mono and RowFailure as described in ``tasks/speech/verdict.py``.
+    """
+    audio = as_mono_16k(audio_16k, sample_rate, "align_words")
+    duration = len(audio) / sample_rate
+    script_words: list[ScriptWord] = normalize_script(script or "")
+    tokens = [t for w in script_words for t in w.tokens]
+    if not tokens:
+        return empty_script(ALIGNER)
+    require_sound(audio, sample_rate, len(script_words))
+    num_frames = int(round(duration * 100))
+    aligned = align_tokens(to_pcm16(audio), tokens, num_frames)
+    if aligned is None:
+        raise RowFailure(
+            "script",
+            f"the audio does not match the script: no alignment of its {len(tokens)} "
+            f"spoken tokens fits the {duration:.1f} s of audio (wrong file or not speech?)",
+        )
+    return _to_analysis(script_words, aligned, duration)
+
+
+def _to_analysis(script_words: list[ScriptWord], aligned: list[TokenAlignment], duration: float) -> SpeechAnalysis:
+    words: list[WordTiming] = []
+    spoken: list[bool] = []
+    k = 0
+    prev_end = 0.0
+    for sw in script_words:
+        parts = aligned[k : k + len(sw.tokens)]
+        k += len(sw.tokens)
+        said = [p for p in parts if p.spoken]
+        if said:
+            start, end = said[0].start, said[-1].end
+            known = [p.score for p in parts if p.score is not None]
+            score = float(np.mean(known)) if known else None
+        else:  # punctuation-only words and unspoken words sit at the previous word's end
+            start = end = prev_end
+            score = 0.0 if parts else None
+        words.append(
+            WordTiming(
+                word=sw.text,
+                start=round(start, 3),
+                end=round(min(end, duration), 3),
+                score=None if score is None else round(score, 3),
+            )
+        )
+        spoken.append(bool(said) or not parts)
+        prev_end = words[-1].end
+    missing = [i for i, (w, s) in enumerate(zip(words, spoken, strict=True)) if not s]
+    return judge_fit(ALIGNER, words, missing, mismatch_fit=MISMATCH_FIT, how_missing="not found in the audio",
+                     extra_flags=low_fit_flags(words, spoken))

@@ -3,7 +3,7 @@
 Two uses in the pipeline (``flows/steps.py``, speech step, when ``whisper_model`` is set):
 
 * ``detect_language``: the audio's spoken language and Whisper's probability for it,
-  the audio-side evidence of the language check (``tasks/language.py``).
+  the audio-side evidence of the language check (``tasks/speech/language.py``).
 * ``transcribe``: text and word timings for a row that has no script; the transcript is
   then aligned like a script.
 
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.records import MODEL_SAMPLE_RATE, WordTiming
+from tasks.speech.verdict import as_mono_16k
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -105,20 +106,13 @@ def load_whisper(
     return _load(str(path.resolve()), device, compute_type, cpu_threads)
 
 
-def _as_audio(audio_16k: np.ndarray) -> np.ndarray:
-    audio = np.asarray(audio_16k, dtype=np.float32)
-    if audio.ndim != 1:
-        raise ValueError(f"Whisper takes mono {MODEL_SAMPLE_RATE} Hz audio (1-D), got shape {audio.shape}")
-    return audio
-
-
 def detect_language(model: WhisperModel, audio_16k: np.ndarray) -> tuple[str, float]:
     """ISO 639-1 code of the speech in mono 16 kHz audio and Whisper's probability for it, in [0, 1].
 
     Whisper judges the first 30 s window (faster-whisper looks further only when that window is unsure).
     English-only models (``*.en``) cannot tell languages apart: they answer ("en", 1.0).
     """
-    audio = _as_audio(audio_16k)
+    audio = as_mono_16k(audio_16k, MODEL_SAMPLE_RATE, "Whisper")
     if not model.model.is_multilingual:
         return "en", 1.0
     language, probability, _ = model.detect_language(audio)
@@ -136,7 +130,7 @@ def transcribe(
     probability for it. Timings are clamped into the audio and made non-decreasing, since Whisper's
     cross-attention timings can overlap by a frame between segments.
     """
-    audio = _as_audio(audio_16k)
+    audio = as_mono_16k(audio_16k, MODEL_SAMPLE_RATE, "Whisper")
     duration = len(audio) / MODEL_SAMPLE_RATE
     options.setdefault("max_new_tokens", min(MAX_NEW_TOKENS, max(16, math.ceil(TOKENS_PER_S * duration))))
     segments, _ = model.transcribe(audio, language=language, word_timestamps=True, **options)

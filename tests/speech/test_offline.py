@@ -2,46 +2,38 @@
 
 from __future__ import annotations
 
-import functools
-import io
-import subprocess
-
 import numpy as np
 import pytest
-import soundfile as sf
-from scipy.signal import resample_poly
+from spoken import SR, phrases
 
-from tasks.align import MISMATCH_FIT, align_words, alignment_to_json
-from tasks.align_offline import CHUNK_ABOVE_S, chunk_bounds, letter_rules, normalize_script, to_pcm16
 from tasks.records import RowFailure
-
-SR = 16_000
-
-
-@functools.cache
-def say(word: str, voice: str = "en-us", speed: int = 170) -> np.ndarray:
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", word], capture_output=True, check=True
-    ).stdout
-    x, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    x = resample_poly(x, SR, rate).astype(np.float32)
-    idx = np.flatnonzero(np.abs(x) > 2e-3)
-    return x[idx[0] : idx[-1] + 1]
+from tasks.speech import alignment_to_json
+from tasks.speech.offline import (
+    CHUNK_ABOVE_S,
+    MISMATCH_FIT,
+    _chunk_end,
+    _quietness,
+    align_words,
+    letter_rules,
+    to_pcm16,
+)
+from tasks.speech.script import normalize_script
 
 
-def speech(phrases: list[str], seed: int = 0, voice: str = "en-us") -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """Each phrase synthesized alone, joined with 50-300 ms pauses; returns audio and (start, end) per phrase."""
-    rng = np.random.default_rng(seed)
-    parts, truth, pos = [np.zeros(int(0.3 * SR), np.float32)], [], int(0.3 * SR)
-    for p in phrases:
-        a = say(p, voice)
-        truth.append((pos / SR, (pos + len(a)) / SR))
-        gap = int(rng.uniform(0.05, 0.3) * SR)
-        parts += [a, np.zeros(gap, np.float32)]
-        pos += len(a) + gap
-    parts.append(np.zeros(int(0.3 * SR), np.float32))
-    audio = np.concatenate(parts)
-    return audio + rng.normal(0, 3e-4, len(audio)).astype(np.float32), truth
+def speech(said: list[str], seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Each phrase said alone at 170 words a minute, with pauses; the audio and (start, end) per phrase."""
+    return phrases(said, seed, speed=170, tail_s=0.3)
+
+
+def chunk_bounds(pcm16: bytes, num_frames: int) -> list[tuple[int, int]]:
+    """Chunk ranges [a, b) if every chunk ended where it was cut (committed words shift real starts)."""
+    quiet = _quietness(pcm16, num_frames)
+    bounds, fa, last = [], 0, False
+    while not last:
+        fb, last = _chunk_end(quiet, fa, num_frames)
+        bounds.append((fa, fb))
+        fa = fb
+    return bounds
 
 
 WORDS = [

@@ -5,11 +5,10 @@ written here with numpy and torch only: whisperx itself imports torchaudio, whic
 load on this project's torch, and pins an older torch.
 
 1. The script is split into words at whitespace; numerals, currencies, percentages and
-   abbreviations are first spelled out by the offline aligner's normalizer
-   (``tasks.align_offline.normalize_script``: "$20" -> "twenty dollars"); words in other
-   scripts keep their own letters. Words are joined by the model's word delimiter ("|").
-   Characters the model's vocabulary lacks are matched by a wildcard (each frame's best
-   non-blank log-probability), as whisperx does.
+   abbreviations are first spelled out (``tasks.speech.script.spoken_words``: "$20" ->
+   "twenty dollars"); words in other scripts keep their own letters. Words are joined by the
+   model's word delimiter ("|"). Characters the model's vocabulary lacks are matched by a
+   wildcard (each frame's best non-blank log-probability), as whisperx does.
 2. The model gives frame-level log-probabilities (50 frames a second) over its characters,
    computed in windows of ``WINDOW_S`` with ``CONTEXT_S`` of context on each side, so
    memory stays bounded for long audio.
@@ -29,18 +28,17 @@ they could not be calibrated the way the offline aligner's were (docs/benchmarks
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks.align import empty_script, judge_fit, require_sound
-from tasks.align_offline import normalize_script
 from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
+from tasks.speech.script import spoken_words
+from tasks.speech.verdict import as_mono_16k, empty_script, judge_fit, require_sound
 
-if TYPE_CHECKING:  # torch and transformers load only when a model is (flows.steps imports this module)
+if TYPE_CHECKING:  # torch and transformers load only when a model is (tasks.speech imports this module)
     import torch
 
 ENGLISH_FOLDER = "wav2vec2-large-xlsr-53-english"
@@ -157,22 +155,6 @@ def char_spans(frames: np.ndarray, log_probs: np.ndarray, targets: list[int]) ->
     return spans
 
 
-# --------------------------------------------------------------------------- script
-
-
-def spoken_words(script: str) -> list[tuple[str, list[str]]]:
-    """Each whitespace word of the script and the lowercase words it is said as."""
-    out = []
-    for word in normalize_script(script):
-        raw = word.text
-        if word.tokens and (raw.isascii() or re.search(r"[\d$€£%&+@=#]", raw)):
-            out.append((raw, word.tokens))
-        else:  # other scripts and accented words keep their own letters
-            letters = "".join(c for c in raw.lower() if c.isalpha() or c == "'").strip("'")
-            out.append((raw, [letters] if letters else []))
-    return out
-
-
 # --------------------------------------------------------------------------- model
 
 
@@ -233,14 +215,12 @@ class CtcAligner:
     def align(self, audio_16k: np.ndarray, script: str) -> SpeechAnalysis:
         """One WordTiming per whitespace script word, in order, in seconds, score in [0, 1].
 
-        Flags and failures follow ``tasks.align.align_words``: ``empty_script``,
+        Flags and failures are the shared ones (``tasks/speech/verdict.py``): ``empty_script``,
         ``words_not_spoken``, ``audio_script_mismatch`` (+ ``worst_stretch``), and
         ``script_outside_vocabulary`` when the model's alphabet is not the script's;
         RowFailure("audio") for silence, RowFailure("script") when the script cannot fit.
         """
-        audio = np.asarray(audio_16k, dtype=np.float32)
-        if audio.ndim != 1:
-            raise ValueError(f"align takes mono audio (1-D), got shape {audio.shape}")
+        audio = as_mono_16k(audio_16k, MODEL_SAMPLE_RATE, "align")
         duration = len(audio) / MODEL_SAMPLE_RATE
         words = spoken_words(script or "")
         targets, owner = self._targets(words)
@@ -335,18 +315,3 @@ def load_ctc_model(folder: str | Path, device: str = "cpu") -> CtcAligner:
 def cached_ctc_model(folder: str, device: str = "cpu") -> CtcAligner:
     """``load_ctc_model`` once per process and folder (the large model takes seconds and ~1.2 GB)."""
     return load_ctc_model(folder, device)
-
-
-def resolve_alignment_model(alignment_model: str | None, checkpoint: str | None, language: str | None) -> str | None:
-    """The CTC model folder to align with, or None for the offline aligner.
-
-    ``alignment_model`` when set; else, for English (or unknown) rows, the checkpoint's
-    ``wav2vec2-large-xlsr-53-english`` folder when the checkpoint is a local folder holding it.
-    """
-    if alignment_model:
-        return alignment_model
-    if checkpoint and "://" not in checkpoint and (language or "en").lower().startswith("en"):
-        english = Path(checkpoint) / ENGLISH_FOLDER
-        if english.is_dir():
-            return str(english)
-    return None

@@ -1,4 +1,4 @@
-"""faster-whisper through tasks/transcribe.py, on a tiny random Whisper converted the way real ones are.
+"""faster-whisper through tasks/speech/transcribe.py, on a tiny random Whisper converted the way real ones are.
 
 The test builds a Whisper with the real architecture and random weights (transformers), a byte-level
 BPE tokenizer with Whisper's special tokens (tokenizers), converts both with CTranslate2's converter
@@ -10,26 +10,22 @@ gibberish in a random language: the tests check the contract
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import shutil
 import string
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
-from scipy.signal import resample_poly
+from spoken import SR, espeak, row_inputs
 
 from flows.settings import BatchSettings
 from flows.steps import speech_step
-from tasks.language import check_language, should_skip
-from tasks.records import AudioQC, ImageQC, ManifestRow, NormalizedAssets, RowFailure, SpeechAnalysis, WordTiming
-from tasks.transcribe import check_whisper_folder, detect_language, load_whisper, transcribe
+from tasks.records import RowFailure, SpeechAnalysis, WordTiming
+from tasks.speech.language import check_language, should_skip
+from tasks.speech.transcribe import check_whisper_folder, detect_language, load_whisper, transcribe
 
-SR = 16_000
 TEXT_TOKENS = 50_257  # as in OpenAI's multilingual vocabulary: text tokens, then <|endoftext|>
 VOCAB = 51_865  # multilingual Whisper's vocabulary size (99 languages, 1501 timestamps)
 WHISPER_LANGUAGES = (  # Whisper's 99 language tokens, in its order
@@ -38,12 +34,6 @@ WHISPER_LANGUAGES = (  # Whisper's 99 language tokens, in its order
     "oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su"
 )
 LANGUAGES = WHISPER_LANGUAGES.split()
-
-
-def espeak(text: str) -> np.ndarray:
-    wav = subprocess.run(["espeak-ng", "-v", "en-us", "--stdout", text], capture_output=True, check=True).stdout
-    x, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    return resample_poly(x, SR, rate).astype(np.float32)
 
 
 def build_tiny_whisper(root: Path) -> Path:
@@ -185,45 +175,8 @@ def test_mel_bins_and_english_only_models(whisper_dir: Path, tmp_path: Path, spe
     assert detect_language(load_whisper(english, cpu_threads=1), speech) == ("en", 1.0)
 
 
-def _assets(tmp_path: Path, audio: np.ndarray, script: str | None) -> tuple[ManifestRow, NormalizedAssets]:
-    from PIL import Image
-
-    wav, png = tmp_path / "audio_16k.wav", tmp_path / "image.png"
-    sf.write(wav, audio, SR, subtype="PCM_16")
-    Image.new("RGB", (64, 64), (120, 110, 100)).save(png)
-    duration = len(audio) / SR
-    qc = AudioQC(
-        duration_s=duration,
-        source_duration_s=duration,
-        source_sample_rate=SR,
-        source_channels=1,
-        source_codec="pcm_s16le",
-        integrated_lufs=-20.0,
-        peak_dbfs=-3.0,
-        clipping_ratio=0.0,
-        trimmed_start_s=0.0,
-        trimmed_end_s=0.0,
-    )
-    image_qc = ImageQC(source_width=64, source_height=64, face_found=False, sharpness=0.0, crop_box=(0, 0, 64, 64))
-    row = ManifestRow(row=1, id="r1", audio=str(wav), image=str(png), script=script, language="en", output="r1.mp4")
-    assets = NormalizedAssets(
-        row_id="r1",
-        audio_16k=str(wav),
-        audio_master=str(wav),
-        image=str(png),
-        width=64,
-        height=64,
-        duration_s=duration,
-        num_samples=len(audio),
-        script=script,
-        audio_qc=qc,
-        image_qc=image_qc,
-    )
-    return row, assets
-
-
 def test_speech_step_transcribes_a_row_without_a_script(whisper_dir: Path, tmp_path: Path, speech: np.ndarray) -> None:
-    row, assets = _assets(tmp_path, speech, script=None)
+    row, assets = row_inputs(tmp_path, speech, script=None)
     plain = speech_step(row, assets, BatchSettings())
     assert not any(f.startswith("transcribed") for f in plain.flags) and plain.words == []  # setting unset
 
@@ -241,7 +194,7 @@ ES = "por favor revise la lista de seguridad antes de empezar a trabajar con la 
 
 
 def _aligned(fit: float, mismatch: bool = False) -> SpeechAnalysis:
-    # The aligner's verdict as a record (tests/test_language.py checks it on real alignments).
+    # The aligner's verdict as a record (tests/speech/test_language.py checks it on real alignments).
     flags = ["audio_script_mismatch: fit 0.05 (threshold 0.15)"] if mismatch else []
     return SpeechAnalysis(aligner="pocketsphinx-en-us", approximate=mismatch, fit_score=fit, flags=flags)
 

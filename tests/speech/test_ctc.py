@@ -8,51 +8,25 @@ The algorithm's correctness is asserted exactly on synthetic emissions.
 
 from __future__ import annotations
 
-import functools
-import io
 import itertools
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
-from scipy.signal import resample_poly
+from spoken import SR, phrases, row_inputs
 
 from model.tiny import write_ctc_folder
-from tasks.align import align_row
-from tasks.align_ctc import (
-    ENGLISH_FOLDER,
-    CtcAligner,
-    char_spans,
-    ctc_viterbi,
-    load_ctc_model,
-    resolve_alignment_model,
-    spoken_words,
-)
 from tasks.records import RowFailure
+from tasks.speech import align_row, resolve_alignment_model
+from tasks.speech.ctc import ENGLISH_FOLDER, CtcAligner, char_spans, ctc_viterbi, load_ctc_model
+from tasks.speech.script import spoken_words
 
-SR = 16_000
 LOW, HIGH = np.log(0.02), np.log(0.96)
 
 
-@functools.cache
-def say(word: str) -> np.ndarray:
-    wav = subprocess.run(["espeak-ng", "-v", "en-us", "--stdout", word], capture_output=True, check=True).stdout
-    x, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    x = resample_poly(x, SR, rate).astype(np.float32)
-    idx = np.flatnonzero(np.abs(x) > 2e-3)
-    return x[idx[0] : idx[-1] + 1]
-
-
-def speech(phrases: list[str], seed: int) -> np.ndarray:
+def speech(said: list[str], seed: int) -> np.ndarray:
     """Each phrase said alone by espeak-ng, joined with 50-300 ms pauses over a light noise floor."""
-    rng = np.random.default_rng(seed)
-    parts = [np.zeros(int(0.3 * SR), np.float32)]
-    for p in phrases:
-        parts += [say(p), np.zeros(int(rng.uniform(0.05, 0.3) * SR), np.float32)]
-    audio = np.concatenate(parts)
-    return audio + rng.normal(0, 3e-4, len(audio)).astype(np.float32)
+    return phrases(said, seed)[0]
 
 
 def emissions(frames: int, peaks: dict[int, int], classes: int = 3, blank: int = 0) -> np.ndarray:
@@ -239,25 +213,12 @@ def test_setting_from_the_environment(tiny_folder: Path, monkeypatch: pytest.Mon
 def test_speech_step_picks_the_checkpoint_english_model(tiny_folder: Path, tmp_path: Path) -> None:
     from flows.settings import BatchSettings
     from flows.steps import speech_step
-    from tasks.records import AudioQC, ImageQC, ManifestRow, NormalizedAssets
 
     checkpoint = tmp_path / "Wan2.2-S2V-14B"
     checkpoint.mkdir()
     (checkpoint / ENGLISH_FOLDER).symlink_to(tiny_folder)
     audio = speech(["hello", "world"], seed=6)
-    sf.write(tmp_path / "audio_16k.wav", audio, SR, subtype="PCM_16")
-    qc = AudioQC(
-        duration_s=len(audio) / SR, source_duration_s=len(audio) / SR, source_sample_rate=SR, source_channels=1,
-        source_codec="pcm_s16le", integrated_lufs=-20, peak_dbfs=-3, clipping_ratio=0,
-        trimmed_start_s=0, trimmed_end_s=0,
-    )  # fmt: skip
-    assets = NormalizedAssets(
-        row_id="r1", audio_16k=str(tmp_path / "audio_16k.wav"), audio_master=str(tmp_path / "audio_16k.wav"),
-        image=str(tmp_path / "face.png"), width=64, height=64, duration_s=len(audio) / SR, num_samples=len(audio),
-        script="hello world", audio_qc=qc,
-        image_qc=ImageQC(source_width=64, source_height=64, face_found=False, sharpness=1, crop_box=(0, 0, 64, 64)),
-    )  # fmt: skip
-    row = ManifestRow(row=1, id="r1", audio="a.wav", image="face.png", script="hello world", output="r1.mp4")
+    row, assets = row_inputs(tmp_path, audio, "hello world", language=None)
     with_model = speech_step(row, assets, BatchSettings(checkpoint=str(checkpoint)))
     assert with_model.aligner == f"ctc:{ENGLISH_FOLDER}" and len(with_model.words) == 2
     # The cache remembers which aligner made it: without a model the offline aligner runs again.

@@ -38,7 +38,7 @@ from model.audio_encoder import SAMPLE_RATE, AudioEncoder
 from model.checkpoint import load_transformer
 from model.config import S2VConfig
 from model.layout import T5_CHECKPOINT, WAV2VEC_DIR, CheckpointError, resolve
-from model.offload import stream_blocks
+from model.offload import block_streamer, stream_blocks
 from model.sampler import GUIDANCE, STEPS, guide, sample
 from model.text_encoder import TextEncoder
 from model.transformer import WanS2VTransformer, fa4_unavailable
@@ -157,9 +157,9 @@ class S2VPipeline:
         for part in (text_encoder, audio_encoder, vae):
             part.to(home)
         if self.offload == "blocks":
-            if transformer.block_streamer is None:
+            if block_streamer(transformer) is None:
                 stream_blocks(transformer, self.device)
-        elif transformer.block_streamer is not None:
+        elif block_streamer(transformer) is not None:
             raise ValueError("this transformer streams its blocks; build the pipeline with offload='blocks'")
         else:
             transformer.to(home)

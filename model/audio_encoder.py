@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
-from model.checkpoint import CheckpointError
+from model.layout import CheckpointError
 
-WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 SAMPLE_RATE = 16_000
 FEATURE_RATE = 50  # wav2vec2 frames per second (20 ms stride)
 VIDEO_RATE = 30  # the reference resamples features to 30 per second before bucketing

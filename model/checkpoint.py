@@ -14,8 +14,7 @@ Two layouts are read (auto-detected, see model/README.md for the key mapping):
 Everything is checked before any tensor is read: missing files, unreadable or truncated
 safetensors, and keys or shapes that do not fit the model raise `CheckpointError` naming the file.
 The model is built on the meta device and the loaded tensors are assigned in place, so a 14B
-model is never initialised twice. `s3://` (any fsspec URI) is read through `tasks.storage`'s local
-cache.
+model is never initialised twice. Paths are local (the file names live in model/layout.py).
 """
 
 from __future__ import annotations
@@ -31,123 +30,54 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from model import layout
 from model.config import S2VConfig
+from model.layout import CheckpointError, detect_layout
 from model.transformer import WanS2VTransformer
-from tasks import storage
 
 __all__ = [
     "CheckpointError",
     "Fp8Linear",
-    "detect_layout",
     "load_transformer",
     "quantize_linears_fp8",
     "save_official_dit",
     "to_comfyui_state_dict",
 ]
 
-CONFIG_NAME = "config.json"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # keys of ComfyUI fp8 files that carry no weights of ours
 _COMFY_MARKERS = (".scale_input", ".input_scale", ".comfy_quant")
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 
-OFFICIAL_LAYOUT = (
-    "the official layout: config.json + diffusion_pytorch_model.safetensors.index.json + the "
-    "diffusion_pytorch_model-0000K-of-0000N.safetensors shards it names (or one "
-    "diffusion_pytorch_model.safetensors)"
-)
-COMFY_LAYOUT = "a ComfyUI single file such as wan2.2_s2v_14B_bf16.safetensors or wan2.2_s2v_14B_fp8_scaled.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the problem."""
-
 
 # ---------------------------------------------------------------------------------------------
-# where the files are
+# the official folder
 
 
-def _is_dir(uri: str) -> bool:
-    fs, path = storage.filesystem(uri)
-    return fs.isdir(path)
-
-
-def _listdir(uri: str) -> list[str]:
-    fs, path = storage.filesystem(uri)
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-
-
-def _local(uri: str, cache_dir: Path | None) -> Path:
-    """A local path for `uri`; remote files are fetched once into the cache."""
-    try:
-        return storage.local_copy(uri, cache_dir)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{uri}: file not found") from exc
-
-
-def detect_layout(path: str | Path) -> Literal["official", "comfyui"]:
-    """'official' for a folder (or a file inside one) with the official DiT files, 'comfyui' for
-    a single .safetensors file (or a folder holding just one .safetensors that is not official).
-    Raises CheckpointError when it is neither."""
-    uri = str(path)
-    if not storage.exists(uri):
-        raise CheckpointError(f"{uri}: no such file or folder; expected {OFFICIAL_LAYOUT}, or {COMFY_LAYOUT}")
-    if not _is_dir(uri):
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("diffusion_pytorch_model") or name == CONFIG_NAME:
-            return "official"
-        if name.endswith(".safetensors"):
-            return "comfyui"
-        raise CheckpointError(f"{uri}: not a .safetensors file; expected {OFFICIAL_LAYOUT}, or {COMFY_LAYOUT}")
-    names = _listdir(uri)
-    if CONFIG_NAME in names or any(n.startswith("diffusion_pytorch_model") for n in names):
-        return "official"
-    single = [n for n in names if n.endswith(".safetensors")]
-    if len(single) == 1:
-        return "comfyui"
-    raise CheckpointError(
-        f"{uri}: found {names or 'nothing'}; expected {OFFICIAL_LAYOUT}, or {COMFY_LAYOUT}"
-        + (" (the folder holds several .safetensors files: pass the one to load)" if single else "")
-    )
-
-
-def _official_files(folder: str, cache_dir: Path | None) -> tuple[S2VConfig, list[Path]]:
-    """Config and local shard paths of an official folder; every file checked to exist first."""
-    names = set(_listdir(folder))
-    if CONFIG_NAME not in names:
-        raise CheckpointError(f"{folder}: missing {CONFIG_NAME}; expected {OFFICIAL_LAYOUT}")
-    config_path = _local(storage.join(folder, CONFIG_NAME), cache_dir)
-    try:
-        config = S2VConfig.from_json(config_path)
+def _official_files(folder: Path) -> tuple[S2VConfig, list[Path]]:
+    """Config and shard paths of an official folder; every file checked to exist first."""
+    config_path = folder / layout.DIT_CONFIG
+    try:  # read before the index is, so a bad config is named first
+        config = S2VConfig.from_json(config_path) if config_path.is_file() else None
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{storage.join(folder, CONFIG_NAME)}: not an S2V transformer config ({exc})") from exc
-    if INDEX_NAME in names:
-        index_uri = storage.join(folder, INDEX_NAME)
-        try:
-            index = json.loads(_local(index_uri, cache_dir).read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index_uri}: not a safetensors index (needs a 'weight_map'): {exc}") from exc
-        missing = [s for s in shards if s not in names]
-        if missing:
+        raise CheckpointError(f"{config_path}: not an S2V transformer config ({exc})") from exc
+    missing = layout.dit_missing(folder)
+    if missing:
+        raise CheckpointError(f"{folder}: missing {', '.join(missing)}; {layout.EXPECTED_LAYOUT}")
+    if not (folder / layout.DIT_INDEX).is_file():
+        return config, [folder / layout.DIT_SINGLE]
+    weight_map = layout.read_index(folder)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        have = set(_keys(folder / shard))
+        lost = [k for k, s in weight_map.items() if s == shard and k not in have]
+        if lost:
             raise CheckpointError(
-                f"{folder}: missing shard(s) {', '.join(missing)} named in {INDEX_NAME}; expected {OFFICIAL_LAYOUT}"
+                f"{folder / shard}: {len(lost)} tensor(s) that {layout.DIT_INDEX} places in this shard are not "
+                f"in it, e.g. {lost[:3]} (shard from another download?)"
             )
-        paths = [_local(storage.join(folder, s), cache_dir) for s in shards]
-        _check_index(index_uri, weight_map, dict(zip(shards, paths, strict=True)))
-        return config, paths
-    if SINGLE_NAME in names:
-        return config, [_local(storage.join(folder, SINGLE_NAME), cache_dir)]
-    shards = sorted(n for n in names if n.startswith("diffusion_pytorch_model") and n.endswith(".safetensors"))
-    raise CheckpointError(
-        f"{folder}: missing {INDEX_NAME}"
-        + (f" (found shards {', '.join(shards)} but no index naming them)" if shards else "")
-        + f"; expected {OFFICIAL_LAYOUT}"
-    )
+    return config, [folder / s for s in shards]
 
 
 def _keys(path: Path) -> list[str]:
@@ -157,18 +87,6 @@ def _keys(path: Path) -> list[str]:
             return list(f.keys())
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
-
-
-def _check_index(index_uri: str, weight_map: dict[str, str], shards: dict[str, Path]) -> None:
-    for name, path in shards.items():
-        have = set(_keys(path))
-        want = [k for k, s in weight_map.items() if s == name]
-        lost = [k for k in want if k not in have]
-        if lost:
-            raise CheckpointError(
-                f"{path}: {len(lost)} tensor(s) that {INDEX_NAME} places in this shard are not in it, "
-                f"e.g. {lost[:3]} (shard from another download?)"
-            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,15 +249,14 @@ def _read(files: list[Path], keymap: dict[str, str] | None, device: torch.device
 
 
 def load_transformer(
-    path_or_uri: str | Path,
+    path: str | Path,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     config: S2VConfig | None = None,
     fp8: Literal["keep", "dequantize"] = "keep",
-    cache_dir: Path | None = None,
 ) -> WanS2VTransformer:
-    """Load the S2V transformer from an official folder or a ComfyUI file (local or s3://).
+    """Load the S2V transformer from a local official folder or ComfyUI file.
 
     dtype: the dtype of all floating weights (bf16 on GPU, float32 for CPU tests).
     config: required only for a ComfyUI file that is not the 14B (such files carry no config).
@@ -349,18 +266,14 @@ def load_transformer(
     Returns the model in eval mode with gradients off, on `device`.
     """
     device = torch.device(device)
-    uri = str(path_or_uri)
-    layout = detect_layout(uri)
+    path = Path(path)
     keymap: dict[str, str] | None = None
     scales: dict[str, str] = {}
-    if layout == "official":
-        folder = uri if _is_dir(uri) else storage.parent(uri)
-        file_config, files = _official_files(folder, cache_dir)
+    if detect_layout(path) == "official":
+        file_config, files = _official_files(path if path.is_dir() else path.parent)
         config = config or file_config
     else:
-        if _is_dir(uri):
-            uri = storage.join(uri, next(n for n in _listdir(uri) if n.endswith(".safetensors")))
-        files = [_local(uri, cache_dir)]
+        files = [path if path.is_file() else next(path.glob("*.safetensors"))]
         keymap, scales = _comfy_plan(files[0])
         config = config or _infer_comfy_config(files[0], keymap)
 
@@ -442,22 +355,22 @@ def save_official_dit(model: WanS2VTransformer, folder: str | Path, max_shard_by
         size += nbytes
     written = []
     if len(shards) == 1:
-        names = [SINGLE_NAME]
+        names = [layout.DIT_SINGLE]
     else:
-        names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = [f"{layout.DIT_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards, strict=True):
-        with storage.atomic_local(folder / name) as tmp:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-        written.append(folder / name)
+        part = folder / f".{name}.part"  # renamed when complete: no half-written shard under its name
+        save_file(shard, str(part), metadata={"format": "pt"})
+        written.append(part.replace(folder / name))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
             "weight_map": {k: name for name, shard in zip(names, shards, strict=True) for k in shard},
         }
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        written.append(folder / INDEX_NAME)
-    model.config.to_json(folder / CONFIG_NAME)
-    written.append(folder / CONFIG_NAME)
+        (folder / layout.DIT_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        written.append(folder / layout.DIT_INDEX)
+    model.config.to_json(folder / layout.DIT_CONFIG)
+    written.append(folder / layout.DIT_CONFIG)
     return written
 
 

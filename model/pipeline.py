@@ -23,7 +23,6 @@ clip r >= 1 shows audio frames r*F .. r*F + F - 1.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -35,20 +34,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.audio_encoder import SAMPLE_RATE, WAV2VEC_DIR, AudioEncoder
-from model.checkpoint import CheckpointError, load_transformer
+from model.audio_encoder import SAMPLE_RATE, AudioEncoder
+from model.checkpoint import load_transformer
 from model.config import S2VConfig
-from model.offload import stream_blocks
+from model.layout import T5_CHECKPOINT, WAV2VEC_DIR, CheckpointError, resolve
+from model.offload import block_streamer, stream_blocks
 from model.sampler import GUIDANCE, STEPS, guide, sample
-from model.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, TextEncoder
+from model.text_encoder import TextEncoder
 from model.transformer import WanS2VTransformer, fa4_unavailable
-from model.vae import COMFY_VAE_CHECKPOINT, VAE_CHECKPOINT, WanVAE
+from model.vae import WanVAE
 
 log = logging.getLogger(__name__)
 
-DIT_CONFIG = "config.json"
-DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-DIT_SINGLE = "diffusion_pytorch_model.safetensors"
 FIRST_CLIP_DROP = 3  # decoded frames the reference discards at the start of the first clip
 # The model's own negative prompt (wan/configs/wan_s2v_14B.py, sample_neg_prompt).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -56,16 +53,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
     "三条腿，背景人很多，倒着走"
 )
-EXPECTED_LAYOUT = f"""expected the official Wan2.2-S2V-14B layout:
-  {DIT_CONFIG}
-  {DIT_INDEX} + the diffusion_pytorch_model-0000K-of-0000N.safetensors shards it lists
-    (or a single {DIT_SINGLE})
-  {T5_CHECKPOINT}
-  {T5_TOKENIZER}/ (tokenizer.json or spiece.model, tokenizer_config.json)
-  {VAE_CHECKPOINT} (or ComfyUI's {COMFY_VAE_CHECKPOINT})
-  {WAV2VEC_DIR}/ (config.json, preprocessor_config.json, model.safetensors or pytorch_model.bin)"""
-
-
 OFFLOAD_MODES = ("none", "blocks", "model")
 
 
@@ -79,100 +66,6 @@ def offload_mode(offload: bool | str | None) -> str:
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload {offload!r}: expected one of {', '.join(OFFLOAD_MODES)} (or True / False)")
     return offload
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoint layout
-
-
-def _dit_files(folder: Path) -> tuple[list[str], list[str]]:
-    """(present, missing) DiT files relative to `folder`."""
-    if (folder / DIT_INDEX).is_file():
-        try:
-            index = json.loads((folder / DIT_INDEX).read_text(encoding="utf-8"))
-            shards = sorted(set(index["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as exc:
-            raise CheckpointError(f"{folder / DIT_INDEX}: not a safetensors index ({exc})") from exc
-        files = [DIT_CONFIG, DIT_INDEX, *shards]
-    elif (folder / DIT_SINGLE).is_file():
-        files = [DIT_CONFIG, DIT_SINGLE]
-    else:
-        return [], [DIT_CONFIG, f"{DIT_INDEX} (or {DIT_SINGLE})"]
-    return [f for f in files if (folder / f).is_file()], [f for f in files if not (folder / f).is_file()]
-
-
-def missing_files(folder: str | Path) -> list[str]:
-    """Every file of the official layout that `folder` lacks (empty when complete)."""
-    folder = Path(folder)
-    missing = _dit_files(folder)[1]
-    if not (folder / T5_CHECKPOINT).is_file():
-        missing.append(T5_CHECKPOINT)
-    tok = folder / T5_TOKENIZER
-    if not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):
-        missing.append(f"{T5_TOKENIZER}/tokenizer.json (or spiece.model)")
-    if not ((folder / VAE_CHECKPOINT).is_file() or (folder / COMFY_VAE_CHECKPOINT).is_file()):
-        missing.append(f"{VAE_CHECKPOINT} (or {COMFY_VAE_CHECKPOINT})")
-    w2v = folder / WAV2VEC_DIR
-    for name in ("config.json", "preprocessor_config.json"):
-        if not (w2v / name).is_file():
-            missing.append(f"{WAV2VEC_DIR}/{name}")
-    if not ((w2v / "model.safetensors").is_file() or (w2v / "pytorch_model.bin").is_file()):
-        missing.append(f"{WAV2VEC_DIR}/model.safetensors (or pytorch_model.bin)")
-    return missing
-
-
-def check_layout(folder: str | Path) -> Path:
-    """Raise CheckpointError naming every missing file and the expected layout; return the folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist; {EXPECTED_LAYOUT}")
-    missing = missing_files(folder)
-    if missing:
-        raise CheckpointError(f"checkpoint folder {folder} is missing: {', '.join(missing)}; {EXPECTED_LAYOUT}")
-    return folder
-
-
-def fetch_checkpoint(uri: str, cache_dir: Path | None = None) -> Path:
-    """A local folder with the checkpoint at `uri` (a local path, or s3://... copied into the cache).
-
-    Remote files are fetched one by one through `tasks.storage.local_copy` (cached by ETag, written
-    atomically), so an interrupted copy resumes at the first missing file; the cached files are
-    linked into a mirror of the remote layout that the loaders read.
-    """
-    from tasks import storage
-
-    if not storage.is_remote(uri):
-        return check_layout(uri)
-    import hashlib
-
-    fs, root = storage.filesystem(uri)
-    root = root.rstrip("/")
-    try:
-        remote = sorted(p for p in fs.find(root) if not p.endswith("/"))
-    except FileNotFoundError:
-        remote = []
-    wanted = (DIT_CONFIG, DIT_INDEX, DIT_SINGLE, "diffusion_pytorch_model-", T5_CHECKPOINT, T5_TOKENIZER + "/",
-              VAE_CHECKPOINT, COMFY_VAE_CHECKPOINT, WAV2VEC_DIR + "/")  # fmt: skip
-    base = cache_dir or storage.DEFAULT_CACHE
-    mirror = base / "checkpoints" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
-    protocol = uri.split("://", 1)[0]
-    for path in remote:
-        rel = path[len(root) + 1 :]
-        if not rel.startswith(wanted):
-            continue
-        local = storage.local_copy(f"{protocol}://{path}", base)
-        target = mirror / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_symlink() and target.resolve() != local.resolve():
-            target.unlink()  # the remote object changed: point at the new copy
-        if not target.exists():
-            target.symlink_to(local.resolve())
-    if not mirror.is_dir():
-        raise CheckpointError(f"checkpoint {uri} has none of the expected files; {EXPECTED_LAYOUT}")
-    try:
-        return check_layout(mirror)
-    except CheckpointError as exc:
-        raise CheckpointError(str(exc).replace(str(mirror), uri)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,9 +157,9 @@ class S2VPipeline:
         for part in (text_encoder, audio_encoder, vae):
             part.to(home)
         if self.offload == "blocks":
-            if transformer.block_streamer is None:
+            if block_streamer(transformer) is None:
                 stream_blocks(transformer, self.device)
-        elif transformer.block_streamer is not None:
+        elif block_streamer(transformer) is not None:
             raise ValueError("this transformer streams its blocks; build the pipeline with offload='blocks'")
         else:
             transformer.to(home)
@@ -281,12 +174,11 @@ class S2VPipeline:
         dtype: torch.dtype | None = None,
         offload: bool | str = False,
         vae_tiling: bool | None = None,
-        cache_dir: Path | None = None,
         cfg_batch: bool | None = None,
         attention: str = "auto",
         compile_dit: bool | None = None,
     ) -> S2VPipeline:
-        """Load every component from one checkpoint folder (local or s3://).
+        """Load every component from one local checkpoint folder (model.layout names its files).
 
         device: default CUDA when available, else CPU. dtype of the DiT and T5: default bf16 on
         CUDA, float32 on CPU. The VAE and wav2vec2 run in float32, as in the reference.
@@ -313,15 +205,12 @@ class S2VPipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         mode = offload_mode(offload)
-        folder = fetch_checkpoint(str(checkpoint), cache_dir)
+        files = resolve(checkpoint)
         load_to = torch.device("cpu") if mode != "none" else device
-        transformer = load_transformer(folder, device=load_to, dtype=dtype)
-        text_encoder = TextEncoder.from_checkpoint(
-            folder / T5_CHECKPOINT, folder / T5_TOKENIZER, device=load_to, dtype=dtype
-        )
-        audio_encoder = AudioEncoder.from_folder(folder / WAV2VEC_DIR, device=load_to)
-        vae_file = folder / VAE_CHECKPOINT
-        vae = WanVAE.from_checkpoint(vae_file if vae_file.is_file() else folder / COMFY_VAE_CHECKPOINT, load_to)
+        transformer = load_transformer(files.dit, device=load_to, dtype=dtype)
+        text_encoder = TextEncoder.from_checkpoint(files.text_encoder, files.tokenizer, device=load_to, dtype=dtype)
+        audio_encoder = AudioEncoder.from_folder(files.audio_encoder, device=load_to)
+        vae = WanVAE.from_checkpoint(files.vae, load_to)
         if (mode != "none") if vae_tiling is None else vae_tiling:
             vae.enable_tiling()
         batch = (mode == "none") if cfg_batch is None else cfg_batch

@@ -34,10 +34,8 @@ import ftfy
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-from model.checkpoint import CheckpointError
+from model.layout import CheckpointError
 
-T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
-T5_TOKENIZER = "google/umt5-xxl"
 TEXT_LEN = 512
 
 _BLOCK_RENAMES = {

@@ -31,12 +31,12 @@ from transformers import (
     Wav2Vec2ForCTC,
 )
 
-from model.audio_encoder import WAV2VEC_DIR
 from model.checkpoint import save_official_dit
 from model.config import S2VConfig
-from model.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, hf_to_wan_t5
+from model.layout import T5_CHECKPOINT, T5_TOKENIZER, VAE_CHECKPOINT, WAV2VEC_DIR
+from model.text_encoder import hf_to_wan_t5
 from model.transformer import WanS2VTransformer, randomize_
-from model.vae import VAE_CHECKPOINT, diffusers_to_wan_vae
+from model.vae import diffusers_to_wan_vae
 
 TINY_VAE = {"base_dim": 2, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1}
 _SENTENCES = [

@@ -593,7 +593,6 @@ class WanS2VTransformer(nn.Module):
         _, self._injector_of_block = official_injector_map(cfg)
         self._rope_cache: dict[tuple, Tensor] = {}
         self._audio_injection = audio_injection  # compiled by compile_blocks
-        self.block_streamer = None  # model.offload.stream_blocks installs one (blocks kept in CPU memory)
 
     # ---- helpers ----------------------------------------------------------------------------
     @property
@@ -775,20 +774,10 @@ class WanS2VTransformer(nn.Module):
             ctx = self.text_embedding(context.to(dtype)).expand(b, -1, -1)
 
             audio_global, audio_local = self.encode_audio(audio)
-            streamer = self.block_streamer
-            try:
-                for i, block in enumerate(self.blocks):
-                    if streamer is not None:
-                        streamer.before(i)  # block i's weights onto the device, block i + 1's on the way
-                    x = block(x, ctx, temb, rope)
-                    if streamer is not None:
-                        streamer.after(i)
-                    if i in self._injector_of_block:
-                        self._inject_audio(self._injector_of_block[i], x, n_vid, f, audio_global, audio_local, dtype)
-            except BaseException:
-                if streamer is not None:
-                    streamer.reset()
-                raise
+            for i, block in enumerate(self.blocks):
+                x = block(x, ctx, temb, rope)
+                if i in self._injector_of_block:
+                    self._inject_audio(self._injector_of_block[i], x, n_vid, f, audio_global, audio_local, dtype)
 
             out = self.head(x[:, :n_vid], e[:b])
             c = cfg.out_dim

@@ -28,10 +28,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 
-from model.checkpoint import CheckpointError
+from model.layout import CheckpointError
 
-VAE_CHECKPOINT = "Wan2.1_VAE.pth"
-COMFY_VAE_CHECKPOINT = "wan_2.1_vae.safetensors"
 LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,

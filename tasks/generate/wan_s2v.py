@@ -1,10 +1,10 @@
 """The `wan-s2v` backend: Wan2.2-S2V-14B through our `model.pipeline.S2VPipeline`.
 
-The pipeline is loaded once per process (minutes for the 14B checkpoint) and serves every
-segment routed to this worker. Each `SegmentJob` maps to one `generate_clips` call: the
-normalized image (already cropped to width x height), the segment's 16 kHz WAV, prompt,
-negative prompt, seed (clip r uses seed + r), infer_frames, steps, guidance and the
-resolution's shift (3 at 480p, 5 at 720p).
+The pipeline is loaded once per process (minutes for the 14B checkpoint; an s3:// checkpoint is
+first mirrored locally by `tasks.generate.checkpoints`) and serves every segment routed to this
+worker. Each `SegmentJob` maps to one `generate_clips` call: the normalized image (already
+cropped to width x height), the segment's 16 kHz WAV, prompt, negative prompt, seed (clip r uses
+seed + r), infer_frames, steps, guidance and the resolution's shift (3 at 480p, 5 at 720p).
 
 Whole clips: the stage expects `infer_frames` frames from every clip. The reference drops the
 first 3 decoded frames of a segment's first clip, so its first clip shows audio frames 3..F-1;
@@ -27,6 +27,7 @@ from model.audio_encoder import SAMPLE_RATE
 from model.pipeline import FIRST_CLIP_DROP, S2VPipeline, prepare_reference
 from model.sampler import shift_for
 from tasks.generate.base import GeneratedClip
+from tasks.generate.checkpoints import local_checkpoint
 from tasks.records import FPS, SegmentJob
 
 _DTYPES = {
@@ -105,7 +106,8 @@ class WanS2VGenerator:
         offload: bool = False,
     ):
         self.checkpoint = checkpoint
-        self.pipeline = S2VPipeline.from_checkpoint(checkpoint, device=device, dtype=_dtype(dtype), offload=offload)
+        folder = local_checkpoint(checkpoint)
+        self.pipeline = S2VPipeline.from_checkpoint(folder, device=device, dtype=_dtype(dtype), offload=offload)
 
     def clips(
         self,

@@ -10,8 +10,8 @@ import pytest
 from media import gradient_image, voiced_tone
 from PIL import Image
 
-from model.checkpoint import CheckpointError
-from model.pipeline import S2VPipeline, check_layout, prepare_reference
+from model.layout import CheckpointError, check_layout
+from model.pipeline import S2VPipeline, prepare_reference
 
 INFER = 8  # frames per clip: a multiple of 4, small to keep CPU tests fast
 
@@ -48,15 +48,6 @@ def test_missing_files_are_all_named_with_the_layout(tiny_checkpoint: Path, tmp_
         assert name in message
     assert "models_t5_umt5-xxl-enc-bf16.pth" in message  # the expected layout is spelled out
     assert check_layout(tiny_checkpoint) == tiny_checkpoint
-
-
-def test_loads_from_s3(tiny_checkpoint: Path, s3, tmp_path: Path):
-    s3.put(str(tiny_checkpoint), "s2v-examples/ckpt", recursive=True)
-    pipe = S2VPipeline.from_checkpoint("s3://s2v-examples/ckpt", device="cpu", cache_dir=tmp_path / "cache")
-    assert pipe.config.dim == 64 and pipe.audio_encoder.num_layers == pipe.config.audio_num_layers
-    s3.rm("s2v-examples/ckpt/Wan2.1_VAE.pth")
-    with pytest.raises(CheckpointError, match=r"s3://s2v-examples/ckpt is missing: Wan2\.1_VAE\.pth"):
-        S2VPipeline.from_checkpoint("s3://s2v-examples/ckpt", device="cpu", cache_dir=tmp_path / "cache2")
 
 
 def test_clip_loop_frames_and_state(pipeline: S2VPipeline):

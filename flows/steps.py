@@ -17,7 +17,7 @@ import soundfile as sf
 from flows.settings import BatchSettings
 from tasks import captions, layout, normalize, plan, speech, stitch, storage
 from tasks.generate import stage as generate_stage
-from tasks.generate.backends import load_generator
+from tasks.generate.backends import build_generator
 from tasks.generate.base import Generator
 from tasks.records import (
     MODEL_SAMPLE_RATE,
@@ -151,12 +151,7 @@ def segment_job(
 
 def load_backend(backend: str, settings: BatchSettings) -> Generator:
     """The generator for `backend`: a named one (loaded once per process) or a 'module:callable' factory."""
-    if ":" in backend:
-        from tasks.generate.pool import build_generator
-
-        return build_generator(backend, settings.checkpoint, settings.device, settings.offload,
-                               settings.generator_options)
-    return load_generator(backend, settings.checkpoint, device=settings.device, offload=settings.offload)
+    return build_generator(backend, settings.checkpoint, settings.device, settings.offload, settings.generator_options)
 
 
 def generate_step(

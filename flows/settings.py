@@ -51,12 +51,12 @@ class BatchSettings(BaseSettings):
     max_audio_s: float = Field(1800.0, gt=0, description="longest audio accepted per row, seconds")
     language_policy: LanguagePolicy = Field("warn", description="what non-English speech does to a row")
     alignment_model: str | None = Field(
-        None, description="local Hugging Face Wav2Vec2ForCTC folder to align scripts with (tasks/align_ctc.py); "
+        None, description="local Hugging Face Wav2Vec2ForCTC folder to align scripts with (tasks/speech/ctc.py); "
         "unset: the checkpoint's wav2vec2-large-xlsr-53-english folder for English rows when the checkpoint is "
         "a local folder holding it, else the offline aligner (pocketsphinx)"
     )
     whisper_model: str | None = Field(
-        None, description="local faster-whisper (CTranslate2) model folder (tasks/transcribe.py): detects each "
+        None, description="local faster-whisper (CTranslate2) model folder (tasks/speech/transcribe.py): detects each "
         "row's audio language for the language check and transcribes rows without a script; unset: no Whisper"
     )
     max_segment_s: float = Field(60.0, gt=0, description="longest independently generated segment, seconds")

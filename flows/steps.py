@@ -7,7 +7,6 @@ the row's work folder); the stages themselves live in `tasks/`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,32 +37,33 @@ from tasks.speech import language
 def normalize_step(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> NormalizedAssets:
     """Fetch the row's inputs and normalize them; reuse the result while inputs and options are unchanged."""
     key = layout.row_fingerprint(row, {"pad_s": settings.pad_s, "max_audio_s": settings.max_audio_s})
-    cached = row_dir / "assets.json"
-    if cached.exists():
-        data = json.loads(cached.read_text())
-        if data.get("key") == key and all(Path(data["assets"][f]).exists() for f in ("audio_16k", "image")):
-            return NormalizedAssets.model_validate(data["assets"])
-    audio = fetch_input(row.audio, "audio")
-    image = fetch_input(row.image, "image")
-    assets = normalize.normalize_row(
-        row, row_dir, audio_path=audio, image_path=image, pad_s=settings.pad_s, max_duration_s=settings.max_audio_s
+
+    def compute() -> NormalizedAssets:
+        audio, image = fetch_input(row.audio, "audio"), fetch_input(row.image, "image")
+        return normalize.normalize_row(row, row_dir, audio_path=audio, image_path=image, pad_s=settings.pad_s,
+                                       max_duration_s=settings.max_audio_s)
+
+    return storage.cached_json(
+        layout.RowPaths(row_dir).assets_json, key, NormalizedAssets, compute, field="assets",
+        valid=lambda assets: Path(assets.audio_16k).exists() and Path(assets.image).exists(),
     )
-    with storage.atomic_local(cached) as tmp:
-        tmp.write_text(json.dumps({"key": key, "assets": assets.model_dump(mode="json")}))
-    return assets
 
 
 def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
     """Align the script to the audio and check languages; cached beside the normalized audio."""
-    cached = Path(assets.audio_16k).with_name("speech.json")
     model = speech.resolve_alignment_model(settings.alignment_model, settings.checkpoint, row.language)
     key = f"{assets.audio_qc.model_dump_json()}|{assets.script}|{row.language}|{settings.language_policy}|{model}"
     if settings.whisper_model:
         key += f"|whisper={settings.whisper_model}"
-    if cached.exists():
-        data = json.loads(cached.read_text())
-        if data.get("key") == key:
-            return SpeechAnalysis.model_validate(data["analysis"])
+    return storage.cached_json(
+        layout.RowPaths.for_assets(assets).speech_json, key, SpeechAnalysis,
+        lambda: _analyse_speech(row, assets, settings, model), field="analysis",
+    )
+
+
+def _analyse_speech(
+    row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings, model: str | None
+) -> SpeechAnalysis:
     audio, rate = sf.read(assets.audio_16k, dtype="float32")
     detected, script, heard = None, assets.script, []
     transcribed = bool(settings.whisper_model) and not (assets.script and assets.script.strip())
@@ -84,12 +84,9 @@ def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSetti
         )
     if transcribed:
         analysis.flags.insert(0, f"transcribed: no script; Whisper heard {len(heard)} words: {script[:80]!r}")
-    analysis = language.check_language(
+    return language.check_language(
         analysis, script=assets.script, expected=row.language, policy=settings.language_policy, detected=detected
     )
-    with storage.atomic_local(cached) as tmp:
-        tmp.write_text(json.dumps({"key": key, "analysis": analysis.model_dump(mode="json")}))
-    return analysis
 
 
 def _whisper_pass(
@@ -127,8 +124,7 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
         infer_frames=settings.infer_frames, max_segment_s=settings.max_segment_s,
         min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps, energy=energy,
     )
-    with storage.atomic_local(Path(assets.image).with_name("plan.json")) as tmp:
-        tmp.write_text(row_plan.model_dump_json(indent=1))
+    storage.write_text(str(layout.RowPaths.for_assets(assets).plan_json), row_plan.model_dump_json(indent=1))
     return row_plan
 
 
@@ -137,8 +133,8 @@ def segment_job(
 ) -> tuple[SegmentJob, Path]:
     """The job for one planned segment and its folder; cuts the segment's audio into that folder."""
     segment = row_plan.segments[index]
-    seg_dir = layout.RowPaths(Path(assets.image).parent).segment_dir(index)
-    audio = generate_stage.write_segment_audio(Path(assets.audio_16k), segment, seg_dir / "audio.wav")
+    paths = layout.RowPaths.for_assets(assets)
+    audio = generate_stage.write_segment_audio(Path(assets.audio_16k), segment, paths.segment_audio(index))
     job = SegmentJob(
         row_id=row.id, segment=segment, image=assets.image, audio=str(audio),
         prompt=row.prompt or "", negative_prompt=row.negative_prompt, pose_video=row.pose_video,
@@ -146,7 +142,7 @@ def segment_job(
         resolution=row.resolution, steps=row.steps, guidance=row.guidance,
         cues=captions.cues_for_segment(cues, segment),
     )
-    return job, seg_dir
+    return job, paths.segment_dir(index)
 
 
 def load_backend(backend: str, settings: BatchSettings) -> Generator:
@@ -169,7 +165,7 @@ def stitch_step(
     out: str, settings: BatchSettings, backend: str = "",
 ) -> dict[str, str]:
     """Join the row's clips, mux the master audio, and publish video and captions to the output folder."""
-    paths = layout.RowPaths(Path(assets.image).parent)
+    paths = layout.RowPaths.for_assets(assets)
     targets = layout.output_uris(out, row)
     caption_files = captions.write_captions(cues, paths.captions_stem) if cues else {}
     clip_paths = [Path(c.path) for r in sorted(results, key=lambda r: r.segment_index) for c in r.clips]

@@ -40,7 +40,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from rich.table import Table
 
 from tasks.records import FPS, INFER_FRAMES, MODEL_SAMPLE_RATE, Plan, Resolution, Segment, WordTiming
 
@@ -393,57 +392,3 @@ def plans_to_json(plans: Iterable[Plan]) -> dict:
             for p in plans
         ]
     }
-
-
-def _hours(seconds: float | None) -> str:
-    return "?" if seconds is None else f"{seconds / 3600:.2f}"
-
-
-def plan_summary_table(plans: Iterable[Plan]) -> Table:
-    """Rows, segments, clips, audio length and estimated GPU hours, with the batch total.
-
-    A row whose cost is unknown (no figure for its GPU/resolution) shows "?" and makes
-    the total a lower bound, marked with "≥".
-    """
-    table = Table(title="Plan", show_footer=True)
-    plans = list(plans)
-    totals = {"segments": 0, "clips": 0, "frames": 0, "audio": 0.0, "gpu": 0.0}
-    unknown = False
-    rows = []
-    for p in plans:
-        gpu = [s.est_gpu_s for s in p.segments]
-        row_gpu = None if any(g is None for g in gpu) else sum(gpu)
-        unknown |= row_gpu is None
-        audio = p.segments[-1].end_s - p.segments[0].start_s if p.segments else 0.0
-        totals["segments"] += len(p.segments)
-        totals["clips"] += p.total_clips
-        totals["frames"] += p.total_frames
-        totals["audio"] += audio
-        totals["gpu"] += row_gpu or 0.0
-        rows.append(
-            (
-                p.row_id + (" ~" if p.approximate else ""),
-                str(len(p.segments)),
-                str(p.total_clips),
-                str(p.total_frames),
-                f"{audio:.1f}",
-                _hours(row_gpu),
-            )
-        )
-    total_gpu = ("≥ " if unknown else "") + _hours(totals["gpu"])
-    footers = [
-        f"total ({len(plans)} rows)",
-        str(totals["segments"]),
-        str(totals["clips"]),
-        str(totals["frames"]),
-        f"{totals['audio']:.1f}",
-        total_gpu,
-    ]
-    headers = ["row", "segments", "clips", "frames", "audio s", "est GPU h"]
-    for i, (header, footer) in enumerate(zip(headers, footers, strict=True)):
-        table.add_column(header, footer=footer, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    if any(p.approximate for p in plans):
-        table.caption = "~ cuts placed without word timings (approximate)"
-    return table

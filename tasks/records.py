@@ -18,8 +18,12 @@ MODEL_SAMPLE_RATE = 16_000
 """Sample rate of the audio the S2V audio encoder (wav2vec2) takes."""
 INFER_FRAMES = 80
 """Frames per clip by default (a multiple of 4)."""
-MOTION_FRAMES = 73
-"""Frames of the video so far that condition the next clip."""
+
+
+def row_error(row: int, row_id: str | None, where: str, reason: str) -> str:
+    """The one line that names a failed row, where it failed (a column or a stage) and why."""
+    who = f"row {row}" + (f" (id {row_id!r})" if row_id else "")
+    return f"{who}, {where}: {reason}"
 
 
 class Resolution(StrEnum):
@@ -66,8 +70,7 @@ class RowIssue(Record):
     reason: str
 
     def __str__(self) -> str:
-        who = f"row {self.row}" + (f" (id {self.id!r})" if self.id else "")
-        return f"{who}, column '{self.field}': {self.reason}"
+        return row_error(self.row, self.id, f"column '{self.field}'", self.reason)
 
 
 class AudioQC(Record):
@@ -259,6 +262,7 @@ class RowFailure(Exception):
     """A row-level failure: the row fails, the batch goes on."""
 
     def __init__(self, field: str, reason: str):
-        super().__init__(f"column '{field}': {reason}")
         self.field = field
         self.reason = reason
+        self.where = f"column '{field}'"
+        super().__init__(f"{self.where}: {reason}")

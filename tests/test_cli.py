@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,3 +68,22 @@ def test_missing_s3_credentials_name_the_settings(s3, tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "S3 credentials are missing or wrong" in result.stderr and "AWS_ACCESS_KEY_ID" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_settings_options_their_old_spellings_and_the_config_reach_validate_and_run(examples, tmp_path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(examples / "media", elsewhere)
+    manifest = examples / "outside.csv"
+    manifest.write_text(f"id,audio,image\nx,{elsewhere}/welcome.wav,{elsewhere}/astronaut.jpg\n")
+    refused = s2v("validate", str(manifest))
+    assert refused.returncode == 1 and "outside the allowed folders" in refused.stdout
+    for option in ("--allowed-roots", "--allowed-root"):  # the setting's name and the old spelling
+        result = s2v("validate", str(manifest), option, str(elsewhere))
+        assert result.returncode == 0, result.stdout + result.stderr
+    config = tmp_path / "s2v.toml"
+    config.write_text(f'allowed_roots = ["{elsewhere}"]\n')
+    assert s2v("validate", str(manifest), "--config", str(config)).returncode == 0
+    for option in ("--max-concurrent-rows", "--concurrency"):
+        result = s2v("run", str(manifest), "--out", str(tmp_path / "o"), option, "0")
+        assert result.returncode == 2 and "max_concurrent_rows" in result.stderr, result.stderr
+        assert not (tmp_path / "o").exists()

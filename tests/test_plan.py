@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from tasks.plan import CostModel, frame_energy, plan_row, plan_summary_table, plans_to_json, segment_seed
+from flows.cli import plan_summary_table
+from tasks.plan import CostModel, frame_energy, plan_row, plans_to_json, segment_seed
 from tasks.records import Plan, Resolution, WordTiming
 
 SR = 16_000

@@ -33,113 +33,41 @@ The parts, each its own setting (`SpeedConfig`):
   recomputed); ours sit outside it, on the DiT's guided output, which is what keeps the transformer
   untouched. The same `cache_max_skips` bounds both.
 
-Presets (`PRESETS`): `exact` is today's output bit for bit (no wrapper at all); `balanced` and
-`fast` are built from the parts above. Their speed is measured (bench/presets_speed.py, random
-weights); their quality can only be judged on real weights, with `s2v-batch calibrate`.
+Presets (`PRESETS`, in model/presets.py, which the planner reads without torch): `exact` is
+today's output bit for bit (no wrapper at all); `balanced` and `fast` are built from the parts
+above. Their speed is measured (bench/presets_speed.py, random weights); their quality can only
+be judged on real weights, with `s2v-batch calibrate`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from model.presets import CACHE_METHODS, PRESET_NAMES, PRESETS, SpeedConfig, preset
+
+__all__ = [
+    "CACHE_METHODS",
+    "PRESETS",
+    "PRESET_NAMES",
+    "ClipVelocity",
+    "EasyCache",
+    "ForwardCounter",
+    "MagCache",
+    "SpeedConfig",
+    "StepLog",
+    "clip_velocity",
+    "magnitude_ratio",
+    "preset",
+    "resample_ratios",
+]
+
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-CacheMethod = Literal["none", "easycache", "magcache"]
-CACHE_METHODS: tuple[str, ...] = ("none", "easycache", "magcache")
-PRESET_NAMES: tuple[str, ...] = ("exact", "balanced", "fast")
-
-
-@dataclass(frozen=True)
-class SpeedConfig:
-    """How one clip is sampled, beyond the row's own steps and guidance. The default is exact."""
-
-    steps: int | None = None
-    """Denoising steps (None: the row's, 40 by default)."""
-    shift: float | None = None
-    """Noise-schedule shift (None: the resolution's)."""
-    cfg_steps: int | None = None
-    """Guidance only on the first this many steps (None: on every step)."""
-    cfg_every: int = 0
-    """After those, guidance also on every this-many-th step (0: never)."""
-    cache: CacheMethod = "none"
-    cache_threshold: float = 0.05
-    """EasyCache: accumulated predicted change; MagCache: accumulated magnitude error."""
-    cache_warmup: float = 0.2
-    """Share of the first steps that always run (EasyCache's ret_steps, MagCache's retention ratio)."""
-    cache_max_skips: int = 3
-    """Steps skipped in a row at most."""
-    mag_ratios: tuple[float, ...] | None = None
-    """MagCache's calibrated magnitude ratios (one per step of the calibrated run, first = 1)."""
-
-    def __post_init__(self) -> None:
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.shift is not None and not self.shift > 0:
-            raise ValueError(f"shift must be positive, got {self.shift}")
-        if self.cfg_steps is not None and self.cfg_steps < 0:
-            raise ValueError(f"cfg_steps must be >= 0, got {self.cfg_steps}")
-        if self.cfg_every < 0:
-            raise ValueError(f"cfg_every must be >= 0, got {self.cfg_every}")
-        if self.cache not in CACHE_METHODS:
-            raise ValueError(f"cache {self.cache!r}: expected one of {', '.join(CACHE_METHODS)}")
-        if not self.cache_threshold >= 0 or not 0 <= self.cache_warmup <= 1 or self.cache_max_skips < 0:
-            raise ValueError("cache_threshold must be >= 0, cache_warmup in [0, 1], cache_max_skips >= 0")
-
-    @property
-    def exact(self) -> bool:
-        """True when sampling is the reference's (steps and shift aside, which the caller sets)."""
-        return self.cfg_steps is None and self.cache == "none"
-
-    def guided(self, step: int) -> bool:
-        """Whether step `step` (0-based) runs classifier-free guidance."""
-        if self.cfg_steps is None or step < self.cfg_steps:
-            return True
-        return self.cfg_every > 0 and (step - self.cfg_steps + 1) % self.cfg_every == 0
-
-    def nominal_forwards(self, steps: int, guidance: bool = True) -> int:
-        """DiT passes (batch rows) per clip without caching: 2 per guided step, 1 otherwise."""
-        if not guidance:
-            return steps
-        return sum(2 if self.guided(i) else 1 for i in range(steps))
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["mag_ratios"] = list(self.mag_ratios) if self.mag_ratios is not None else None
-        return out
-
-
-# The presets. Targets (issue #18, one H100, 480p 80-frame clip): exact <= 220 s, balanced
-# <= 110 s, fast <= 60 s. Without any skipped step, balanced runs 38 DiT passes (8 guided steps
-# of 2, 22 of 1) against exact's 80, and fast 19 (3 x 2 + 13): the deterministic parts alone reach
-# the targets; the step cache takes more off where the model's output changes slowly.
-PRESETS: dict[str, SpeedConfig] = {
-    "exact": SpeedConfig(),
-    "balanced": SpeedConfig(steps=30, cfg_steps=8, cache="easycache", cache_threshold=0.05, cache_max_skips=2),
-    "fast": SpeedConfig(steps=16, cfg_steps=3, cache="easycache", cache_threshold=0.1, cache_max_skips=2),
-}
-
-
-def preset(name: str, calibration: dict | None = None, **overrides) -> SpeedConfig:
-    """The preset `name` with `overrides` (None values ignored); MagCache takes its ratios from a
-    calibration document (tasks/calibrate.py) when the preset or an override asks for it."""
-    if name not in PRESETS:
-        raise ValueError(f"preset {name!r}: expected one of {', '.join(PRESET_NAMES)}")
-    config = replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
-    if config.cache == "magcache" and config.mag_ratios is None:
-        ratios = (calibration or {}).get("magcache", {}).get("ratios")
-        if not ratios:
-            raise ValueError(
-                "cache 'magcache' needs magnitude ratios calibrated on the model: run `s2v-batch calibrate "
-                "--checkpoint ...` and point the calibration setting at its JSON, or use cache 'easycache'"
-            )
-        config = replace(config, mag_ratios=tuple(float(r) for r in ratios))
-    return config
 
 
 # ---------------------------------------------------------------------------------------------

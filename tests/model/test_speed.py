@@ -74,7 +74,7 @@ def test_cfg_truncation_schedule():
     assert [config.guided(i) for i in range(12)] == [True] * 3 + [False, False, False, True] * 2 + [False]
     assert SpeedConfig(cfg_steps=2).nominal_forwards(5) == 2 * 2 + 3
     assert SpeedConfig().nominal_forwards(40) == 80 and SpeedConfig().nominal_forwards(40, guidance=False) == 40
-    assert PRESETS["balanced"].nominal_forwards(30) == 38 and PRESETS["fast"].nominal_forwards(16) == 19
+    assert PRESETS["balanced"].nominal_forwards(30) == 36 and PRESETS["fast"].nominal_forwards(14) == 17
 
 
 def test_cfg_truncation_calls_the_conditional_pass():

@@ -28,6 +28,7 @@ from flows.settings import BatchSettings
 from tasks import captions, layout, notify, storage
 from tasks.generate.backends import resolve_backend
 from tasks.manifest import Validation, validate_manifest
+from tasks.plan import gpu_money
 from tasks.records import (
     ClipResult,
     Cue,
@@ -90,7 +91,7 @@ async def generate_task(
     segment = row_plan.segments[index]
     if (on_pool := pool_run.current()) is not None and tracker is not None:
         # On the pool: this task only waits (retries happen in the pool, per segment).
-        job, seg_dir = await asyncio.to_thread(steps.segment_job, row, assets, row_plan, cues, index)
+        job, seg_dir = await asyncio.to_thread(steps.segment_job, row, assets, row_plan, cues, index, settings)
         return await pool_run.run_segment(on_pool.pool, job, seg_dir, tracker)
 
     def on_clip(clip: ClipResult) -> None:
@@ -210,6 +211,8 @@ async def process_row(
         segments=len(results), clips=sum(len(r.clips) for r in results),
         clips_reused=sum(r.reused_clips for r in results), attempts=max(r.attempts for r in results),
         gpu_s=round(sum(r.gpu_s for r in results), 3), workers=sorted({r.worker for r in results if r.worker}),
+        cost=gpu_money(sum(r.gpu_s for r in results), settings.gpu_price_per_hour),
+        preset=row.preset or settings.preset, forwards=sum(r.forwards for r in results),
         flags=flags,
         audio_qc=assets.audio_qc, image_qc=assets.image_qc,
     )
@@ -223,6 +226,7 @@ async def _prepare(manifest: str, settings: BatchSettings) -> tuple[str, Validat
     """The backend, the validated manifest and, when rendering on it, the started GPU pool."""
     logger = get_run_logger()
     backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
+    await asyncio.to_thread(steps.check_speed_settings, settings)
     validation = await asyncio.to_thread(validate_manifest, manifest, allowed_roots=settings.allowed_roots)
     logger.info("manifest %s: %d rows, %d valid; backend %s%s", manifest, validation.total_rows,
                 len(validation.rows), backend, " (labelled animatic, not the model)" if backend == "preview" else "")
@@ -280,9 +284,12 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
             row=row_number, id=issues[0].id, status="failed", error="; ".join(str(i) for i in issues)
         ))
     row_results.sort(key=lambda r: r.row)
+    gpu_s = round(sum(r.gpu_s or 0.0 for r in row_results if not r.cached), 3)
     report = Report(
         manifest=manifest, output=out, backend=backend, started_at=started_at,
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"), rows=row_results,
+        gpu=settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, gpu_s=gpu_s,
+        cost=gpu_money(gpu_s, settings.gpu_price_per_hour),
     )
     await asyncio.to_thread(storage.write_text, layout.report_uri(out), json.dumps(report_json(report), indent=2))
     await acreate_table_artifact(
@@ -328,4 +335,11 @@ def _fingerprint_settings(settings: BatchSettings, backend: str) -> dict:
     optional = {k: getattr(settings, k) for k in ("alignment_model", "whisper_model") if getattr(settings, k)}
     if settings.generator_factory:
         optional["generator_options"] = settings.generator_options
+    if settings.preset != "exact":
+        optional["preset"] = settings.preset
+    speed = ("sample_steps", "sample_shift", "cfg_steps", "cfg_every", "step_cache", "cache_threshold",
+             "cache_warmup", "cache_max_skips", "lora", "lora_strength")  # fmt: skip
+    optional |= {k: getattr(settings, k) for k in speed if getattr(settings, k) not in (None, [])}
+    if settings.step_cache == "magcache":  # its ratios come from the calibration
+        optional["calibration"] = settings.calibration
     return {"backend": backend, **{k: getattr(settings, k) for k in keys}, **optional}

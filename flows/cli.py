@@ -130,11 +130,16 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
 
     from flows import progress as hooks
     from flows.batch import batch
+    from flows.steps import check_speed_settings
     from tasks.generate.backends import resolve_backend
     from tasks.manifest import validate_manifest
 
     # Fail fast, before Prefect starts, when the batch as a whole cannot run.
     resolve_backend(settings.backend, settings.checkpoint)
+    try:
+        check_speed_settings(settings)
+    except SettingsError as exc:
+        raise CommandFailed(str(exc)) from None
     _check_prefect_api()
     total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
 
@@ -192,6 +197,9 @@ def _print_report(report: dict, out: str) -> None:
         f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped; "
         f"report: {report_uri(out)}"
     )
+    if report.get("gpu_s"):
+        cost = f", cost {_money(report['cost'])}" if report.get("cost") is not None else ""
+        out_console.print(f"GPU hours ({report.get('gpu') or 'GPU'}): {_hours(report['gpu_s'], 2)}{cost}")
     if report["backend"] == "preview":
         out_console.print("[yellow]backend 'preview': labelled animatics, not model output. "
                           "Set --checkpoint to generate with Wan2.2-S2V.")
@@ -311,29 +319,32 @@ def plan(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = Fals
 
     plans, problems = plan_manifest(manifest, settings, console=console)
     if as_json:
-        data = plans_to_json(plans)
-        data["errors"] = problems
+        data = plans_to_json(plans, settings.gpu_price_per_hour)
+        data |= {"gpu": settings.gpu_kind, "price_per_gpu_hour": settings.gpu_price_per_hour, "errors": problems}
         out_console.print_json(json.dumps(data))
     else:
-        out_console.print(plan_summary_table(plans))
+        out_console.print(plan_summary_table(plans, settings.gpu_price_per_hour, gpu=settings.gpu_kind))
         for p in problems:
             out_console.print(f"[red]{p}")
 
 
-def plan_summary_table(plans: Iterable[Plan]) -> Table:
-    """Rows, segments, clips, audio length and estimated GPU hours, with the batch total.
+def plan_summary_table(plans: Iterable[Plan], price_per_gpu_hour: float | None = None, gpu: str = "H100") -> Table:
+    """Rows, segments, clips, audio length and estimated GPU hours (and cost, given a price per
+    GPU-hour), with the batch total.
 
     A row whose cost is unknown (no figure for its GPU/resolution) shows "?" and makes
     the total a lower bound, marked with "≥".
     """
-    table = Table(title="Plan", show_footer=True)
+    from tasks.plan import gpu_money
+
+    table = Table(title=f"Plan ({gpu})", show_footer=True)
     plans = list(plans)
     totals = {"segments": 0, "clips": 0, "frames": 0, "audio": 0.0, "gpu": 0.0}
     unknown = False
     rows = []
     for p in plans:
-        gpu = [s.est_gpu_s for s in p.segments]
-        row_gpu = None if any(g is None for g in gpu) else sum(gpu)
+        estimates = [s.est_gpu_s for s in p.segments]
+        row_gpu = None if any(g is None for g in estimates) else sum(estimates)
         unknown |= row_gpu is None
         audio = p.segments[-1].end_s - p.segments[0].start_s if p.segments else 0.0
         totals["segments"] += len(p.segments)
@@ -342,10 +353,15 @@ def plan_summary_table(plans: Iterable[Plan]) -> Table:
         totals["audio"] += audio
         totals["gpu"] += row_gpu or 0.0
         rows.append((p.row_id + (" ~" if p.approximate else ""), str(len(p.segments)), str(p.total_clips),
-                     str(p.total_frames), f"{audio:.1f}", _hours(row_gpu, 2, "?")))
+                     str(p.total_frames), f"{audio:.1f}", _hours(row_gpu, 2, "?"),
+                     _money(gpu_money(row_gpu, price_per_gpu_hour))))
     footers = [f"total ({len(plans)} rows)", str(totals["segments"]), str(totals["clips"]), str(totals["frames"]),
                f"{totals['audio']:.1f}", ("≥ " if unknown else "") + _hours(totals["gpu"], 2, "?")]
     headers = ["row", "segments", "clips", "frames", "audio s", "est GPU h"]
+    if price_per_gpu_hour is not None:
+        headers.append("est cost")
+        footers.append(("≥ " if unknown else "") + _money(gpu_money(totals["gpu"], price_per_gpu_hour)))
+    rows = [r[: len(headers)] for r in rows]
     for i, (header, footer) in enumerate(zip(headers, footers, strict=True)):
         table.add_column(header, footer=footer, justify="left" if i == 0 else "right")
     for r in rows:
@@ -353,6 +369,37 @@ def plan_summary_table(plans: Iterable[Plan]) -> Table:
     if any(p.approximate for p in plans):
         table.caption = "~ cuts placed without word timings (approximate)"
     return table
+
+
+def _money(amount: float | None) -> str:
+    return "?" if amount is None else f"{amount:,.2f}"
+
+
+@app.command()
+@_with_settings
+def calibrate(
+    settings: BatchSettings,
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the calibration JSON goes (then set "
+                                      "--calibration / S2V_CALIBRATION to it)")] = Path("s2v-calibration.json"),
+    image: Annotated[Path | None, typer.Option(help="reference portrait (default: the example's)")] = None,
+    audio: Annotated[Path | None, typer.Option(help="reference speech (default: the example's)")] = None,
+    clips: Annotated[int, typer.Option(min=1, help="clips of the reference segment (a first and later ones)")] = 2,
+) -> None:
+    """Measure the speed presets on your weights (GPU): render a short reference segment exactly and with
+    each preset; print the speed-up and the drift from exact (PSNR/SSIM, whole frame and mouth); write a
+    JSON with MagCache's ratios and the DiT passes per preset, which the presets and the plan read."""
+    from tasks.calibrate import calibrate as run_calibration
+    from tasks.calibrate import report_lines
+    from tasks.generate.checkpoints import local_checkpoint
+
+    if not settings.checkpoint:
+        raise CommandFailed("calibrate needs the model: pass --checkpoint or set S2V_CHECKPOINT")
+    folder = local_checkpoint(settings.checkpoint)
+    doc = run_calibration(folder, out, image=image, audio=audio, num_clips=clips, device=settings.device,
+                          offload=settings.offload, progress=lambda line: console.print(line))  # fmt: skip
+    for line in report_lines(doc):
+        out_console.print(line)
+    out_console.print(f"written: {out}")
 
 
 @app.command(name="align")

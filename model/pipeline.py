@@ -310,12 +310,12 @@ class S2VPipeline:
         size, starting at the segment's first frame; clip r uses frames [r*F, (r+1)*F), padded
         with -1 past its end as the reference does. Without it the pose condition is zeros.
         on_step(clip, step, steps) is called after every denoising step.
-        speed: step caching, CFG truncation, fewer steps (model.speed; its steps and shift, when
-        set, replace `steps` and `shift`). None or an exact config samples as the reference does.
+        speed: step caching, CFG truncation, fewer steps (model.speed; its steps, when set, cap
+        `steps`; its shift replaces `shift`). None or an exact config samples as the reference does.
         record_steps: log every step (and MagCache's magnitude ratios) in ClipOutput.steps.
         """
         if speed is not None:
-            steps = speed.steps or steps
+            steps = speed.sampling_steps(steps)
             shift = speed.shift or shift
         cfg = self.config
         height, width = self._check_image(image)

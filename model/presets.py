@@ -18,7 +18,7 @@ class SpeedConfig:
     """How one clip is sampled, beyond the row's own steps and guidance. The default is exact."""
 
     steps: int | None = None
-    """Denoising steps (None: the row's, 40 by default)."""
+    """Denoising steps at most (None: the row's, 40 by default); a row asking for fewer keeps its own."""
     shift: float | None = None
     """Noise-schedule shift (None: the resolution's)."""
     cfg_steps: int | None = None
@@ -65,6 +65,16 @@ class SpeedConfig:
         if not guidance:
             return steps
         return sum(2 if self.guided(i) else 1 for i in range(steps))
+
+    def sampling_steps(self, steps: int) -> int:
+        """The steps a clip runs when its row asks for `steps`: a preset never adds steps."""
+        return min(steps, self.steps) if self.steps else steps
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SpeedConfig:
+        """The inverse of `to_dict` (a JSON round trip turns the ratios into a list)."""
+        ratios = data.get("mag_ratios")
+        return cls(**{**data, "mag_ratios": tuple(ratios) if ratios is not None else None})
 
     def to_dict(self) -> dict:
         out = asdict(self)

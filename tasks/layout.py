@@ -115,9 +115,12 @@ def _file_identity(uri: str) -> str:
 def row_fingerprint(row: ManifestRow, settings: dict) -> str:
     """Hash of everything that determines a row's outputs; a change anywhere redoes the row."""
     inputs = {c: _file_identity(getattr(row, c)) for c in ("audio", "image", "pose_video") if getattr(row, c)}
+    # the speed and LoRA columns count only when given: rows finished before they existed keep their markers
+    fields = row.model_dump(mode="json", exclude={"row"})
+    fields = {k: v for k, v in fields.items() if not (k in ("preset", "lora", "lora_strength") and v is None)}
     payload = {
         "version": FINGERPRINT_VERSION,
-        "row": row.model_dump(mode="json", exclude={"row"}),
+        "row": fields,
         "inputs": inputs,
         "settings": settings,
     }

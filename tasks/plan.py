@@ -177,13 +177,14 @@ class CostModel:
         if self.measured_forwards is not None:
             return self.measured_forwards
         passes = self.cfg_passes if guidance > 1.0 else 1
-        if self.speed is None or self.speed.exact:
-            return (self.speed.steps if self.speed and self.speed.steps else steps) * passes
-        return self.speed.nominal_forwards(self.speed.steps or steps, guidance=guidance > 1.0)
+        if self.speed is None:
+            return steps * passes
+        steps = self.speed.sampling_steps(steps)
+        if self.speed.exact:
+            return steps * passes
+        return self.speed.nominal_forwards(steps, guidance=guidance > 1.0)
 
-    def estimate(
-        self, clips: int, *, resolution: Resolution | str, steps: int, guidance: float = 4.5
-    ) -> float | None:
+    def estimate(self, clips: int, *, resolution: Resolution | str, steps: int, guidance: float = 4.5) -> float | None:
         """GPU seconds for ``clips`` clips of one segment; None for an unknown GPU/resolution."""
         cost = self.forward_cost(resolution)
         if cost is None or clips <= 0:

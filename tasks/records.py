@@ -59,6 +59,9 @@ class ManifestRow(Record):
     guidance: float = 4.5
     output: str = Field(description="video path relative to the output folder")
     webhook: str | None = Field(None, description="URL told when this row finishes or fails")
+    preset: str | None = Field(None, description="speed preset for this row (None: the batch's)")
+    lora: list[str] | None = Field(None, description="LoRA files for this row (None: the batch's; []: none)")
+    lora_strength: list[float] | None = Field(None, description="one strength, or one per LoRA (None: the batch's)")
 
 
 class RowIssue(Record):
@@ -172,6 +175,13 @@ class Cue(Record):
     text: str
 
 
+class LoraRef(Record):
+    """A LoRA file (local or s3://) and the strength it is applied with."""
+
+    path: str
+    strength: float = 1.0
+
+
 class SegmentJob(Record):
     """Everything a generator needs to render one planned segment."""
 
@@ -190,6 +200,9 @@ class SegmentJob(Record):
     steps: int = 40
     guidance: float = 4.5
     cues: list[Cue] = Field(default_factory=list, description="captions, times relative to the segment")
+    preset: str = Field("exact", description="the speed preset the speed options come from")
+    speed: dict | None = Field(None, description="speed options (model/presets.py SpeedConfig fields); None: exact")
+    loras: list[LoraRef] = Field(default_factory=list, description="LoRAs applied to the DiT for this segment")
 
 
 class ClipResult(Record):
@@ -199,6 +212,7 @@ class ClipResult(Record):
     state: str | None = Field(None, description="file with the lossless state to continue after this clip")
     reused: bool = Field(False, description="found finished on disk instead of generated")
     gpu_s: float = 0.0
+    forwards: int = Field(0, description="DiT passes run for this clip (batch rows; 80 for 40 exact CFG steps)")
 
 
 class SegmentResult(Record):
@@ -209,6 +223,7 @@ class SegmentResult(Record):
     attempts: int = 1
     worker: str | None = None
     gpu_s: float = 0.0
+    forwards: int = 0
 
     @property
     def reused_clips(self) -> int:
@@ -234,6 +249,9 @@ class RowResult(Record):
     clips_reused: int | None = None
     attempts: int | None = None
     gpu_s: float | None = None
+    cost: float | None = Field(None, description="gpu_s at the configured price per GPU-hour")
+    preset: str | None = None
+    forwards: int | None = Field(None, description="DiT passes run for the row's new clips")
     workers: list[str] = Field(default_factory=list, description="GPU pool workers that rendered the segments")
     flags: list[str] = Field(default_factory=list)
     cached: bool = Field(False, description="finished by an earlier run and skipped")
@@ -249,6 +267,10 @@ class Report(Record):
     finished_at: str
     rows: list[RowResult]
     manifest_errors: list[str] = Field(default_factory=list)
+    gpu: str | None = Field(None, description="GPU kind the costs are for")
+    price_per_gpu_hour: float | None = None
+    gpu_s: float | None = Field(None, description="GPU seconds of the batch's new clips")
+    cost: float | None = Field(None, description="gpu_s at the price per GPU-hour")
 
     @property
     def counts(self) -> dict[str, int]:

@@ -27,7 +27,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from model.presets import PRESET_NAMES, SpeedConfig, preset
 from tasks import storage
@@ -77,6 +76,8 @@ def drift(exact: np.ndarray, other: np.ndarray, box: tuple[int, int, int, int] |
 
 
 def _mean_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio  # scikit-image: the model extra (only calibrate needs it)
+
     values = [
         float("inf") if np.array_equal(x, y) else peak_signal_noise_ratio(x, y, data_range=255)
         for x, y in zip(a, b, strict=True)
@@ -85,6 +86,8 @@ def _mean_psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _mean_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
     values = [structural_similarity(x, y, channel_axis=2, data_range=255) for x, y in zip(a, b, strict=True)]
     return round(float(np.mean(values)), 5)
 

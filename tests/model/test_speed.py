@@ -46,6 +46,7 @@ def test_exact_is_the_plain_call_and_todays_output(pipeline):
     assert clip_velocity(guided, cond, PRESETS["exact"], 40) is guided
     assert clip_velocity(guided, cond, None, 40) is guided
     assert clip_velocity(None, cond, SpeedConfig(steps=10), 10) is cond
+    assert SpeedConfig(steps=10).sampling_steps(40) == 10 and SpeedConfig(steps=10).sampling_steps(6) == 6
     plain, exact = _clips(pipeline), _clips(pipeline, speed=preset("exact"))
     for a, b in zip(plain, exact, strict=True):
         assert np.array_equal(a.frames, b.frames)
@@ -57,14 +58,14 @@ def test_exact_is_the_plain_call_and_todays_output(pipeline):
 def test_presets_run_fewer_passes_and_resume_losslessly(pipeline):
     for name in ("balanced", "fast"):
         config = preset(name)
-        whole = _clips(pipeline, speed=config)
+        whole = _clips(pipeline, speed=config, steps=40)  # the preset caps the row's 40 steps
         assert all(c.forwards <= config.nominal_forwards(config.steps) < 2 * config.steps for c in whole)
         assert all(len(c.steps.computed) == config.steps for c in whole)
         for c in whole:
             runs = zip(c.steps.guided, c.steps.computed, strict=True)
             assert c.forwards == sum(2 if guided else 1 for guided, run in runs if run)
         # clip 1 rendered from clip 0's stored state equals the uninterrupted clip 1
-        resumed = _clips(pipeline, speed=config, start_clip=1, state=whole[0].state)
+        resumed = _clips(pipeline, speed=config, steps=40, start_clip=1, state=whole[0].state)
         assert np.array_equal(resumed[0].frames, whole[1].frames)
         assert all(np.array_equal(resumed[0].state[k], whole[1].state[k]) for k in whole[1].state)
 

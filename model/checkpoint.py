@@ -248,6 +248,16 @@ def _read(files: list[Path], keymap: dict[str, str] | None, device: torch.device
             raise CheckpointError(f"{path}: unreadable safetensors data (truncated or corrupt?): {exc}") from exc
 
 
+def transformer_config(path: str | Path) -> S2VConfig:
+    """The transformer configuration of a local official folder (its config.json) or ComfyUI file
+    (recognised from its shapes), without reading any weights; CheckpointError as load_transformer."""
+    path = Path(path)
+    if detect_layout(path) == "official":
+        return _official_files(path if path.is_dir() else path.parent)[0]
+    file = path if path.is_file() else next(path.glob("*.safetensors"))
+    return _infer_comfy_config(file, _comfy_plan(file)[0])
+
+
 def load_transformer(
     path: str | Path,
     *,

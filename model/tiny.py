@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     T5Tokenizer,
@@ -33,6 +34,7 @@ from transformers import (
 
 from model.checkpoint import save_official_dit
 from model.config import S2VConfig
+from model.distilled import liveavatar_targets
 from model.layout import T5_CHECKPOINT, T5_TOKENIZER, VAE_CHECKPOINT, WAV2VEC_DIR
 from model.text_encoder import hf_to_wan_t5
 from model.transformer import WanS2VTransformer, randomize_
@@ -166,3 +168,23 @@ def write_tiny_checkpoint(folder: str | Path, seed: int = 0, max_shard_bytes: in
     finally:
         torch.random.set_rng_state(rng_state)  # leave the caller's global RNG as it was
     return folder
+
+
+def write_liveavatar_lora(
+    path: str | Path, config: S2VConfig | None = None, rank: int = 4, seed: int = 0, std: float = 0.05
+) -> Path:
+    """A random LoRA in the layout of LiveAvatar's `liveavatar.safetensors` for the transformer of
+    `config` (default tiny): PEFT's `<layer>.lora_A.default.weight` [rank, in] and
+    `<layer>.lora_B.default.weight` [out, rank] on every layer LiveAvatar adapts (the q, k, v, o
+    and ffn.0 / ffn.2 linears, audio injectors included)."""
+    with torch.device("meta"):
+        model = WanS2VTransformer(config or S2VConfig.tiny())
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in liveavatar_targets(model).items():
+        out_dim, in_dim = module.weight.shape
+        tensors[f"{name}.lora_A.default.weight"] = torch.randn(rank, in_dim, generator=generator) * std
+        tensors[f"{name}.lora_B.default.weight"] = torch.randn(out_dim, rank, generator=generator) * std
+    path = Path(path)
+    save_file(tensors, str(path))
+    return path

@@ -1,0 +1,355 @@
+"""`DistilledPipeline`: LiveAvatar's 4-step streaming generation on the S2V-14B weights and its LoRA.
+
+LiveAvatar (Alibaba-Quark/LiveAvatar, arXiv 2512.04677) distils Wan2.2-S2V-14B with distribution
+matching into a LoRA (`liveavatar.safetensors`) for a block-causal variant of the DiT
+(`model/causal.py`) sampled in 4 Euler steps without classifier-free guidance. The loop follows
+LiveAvatar's single-GPU path (`liveavatar/models/wan/causal_s2v_pipeline.py`, `WanS2V.generate`,
+as `infinite_inference_single_gpu.sh` runs it):
+
+- the reference image (at the output size) is VAE-encoded as 5 identical frames, keeping the
+  second latent; the motion condition is the encoding of 73 x 5 copies of those frames (FramePack
+  packs its last 19 latents); both stay fixed for the whole segment (no motion is re-encoded);
+- one pass over the reference and motion tokens fills the cache's condition keys (`prefill`);
+- clip r (48 frames: 12 latent frames, 4 blocks of 3) draws its noise from `seed + r`; each block
+  is denoised in 4 Euler steps of diffusers' `FlowMatchEulerDiscreteScheduler(shift=3)` (timesteps
+  1000, 750, 500, 250 shifted), reading the block's 12 frames of audio; each step writes the
+  block into that step's ring of keys and values, so the next blocks see it (the window is one
+  clip: 4 blocks);
+- the reference's RoPE position follows the block at a distance LiveAvatar draws at random per
+  call; the draws come from `random.Random(seed)`, so a segment is reproducible.
+
+Pixels: a clip is decoded after the previous clip's last block of latents (the reference's motion
+latents before the first clip), keeping its own 48 frames; the first clip loses its first 3
+decoded frames, as LiveAvatar's does. LiveAvatar's single-GPU script decodes each clip after the
+re-encoded last 365 frames of the video (92 latents), its real-time path streams the decoder over
+the whole latent sequence; both differ from this only in how the decoder is warmed up, and would
+cost more than the DiT (or carry the decoder's 2 GB feature caches between clips).
+
+Continuation: the KV cache (at 480p ~64 GB in bf16) is the state a clip hands to the next; far too
+large to save with each clip. The state saved is small: the clip index and the clip's last block
+of latents. Resuming at clip k re-runs the DiT over clips 0..k-1 without decoding them (their noise,
+reference draws and inputs are all seeded), which rebuilds the cache exactly, and checks the
+replayed latents against the saved ones (bitwise on CPU; on a GPU as long as the kernels are
+deterministic, which forward passes of the same build on the same card are); a mismatch is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from diffusers import FlowMatchEulerDiscreteScheduler
+from safetensors import SafetensorError, safe_open
+
+from model.audio_encoder import SAMPLE_RATE
+from model.causal import FRAMES_PER_BLOCK, CausalS2V, reference_shift
+from model.checkpoint import transformer_config
+from model.config import S2VConfig
+from model.layout import CheckpointError, resolve
+from model.pipeline import FIRST_CLIP_DROP, ClipOutput, S2VPipeline, _to_uint8
+from model.transformer import WanS2VTransformer
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DISTILLED_INFER_FRAMES",
+    "DISTILLED_SHIFT",
+    "DISTILLED_STEPS",
+    "DistilledPipeline",
+    "check_liveavatar_lora",
+    "distilled_schedule",
+    "liveavatar_targets",
+    "merge_liveavatar_lora",
+    "read_liveavatar_lora",
+]
+
+DISTILLED_STEPS = 4  # LiveAvatar's --sample_steps 4 (DMD distilled to four steps)
+DISTILLED_SHIFT = 3.0  # its FlowMatchEulerDiscreteScheduler(shift=3), whatever the resolution
+DISTILLED_INFER_FRAMES = 48  # its --infer_frames 48: 12 latent frames, 4 blocks, the attention window
+REFERENCE_REPEAT = 5  # the reference encoded as 5 frames, the second latent kept
+DECODE_CONTEXT = FRAMES_PER_BLOCK  # latent frames decoded before a clip's own (see the module docstring)
+
+
+def distilled_schedule(
+    steps: int = DISTILLED_STEPS, shift: float = DISTILLED_SHIFT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps [steps], sigmas [steps + 1]) of LiveAvatar's sampler, float32 on the CPU."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.float(), scheduler.sigmas.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# LiveAvatar's LoRA (until model/lora.py reads it: keys as PEFT names them on our module paths)
+
+LIVEAVATAR_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+"""LiveAvatar's lora_target_modules (liveavatar/configs/s2v_causal_sft.yaml); PEFT adapts every
+linear layer whose name ends so: the self- and cross-attention and feed-forward of all blocks and
+the audio injectors' attention (448 layers of the 14B)."""
+LIVEAVATAR_LORA_ALPHA = 64.0
+"""lora_alpha of the same file (rank 128: scale 0.5); the LoRA file itself carries no alpha."""
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
+
+
+def liveavatar_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """{path: module} of the layers LiveAvatar's LoRA adapts in `model` (PEFT's suffix match)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if any(name == t or name.endswith("." + t) for t in LIVEAVATAR_TARGETS)
+    }
+
+
+def read_liveavatar_lora(path: str | Path, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (up [out, r], down [r, in])} of LiveAvatar's LoRA file, matched strictly to
+    `model` (a meta-device model will do): every key must name a layer LiveAvatar adapts with
+    factors that fit it, and every such layer must be present; CheckpointError names the file and
+    the first offending keys otherwise (a LoRA for another model, or not LiveAvatar's)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"LiveAvatar LoRA {path} does not exist (download liveavatar.safetensors)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"LiveAvatar LoRA {path}: not a readable safetensors file ({exc})") from exc
+    targets = liveavatar_targets(model)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched = []
+    for key, tensor in sorted(tensors.items()):
+        m = _LORA_KEY.match(key)
+        if m is None or m["module"] not in targets:
+            unmatched.append(key)
+            continue
+        parts.setdefault(m["module"], {})[m["part"]] = tensor
+    if unmatched:
+        raise CheckpointError(
+            f"LiveAvatar LoRA {path}: {len(unmatched)} of {len(tensors)} keys name no layer LiveAvatar adapts in the "
+            f"S2V transformer (a LoRA for another model?), first: {unmatched[:5]}"
+        )
+    bad = []
+    for name, factors in parts.items():
+        weight = targets[name].weight
+        up, down = factors.get("B"), factors.get("A")
+        if up is None or down is None:
+            bad.append(f"{name}: only lora_{'A' if down is not None else 'B'}")
+        elif up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != tuple(
+            weight.shape
+        ):
+            bad.append(f"{name}: {list(up.shape)} x {list(down.shape)} for a {list(weight.shape)} weight")
+    if bad:
+        raise CheckpointError(f"LiveAvatar LoRA {path} does not fit the S2V transformer (another model's?): {bad[:5]}")
+    missing = [name for name in targets if name not in parts]
+    if missing:
+        raise CheckpointError(
+            f"LiveAvatar LoRA {path}: covers {len(parts)} of the {len(targets)} layers LiveAvatar adapts, missing "
+            f"{missing[:3]}; not LiveAvatar's distillation LoRA (one for another Wan model?)"
+        )
+    return {name: (f["B"], f["A"]) for name, f in parts.items()}
+
+
+def check_liveavatar_lora(path: str | Path, config: S2VConfig | None = None) -> None:
+    """Raise CheckpointError unless `path` is LiveAvatar's LoRA for the S2V transformer of
+    `config` (default the 14B); reads only the LoRA (seconds), builds no weights."""
+    with torch.device("meta"):
+        model = WanS2VTransformer(config or S2VConfig.wan_14b())
+    read_liveavatar_lora(path, model)
+
+
+@torch.no_grad()
+def merge_liveavatar_lora(model: WanS2VTransformer, path: str | Path, device: torch.device | str | None = None) -> int:
+    """W <- W + (alpha / rank) * up @ down for every layer of LiveAvatar's LoRA, in float32 on
+    `device` (default: where the weights are), written back in the weights' dtype; returns the
+    number of layers. Weights stored in fp8 cannot take a merge (CheckpointError)."""
+    factors = read_liveavatar_lora(path, model)
+    modules = dict(model.named_modules())
+    for name, (up, down) in factors.items():
+        weight = modules[name].weight
+        if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise CheckpointError(f"{name}: fp8 weights cannot merge LiveAvatar's LoRA; load the checkpoint in bf16")
+        where = torch.device(device) if device is not None else weight.device
+        scale = LIVEAVATAR_LORA_ALPHA / down.shape[0]
+        delta = up.to(where, torch.float32) @ down.to(where, torch.float32)
+        merged = weight.to(where, torch.float32) + scale * delta
+        weight.copy_(merged.to(weight.dtype))
+    return len(factors)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class DistilledPipeline(S2VPipeline):
+    """The S2V components with LiveAvatar's LoRA merged into the DiT, and LiveAvatar's streaming loop."""
+
+    @classmethod
+    def from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint: str | Path,
+        lora: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        offload: bool | str = False,
+        vae_tiling: bool | None = None,
+        attention: str = "auto",
+    ) -> DistilledPipeline:
+        """S2VPipeline.from_checkpoint (same arguments, no CFG batch) plus LiveAvatar's LoRA, which is
+        checked against the transformer's configuration before the checkpoint is read."""
+        check_liveavatar_lora(lora, transformer_config(resolve(checkpoint).dit))
+        pipe = super().from_checkpoint(
+            checkpoint, device, dtype, offload, vae_tiling, cfg_batch=False, attention=attention, compile_dit=False
+        )
+        merge_liveavatar_lora(pipe.transformer, lora, device=pipe.device)
+        return pipe
+
+    @torch.no_grad()
+    def generate_clips(  # type: ignore[override]
+        self,
+        image: np.ndarray,
+        audio: np.ndarray,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        num_clips: int,
+        infer_frames: int = DISTILLED_INFER_FRAMES,
+        seed: int = 42,
+        steps: int = DISTILLED_STEPS,
+        guidance: float = 1.0,
+        shift: float = DISTILLED_SHIFT,
+        sample_rate: int = SAMPLE_RATE,
+        start_clip: int = 0,
+        state: dict[str, np.ndarray] | None = None,
+        pose: np.ndarray | None = None,
+        on_step: Callable[[int, int, int], None] | None = None,
+    ) -> Iterator[ClipOutput]:
+        """Yield clips `start_clip .. num_clips - 1` of one segment (the arguments of
+        S2VPipeline.generate_clips). There is no classifier-free guidance: `guidance` above 1 and
+        a negative prompt are refused. `infer_frames` must be a multiple of 12 (whole blocks); it is
+        also the attention window (LiveAvatar's: 48). on_step(clip, step, steps) counts the
+        denoising steps of all blocks of the clip."""
+        cfg = self.config
+        height, width = self._check_image(image)
+        lat_frames = infer_frames // 4
+        if infer_frames % (4 * FRAMES_PER_BLOCK) or lat_frames < FRAMES_PER_BLOCK:
+            raise ValueError(f"distilled mode needs infer_frames a multiple of 12 (whole blocks), got {infer_frames}")
+        if guidance > 1.0 or negative_prompt:
+            raise ValueError("distilled mode has no classifier-free guidance: guidance <= 1 and no negative prompt")
+        if num_clips < 1 or not 0 <= start_clip < num_clips:
+            raise ValueError(f"need 0 <= start_clip ({start_clip}) < num_clips ({num_clips})")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        lat_h, lat_w = height // 8, width // 8
+        blocks = lat_frames // FRAMES_PER_BLOCK
+        tail = self._resume_tail(start_clip, state, lat_h, lat_w)
+        timesteps, sigmas = distilled_schedule(steps, shift)
+        timesteps = timesteps.to(self.device)
+
+        enc = self._use(self.text_encoder)
+        context = self._pad_text(enc.encode([prompt])[0]).to(self.device)
+        self._release(enc)
+        aenc = self._use(self.audio_encoder)
+        audio_cond = aenc.conditioning(audio, sample_rate, num_clips * infer_frames).cpu()
+        self._release(aenc)
+        vae = self._use(self.vae)
+        ref_latents, motion_latents = self.reference_latents(image)
+        self._release(vae)
+
+        causal = CausalS2V(self.transformer)
+        dit = self._use(self.transformer)
+        cache = causal.new_cache(steps=steps, window=blocks, lat_h=lat_h, lat_w=lat_w, device=self.device)
+        ctx = dit.text_context(context, 1)
+        causal.prefill(cache, ref_latents, motion_latents, ctx)
+        rng = random.Random(seed)
+        started = time.perf_counter()
+        if start_clip:
+            log.info("rebuilding the KV cache: replaying the DiT over clips 0..%d", start_clip - 1)
+        for r in range(num_clips):
+            generator = torch.Generator(device=self.device).manual_seed(seed + r)
+            noise = torch.randn(
+                (1, cfg.in_dim, lat_frames, lat_h, lat_w), dtype=self.dtype, device=self.device, generator=generator
+            )
+            latents = noise.float()
+            clip_audio = audio_cond[..., r * infer_frames : (r + 1) * infer_frames].to(self.device, self.dtype)
+            pose_latents = None if pose is None else self._pose_latents(pose, r, infer_frames)
+            replay = r < start_clip
+            for b in range(blocks):
+                frames = slice(b * FRAMES_PER_BLOCK, (b + 1) * FRAMES_PER_BLOCK)
+                x = latents[:, :, frames]
+                block_audio = clip_audio[..., b * 4 * FRAMES_PER_BLOCK : (b + 1) * 4 * FRAMES_PER_BLOCK]
+                block_pose = None if pose_latents is None else pose_latents[:, :, frames]
+                n = r * blocks + b
+                for i in range(steps):
+                    v = causal.forward_block(
+                        cache, x, timesteps[i : i + 1], ctx, block_audio,
+                        block=n, step=i, shift=reference_shift(n * FRAMES_PER_BLOCK, rng), pose_latents=block_pose,
+                    )  # fmt: skip
+                    x = x + (sigmas[i + 1] - sigmas[i]) * v
+                    if on_step is not None and not replay:
+                        on_step(r, b * steps + i + 1, blocks * steps)
+                latents[:, :, frames] = x
+            if replay:
+                if r == start_clip - 1:
+                    self._check_replay(latents[:, :, -DECODE_CONTEXT:], tail, r)
+                continue
+            self._release(dit)
+            vae = self._use(self.vae)
+            prefix = motion_latents[:, :, -DECODE_CONTEXT:] if r == 0 else tail.to(self.device)
+            video = vae.decode(torch.cat([prefix.to(latents.device), latents], dim=2))[:, :, -infer_frames:]
+            if r == 0:
+                video = video[:, :, FIRST_CLIP_DROP:]
+            self._release(vae)
+            dit = self._use(self.transformer)
+            self._sync()
+            tail = latents[:, :, -DECODE_CONTEXT:].cpu()
+            new_state = {"next_clip": np.array(r + 1, dtype=np.int64), "tail_latents": tail[0].numpy().copy()}
+            now = time.perf_counter()
+            yield ClipOutput(r, _to_uint8(video[0]), new_state, now - started)
+            started = now
+        self._release(dit)
+        del cache
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def reference_latents(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference latent [1, 16, 1, h, w], motion latents [1, 16, 92, h, w]) of uint8 [H, W, 3],
+        as LiveAvatar makes them: the image as 5 frames (keep latent 1), and as 73 x 5 frames."""
+        pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0) * 2 - 1
+        frames = pixels[None, :, None].expand(1, 3, REFERENCE_REPEAT, *pixels.shape[1:]).to(self.device)
+        ref_latents = self.vae.encode(frames)[:, :, 1:]
+        motion_latents = self.vae.encode(frames.repeat(1, 1, self.config.motion_frames, 1, 1))
+        return ref_latents, motion_latents
+
+    def _resume_tail(self, start_clip: int, state: dict[str, np.ndarray] | None, lat_h: int, lat_w: int):
+        if start_clip == 0:
+            if state:
+                raise ValueError("state given with start_clip=0; a segment's first clip starts from nothing")
+            return None
+        if not state or "tail_latents" not in state:
+            raise ValueError(f"resuming at clip {start_clip} needs the state yielded with clip {start_clip - 1}")
+        if "next_clip" in state and int(state["next_clip"]) != start_clip:
+            raise ValueError(f"state continues at clip {int(state['next_clip'])}, not at clip {start_clip}")
+        tail = np.asarray(state["tail_latents"])
+        shape = (self.config.in_dim, DECODE_CONTEXT, lat_h, lat_w)
+        if tail.shape != shape or tail.dtype != np.float32:
+            raise ValueError(f"state tail_latents: expected float32 {shape}, got {tail.dtype} {tail.shape}")
+        return torch.from_numpy(tail.copy())[None]
+
+    @staticmethod
+    def _check_replay(replayed: torch.Tensor, saved: torch.Tensor, clip: int) -> None:
+        replayed = replayed.cpu()
+        if not torch.equal(replayed, saved):
+            diff = (replayed - saved).abs().max().item()
+            log.warning(
+                "replayed clip %d differs from the saved one (max abs %.3g): this device computes differently "
+                "from the one that wrote it; later clips continue from the replay",
+                clip,
+                diff,
+            )
+

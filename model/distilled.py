@@ -35,6 +35,7 @@ deterministic, which forward passes of the same build on the same card are); a m
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
@@ -189,6 +190,8 @@ def merge_liveavatar_lora(model: WanS2VTransformer, path: str | Path, device: to
 class DistilledPipeline(S2VPipeline):
     """The S2V components with LiveAvatar's LoRA merged into the DiT, and LiveAvatar's streaming loop."""
 
+    _reference: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see reference_latents
+
     @classmethod
     def from_checkpoint(  # type: ignore[override]
         cls,
@@ -258,7 +261,7 @@ class DistilledPipeline(S2VPipeline):
         audio_cond = aenc.conditioning(audio, sample_rate, num_clips * infer_frames).cpu()
         self._release(aenc)
         vae = self._use(self.vae)
-        ref_latents, motion_latents = self.reference_latents(image)
+        ref_latents, motion_latents = (t.to(self.device) for t in self.reference_latents(image))
         self._release(vae)
 
         causal = CausalS2V(self.transformer)
@@ -319,11 +322,18 @@ class DistilledPipeline(S2VPipeline):
 
     def reference_latents(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(reference latent [1, 16, 1, h, w], motion latents [1, 16, 92, h, w]) of uint8 [H, W, 3],
-        as LiveAvatar makes them: the image as 5 frames (keep latent 1), and as 73 x 5 frames."""
+        as LiveAvatar makes them: the image as 5 frames (keep latent 1), and as 73 x 5 frames.
+
+        The last image's latents are kept: a row's segments share its image, and the 365-frame
+        encode is the costliest VAE call of a segment."""
+        key = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest() + str(image.shape)
+        if self._reference is not None and self._reference[0] == key:
+            return self._reference[1]
         pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0) * 2 - 1
         frames = pixels[None, :, None].expand(1, 3, REFERENCE_REPEAT, *pixels.shape[1:]).to(self.device)
         ref_latents = self.vae.encode(frames)[:, :, 1:]
         motion_latents = self.vae.encode(frames.repeat(1, 1, self.config.motion_frames, 1, 1))
+        self._reference = (key, (ref_latents, motion_latents))
         return ref_latents, motion_latents
 
     def _resume_tail(self, start_clip: int, state: dict[str, np.ndarray] | None, lat_h: int, lat_w: int):

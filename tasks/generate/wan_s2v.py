@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from model.audio_encoder import SAMPLE_RATE
+from model.distilled import DISTILLED_SHIFT, DistilledPipeline
 from model.pipeline import FIRST_CLIP_DROP, S2VPipeline, prepare_reference
 from model.presets import SpeedConfig
 from model.sampler import shift_for
@@ -34,6 +35,7 @@ from tasks.generate.base import GeneratedClip
 from tasks.generate.checkpoints import local_checkpoint
 from tasks.records import FPS, SegmentJob
 
+MODES = ("exact", "distilled")
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -98,7 +100,11 @@ def read_pose_video(path: str, start_s: float, frames: int, width: int, height: 
 
 
 class WanS2VGenerator:
-    """Generator protocol implementation for Wan2.2-S2V-14B."""
+    """Generator protocol implementation for Wan2.2-S2V-14B.
+
+    mode: "exact" (the released sampler: 40 UniPC steps with CFG) or "distilled" (LiveAvatar's
+    4-step streaming generation, `model.distilled`), which needs `distilled_lora`: the path (local
+    or s3://) of LiveAvatar's liveavatar.safetensors, checked before the checkpoint is loaded."""
 
     name = "wan-s2v"
 
@@ -108,10 +114,22 @@ class WanS2VGenerator:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         offload: bool = False,
+        mode: str = "exact",
+        distilled_lora: str | None = None,
     ):
-        self.checkpoint = checkpoint
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        if mode == "distilled" and not distilled_lora:
+            raise ValueError("mode 'distilled' needs distilled_lora: the path of LiveAvatar's liveavatar.safetensors")
+        self.checkpoint, self.mode = checkpoint, mode
         folder = local_checkpoint(checkpoint)
-        self.pipeline = S2VPipeline.from_checkpoint(folder, device=device, dtype=_dtype(dtype), offload=offload)
+        if mode == "distilled":
+            lora = storage.local_copy(distilled_lora)
+            self.pipeline = DistilledPipeline.from_checkpoint(
+                folder, lora, device=device, dtype=_dtype(dtype), offload=offload
+            )
+        else:
+            self.pipeline = S2VPipeline.from_checkpoint(folder, device=device, dtype=_dtype(dtype), offload=offload)
 
     def clips(
         self,
@@ -141,7 +159,7 @@ class WanS2VGenerator:
             seed=job.segment.seed,
             steps=job.steps,
             guidance=job.guidance,
-            shift=shift_for(job.resolution.value),
+            shift=DISTILLED_SHIFT if self.mode == "distilled" else shift_for(job.resolution.value),
             start_clip=start_clip,
             state=state,
             pose=pose,

@@ -1,0 +1,90 @@
+"""The `wan-s2v` backend in distilled mode (LiveAvatar's LoRA and streaming loop) on the tiny
+checkpoint, through the segment driver: clips, a resumed segment identical to an uninterrupted
+one, and settings the mode cannot honour refused before any generation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from model.config import S2VConfig
+from model.layout import CheckpointError
+from model.tiny import write_liveavatar_lora, write_tiny_checkpoint
+from tasks.generate.stage import clip_path, generate_segment, state_path
+from tasks.generate.wan_s2v import WanS2VGenerator
+from tasks.records import Segment, SegmentJob
+
+INFER = 24  # 2 blocks of 3 latent frames a clip (the product uses LiveAvatar's 48)
+W, H = 64, 64
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distilled")
+    return {
+        "checkpoint": write_tiny_checkpoint(root / "ckpt", seed=2),
+        "lora": write_liveavatar_lora(root / "liveavatar.safetensors", S2VConfig.tiny(), seed=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def generator(files: dict[str, Path]) -> WanS2VGenerator:
+    return WanS2VGenerator(str(files["checkpoint"]), device="cpu", mode="distilled", distilled_lora=str(files["lora"]))
+
+
+def _job(root: Path, clips: int) -> SegmentJob:
+    y, x = np.mgrid[0:H, 0:W]
+    face = np.stack([128 + 100 * np.cos(x / 9), 128 + 100 * np.sin(y / 7), (x * y) % 256], axis=-1)
+    Image.fromarray(face.astype(np.uint8)).save(root / "ref.png")
+    seconds = clips * INFER / 16
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    speech = 0.3 * np.sin(2 * np.pi * 150 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 5 * t))
+    sf.write(root / "seg.wav", speech.astype(np.float32), 16_000, subtype="PCM_16")
+    segment = Segment(
+        index=0, start_sample=0, end_sample=len(t), start_s=0.0, end_s=seconds, frames=clips * INFER - 5,
+        clips=clips, seed=5,
+    )  # fmt: skip
+    return SegmentJob(
+        row_id="r1", segment=segment, image=str(root / "ref.png"), audio=str(root / "seg.wav"),
+        prompt="A person talks to the camera.", width=W, height=H, infer_frames=INFER, steps=4, guidance=1.0,
+    )  # fmt: skip
+
+
+def test_segment_resumes_to_the_same_clips(generator: WanS2VGenerator, tmp_path: Path) -> None:
+    job = _job(tmp_path, clips=3)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    result = generate_segment(job, generator, whole)
+    assert [c.frames for c in result.clips] == [INFER, INFER, INFER - 5]
+    assert all(state_path(whole, k).exists() for k in range(3))
+
+    generate_segment(job, generator, part)
+    clip_path(part, 2).unlink()  # as if the worker died while rendering clip 2
+    clip_path(part, 1).unlink()
+    resumed = generate_segment(job, generator, part)
+    assert [c.reused for c in resumed.clips] == [True, False, False]
+    for k in range(3):
+        assert clip_path(part, k).read_bytes() == clip_path(whole, k).read_bytes()
+
+
+def test_settings_distilled_cannot_honour(generator: WanS2VGenerator, files: dict[str, Path], tmp_path: Path) -> None:
+    job = _job(tmp_path, clips=1)
+    for update, message in (
+        ({"guidance": 4.5}, "no classifier-free guidance"),
+        ({"negative_prompt": "blurry"}, "no classifier-free guidance"),
+        ({"infer_frames": 16}, "multiple of 12"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            next(generator.clips(job.model_copy(update=update)))
+    with pytest.raises(ValueError, match="needs distilled_lora"):
+        WanS2VGenerator(str(files["checkpoint"]), device="cpu", mode="distilled")
+    with pytest.raises(ValueError, match="expected one of exact, distilled"):
+        WanS2VGenerator(str(files["checkpoint"]), device="cpu", mode="fast")
+    wider = dataclasses.replace(S2VConfig.tiny(), dim=128, num_heads=4, ffn_dim=256)
+    other = write_liveavatar_lora(tmp_path / "wide.safetensors", wider)
+    with pytest.raises(CheckpointError, match="does not fit the S2V transformer"):
+        WanS2VGenerator(str(files["checkpoint"]), device="cpu", mode="distilled", distilled_lora=str(other))

@@ -12,8 +12,10 @@ their `WanS2V.add_lora_to_model` merges through PEFT and `merge_liveavatar_lora`
 guidance 0, 48-frame clips of 4 blocks, KV caches per step, the sink pass, rolling caches) then
 runs unchanged, with stand-ins for the encoders: the same text embeddings, wav2vec2 features and a
 deterministic pixels-to-latents map serve both sides (`Stand-ins` below). Compared: every clip's
-latents, which both pipelines hand to their VAE decoder (recorded there). Two clips of four blocks
-each fill the ring of every step twice over, so the run covers the fill and the wrap.
+latents, which both pipelines hand to their VAE decoder (recorded there), ours run block by block
+(their single-GPU order) and pipelined (step i of block n beside step i + 1 of block n - 1, their
+multi-GPU order, in one forward here). Two clips of four blocks each fill the ring of every step
+twice over, so the run covers the fill and the wrap.
 
 Their code needs a CUDA GPU as written; it is imported from a temporary copy with the patches in
 PATCHES, each checked to apply exactly once, each a CPU or float32 matter, not a change of method:
@@ -317,15 +319,14 @@ def run_theirs(la, cfg, ours, lora: Path, rank: int, inputs: dict, work: Path) -
     return [z[:, :, -lat:] for z in pipe.vae.decoded]
 
 
-def run_ours(cfg, ours, lora: Path, inputs: dict) -> list[torch.Tensor]:
-    merge_liveavatar_lora(ours, lora)
+def run_ours(cfg, ours, inputs: dict, pipelined: bool) -> list[torch.Tensor]:
     vae = OurVAE(inputs["mix"])
     pipe = DistilledPipeline(ours, OurText(cfg), OurAudio(inputs["features"], cfg), vae, device="cpu")
     frames = inputs["infer_frames"]
     list(
         pipe.generate_clips(
             inputs["image"], np.zeros(16000, np.float32), inputs["prompt"], num_clips=inputs["clips"],
-            infer_frames=frames, seed=inputs["seed"],
+            infer_frames=frames, seed=inputs["seed"], pipelined=pipelined,
         )
     )  # fmt: skip
     return [z[:, :, -(frames // 4) :] for z in vae.decoded]
@@ -356,14 +357,16 @@ def compare(liveavatar: Path, seed: int = 0, clips: int = 2, rank: int = 4) -> d
         ours = randomize_(WanS2VTransformer(cfg), seed=seed).float().eval().requires_grad_(False)
         inputs = make_inputs(cfg, seed, clips, DISTILLED_INFER_FRAMES, (64, 128))
         theirs_out = run_theirs(la, cfg, ours, lora, rank, inputs, work)
-        ours_out = run_ours(cfg, ours, lora, inputs)
-    if len(theirs_out) != len(ours_out):
-        raise SystemExit(f"clips: theirs {len(theirs_out)}, ours {len(ours_out)}")
-    result = {}
-    for i, (a, b) in enumerate(zip(ours_out, theirs_out, strict=True)):
-        result[f"clip {i}"] = {"rel_l2": ((a - b).norm() / b.norm()).item(), "max_abs": (a - b).abs().max().item()}
-    a, b = torch.cat(ours_out, 2), torch.cat(theirs_out, 2)
-    result["all clips"] = {"rel_l2": ((a - b).norm() / b.norm()).item(), "max_abs": (a - b).abs().max().item()}
+        merge_liveavatar_lora(ours, lora)
+        result = {}
+        for schedule, pipelined in (("block by block", False), ("pipelined", True)):
+            ours_out = run_ours(cfg, ours, inputs, pipelined)
+            if len(theirs_out) != len(ours_out):
+                raise SystemExit(f"clips: theirs {len(theirs_out)}, ours {len(ours_out)}")
+            pairs = [*zip(ours_out, theirs_out, strict=True), (torch.cat(ours_out, 2), torch.cat(theirs_out, 2))]
+            for i, (a, b) in enumerate(pairs):
+                label = f"{schedule}, {'all clips' if i == len(ours_out) else f'clip {i}'}"
+                result[label] = {"rel_l2": ((a - b).norm() / b.norm()).item(), "max_abs": (a - b).abs().max().item()}
     return result
 
 
@@ -385,7 +388,7 @@ def main() -> None:
     worst = 0.0
     for label, r in compare(args.liveavatar, args.seed, args.clips).items():
         worst = max(worst, r["rel_l2"])
-        print(f"{label:10s} rel L2 {r['rel_l2']:.2e}  max abs {r['max_abs']:.2e}")
+        print(f"{label:26s} rel L2 {r['rel_l2']:.2e}  max abs {r['max_abs']:.2e}")
     print(f"worst relative error {worst:.2e} ({'PASS' if worst <= 1e-5 else 'FAIL'} at 1e-5)")
     if worst > 1e-5:
         raise SystemExit(1)

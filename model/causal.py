@@ -10,7 +10,7 @@ token layout and the self-attention's keys differ.
   (RoPE frame 30) and the FramePack motion tokens (negative frames) go through all blocks alone,
   at timestep 0, attending only to each other, without audio. Each block keeps their un-rotated
   keys and their values.
-- **One block of video, per denoising step** (`forward_block`): the block's tokens are the only
+- **One block of video, per denoising step** (`forward_blocks`): the block's tokens are the only
   queries. Their keys and values are rotated at their absolute frame positions (block n covers
   frames 3n .. 3n+2) and written into the step's ring buffer, which holds the last `window`
   blocks (block n in slot n % window); the queries attend to the condition tokens (keys rotated
@@ -56,13 +56,13 @@ def reference_shift(first_frame: int, rng: random.Random) -> int:
 
 
 @dataclass
-class _Position:
-    """Where the next `forward_block` writes and what it reads (set by CausalS2V before each call)."""
+class _Row:
+    """Where one row of the next forward writes and what it reads (set by `StreamCache.seek`)."""
 
-    step: int = 0
-    slot: int = 0  # first token of the block's slot in the ring
-    filled: int = 0  # ring tokens the block attends to (its own included)
-    cond_rope: Tensor | None = None  # rotation of the condition keys for this call
+    step: int
+    slot: int  # first token of the block's slot in the step's ring
+    filled: int  # ring tokens the block attends to (its own included)
+    cond_rope: Tensor  # rotation of the condition keys for this row
 
 
 class StreamCache:
@@ -91,23 +91,31 @@ class StreamCache:
         heads, head_dim = cfg.num_heads, cfg.head_dim
         ring = (steps, 1, window * block_tokens, heads, head_dim)
         cond = (1, cond_tokens, heads, head_dim)
-        self.ring_k = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.ring_v = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.cond_k = [torch.zeros(cond, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.cond_v = [torch.zeros(cond, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.position = _Position()
+        # uninitialised: a slot is read only after this segment wrote it (`seek`'s `filled`)
+        self.ring_k = [torch.empty(ring, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.ring_v = [torch.empty(ring, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.cond_k = [torch.empty(cond, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.cond_v = [torch.empty(cond, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.rows: list[_Row] = []
         self.prefill_hooks = [_Prefill(self, i) for i in range(cfg.num_layers)]
         self.stream_hooks = [_Stream(self, i) for i in range(cfg.num_layers)]
 
-    def seek(self, block: int, step: int, cond_rope: Tensor) -> None:
-        """Point the stream hooks at block `block` (counted from the segment's start) of step `step`,
-        the condition keys rotated by `cond_rope`."""
-        if not 0 <= step < self.steps:
-            raise ValueError(f"step {step}: this cache holds {self.steps} steps")
-        pos = self.position
-        pos.step, pos.cond_rope = step, cond_rope
-        pos.slot = (block % self.window) * self.block_tokens
-        pos.filled = min(block + 1, self.window) * self.block_tokens
+    def seek(self, rows: list[tuple[int, int]], cond_ropes: list[Tensor]) -> None:
+        """Point the stream hooks at the next forward's rows: (block counted from the segment's
+        start, denoising step) each, with the rotation of the condition keys for each. The rows
+        must see rings filled equally far (one attention length for the batch)."""
+        self.rows = []
+        for (block, step), cond_rope in zip(rows, cond_ropes, strict=True):
+            if not 0 <= step < self.steps:
+                raise ValueError(f"step {step}: this cache holds {self.steps} steps")
+            slot = (block % self.window) * self.block_tokens
+            self.rows.append(_Row(step, slot, self.filled(block), cond_rope))
+        if len({row.filled for row in self.rows}) > 1:
+            raise ValueError(f"rows {rows} see rings filled to different lengths; run them apart")
+
+    def filled(self, block: int) -> int:
+        """Ring tokens block `block` attends to: its own and those of up to window - 1 blocks before."""
+        return min(block + 1, self.window) * self.block_tokens
 
     @property
     def nbytes(self) -> int:
@@ -134,22 +142,24 @@ class _Stream:
         self.cache, self.layer = cache, layer
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        cache, pos = self.cache, self.cache.position
-        ring_k = cache.ring_k[self.layer][pos.step]
-        ring_v = cache.ring_v[self.layer][pos.step]
-        end = pos.slot + k.shape[1]
-        ring_k[:, pos.slot : end] = apply_rope(k, rope)
-        ring_v[:, pos.slot : end] = v
-        cond_k = apply_rope(cache.cond_k[self.layer], pos.cond_rope)
-        keys = torch.cat([ring_k[:, : pos.filled], cond_k], dim=1)
-        values = torch.cat([ring_v[:, : pos.filled], cache.cond_v[self.layer]], dim=1)
-        return apply_rope(q, rope), keys, values
+        cache, layer = self.cache, self.layer
+        k = apply_rope(k, rope)
+        keys, values = [], []
+        for j, row in enumerate(cache.rows):
+            ring_k, ring_v = cache.ring_k[layer][row.step], cache.ring_v[layer][row.step]
+            end = row.slot + k.shape[1]
+            ring_k[:, row.slot : end] = k[j : j + 1]
+            ring_v[:, row.slot : end] = v[j : j + 1]
+            cond_k = apply_rope(cache.cond_k[layer], row.cond_rope)
+            keys.append(torch.cat([ring_k[:, : row.filled], cond_k], dim=1))
+            values.append(torch.cat([ring_v[:, : row.filled], cache.cond_v[layer]], dim=1))
+        return apply_rope(q, rope), torch.cat(keys), torch.cat(values)
 
 
 class CausalS2V:
     """LiveAvatar's causal forwards on a `WanS2VTransformer` (see the module docstring).
 
-    `prefill` once per segment, then `forward_block` per block and denoising step. The cache's
+    `prefill` once per segment, then `forward_blocks` per block and denoising step. The cache's
     `window` is the number of blocks a block sees (itself included); LiveAvatar's is one clip.
     """
 
@@ -176,23 +186,30 @@ class CausalS2V:
     def _add_last_motion(self) -> int:
         return 2 * int(self.config.add_last_motion)
 
-    def new_cache(
-        self, *, steps: int, window: int, lat_h: int, lat_w: int, device: torch.device | str
-    ) -> StreamCache:
-        """An empty cache for blocks of FRAMES_PER_BLOCK latent frames of lat_h x lat_w."""
+    def _cache_sizes(self, lat_h: int, lat_w: int) -> tuple[int, int]:
+        """(tokens of a block, condition tokens) for latent frames of lat_h x lat_w."""
         p = self.config.patch_size
         frame_tokens = (lat_h // p[1]) * (lat_w // p[2])
         cond_tokens = sum(
             (end[0] - start[0]) * (end[1] - start[1]) * (end[2] - start[2])
             for start, end, _ in self.cond_segments(lat_h, lat_w)
         )
+        return FRAMES_PER_BLOCK * frame_tokens, cond_tokens
+
+    def cache_bytes(self, *, steps: int, window: int, lat_h: int, lat_w: int) -> int:
+        """Bytes `new_cache` allocates (keys and values of every layer, in the compute dtype)."""
+        block_tokens, cond_tokens = self._cache_sizes(lat_h, lat_w)
+        cfg = self.config
+        values = 2 * cfg.num_layers * (steps * window * block_tokens + cond_tokens) * cfg.dim
+        return values * torch.finfo(self.model.compute_dtype).bits // 8
+
+    def new_cache(
+        self, *, steps: int, window: int, lat_h: int, lat_w: int, device: torch.device | str
+    ) -> StreamCache:
+        """An empty cache for blocks of FRAMES_PER_BLOCK latent frames of lat_h x lat_w."""
+        block_tokens, cond_tokens = self._cache_sizes(lat_h, lat_w)
         return StreamCache(
-            self.model,
-            steps=steps,
-            window=window,
-            block_tokens=FRAMES_PER_BLOCK * frame_tokens,
-            cond_tokens=cond_tokens,
-            device=device,
+            self.model, steps=steps, window=window, block_tokens=block_tokens, cond_tokens=cond_tokens, device=device
         )
 
     @torch.no_grad()
@@ -213,6 +230,52 @@ class CausalS2V:
             model.run_blocks(x, ctx, [(0, x.shape[1], e0)], rope, 0, None, kv_caches=cache.prefill_hooks)
 
     @torch.no_grad()
+    def forward_blocks(
+        self,
+        cache: StreamCache,
+        latents: Tensor,
+        timesteps: Tensor,
+        ctx: Tensor,
+        audio: Tensor,
+        *,
+        rows: list[tuple[int, int]],
+        shifts: list[int],
+        pose_latents: Tensor | None = None,
+    ) -> Tensor:
+        """Velocities of several blocks in one forward, row j being block rows[j][0] (counted from
+        the segment's start) at denoising step rows[j][1]; no two rows may share a step, and all
+        must see equally filled rings (`StreamCache.filled`): LiveAvatar's timestep-forcing
+        pipeline, which runs step i of block n beside step i + 1 of block n - 1 (on one GPU here).
+
+        latents [R, 16, 3, H, W]; timesteps [R] (a device tensor); ctx = `model.text_context(c, 1)`;
+        audio [R, layers, C_a, 12] (each block's 12 video frames of wav2vec2 features); shifts: the
+        reference's RoPE shift per row (`reference_shift`); pose_latents [R, 16, 3, H, W] or None.
+        Returns [R, 16, 3, H, W] float32."""
+        model, cfg = self.model, self.config
+        r, _, frames, lat_h, lat_w = latents.shape
+        if frames != FRAMES_PER_BLOCK or len(rows) != r or len(shifts) != r:
+            want = f"[{len(rows)}, {cfg.in_dim}, {FRAMES_PER_BLOCK}, H, W] with a row and a shift each"
+            raise ValueError(f"latents: expected {want}, got {list(latents.shape)}")
+        if len({step for _, step in rows}) != r:
+            raise ValueError(f"rows {rows}: each step's ring takes one block per forward")
+        p = cfg.patch_size
+        h, w = lat_h // p[1], lat_w // p[2]
+        if frames * h * w != cache.block_tokens:
+            raise ValueError(f"a block of {frames * h * w} tokens does not fit this cache ({cache.block_tokens})")
+        device = latents.device
+        with attention_backends(device):
+            cache.seek(rows, [self._table(self.cond_segments(lat_h, lat_w, s), device) for s in shifts])
+            rope = torch.stack(
+                [self._table([((n * frames, 0, 0), ((n + 1) * frames, h, w), (frames, h, w))], device) for n, _ in rows]
+            )
+            x = model.video_tokens(latents, pose_latents)
+            e, e0 = model.time_modulation(timesteps.reshape(r).float())
+            audio_tokens = model.encode_audio(audio)
+            x = model.run_blocks(
+                x, ctx.expand(r, -1, -1), [(0, x.shape[1], e0)], rope, h * w, audio_tokens, cache.stream_hooks
+            )
+            return model.unpatchify(model.head(x, e), frames, h, w)
+
     def forward_block(
         self,
         cache: StreamCache,
@@ -226,28 +289,7 @@ class CausalS2V:
         shift: int,
         pose_latents: Tensor | None = None,
     ) -> Tensor:
-        """Velocity of block `block` (counted from the segment's start) at denoising step `step`.
-
-        latents [1, 16, 3, H, W]; timestep [1] (a device tensor); ctx = `model.text_context`;
-        audio [1, layers, C_a, 12] (the block's 12 video frames of wav2vec2 features);
-        shift: the reference's RoPE shift for this call (`reference_shift`);
-        pose_latents [1, 16, 3, H, W] or None. Returns [1, 16, 3, H, W] float32."""
-        model, cfg = self.model, self.config
-        _, _, frames, lat_h, lat_w = latents.shape
-        if frames != FRAMES_PER_BLOCK or latents.shape[0] != 1:
-            want = f"[1, {cfg.in_dim}, {FRAMES_PER_BLOCK}, H, W]"
-            raise ValueError(f"latents: expected {want}, got {list(latents.shape)}")
-        p = cfg.patch_size
-        h, w = lat_h // p[1], lat_w // p[2]
-        if frames * h * w != cache.block_tokens:
-            raise ValueError(f"a block of {frames * h * w} tokens does not fit this cache ({cache.block_tokens})")
-        device = latents.device
-        first = block * frames
-        with attention_backends(device):
-            cache.seek(block, step, self._table(self.cond_segments(lat_h, lat_w, shift), device))
-            rope = self._table([((first, 0, 0), (first + frames, h, w), (frames, h, w))], device)
-            x = model.video_tokens(latents, pose_latents)
-            e, e0 = model.time_modulation(timestep.reshape(1).float())
-            audio_tokens = model.encode_audio(audio)
-            x = model.run_blocks(x, ctx, [(0, x.shape[1], e0)], rope, h * w, audio_tokens, cache.stream_hooks)
-            return model.unpatchify(model.head(x, e), frames, h, w)
+        """`forward_blocks` for one block: latents [1, 16, 3, H, W], timestep [1], audio [1, ...]."""
+        return self.forward_blocks(
+            cache, latents, timestep, ctx, audio, rows=[(block, step)], shifts=[shift], pose_latents=pose_latents
+        )

@@ -50,7 +50,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors import SafetensorError, safe_open
 
 from model.audio_encoder import SAMPLE_RATE
-from model.causal import FRAMES_PER_BLOCK, CausalS2V, reference_shift
+from model.causal import FRAMES_PER_BLOCK, CausalS2V, StreamCache, reference_shift
 from model.checkpoint import transformer_config
 from model.config import S2VConfig
 from model.layout import CheckpointError, resolve
@@ -231,12 +231,18 @@ class DistilledPipeline(S2VPipeline):
         state: dict[str, np.ndarray] | None = None,
         pose: np.ndarray | None = None,
         on_step: Callable[[int, int, int], None] | None = None,
+        pipelined: bool = True,
     ) -> Iterator[ClipOutput]:
         """Yield clips `start_clip .. num_clips - 1` of one segment (the arguments of
         S2VPipeline.generate_clips). There is no classifier-free guidance: `guidance` above 1 and
         a negative prompt are refused. `infer_frames` must be a multiple of 12 (whole blocks); it is
         also the attention window (LiveAvatar's: 48). on_step(clip, step, steps) counts the
-        denoising steps of all blocks of the clip."""
+        denoising steps of all blocks of the clip.
+
+        pipelined: run step i of block n, step i + 1 of block n - 1, ... in one forward (LiveAvatar's
+        timestep-forcing pipeline, on one GPU): the same maths as block by block (`False`, LiveAvatar's
+        single-GPU order), fewer and fuller forwards, one pass over the weights for up to `steps` blocks
+        (what makes block streaming cheap here)."""
         cfg = self.config
         height, width = self._check_image(image)
         lat_frames = infer_frames // 4
@@ -266,57 +272,93 @@ class DistilledPipeline(S2VPipeline):
 
         causal = CausalS2V(self.transformer)
         dit = self._use(self.transformer)
+        self._check_cache_fits(causal.cache_bytes(steps=steps, window=blocks, lat_h=lat_h, lat_w=lat_w), width, height)
         cache = causal.new_cache(steps=steps, window=blocks, lat_h=lat_h, lat_w=lat_w, device=self.device)
         ctx = dit.text_context(context, 1)
         causal.prefill(cache, ref_latents, motion_latents, ctx)
-        rng = random.Random(seed)
+        total = num_clips * blocks
+        rng = random.Random(seed)  # drawn in LiveAvatar's order: block by block, step by step
+        shifts = [[reference_shift(n * FRAMES_PER_BLOCK, rng) for _ in range(steps)] for n in range(total)]
+        clips: dict[int, dict] = {}  # clips under way: latents, audio, pose, steps done
         started = time.perf_counter()
         if start_clip:
             log.info("rebuilding the KV cache: replaying the DiT over clips 0..%d", start_clip - 1)
-        for r in range(num_clips):
-            generator = torch.Generator(device=self.device).manual_seed(seed + r)
-            noise = torch.randn(
-                (1, cfg.in_dim, lat_frames, lat_h, lat_w), dtype=self.dtype, device=self.device, generator=generator
-            )
-            latents = noise.float()
-            clip_audio = audio_cond[..., r * infer_frames : (r + 1) * infer_frames].to(self.device, self.dtype)
-            pose_latents = None if pose is None else self._pose_latents(pose, r, infer_frames)
-            replay = r < start_clip
-            for b in range(blocks):
-                frames = slice(b * FRAMES_PER_BLOCK, (b + 1) * FRAMES_PER_BLOCK)
-                x = latents[:, :, frames]
-                block_audio = clip_audio[..., b * 4 * FRAMES_PER_BLOCK : (b + 1) * 4 * FRAMES_PER_BLOCK]
-                block_pose = None if pose_latents is None else pose_latents[:, :, frames]
-                n = r * blocks + b
-                for i in range(steps):
-                    v = causal.forward_block(
-                        cache, x, timesteps[i : i + 1], ctx, block_audio,
-                        block=n, step=i, shift=reference_shift(n * FRAMES_PER_BLOCK, rng), pose_latents=block_pose,
-                    )  # fmt: skip
-                    x = x + (sigmas[i + 1] - sigmas[i]) * v
-                    if on_step is not None and not replay:
-                        on_step(r, b * steps + i + 1, blocks * steps)
-                latents[:, :, frames] = x
-            if replay:
-                if r == start_clip - 1:
-                    self._check_replay(latents[:, :, -DECODE_CONTEXT:], tail, r)
-                continue
-            self._release(dit)
-            vae = self._use(self.vae)
-            prefix = motion_latents[:, :, -DECODE_CONTEXT:] if r == 0 else tail.to(self.device)
-            video = vae.decode(torch.cat([prefix.to(latents.device), latents], dim=2))[:, :, -infer_frames:]
-            if r == 0:
-                video = video[:, :, FIRST_CLIP_DROP:]
-            self._release(vae)
-            dit = self._use(self.transformer)
-            self._sync()
-            tail = latents[:, :, -DECODE_CONTEXT:].cpu()
-            new_state = {"next_clip": np.array(r + 1, dtype=np.int64), "tail_latents": tail[0].numpy().copy()}
-            now = time.perf_counter()
-            yield ClipOutput(r, _to_uint8(video[0]), new_state, now - started)
-            started = now
+        for wave in self._waves(total, steps, cache, pipelined):
+            for r in sorted({n // blocks for n, _ in wave} - set(clips)):  # clips starting in this wave
+                generator = torch.Generator(device=self.device).manual_seed(seed + r)
+                noise = torch.randn(
+                    (1, cfg.in_dim, lat_frames, lat_h, lat_w), dtype=self.dtype, device=self.device,
+                    generator=generator,
+                )  # fmt: skip
+                clips[r] = {
+                    "latents": noise.float(),
+                    "audio": audio_cond[..., r * infer_frames : (r + 1) * infer_frames].to(self.device, self.dtype),
+                    "pose": None if pose is None else self._pose_latents(pose, r, infer_frames),
+                    "done": 0,
+                }
+            parts = [self._block_inputs(clips[n // blocks], n % blocks) for n, _ in wave]
+            x = torch.cat([latents for latents, _, _ in parts])
+            v = causal.forward_blocks(
+                cache, x, timesteps[[i for _, i in wave]], ctx, torch.cat([a for _, a, _ in parts]),
+                rows=wave, shifts=[shifts[n][i] for n, i in wave],
+                pose_latents=None if pose is None else torch.cat([p for _, _, p in parts]),
+            )  # fmt: skip
+            dt = torch.stack([sigmas[i + 1] - sigmas[i] for _, i in wave]).to(self.device).view(-1, 1, 1, 1, 1)
+            x = x + dt * v
+            finished = []
+            for j, (n, _) in enumerate(wave):
+                r, b = divmod(n, blocks)
+                clips[r]["latents"][:, :, b * FRAMES_PER_BLOCK : (b + 1) * FRAMES_PER_BLOCK] = x[j : j + 1]
+                clips[r]["done"] += 1
+                if on_step is not None and r >= start_clip:
+                    on_step(r, clips[r]["done"], blocks * steps)
+                if clips[r]["done"] == blocks * steps:
+                    finished.append(r)
+            for r in sorted(finished):
+                latents = clips.pop(r)["latents"]
+                if r < start_clip:
+                    if r == start_clip - 1:
+                        self._check_replay(latents[:, :, -DECODE_CONTEXT:], tail, r)
+                    continue
+                self._release(dit)
+                vae = self._use(self.vae)
+                prefix = motion_latents[:, :, -DECODE_CONTEXT:] if r == 0 else tail.to(self.device)
+                video = vae.decode(torch.cat([prefix.to(latents.device), latents], dim=2))[:, :, -infer_frames:]
+                if r == 0:
+                    video = video[:, :, FIRST_CLIP_DROP:]
+                self._release(vae)
+                dit = self._use(self.transformer)
+                self._sync()
+                tail = latents[:, :, -DECODE_CONTEXT:].cpu()
+                new_state = {"next_clip": np.array(r + 1, dtype=np.int64), "tail_latents": tail[0].numpy().copy()}
+                now = time.perf_counter()
+                yield ClipOutput(r, _to_uint8(video[0]), new_state, now - started)
+                started = now
         self._release(dit)
         del cache
+
+    @staticmethod
+    def _waves(total: int, steps: int, cache: StreamCache, pipelined: bool) -> Iterator[list[tuple[int, int]]]:
+        """The (block, step) rows of each forward, in an order that respects both dependencies:
+        (n, i) after (n, i - 1) and after (n - 1, i). Sequential: block by block, step by step
+        (LiveAvatar's single-GPU loop). Pipelined: at tick T every (T - i, i) at once, as its
+        multi-GPU timestep-forcing pipeline runs them (rows that see rings filled to different
+        lengths, at a segment's start, go in separate forwards)."""
+        if not pipelined:
+            yield from ([(n, i)] for n in range(total) for i in range(steps))
+            return
+        for tick in range(total + steps - 1):
+            rows = [(tick - i, i) for i in range(steps) if 0 <= tick - i < total]
+            for filled in sorted({cache.filled(n) for n, _ in rows}):
+                yield [row for row in rows if cache.filled(row[0]) == filled]
+
+    @staticmethod
+    def _block_inputs(clip: dict, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(latents, audio, pose latents) of block b of a clip under way."""
+        frames = slice(b * FRAMES_PER_BLOCK, (b + 1) * FRAMES_PER_BLOCK)
+        audio = clip["audio"][..., b * 4 * FRAMES_PER_BLOCK : (b + 1) * 4 * FRAMES_PER_BLOCK]
+        pose = None if clip["pose"] is None else clip["pose"][:, :, frames]
+        return clip["latents"][:, :, frames], audio, pose
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -350,6 +392,20 @@ class DistilledPipeline(S2VPipeline):
         if tail.shape != shape or tail.dtype != np.float32:
             raise ValueError(f"state tail_latents: expected float32 {shape}, got {tail.dtype} {tail.shape}")
         return torch.from_numpy(tail.copy())[None]
+
+    def _check_cache_fits(self, nbytes: int, width: int, height: int) -> None:
+        """OutOfMemoryError (which the GPU pool answers with an offloading worker) before a KV cache
+        that cannot fit is allocated."""
+        if self.device.type != "cuda":
+            return
+        free = torch.cuda.mem_get_info(self.device)[0]
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if nbytes > free:
+            hint = " (offload='blocks' keeps the DiT's blocks in host memory)" if self.offload == "none" else ""
+            raise torch.cuda.OutOfMemoryError(
+                f"distilled mode: the KV cache at {width}x{height} needs {nbytes / 2**30:.1f} GiB of GPU memory, "
+                f"{free / 2**30:.1f} GiB are free{hint}"
+            )
 
     @staticmethod
     def _check_replay(replayed: torch.Tensor, saved: torch.Tensor, clip: int) -> None:

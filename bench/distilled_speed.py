@@ -49,7 +49,7 @@ from model.pipeline import S2VPipeline
 from model.transformer import fa4_unavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_memory import GIB, build_pipeline, mem, run_mode  # noqa: E402  (full-size random components)
+from pipeline_memory import GIB, add_machine_arguments, build_pipeline, mem, run_mode  # noqa: E402  (full-size random components)
 
 MODES = {  # name: (offload, pipelined)
     "distilled-resident": ("none", True),
@@ -130,10 +130,7 @@ def exact_figures(res: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU smoke test)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
+    add_machine_arguments(parser)
     parser.add_argument("--clips", type=int, default=3, help="distilled clips per segment (>= 3: fill, steady, drain)")
     parser.add_argument("--exact-steps", type=int, default=2, help="UniPC steps timed per exact clip (of 40)")
     parser.add_argument("--segment-s", type=float, default=60.0, help="segment length for the per-minute figure")

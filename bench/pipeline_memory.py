@@ -116,6 +116,14 @@ def build_pipeline(args, device: torch.device) -> S2VPipeline:
     return S2VPipeline(dit, text, AudioEncoder(w2v, extractor), vae, device=device)
 
 
+def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tiny, --device, --height, --width: the size and place of a full-pipeline benchmark."""
+    parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+
+
 def mem(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
@@ -281,10 +289,7 @@ MODES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU smoke test)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
+    add_machine_arguments(parser)
     parser.add_argument("--frames", type=int, default=80)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--clips", type=int, default=2)

@@ -7,7 +7,7 @@
 
 Both sides get the same tiny S2V transformer with the same random weights (ours loaded into their
 `CausalWanModel_S2V` with strict=True) and the same random LoRA in LiveAvatar's file layout, which
-their `WanS2V.add_lora_to_model` merges through PEFT and `merge_liveavatar_lora` through ours. Their
+their `WanS2V.add_lora_to_model` merges through PEFT and `DistilledPipeline.use_liveavatar` through ours. Their
 `WanS2V.generate` (the single-GPU path of `infinite_inference_single_gpu.sh`: 4 Euler steps,
 guidance 0, 48-frame clips of 4 blocks, KV caches per step, the sink pass, rolling caches) then
 runs unchanged, with stand-ins for the encoders: the same text embeddings, wav2vec2 features and a
@@ -55,7 +55,8 @@ import torch.nn as nn
 from PIL import Image
 
 from model.config import S2VConfig
-from model.distilled import DISTILLED_INFER_FRAMES, LIVEAVATAR_LORA_ALPHA, DistilledPipeline, merge_liveavatar_lora
+from model.distilled import DISTILLED_INFER_FRAMES, DistilledPipeline
+from model.lora import STYLES
 from model.tiny import write_liveavatar_lora
 from model.transformer import WanS2VTransformer, randomize_
 
@@ -63,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parity_diffsynth import report  # noqa: E402  (the shared verdict at 1e-5)
 
 PKG = "liveavatar/models/wan"
+LORA_ALPHA = next(style.alpha for style in STYLES if style.name == "liveavatar")  # their lora_alpha
 ATTENTION = f"{PKG}/wan_2_2/modules/attention.py"
 PATCHES = [
     (
@@ -303,7 +305,7 @@ def run_theirs(la, cfg, ours, lora: Path, rank: int, inputs: dict, work: Path) -
     pipe.audio_encoder = TheirAudio(inputs["features"], inputs["clips"])
     model = their_model(la, cfg, ours)
     pipe.noise_model = pipe.add_lora_to_model(
-        model, lora_rank=rank, lora_alpha=LIVEAVATAR_LORA_ALPHA, lora_target_modules="q,k,v,o,ffn.0,ffn.2",
+        model, lora_rank=rank, lora_alpha=LORA_ALPHA, lora_target_modules="q,k,v,o,ffn.0,ffn.2",
         init_lora_weights="kaiming", pretrained_lora_path=str(lora), load_lora_weight_only=False,
     )  # fmt: skip
     pipe.noise_model.num_frame_per_block = 3
@@ -322,9 +324,10 @@ def run_theirs(la, cfg, ours, lora: Path, rank: int, inputs: dict, work: Path) -
     return [z[:, :, -lat:] for z in pipe.vae.decoded]
 
 
-def run_ours(cfg, ours, inputs: dict, pipelined: bool) -> list[torch.Tensor]:
+def run_ours(cfg, ours, lora: Path, inputs: dict, pipelined: bool) -> list[torch.Tensor]:
     vae = OurVAE(inputs["mix"])
     pipe = DistilledPipeline(ours, OurText(cfg), OurAudio(inputs["features"], cfg), vae, device="cpu")
+    pipe.use_liveavatar(lora)
     frames = inputs["infer_frames"]
     list(
         pipe.generate_clips(
@@ -360,10 +363,9 @@ def compare(liveavatar: Path, seed: int = 0, clips: int = 2, rank: int = 4) -> d
         ours = randomize_(WanS2VTransformer(cfg), seed=seed).float().eval().requires_grad_(False)
         inputs = make_inputs(cfg, seed, clips, DISTILLED_INFER_FRAMES, (64, 128))
         theirs_out = run_theirs(la, cfg, ours, lora, rank, inputs, work)
-        merge_liveavatar_lora(ours, lora)
         result = {}
         for schedule, pipelined in (("block by block", False), ("pipelined", True)):
-            ours_out = run_ours(cfg, ours, inputs, pipelined)
+            ours_out = run_ours(cfg, ours, lora, inputs, pipelined)
             if len(theirs_out) != len(ours_out):
                 raise SystemExit(f"clips: theirs {len(theirs_out)}, ours {len(ours_out)}")
             pairs = [*zip(ours_out, theirs_out, strict=True), (torch.cat(ours_out, 2), torch.cat(theirs_out, 2))]

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,13 +46,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 from diffusers import FlowMatchEulerDiscreteScheduler
-from safetensors import SafetensorError, safe_open
 
 from model.audio_encoder import SAMPLE_RATE
 from model.causal import FRAMES_PER_BLOCK, CausalS2V, StreamCache, reference_shift
 from model.checkpoint import transformer_config
 from model.config import S2VConfig
-from model.layout import CheckpointError, resolve
+from model.layout import resolve
+from model.lora import Lora, LoraError, load_lora, set_loras
 from model.pipeline import FIRST_CLIP_DROP, ClipOutput, S2VPipeline, _to_uint8
 from model.transformer import WanS2VTransformer
 
@@ -67,7 +66,6 @@ __all__ = [
     "check_liveavatar_lora",
     "distilled_schedule",
     "liveavatar_targets",
-    "merge_liveavatar_lora",
     "read_liveavatar_lora",
 ]
 
@@ -88,15 +86,12 @@ def distilled_schedule(
 
 
 # ---------------------------------------------------------------------------------------------
-# LiveAvatar's LoRA (until model/lora.py reads it: keys as PEFT names them on our module paths)
+# LiveAvatar's LoRA (read by model/lora.py with its "liveavatar" key style)
 
 LIVEAVATAR_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 """LiveAvatar's lora_target_modules (liveavatar/configs/s2v_causal_sft.yaml); PEFT adapts every
 linear layer whose name ends so: the self- and cross-attention and feed-forward of all blocks and
-the audio injectors' attention (448 layers of the 14B)."""
-LIVEAVATAR_LORA_ALPHA = 64.0
-"""lora_alpha of the same file (rank 128: scale 0.5); the LoRA file itself carries no alpha."""
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
+the audio injectors' attention (448 layers of the 14B). Its lora_alpha (64) is the style's alpha."""
 
 
 def liveavatar_targets(model: nn.Module) -> dict[str, nn.Module]:
@@ -108,79 +103,31 @@ def liveavatar_targets(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def read_liveavatar_lora(path: str | Path, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module path: (up [out, r], down [r, in])} of LiveAvatar's LoRA file, matched strictly to
-    `model` (a meta-device model will do): every key must name a layer LiveAvatar adapts with
-    factors that fit it, and every such layer must be present; CheckpointError names the file and
-    the first offending keys otherwise (a LoRA for another model, or not LiveAvatar's)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"LiveAvatar LoRA {path} does not exist (download liveavatar.safetensors)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"LiveAvatar LoRA {path}: not a readable safetensors file ({exc})") from exc
+def read_liveavatar_lora(path: str | Path, model: nn.Module) -> Lora:
+    """LiveAvatar's LoRA file matched strictly to `model` (a meta-device model will do): every key
+    on a layer LiveAvatar adapts with factors that fit it (model.lora's checks), and every such
+    layer present. LoraError names the file and the first offending keys or layers otherwise (a
+    LoRA for another model, or not LiveAvatar's: a Wan T2V LoRA has no audio injectors)."""
+    lora = load_lora(path, model, style="liveavatar")
     targets = liveavatar_targets(model)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    unmatched = []
-    for key, tensor in sorted(tensors.items()):
-        m = _LORA_KEY.match(key)
-        if m is None or m["module"] not in targets:
-            unmatched.append(key)
-            continue
-        parts.setdefault(m["module"], {})[m["part"]] = tensor
-    if unmatched:
-        raise CheckpointError(
-            f"LiveAvatar LoRA {path}: {len(unmatched)} of {len(tensors)} keys name no layer LiveAvatar adapts in the "
-            f"S2V transformer (a LoRA for another model?), first: {unmatched[:5]}"
-        )
-    bad = []
-    for name, factors in parts.items():
-        weight = targets[name].weight
-        up, down = factors.get("B"), factors.get("A")
-        if up is None or down is None:
-            bad.append(f"{name}: only lora_{'A' if down is not None else 'B'}")
-        elif up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != tuple(
-            weight.shape
-        ):
-            bad.append(f"{name}: {list(up.shape)} x {list(down.shape)} for a {list(weight.shape)} weight")
-    if bad:
-        raise CheckpointError(f"LiveAvatar LoRA {path} does not fit the S2V transformer (another model's?): {bad[:5]}")
-    missing = [name for name in targets if name not in parts]
+    other = sorted(set(lora.deltas) - set(targets))
+    if other:
+        raise LoraError(f"LiveAvatar LoRA {path}: keys on {len(other)} layers LiveAvatar does not adapt: {other[:3]}")
+    missing = [name for name in targets if name not in lora.deltas]
     if missing:
-        raise CheckpointError(
-            f"LiveAvatar LoRA {path}: covers {len(parts)} of the {len(targets)} layers LiveAvatar adapts, missing "
-            f"{missing[:3]}; not LiveAvatar's distillation LoRA (one for another Wan model?)"
+        raise LoraError(
+            f"LiveAvatar LoRA {path}: covers {len(lora.deltas)} of the {len(targets)} layers LiveAvatar adapts, "
+            f"missing {missing[:3]}; not LiveAvatar's distillation LoRA (one for another Wan model?)"
         )
-    return {name: (f["B"], f["A"]) for name, f in parts.items()}
+    return lora
 
 
 def check_liveavatar_lora(path: str | Path, config: S2VConfig | None = None) -> None:
-    """Raise CheckpointError unless `path` is LiveAvatar's LoRA for the S2V transformer of
-    `config` (default the 14B); reads only the LoRA (seconds), builds no weights."""
+    """Raise LoraError unless `path` is LiveAvatar's LoRA for the S2V transformer of `config`
+    (default the 14B); reads only the LoRA (seconds), builds no weights."""
     with torch.device("meta"):
         model = WanS2VTransformer(config or S2VConfig.wan_14b())
     read_liveavatar_lora(path, model)
-
-
-@torch.no_grad()
-def merge_liveavatar_lora(model: WanS2VTransformer, path: str | Path, device: torch.device | str | None = None) -> int:
-    """W <- W + (alpha / rank) * up @ down for every layer of LiveAvatar's LoRA, in float32 on
-    `device` (default: where the weights are), written back in the weights' dtype; returns the
-    number of layers. Weights stored in fp8 cannot take a merge (CheckpointError)."""
-    factors = read_liveavatar_lora(path, model)
-    modules = dict(model.named_modules())
-    for name, (up, down) in factors.items():
-        weight = modules[name].weight
-        if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise CheckpointError(f"{name}: fp8 weights cannot merge LiveAvatar's LoRA; load the checkpoint in bf16")
-        where = torch.device(device) if device is not None else weight.device
-        scale = LIVEAVATAR_LORA_ALPHA / down.shape[0]
-        delta = up.to(where, torch.float32) @ down.to(where, torch.float32)
-        merged = weight.to(where, torch.float32) + scale * delta
-        weight.copy_(merged.to(weight.dtype))
-    return len(factors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,14 +150,23 @@ class DistilledPipeline(S2VPipeline):
         vae_tiling: bool | None = None,
         attention: str = "auto",
     ) -> DistilledPipeline:
-        """S2VPipeline.from_checkpoint (same arguments, no CFG batch) plus LiveAvatar's LoRA, which is
-        checked against the transformer's configuration before the checkpoint is read."""
+        """S2VPipeline.from_checkpoint (same arguments, no CFG batch) with LiveAvatar's LoRA applied,
+        which is checked against the transformer's configuration before the checkpoint is read."""
         check_liveavatar_lora(lora, transformer_config(resolve(checkpoint).dit))
         pipe = super().from_checkpoint(
             checkpoint, device, dtype, offload, vae_tiling, cfg_batch=False, attention=attention, compile_dit=False
         )
-        merge_liveavatar_lora(pipe.transformer, lora, device=pipe.device)
+        pipe.use_liveavatar(lora)
         return pipe
+
+    def use_liveavatar(self, lora: str | Path) -> None:
+        """Run the DiT with LiveAvatar's LoRA (read once per file; model.lora.set_loras merges it,
+        or applies it beside fp8 weights, and gives the base weights back exactly on a switch)."""
+        cache = self.__dict__.setdefault("_loras", {})
+        key = ("liveavatar", str(Path(lora).resolve()))
+        if key not in cache:
+            cache[key] = read_liveavatar_lora(key[1], self.transformer)
+        set_loras(self.transformer, [(cache[key], 1.0)], device=self.device)
 
     @torch.no_grad()
     def generate_clips(  # type: ignore[override]

@@ -18,7 +18,9 @@ full differences `<layer>.diff` / `<layer>.diff_b` (weight and bias, as ComfyUI 
 - comfyui: our module paths under `diffusion_model.` / `model.diffusion_model.`
   (`diffusion_model.blocks.0.ffn.0.lora_up.weight`);
 - peft: our paths, or diffusers' Wan names (`attn1.to_q`, `ffn.net.0.proj`, ...), optionally under
-  `transformer.` / `base_model.model.` (`transformer.blocks.0.attn1.to_q.lora_A.weight`).
+  `transformer.` / `base_model.model.` (`transformer.blocks.0.attn1.to_q.lora_A.weight`);
+- liveavatar: LiveAvatar's distillation LoRA (PEFT keys on our paths, alpha 64 not stored), read
+  only when asked for by name (`load_lora(..., style="liveavatar")`, distilled mode).
 
 (The official checkpoint, ComfyUI's `WanModel_S2V` and DiffSynth's `WanS2VModel` share our module
 names, so those files need no renaming beyond prefixes.) Every key must land on a parameter of the
@@ -137,6 +139,10 @@ class LoraStyle:
     """Stripped from the front of each key (the first that matches)."""
     resolve: Callable[[str, ModelIndex], str | None]
     """The layer name in the file (prefix and part suffix removed) -> our module or parameter path."""
+    alpha: float | None = None
+    """The alpha of files of this style that store none (None: scale 1)."""
+    detect: bool = True
+    """Whether `load_lora` may pick this style by its marker; False: only when asked for by name."""
 
 
 STYLES: tuple[LoraStyle, ...] = (
@@ -158,6 +164,17 @@ STYLES: tuple[LoraStyle, ...] = (
         re.compile(r"\.lora_[AB]\.weight$"),
         ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model."),
         _diffusers,
+    ),
+    # LiveAvatar's distillation LoRA (model/distilled.py): PEFT keys on our paths, trained with
+    # alpha 64 (rank 128: scale 0.5) that the file does not store. Its keys look like DiffSynth's,
+    # so it is read by name only (distilled mode), never detected.
+    LoraStyle(
+        "liveavatar",
+        re.compile(r"\.lora_[AB](\.default)?\.weight$"),
+        ("base_model.model.",),
+        _ours,
+        alpha=64.0,
+        detect=False,
     ),
 )
 
@@ -199,7 +216,7 @@ def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 def detect_style(keys: Iterable[str]) -> LoraStyle | None:
     keys = list(keys)
     for style in STYLES:
-        if any(style.marker.search(k) for k in keys):
+        if style.detect and any(style.marker.search(k) for k in keys):
             return style
     return None
 
@@ -278,16 +295,23 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def load_lora(path: str | Path, model: nn.Module) -> Lora:
+def load_lora(path: str | Path, model: nn.Module, style: str | None = None) -> Lora:
     """Read a LoRA file (safetensors, or a weights-only torch pickle) and match every key to `model`.
 
+    style: the name of a row of STYLES to read it with (default: detected from the keys).
     Raises LoraError naming the file when it is unreadable, of no known style, or when keys name no
     parameter of the model or do not fit its shape (the first unmatched keys are listed)."""
     path = Path(path)
     tensors = _read_tensors(path)
     if not tensors:
         raise LoraError(f"LoRA file {path} holds no tensors")
-    style = detect_style(tensors)
+    if style is None:
+        style = detect_style(tensors)
+    else:
+        named = {s.name: s for s in STYLES}
+        if style not in named:
+            raise LoraError(f"LoRA key style {style!r}: expected one of {', '.join(named)}")
+        style = named[style]
     if style is None:
         raise LoraError(
             f"LoRA file {path}: no known key style (kohya lora_unet_*, ComfyUI diffusion_model.*.lora_up/down, "
@@ -322,6 +346,9 @@ def load_lora(path: str | Path, model: nn.Module) -> Lora:
             f"LoRA file {path} ({style.name} style): {len(unmatched)} key(s) match no layer of the S2V transformer "
             f"(a LoRA for another model?), first: {unmatched[:5]}"
         )
+    if style.alpha is not None:
+        for delta in deltas.values():
+            delta.alpha = style.alpha if delta.alpha is None else delta.alpha
     problems = [p for d in deltas.values() if (p := _check(d, params))]
     if problems:
         raise LoraError(

@@ -13,7 +13,7 @@ import soundfile as sf
 from PIL import Image
 
 from model.config import S2VConfig
-from model.layout import CheckpointError
+from model.lora import LoraError
 from model.tiny import write_liveavatar_lora, write_tiny_checkpoint
 from tasks.generate.stage import clip_path, generate_segment, state_path
 from tasks.generate.wan_s2v import WanS2VGenerator
@@ -86,5 +86,5 @@ def test_settings_distilled_cannot_honour(generator: WanS2VGenerator, files: dic
         WanS2VGenerator(str(files["checkpoint"]), device="cpu", mode="fast")
     wider = dataclasses.replace(S2VConfig.tiny(), dim=128, num_heads=4, ffn_dim=256)
     other = write_liveavatar_lora(tmp_path / "wide.safetensors", wider)
-    with pytest.raises(CheckpointError, match="does not fit the S2V transformer"):
+    with pytest.raises(LoraError, match="does not fit the S2V transformer"):
         WanS2VGenerator(str(files["checkpoint"]), device="cpu", mode="distilled", distilled_lora=str(other))

@@ -19,15 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from model.causal import FRAMES_PER_BLOCK, CausalS2V, StreamCache, reference_shift
 from model.config import S2VConfig
-from model.distilled import (
-    LIVEAVATAR_LORA_ALPHA,
-    DistilledPipeline,
-    check_liveavatar_lora,
-    distilled_schedule,
-    merge_liveavatar_lora,
-    read_liveavatar_lora,
-)
-from model.layout import CheckpointError
+from model.distilled import DistilledPipeline, check_liveavatar_lora, distilled_schedule, read_liveavatar_lora
+from model.lora import LoraError, load_lora, set_loras
 from model.tiny import write_liveavatar_lora
 from model.transformer import WanS2VTransformer, apply_rope, randomize_, rope_table
 
@@ -176,50 +169,60 @@ def test_schedule_is_livavatars_four_euler_steps() -> None:
 # the LoRA
 
 
-def test_lora_merge_is_w_plus_scaled_up_down(tiny_config: S2VConfig, tmp_path: Path) -> None:
+def test_lora_applies_w_plus_half_up_down_and_comes_off_exactly(tiny_config: S2VConfig, tmp_path: Path) -> None:
     path = write_liveavatar_lora(tmp_path / "la.safetensors", tiny_config, rank=4, seed=2)
     model = randomize_(WanS2VTransformer(tiny_config), seed=1).float()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert merge_liveavatar_lora(model, path) == 3 * 10 + 2 * 4  # 3 blocks x 10 linears, 2 injectors x 4
+    lora = read_liveavatar_lora(path, model)
+    assert len(lora.deltas) == 3 * 10 + 2 * 4  # 3 blocks x 10 linears, 2 audio injectors x 4
+    set_loras(model, [(lora, 1.0)])
     tensors = load_file(str(path))
     name = "audio_injector.injector.1.v"
     up, down = tensors[f"{name}.lora_B.default.weight"], tensors[f"{name}.lora_A.default.weight"]
-    want = before[f"{name}.weight"] + LIVEAVATAR_LORA_ALPHA / 4 * (up @ down)
+    want = before[f"{name}.weight"] + 64.0 / 4 * (up @ down)  # LiveAvatar's alpha 64 over the rank
     assert torch.allclose(model.state_dict()[f"{name}.weight"], want, atol=1e-6)
     assert torch.equal(model.state_dict()["blocks.0.norm3.weight"], before["blocks.0.norm3.weight"])
-    assert torch.equal(model.state_dict()["blocks.0.ffn.0.bias"], before["blocks.0.ffn.0.bias"])
+    set_loras(model, [])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_lora_key_styles_accepted(tiny_config: S2VConfig, tmp_path: Path) -> None:
+def test_lora_key_spellings_accepted_and_never_detected_as_liveavatar(tiny_config: S2VConfig, tmp_path: Path) -> None:
     tensors = load_file(str(write_liveavatar_lora(tmp_path / "a.safetensors", tiny_config)))
-    for variant in ("base_model.model.{}", "{}"):
-        renamed = {variant.format(k).replace(".default", "") for k in tensors}
-        save_file({variant.format(k).replace(".default", ""): v for k, v in tensors.items()}, tmp_path / "b.st")
-        with torch.device("meta"):
-            factors = read_liveavatar_lora(tmp_path / "b.st", WanS2VTransformer(tiny_config))
-        assert len(factors) * 2 == len(renamed) == len(tensors)
+    with torch.device("meta"):
+        model = WanS2VTransformer(tiny_config)
+    for prefix, infix in (("base_model.model.", ".default"), ("", "")):
+        renamed = {prefix + k.replace(".default", infix): v for k, v in tensors.items()}
+        save_file(renamed, tmp_path / "b.safetensors")
+        assert len(read_liveavatar_lora(tmp_path / "b.safetensors", model).deltas) * 2 == len(tensors)
+    # without asking for it, the same keys read as a DiffSynth LoRA (scale 1, as DiffSynth applies them)
+    assert load_lora(tmp_path / "a.safetensors", model).style == "diffsynth"
 
 
 def test_lora_for_another_model_is_refused_by_name(tiny_config: S2VConfig, tmp_path: Path) -> None:
     tensors = load_file(str(write_liveavatar_lora(tmp_path / "a.safetensors", tiny_config)))
     cases = {
-        "name no layer": {**tensors, "blocks.0.self_attn.qkv.lora_A.default.weight": torch.zeros(4, 64)},
+        "match no layer": {**tensors, "blocks.0.self_attn.qkv.lora_A.default.weight": torch.zeros(4, 64)},
         "does not fit": {**tensors, "blocks.2.ffn.2.lora_A.default.weight": torch.zeros(4, 32)},
+        "does not adapt": {
+            **tensors,
+            "text_embedding.0.lora_A.default.weight": torch.zeros(4, 32),
+            "text_embedding.0.lora_B.default.weight": torch.zeros(64, 4),
+        },
         "not LiveAvatar's": {k: v for k, v in tensors.items() if "audio_injector" not in k},  # a T2V-style LoRA
-        "only lora_A": {k: v for k, v in tensors.items() if k != "blocks.1.cross_attn.o.lora_B.default.weight"},
+        "only one of the two": {k: v for k, v in tensors.items() if k != "blocks.1.cross_attn.o.lora_B.default.weight"},
     }
     for message, content in cases.items():
         path = tmp_path / "bad.safetensors"
         save_file(content, str(path))
-        with pytest.raises(CheckpointError, match=message) as err:
+        with pytest.raises(LoraError, match=message) as err:
             check_liveavatar_lora(path, tiny_config)
         assert str(path) in str(err.value)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+    with pytest.raises(LoraError, match="unreadable"):
         check_liveavatar_lora(tmp_path / "junk.safetensors", tiny_config)
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(LoraError, match="does not exist"):
         check_liveavatar_lora(tmp_path / "missing.safetensors", tiny_config)
-    with pytest.raises(CheckpointError, match="does not fit"):  # a tiny LoRA for the 14B
+    with pytest.raises(LoraError, match="does not fit"):  # a tiny LoRA for the 14B
         check_liveavatar_lora(tmp_path / "a.safetensors")
 
 

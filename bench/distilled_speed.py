@@ -44,8 +44,9 @@ import torch
 
 from model.audio_encoder import SAMPLE_RATE
 from model.causal import CausalS2V
-from model.distilled import DISTILLED_INFER_FRAMES, DISTILLED_STEPS, DistilledPipeline
+from model.distilled import DistilledPipeline
 from model.pipeline import S2VPipeline
+from model.presets import DISTILLED_INFER_FRAMES, DISTILLED_STEPS
 from model.transformer import fa4_unavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

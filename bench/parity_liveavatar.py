@@ -55,8 +55,9 @@ import torch.nn as nn
 from PIL import Image
 
 from model.config import S2VConfig
-from model.distilled import DISTILLED_INFER_FRAMES, DistilledPipeline
+from model.distilled import DistilledPipeline
 from model.lora import STYLES
+from model.presets import DISTILLED_INFER_FRAMES
 from model.tiny import write_liveavatar_lora
 from model.transformer import WanS2VTransformer, randomize_
 

@@ -227,7 +227,10 @@ async def _prepare(manifest: str, settings: BatchSettings) -> tuple[str, Validat
     logger = get_run_logger()
     backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
     await asyncio.to_thread(steps.check_speed_settings, settings)
-    validation = await asyncio.to_thread(validate_manifest, manifest, allowed_roots=settings.allowed_roots)
+    await asyncio.to_thread(steps.check_mode_settings, settings, backend)
+    validation = await asyncio.to_thread(
+        validate_manifest, manifest, allowed_roots=settings.allowed_roots, mode=settings.mode
+    )
     logger.info("manifest %s: %d rows, %d valid; backend %s%s", manifest, validation.total_rows,
                 len(validation.rows), backend, " (labelled animatic, not the model)" if backend == "preview" else "")
     for issue in validation.issues:
@@ -342,4 +345,8 @@ def _fingerprint_settings(settings: BatchSettings, backend: str) -> dict:
     optional |= {k: getattr(settings, k) for k in speed if getattr(settings, k) not in (None, [])}
     if settings.step_cache == "magcache":  # its ratios come from the calibration
         optional["calibration"] = settings.calibration
+    if settings.mode != "exact":
+        optional["mode"] = settings.mode
+    if settings.distilled_lora:
+        optional["distilled_lora"] = settings.distilled_lora
     return {"backend": backend, **{k: getattr(settings, k) for k in keys}, **optional}

@@ -130,14 +130,15 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
 
     from flows import progress as hooks
     from flows.batch import batch
-    from flows.steps import check_speed_settings
+    from flows.steps import check_mode_settings, check_speed_settings
     from tasks.generate.backends import resolve_backend
     from tasks.manifest import validate_manifest
 
     # Fail fast, before Prefect starts, when the batch as a whole cannot run.
-    resolve_backend(settings.backend, settings.checkpoint)
+    backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
     try:
         check_speed_settings(settings)
+        check_mode_settings(settings, backend)
     except SettingsError as exc:
         raise CommandFailed(str(exc)) from None
     _check_prefect_api()
@@ -290,7 +291,7 @@ def validate(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = 
     Exits 1 when some rows are invalid."""
     from tasks.manifest import validate_manifest
 
-    result = validate_manifest(manifest, allowed_roots=settings.allowed_roots)
+    result = validate_manifest(manifest, allowed_roots=settings.allowed_roots, mode=settings.mode)
     if as_json:
         out_console.print_json(json.dumps({
             "rows": result.total_rows, "valid": len(result.rows),
@@ -386,8 +387,9 @@ def calibrate(
     clips: Annotated[int, typer.Option(min=1, help="clips of the reference segment (a first and later ones)")] = 2,
 ) -> None:
     """Measure the speed presets on your weights (GPU): render a short reference segment exactly and with
-    each preset; print the speed-up and the drift from exact (PSNR/SSIM, whole frame and mouth); write a
-    JSON with MagCache's ratios and the DiT passes per preset, which the presets and the plan read."""
+    each preset (and in distilled mode when distilled_lora is set); print the speed-up and the drift from
+    exact (PSNR/SSIM, whole frame and mouth); write a JSON with MagCache's ratios and the DiT passes per
+    preset, which the presets and the plan read."""
     from tasks.calibrate import calibrate as run_calibration
     from tasks.calibrate import report_lines
     from tasks.generate.checkpoints import local_checkpoint
@@ -396,7 +398,8 @@ def calibrate(
         raise CommandFailed("calibrate needs the model: pass --checkpoint or set S2V_CHECKPOINT")
     folder = local_checkpoint(settings.checkpoint)
     doc = run_calibration(folder, out, image=image, audio=audio, num_clips=clips, device=settings.device,
-                          offload=settings.offload, progress=lambda line: console.print(line))  # fmt: skip
+                          offload=settings.offload, progress=lambda line: console.print(line),
+                          distilled_lora=settings.distilled_lora)  # fmt: skip
     for line in report_lines(doc):
         out_console.print(line)
     out_console.print(f"written: {out}")

@@ -21,7 +21,7 @@ def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -
     Work files go to a cache folder keyed by the manifest, so planning twice (or planning
     then running with the same work folder) normalizes and aligns each row once.
     """
-    validation = validate_manifest(manifest, allowed_roots=settings.allowed_roots)
+    validation = validate_manifest(manifest, allowed_roots=settings.allowed_roots, mode=settings.mode)
     problems = [str(issue) for issue in validation.issues]
     work_dir = Path(settings.work_dir) if settings.work_dir else layout.plan_work_dir(manifest)
     plans: list[Plan] = []

@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from tasks.records import Mode
+
 CONFIG_ENV = "S2V_CONFIG"
 DEFAULT_CONFIG = Path("s2v-batch.toml")
 _config_file: ContextVar[Path | None] = ContextVar("s2v_config_file", default=None)
@@ -91,6 +93,14 @@ class BatchSettings(BaseSettings):
     )
     generator_options: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments for generator_factory (JSON in the variable)"
+    )
+
+    mode: Mode = Field(
+        "exact", description="'exact' (the released sampler) or 'distilled': LiveAvatar's 4-step streaming "
+        "generation, no CFG, 48-frame clips, with its LoRA (distilled_lora); a 'mode' column overrides per row"
+    )
+    distilled_lora: str | None = Field(
+        None, description="LiveAvatar's LoRA for distilled mode: liveavatar.safetensors (local or s3://)"
     )
 
     # Speed, LoRAs and cost (model/presets.py, model/speed.py, model/lora.py, tasks/plan.py). Each part

@@ -14,7 +14,7 @@ import numpy as np
 import soundfile as sf
 
 from flows.settings import BatchSettings, SettingsError
-from model.presets import SpeedConfig, preset
+from model.presets import DISTILLED_INFER_FRAMES, SpeedConfig, preset
 from tasks import captions, layout, normalize, plan, speech, stitch, storage
 from tasks.calibrate import read_calibration
 from tasks.generate import stage as generate_stage
@@ -26,6 +26,7 @@ from tasks.records import (
     Cue,
     LoraRef,
     ManifestRow,
+    Mode,
     NormalizedAssets,
     Plan,
     RowFailure,
@@ -122,12 +123,14 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
         audio, rate = sf.read(assets.audio_16k, dtype="float32")
         energy = plan.frame_energy(audio, sample_rate=rate)
     name, speed = row_speed(row, settings)
+    mode = row_mode(row, settings)
     cost = plan.cost_model(settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, speed=speed,
-                           preset=name, calibration=calibration(settings))  # fmt: skip
+                           preset=name, calibration=calibration(settings), mode=mode)  # fmt: skip
     row_plan = plan.plan_row(
         row.id, assets.num_samples, words,
         seed=row.seed, width=assets.width, height=assets.height,
-        infer_frames=settings.infer_frames, max_segment_s=settings.max_segment_s,
+        infer_frames=DISTILLED_INFER_FRAMES if mode == "distilled" else settings.infer_frames,
+        max_segment_s=settings.max_segment_s,
         min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps, guidance=row.guidance,
         cost=cost, energy=energy,
     )
@@ -160,6 +163,54 @@ def row_speed(row: ManifestRow, settings: BatchSettings) -> tuple[str, SpeedConf
         return name, preset(name, calibration(settings), **parts)
     except ValueError as exc:
         raise RowFailure("preset", str(exc)) from None
+
+
+def row_mode(row: ManifestRow, settings: BatchSettings) -> Mode:
+    """The row's mode (its column, else the batch's). For distilled mode, RowFailure naming what of
+    the batch's settings it cannot honour (its own cells were checked with the manifest)."""
+    mode = row.mode or settings.mode
+    if mode != "distilled":
+        return mode
+    on_model = settings.generator_factory or (settings.backend != "preview" and settings.checkpoint)
+    if on_model and not settings.distilled_lora:
+        raise RowFailure("mode", "distilled mode needs LiveAvatar's LoRA: set distilled_lora (liveavatar.safetensors)")
+    if row.preset is None and settings.preset != "exact":
+        raise RowFailure("preset", f"distilled mode samples its own 4 steps; the batch's preset {settings.preset!r} "
+                                   "applies to exact mode only (give this row preset 'exact')")  # fmt: skip
+    if row.lora is None and settings.lora:
+        raise RowFailure("lora", "distilled mode runs with LiveAvatar's LoRA only; give this row lora 'none'")
+    return mode
+
+
+def check_mode_settings(settings: BatchSettings, backend: str) -> None:
+    """Fail the batch before any row when distilled mode cannot run as set: SettingsError naming the
+    setting (no LoRA, a LoRA that is not LiveAvatar's or not for the checkpoint's transformer, speed
+    options). The LoRA is read here, once (seconds); the model backends only, not the preview."""
+    if settings.mode == "distilled":
+        speed = ("sample_steps", "sample_shift", "cfg_steps", "cfg_every", "step_cache")
+        if settings.preset != "exact" or any(getattr(settings, k) is not None for k in speed):
+            raise SettingsError(
+                "mode 'distilled' samples LiveAvatar's 4 steps: the preset and speed settings (preset, "
+                "sample_steps, sample_shift, cfg_*, step_cache) apply to exact mode only"
+            )
+        if settings.lora:
+            raise SettingsError("mode 'distilled' runs with LiveAvatar's LoRA only: setting lora is for exact mode")
+    if backend == "preview" or not (settings.distilled_lora or settings.mode == "distilled"):
+        return
+    if not settings.distilled_lora:
+        raise SettingsError("mode 'distilled' needs distilled_lora: the path of LiveAvatar's liveavatar.safetensors")
+    from model.checkpoint import transformer_config  # torch: only where the model backend runs
+    from model.distilled import check_liveavatar_lora
+    from model.layout import CheckpointError, resolve
+    from model.lora import LoraError
+
+    try:
+        lora = storage.local_copy(settings.distilled_lora)
+        local = settings.checkpoint and not storage.is_remote(settings.checkpoint)
+        config = transformer_config(resolve(settings.checkpoint).dit) if local else None  # remote: the 14B's
+        check_liveavatar_lora(lora, config)
+    except (FileNotFoundError, LoraError, CheckpointError) as exc:
+        raise SettingsError(f"distilled_lora: {exc}") from None
 
 
 def row_loras(row: ManifestRow, settings: BatchSettings) -> list[LoraRef]:
@@ -199,6 +250,7 @@ def segment_job(
     """The job for one planned segment and its folder; cuts the segment's audio into that folder."""
     settings = settings or BatchSettings()
     name, speed = row_speed(row, settings)
+    mode = row_mode(row, settings)
     segment = row_plan.segments[index]
     paths = layout.RowPaths.for_assets(assets)
     audio = generate_stage.write_segment_audio(Path(assets.audio_16k), segment, paths.segment_audio(index))
@@ -210,6 +262,8 @@ def segment_job(
         cues=captions.cues_for_segment(cues, segment),
         preset=name, speed=None if speed == SpeedConfig() else speed.to_dict(), loras=row_loras(row, settings),
     )
+    if mode == "distilled":  # LiveAvatar's own sampling and LoRA (row_mode refused the rest)
+        job = job.model_copy(update={"mode": mode, "distilled_lora": settings.distilled_lora, "loras": []})
     return job, paths.segment_dir(index)
 
 

@@ -32,12 +32,14 @@ injection and the head are the transformer's own code. Batch size 1 (LiveAvatar 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from model.transformer import WanS2VTransformer, apply_rope, attention_backends, rope_table
+from model.transformer import WanS2VTransformer, apply_rope, attention_backends, audio_injection, rope_table
 
 __all__ = ["FRAMES_PER_BLOCK", "CausalS2V", "StreamCache", "reference_shift"]
 
@@ -156,6 +158,24 @@ class _Stream:
         return apply_rope(q, rope), torch.cat(keys), torch.cat(values)
 
 
+@contextmanager
+def eager_blocks(model: WanS2VTransformer) -> Iterator[None]:
+    """Run the transformer's blocks and audio injections uncompiled inside (exact mode compiles them
+    on CUDA, `compile_blocks`): traced with a cache hook per layer and a varying number of rows,
+    they would recompile at every call. Block streaming's hooks still run (they hook `__call__`)."""
+    saved = [block._compiled_call_impl for block in model.blocks]  # set by nn.Module.compile
+    injection = model._audio_injection
+    for block in model.blocks:
+        block._compiled_call_impl = None
+    model._audio_injection = audio_injection
+    try:
+        yield
+    finally:
+        for block, compiled in zip(model.blocks, saved, strict=True):
+            block._compiled_call_impl = compiled
+        model._audio_injection = injection
+
+
 class CausalS2V:
     """LiveAvatar's causal forwards on a `WanS2VTransformer` (see the module docstring).
 
@@ -219,7 +239,7 @@ class CausalS2V:
         model = self.model
         _, _, _, lat_h, lat_w = ref_latents.shape
         device = ref_latents.device
-        with attention_backends(device):
+        with attention_backends(device), eager_blocks(model):
             x = torch.cat(
                 [model.reference_tokens(ref_latents), model.motion_tokens(motion_latents, self._add_last_motion)], dim=1
             )
@@ -263,7 +283,7 @@ class CausalS2V:
         if frames * h * w != cache.block_tokens:
             raise ValueError(f"a block of {frames * h * w} tokens does not fit this cache ({cache.block_tokens})")
         device = latents.device
-        with attention_backends(device):
+        with attention_backends(device), eager_blocks(model):
             cache.seek(rows, [self._table(self.cond_segments(lat_h, lat_w, s), device) for s in shifts])
             rope = torch.stack(
                 [self._table([((n * frames, 0, 0), ((n + 1) * frames, h, w), (frames, h, w))], device) for n, _ in rows]

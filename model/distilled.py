@@ -54,6 +54,7 @@ from model.config import S2VConfig
 from model.layout import resolve
 from model.lora import Lora, LoraError, load_lora, set_loras
 from model.pipeline import FIRST_CLIP_DROP, ClipOutput, S2VPipeline, _to_uint8
+from model.presets import DISTILLED_INFER_FRAMES, DISTILLED_SHIFT, DISTILLED_STEPS, SpeedConfig
 from model.transformer import WanS2VTransformer
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,6 @@ __all__ = [
     "read_liveavatar_lora",
 ]
 
-DISTILLED_STEPS = 4  # LiveAvatar's --sample_steps 4 (DMD distilled to four steps)
-DISTILLED_SHIFT = 3.0  # its FlowMatchEulerDiscreteScheduler(shift=3), whatever the resolution
-DISTILLED_INFER_FRAMES = 48  # its --infer_frames 48: 12 latent frames, 4 blocks, the attention window
 REFERENCE_REPEAT = 5  # the reference encoded as 5 frames, the second latent kept
 DECODE_CONTEXT = FRAMES_PER_BLOCK  # latent frames decoded before a clip's own (see the module docstring)
 
@@ -187,6 +185,8 @@ class DistilledPipeline(S2VPipeline):
         state: dict[str, np.ndarray] | None = None,
         pose: np.ndarray | None = None,
         on_step: Callable[[int, int, int], None] | None = None,
+        speed: SpeedConfig | None = None,
+        record_steps: bool = False,
         pipelined: bool = True,
     ) -> Iterator[ClipOutput]:
         """Yield clips `start_clip .. num_clips - 1` of one segment (the arguments of
@@ -195,6 +195,8 @@ class DistilledPipeline(S2VPipeline):
         also the attention window (LiveAvatar's: 48). on_step(clip, step, steps) counts the
         denoising steps of all blocks of the clip.
 
+        speed: only None or the exact config (the speed options belong to exact sampling); record_steps
+        is accepted and ignored (no step log: every step runs). ClipOutput.forwards counts block-steps.
         pipelined: run step i of block n, step i + 1 of block n - 1, ... in one forward (LiveAvatar's
         timestep-forcing pipeline, on one GPU): the same maths as block by block (`False`, LiveAvatar's
         single-GPU order), fewer and fuller forwards, one pass over the weights for up to `steps` blocks
@@ -204,6 +206,8 @@ class DistilledPipeline(S2VPipeline):
         lat_frames = infer_frames // 4
         if infer_frames % (4 * FRAMES_PER_BLOCK) or lat_frames < FRAMES_PER_BLOCK:
             raise ValueError(f"distilled mode needs infer_frames a multiple of 12 (whole blocks), got {infer_frames}")
+        if speed is not None and speed != SpeedConfig():
+            raise ValueError("distilled mode samples LiveAvatar's 4 steps: speed options apply to exact mode only")
         if guidance > 1.0 or negative_prompt:
             raise ValueError("distilled mode has no classifier-free guidance: guidance <= 1 and no negative prompt")
         if num_clips < 1 or not 0 <= start_clip < num_clips:
@@ -288,7 +292,7 @@ class DistilledPipeline(S2VPipeline):
                 tail = latents[:, :, -DECODE_CONTEXT:].cpu()
                 new_state = {"next_clip": np.array(r + 1, dtype=np.int64), "tail_latents": tail[0].numpy().copy()}
                 now = time.perf_counter()
-                yield ClipOutput(r, _to_uint8(video[0]), new_state, now - started)
+                yield ClipOutput(r, _to_uint8(video[0]), new_state, now - started, forwards=blocks * steps)
                 started = now
         self._release(dit)
         del cache

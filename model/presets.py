@@ -12,6 +12,14 @@ CacheMethod = Literal["none", "easycache", "magcache"]
 CACHE_METHODS: tuple[str, ...] = ("none", "easycache", "magcache")
 PRESET_NAMES: tuple[str, ...] = ("exact", "balanced", "fast")
 
+# Distilled mode (model/distilled.py, LiveAvatar): sampling fixed by its distillation, not a preset.
+DISTILLED_STEPS = 4
+"""Euler steps (LiveAvatar's --sample_steps 4)."""
+DISTILLED_SHIFT = 3.0
+"""Its FlowMatchEulerDiscreteScheduler(shift=3), whatever the resolution."""
+DISTILLED_INFER_FRAMES = 48
+"""Frames per clip: 12 latent frames, 4 blocks of 3, also its attention window (--infer_frames 48)."""
+
 
 @dataclass(frozen=True)
 class SpeedConfig:

@@ -8,6 +8,9 @@ batch will use, and writes a JSON document:
   (what the planner then charges for the preset), and the drift from the exact frames: PSNR and SSIM
   over all frames, and the same over the mouth, found by the face detector the normalize stage uses
   (the lower middle of the face box, where lip sync shows);
+- with LiveAvatar's LoRA (`distilled_lora`), distilled mode too: seconds per frame against exact and
+  the drift of its frames from exact's (a different model: the drift says how far from the teacher
+  it lands, not whether it is worse);
 - MagCache's magnitude ratios (mean over tokens of |v_t| / |v_{t-1}| along the exact run, averaged
   over its clips), which the `magcache` cache setting reads; a preset variant with MagCache is
   measured too.
@@ -140,11 +143,14 @@ def calibrate(
     offload: bool | str = False,
     warmup: bool = True,
     progress: Callable[[str], None] | None = None,
+    distilled_lora: str | Path | None = None,
 ) -> dict:
     """Render the reference segment exactly and with each preset; write and return the document.
 
     `pipeline`: an S2VPipeline already loaded (else one is loaded from `checkpoint`). `warmup`: a
-    2-step run first, so torch.compile's compilation is not charged to the exact run."""
+    2-step run first, so torch.compile's compilation is not charged to the exact run.
+    `distilled_lora`: LiveAvatar's LoRA; distilled mode is then rendered too (as many 48-frame clips
+    as cover the segment) and measured per frame against exact (`distilled` in the document)."""
     say = progress or log.info
     if pipeline is None:
         from model.pipeline import S2VPipeline
@@ -205,8 +211,44 @@ def calibrate(
             "forwards_per_clip": _per_clip(c.forwards for c in clips),
             **drift(exact_frames, frames, box),
         }
+    if distilled_lora:
+        say("distilled: LiveAvatar's 4 steps, clips of 48 frames")
+        doc["distilled"] = _distilled(pipeline, distilled_lora, picture, speech, prompt, seed, exact_frames, box)
+        doc["distilled"]["speedup"] = round(_per_frame(exact_clips) / doc["distilled"]["seconds_per_frame"], 3)
     storage.write_text(str(out), json.dumps(doc, indent=1, allow_nan=True) + "\n")
     return doc
+
+
+def _distilled(pipeline, lora, picture, speech, prompt, seed, exact_frames, box) -> dict:
+    """Distilled mode on the same reference (over the pipeline's components), its drift from exact
+    over the frames both cover; the DiT's base weights are given back after."""
+    from model.distilled import DistilledPipeline
+    from model.presets import DISTILLED_INFER_FRAMES
+
+    distilled = DistilledPipeline(
+        pipeline.transformer, pipeline.text_encoder, pipeline.audio_encoder, pipeline.vae,
+        device=pipeline.device, offload=pipeline.offload,
+    )  # fmt: skip
+    num_clips = -(-len(exact_frames) // DISTILLED_INFER_FRAMES)
+    want = round((num_clips * DISTILLED_INFER_FRAMES / FPS) * MODEL_SAMPLE_RATE)
+    speech = np.pad(speech, (0, max(0, want - len(speech))))
+    distilled.use_liveavatar(lora)
+    try:
+        clips = list(distilled.generate_clips(picture, speech, prompt, num_clips=num_clips, seed=seed))
+    finally:
+        pipeline.set_loras([])
+    frames = np.concatenate([c.frames for c in clips])
+    both = min(len(frames), len(exact_frames))
+    return {
+        "seconds_per_frame": _per_frame(clips),
+        "infer_frames": DISTILLED_INFER_FRAMES,
+        "forwards_per_clip": _per_clip(c.forwards for c in clips),
+        **drift(exact_frames[:both], frames[:both], box),
+    }
+
+
+def _per_frame(clips) -> float:
+    return round(sum(c.seconds for c in clips) / max(1, sum(len(c.frames) for c in clips)), 6)
 
 
 def _per_clip(values: Iterable[float]) -> float:
@@ -246,6 +288,12 @@ def report_lines(doc: dict) -> list[str]:
         lines.append(
             f"{name}: {r['speedup']}x faster ({r['seconds_per_clip']:.1f} s per clip, {r['forwards_per_clip']:.0f} "
             f"DiT passes), PSNR {r['psnr']:.1f} dB, SSIM {r['ssim']:.3f}{mouth}"
+        )
+    if d := doc.get("distilled"):
+        mouth = f", mouth PSNR {d['mouth_psnr']:.1f} dB" if d.get("mouth_psnr") is not None else ""
+        lines.append(
+            f"distilled: {d['speedup']}x faster per frame ({d['forwards_per_clip']:.0f} block passes per "
+            f"{d['infer_frames']}-frame clip), PSNR {d['psnr']:.1f} dB, SSIM {d['ssim']:.3f} from exact{mouth}"
         )
     if doc.get("warning"):
         lines.append(doc["warning"])

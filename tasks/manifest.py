@@ -18,9 +18,9 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from model.presets import PRESET_NAMES
+from model.presets import DISTILLED_STEPS, PRESET_NAMES
 from tasks import storage
-from tasks.records import ManifestRow, Resolution, RowIssue
+from tasks.records import MODES, ManifestRow, Resolution, RowIssue
 
 REQUIRED_COLUMNS = ("id", "audio", "image")
 OPTIONAL_COLUMNS = (
@@ -38,6 +38,7 @@ OPTIONAL_COLUMNS = (
     "preset",
     "lora",
     "lora_strength",
+    "mode",
 )
 TEMPLATE_COLUMNS = ("script", "prompt", "negative_prompt")
 TEMPLATE_VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
@@ -121,13 +122,15 @@ def validate_manifest(
     *,
     allowed_roots: list[str] | None = None,
     check_files: bool = True,
+    mode: str = "exact",
 ) -> Validation:
     """Validate every row of the manifest at `uri`.
 
     Relative paths resolve against the manifest's folder. A path must stay inside the
     manifest's folder or one of `allowed_roots`; anything else is refused. With
     `check_files`, referenced files must exist (their content is checked later, by
-    normalization).
+    normalization). `mode`: the batch's (the setting); rows in distilled mode (theirs or a
+    'mode' cell) default to its 4 steps without guidance and refuse what it cannot honour.
     """
     frame = read_manifest(uri)
     base = storage.parent(uri) if storage.is_remote(uri) else str(Path(uri).resolve().parent)
@@ -141,7 +144,7 @@ def validate_manifest(
     checked: list[tuple[int, str | None, dict, list[RowIssue]]] = []
 
     for number, record in enumerate(frame.to_dict(orient="records"), start=1):
-        row_issues, values = _check_row(number, record, base, roots)
+        row_issues, values = _check_row(number, record, base, roots, mode)
         row_id = values["id"]
         if row_id and row_id in seen_ids:
             row_issues.append(
@@ -192,7 +195,9 @@ def validate_manifest(
     return Validation(manifest=uri, rows=rows, issues=issues, total_rows=len(frame), ignored_columns=ignored)
 
 
-def _check_row(number: int, record: dict[str, str], base: str, roots: list[str]) -> tuple[list[RowIssue], dict]:
+def _check_row(
+    number: int, record: dict[str, str], base: str, roots: list[str], batch_mode: str = "exact"
+) -> tuple[list[RowIssue], dict]:
     """Check one row's cells; return its problems and the typed values."""
     row_id = record.get("id") or None
     issues: list[RowIssue] = []
@@ -240,9 +245,16 @@ def _check_row(number: int, record: dict[str, str], base: str, roots: list[str])
         fail("resolution", f"unknown resolution {resolution!r}; use 480p or 720p")
 
     _check_speed_and_lora(record, base, roots, values, fail)
+    mode = (record.get("mode") or "").lower() or None
+    if mode and mode not in MODES:
+        fail("mode", f"unknown mode {record['mode']!r}; use {', '.join(MODES)}")
+    values["mode"] = mode if mode in MODES else None
+    distilled = (values["mode"] or batch_mode) == "distilled"
     values["seed"] = _int_cell(record, "seed", DEFAULT_SEED, 0, 2**32 - 1, fail)
-    values["steps"] = _int_cell(record, "steps", 40, 1, 200, fail)
-    values["guidance"] = _float_cell(record, "guidance", 4.5, 0.0, 30.0, fail)
+    values["steps"] = _int_cell(record, "steps", DISTILLED_STEPS if distilled else 40, 1, 200, fail)
+    values["guidance"] = _float_cell(record, "guidance", 1.0 if distilled else 4.5, 0.0, 30.0, fail)
+    if distilled:
+        _check_distilled(values, fail)
 
     output = record.get("output") or (f"{row_id}.mp4" if row_id else "")
     out_path = PurePosixPath(output.replace("\\", "/"))
@@ -252,6 +264,23 @@ def _check_row(number: int, record: dict[str, str], base: str, roots: list[str])
         fail("output", f"{output!r} must end in .mp4")
     values["output"] = str(out_path)
     return issues, values
+
+
+def _check_distilled(values: dict, fail) -> None:
+    """What a row in distilled mode (LiveAvatar's 4-step model, model/distilled.py) cannot have."""
+    why = "distilled mode"
+    if values["steps"] != DISTILLED_STEPS:
+        fail("steps", f"{why} samples the {DISTILLED_STEPS} steps LiveAvatar was distilled to; leave steps empty")
+    if values["guidance"] > 1.0:
+        fail("guidance", f"{why} has no classifier-free guidance; leave guidance empty")
+    if values.get("negative_prompt"):
+        fail("negative_prompt", f"{why} has no classifier-free guidance, so no negative prompt")
+    if values.get("preset") not in (None, "exact"):
+        fail("preset", f"{why} samples its own 4 steps; speed presets apply to exact mode only")
+    if values.get("lora"):
+        fail("lora", f"{why} runs with LiveAvatar's LoRA only (setting distilled_lora)")
+    if values.get("resolution") == Resolution.P720:
+        fail("resolution", f"{why} at 720p needs a 139 GiB KV cache, more than one GPU holds; use 480p")
 
 
 def _check_speed_and_lora(record: dict[str, str], base: str, roots: list[str], values: dict, fail) -> None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.presets import SpeedConfig
+from model.presets import DISTILLED_INFER_FRAMES, DISTILLED_STEPS, SpeedConfig
 from tasks.records import FPS, INFER_FRAMES, MODEL_SAMPLE_RATE, Plan, Resolution, Segment, WordTiming
 
 PAUSE_CAP_S = 1.5
@@ -83,6 +83,19 @@ DEFAULT_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
     ("H100", Resolution.P720.value): ForwardCost(first_clip_s=11.6, later_clip_s=round(11.6 * 3.27 / 2.975, 2)),
 }
 DEFAULT_OVERHEAD_PER_CLIP_S = 7.0
+
+# Distilled mode (model/distilled.py: LiveAvatar's 4 steps, clips of 48 frames = 4 blocks): a DiT
+# pass is one block-step, 3 latent frames (4,680 tokens at 480p) attending to itself, the 3 blocks
+# before and the 3,874 condition tokens. NOT MEASURED YET (bench/distilled_speed.py measures it):
+# derived from the exact 480p forward above, whose FLOPs are about half matmuls (x 4,680 / 32,760
+# tokens) and half self-attention (x 4,680 x 22,594 / 32,760^2), 2.975 s x 0.12 = 0.36 s, rounded
+# up to 0.45 s for the smaller, less efficient matmuls. Per clip: one VAE decode of 15 latents
+# (the exact figure covers two encodes and a 39-latent decode besides the encoders).
+# 720p is not offered (its KV cache would need 139 GiB).
+DISTILLED_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
+    ("H100", Resolution.P480.value): ForwardCost(first_clip_s=0.45, later_clip_s=0.45),
+}
+DISTILLED_OVERHEAD_PER_CLIP_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,9 @@ class CostModel:
     measured_forwards: float | None = None
     """DiT passes per clip the preset ran in a calibration (replaces the nominal count)."""
     price_per_gpu_hour: float | None = None
+    mode: str = "exact"
+    """'distilled': LiveAvatar's passes (4 steps x 4 blocks a 48-frame clip, no CFG) at their cost
+    (construct with `cost_model(..., mode="distilled")`, which sets its forward and clip costs)."""
 
     def _scale(self) -> float | None:
         """H100 seconds -> seconds on this GPU (None for a GPU of unknown speed)."""
@@ -174,6 +190,8 @@ class CostModel:
 
     def forwards_per_clip(self, steps: int, guidance: float = 4.5) -> float:
         """DiT passes (batch rows) per clip for a row of ``steps`` steps."""
+        if self.mode == "distilled":  # a pass is one block at one step
+            return DISTILLED_STEPS * (DISTILLED_INFER_FRAMES // 12)
         if self.measured_forwards is not None:
             return self.measured_forwards
         passes = self.cfg_passes if guidance > 1.0 else 1
@@ -212,13 +230,20 @@ def cost_model(
     speed: SpeedConfig | None = None,
     preset: str = "exact",
     calibration: dict | None = None,
+    mode: str = "exact",
 ) -> CostModel:
     """The cost model for a batch (or a row) in `preset` with `speed` (its resolved settings): DiT
     passes per clip from the calibration's measurement when it ran this preset with these
-    settings, else the nominal count. Raises ValueError for a GPU outside `GPU_KINDS`."""
+    settings, else the nominal count; in distilled `mode` LiveAvatar's passes and their cost.
+    Raises ValueError for a GPU outside `GPU_KINDS`."""
     kind = gpu_kind(gpu)
     if kind is None:
         raise ValueError(f"GPU kind {gpu!r}: expected one of {', '.join(GPU_KINDS)}")
+    if mode == "distilled":
+        return CostModel(
+            gpu=kind.name, overhead_per_clip_s=DISTILLED_OVERHEAD_PER_CLIP_S, price_per_gpu_hour=price_per_gpu_hour,
+            forward_costs=dict(DISTILLED_FORWARD_COSTS), mode=mode,
+        )  # fmt: skip
     measured = None
     entry = ((calibration or {}).get("presets") or {}).get(preset) or {}
     if speed is not None and entry.get("forwards_per_clip") and entry.get("speed") == speed.to_dict():

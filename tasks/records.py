@@ -18,6 +18,10 @@ MODEL_SAMPLE_RATE = 16_000
 """Sample rate of the audio the S2V audio encoder (wav2vec2) takes."""
 INFER_FRAMES = 80
 """Frames per clip by default (a multiple of 4)."""
+Mode = Literal["exact", "distilled"]
+"""How a row is sampled: 'exact' (the released sampler: UniPC steps with CFG, speed presets) or
+'distilled' (LiveAvatar's 4-step streaming generation with its LoRA, model/distilled.py)."""
+MODES: tuple[str, ...] = Mode.__args__
 
 
 def row_error(row: int, row_id: str | None, where: str, reason: str) -> str:
@@ -62,6 +66,7 @@ class ManifestRow(Record):
     preset: str | None = Field(None, description="speed preset for this row (None: the batch's)")
     lora: list[str] | None = Field(None, description="LoRA files for this row (None: the batch's; []: none)")
     lora_strength: list[float] | None = Field(None, description="one strength, or one per LoRA (None: the batch's)")
+    mode: Mode | None = Field(None, description="'exact' or 'distilled' for this row (None: the batch's)")
 
 
 class RowIssue(Record):
@@ -203,6 +208,8 @@ class SegmentJob(Record):
     preset: str = Field("exact", description="the speed preset the speed options come from")
     speed: dict | None = Field(None, description="speed options (model/presets.py SpeedConfig fields); None: exact")
     loras: list[LoraRef] = Field(default_factory=list, description="LoRAs applied to the DiT for this segment")
+    mode: Mode | None = Field(None, description="'distilled': LiveAvatar's 4-step streaming generation (None: exact)")
+    distilled_lora: str | None = Field(None, description="LiveAvatar's LoRA file (distilled mode; local or s3://)")
 
 
 class ClipResult(Record):

@@ -90,7 +90,8 @@ def job_fingerprint(job: SegmentJob, generator: Generator) -> str:
     clips from another configuration stale too.
     """
     fields = job.model_dump(mode="json", exclude={"image", "audio", "pose_video"})
-    for key, default in (("preset", "exact"), ("speed", None), ("loras", [])):
+    defaults = (("preset", "exact"), ("speed", None), ("loras", []), ("mode", None), ("distilled_lora", None))
+    for key, default in defaults:
         if fields[key] == default:  # exact without LoRAs: the identity clips had before these options existed
             del fields[key]
     fields["inputs"] = {k: _file_digest(getattr(job, k)) for k in ("image", "audio", "pose_video")}

@@ -6,7 +6,9 @@ worker. Each `SegmentJob` maps to one `generate_clips` call: the normalized imag
 cropped to width x height), the segment's 16 kHz WAV, prompt, negative prompt, seed (clip r uses
 seed + r), infer_frames, steps, guidance, the resolution's shift (3 at 480p, 5 at 720p) and the
 job's speed options; its LoRAs are set on the pipeline first (model/lora.py: merged into bf16
-weights and restored exactly when the next job has other LoRAs or none).
+weights and restored exactly when the next job has other LoRAs or none). A job in distilled mode
+goes to `model.distilled.DistilledPipeline` over the same components, with LiveAvatar's LoRA set
+the same way (shift 3, 48-frame clips, no CFG; see docs/distilled.md).
 
 Whole clips: the stage expects `infer_frames` frames from every clip. The reference drops the
 first 3 decoded frames of a segment's first clip, so its first clip shows audio frames 3..F-1;
@@ -26,16 +28,17 @@ import torch
 from PIL import Image
 
 from model.audio_encoder import SAMPLE_RATE
-from model.distilled import DISTILLED_SHIFT, DistilledPipeline
+from model.checkpoint import transformer_config
+from model.distilled import DistilledPipeline, check_liveavatar_lora
+from model.layout import resolve
 from model.pipeline import FIRST_CLIP_DROP, S2VPipeline, prepare_reference
-from model.presets import SpeedConfig
+from model.presets import DISTILLED_SHIFT, SpeedConfig
 from model.sampler import shift_for
 from tasks import storage
 from tasks.generate.base import GeneratedClip
 from tasks.generate.checkpoints import local_checkpoint
-from tasks.records import FPS, SegmentJob
+from tasks.records import FPS, MODES, SegmentJob
 
-MODES = ("exact", "distilled")
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -102,9 +105,11 @@ def read_pose_video(path: str, start_s: float, frames: int, width: int, height: 
 class WanS2VGenerator:
     """Generator protocol implementation for Wan2.2-S2V-14B.
 
-    mode: "exact" (the released sampler: 40 UniPC steps with CFG) or "distilled" (LiveAvatar's
-    4-step streaming generation, `model.distilled`), which needs `distilled_lora`: the path (local
-    or s3://) of LiveAvatar's liveavatar.safetensors, checked before the checkpoint is loaded."""
+    Each job names its mode: "exact" (the released sampler, with the job's speed options and LoRAs)
+    or "distilled" (LiveAvatar's 4-step streaming generation, `model.distilled`, with the job's
+    `distilled_lora`); one worker serves rows of both, the DiT's weights switching exactly
+    (model/lora.py). `mode` / `distilled_lora` here: for jobs that name none, the latter checked
+    before the checkpoint is loaded."""
 
     name = "wan-s2v"
 
@@ -121,15 +126,21 @@ class WanS2VGenerator:
             raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
         if mode == "distilled" and not distilled_lora:
             raise ValueError("mode 'distilled' needs distilled_lora: the path of LiveAvatar's liveavatar.safetensors")
-        self.checkpoint, self.mode = checkpoint, mode
+        self.checkpoint, self.mode, self.distilled_lora = checkpoint, mode, distilled_lora
         folder = local_checkpoint(checkpoint)
-        if mode == "distilled":
-            lora = storage.local_copy(distilled_lora)
-            self.pipeline = DistilledPipeline.from_checkpoint(
-                folder, lora, device=device, dtype=_dtype(dtype), offload=offload
+        if distilled_lora:
+            check_liveavatar_lora(storage.local_copy(distilled_lora), transformer_config(resolve(folder).dit))
+        self.pipeline = S2VPipeline.from_checkpoint(folder, device=device, dtype=_dtype(dtype), offload=offload)
+        self._distilled: DistilledPipeline | None = None
+
+    def distilled_pipeline(self) -> DistilledPipeline:
+        """Distilled mode's pipeline over the same components (built on first use)."""
+        if self._distilled is None:
+            p = self.pipeline
+            self._distilled = DistilledPipeline(
+                p.transformer, p.text_encoder, p.audio_encoder, p.vae, device=p.device, offload=p.offload
             )
-        else:
-            self.pipeline = S2VPipeline.from_checkpoint(folder, device=device, dtype=_dtype(dtype), offload=offload)
+        return self._distilled
 
     def clips(
         self,
@@ -146,25 +157,33 @@ class WanS2VGenerator:
             frames = job.segment.clips * job.infer_frames
             pose = read_pose_video(job.pose_video, job.segment.start_s, frames, job.width, job.height)
         audio = read_segment_audio(job.audio)
-        # the job's LoRAs (none: the base weights, restored exactly after a row that had some)
-        self.pipeline.set_loras([(storage.local_copy(ref.path), ref.strength) for ref in job.loras])
-        on_cuda = self.pipeline.device.type == "cuda"
-        for out in self.pipeline.generate_clips(
-            image,
-            audio,
-            job.prompt,
-            job.negative_prompt,
-            num_clips=job.segment.clips,
-            infer_frames=job.infer_frames,
-            seed=job.segment.seed,
-            steps=job.steps,
-            guidance=job.guidance,
-            shift=DISTILLED_SHIFT if self.mode == "distilled" else shift_for(job.resolution.value),
-            start_clip=start_clip,
-            state=state,
-            pose=pose,
-            speed=SpeedConfig.from_dict(job.speed) if job.speed else None,
-        ):
+        common = {
+            "num_clips": job.segment.clips, "infer_frames": job.infer_frames, "seed": job.segment.seed,
+            "steps": job.steps, "guidance": job.guidance, "start_clip": start_clip, "state": state, "pose": pose,
+        }  # fmt: skip
+        mode = job.mode or self.mode
+        if mode == "distilled":
+            lora = job.distilled_lora or self.distilled_lora
+            if not lora:
+                raise ValueError("a distilled job needs LiveAvatar's LoRA: the job's distilled_lora or the generator's")
+            if job.loras or job.speed:
+                raise ValueError("distilled mode runs LiveAvatar's LoRA and sampling alone: no other LoRA or speed")
+            pipeline = self.distilled_pipeline()
+            pipeline.use_liveavatar(storage.local_copy(lora))
+            outputs = pipeline.generate_clips(
+                image, audio, job.prompt, job.negative_prompt, shift=DISTILLED_SHIFT, **common
+            )
+        else:
+            # the job's LoRAs (none: the base weights, restored exactly after a row that had some)
+            pipeline = self.pipeline
+            pipeline.set_loras([(storage.local_copy(ref.path), ref.strength) for ref in job.loras])
+            speed = SpeedConfig.from_dict(job.speed) if job.speed else None
+            outputs = pipeline.generate_clips(
+                image, audio, job.prompt, job.negative_prompt, shift=shift_for(job.resolution.value), speed=speed,
+                **common,
+            )  # fmt: skip
+        on_cuda = pipeline.device.type == "cuda"
+        for out in outputs:
             frames = out.frames
             if out.index == 0:  # restore whole-clip length and audio alignment (see module doc)
                 frames = np.concatenate([np.repeat(frames[:1], FIRST_CLIP_DROP, axis=0), frames])

@@ -22,7 +22,7 @@ from model.config import S2VConfig
 from model.distilled import DistilledPipeline, check_liveavatar_lora, distilled_schedule, read_liveavatar_lora
 from model.lora import LoraError, load_lora, set_loras
 from model.tiny import write_liveavatar_lora
-from model.transformer import WanS2VTransformer, apply_rope, randomize_, rope_table
+from model.transformer import WanS2VTransformer, apply_rope, audio_injection, randomize_, rope_table
 
 HW = (8, 8)  # latent frames of 8 x 8: 16 tokens a frame, 48 a block (FramePack needs 8 x 8)
 
@@ -136,6 +136,27 @@ def test_the_window_forgets_old_blocks(causal: CausalS2V) -> None:
     two = _stream(causal, inputs, ring_of(2), steps=1)
     two_changed = _stream(causal, inputs, ring_of(2), steps=1, override={(0, 0): other})
     assert not torch.allclose(two[1, 0], two_changed[1, 0])
+
+
+def test_blocks_exact_mode_compiled_run_uncompiled_here(causal: CausalS2V) -> None:
+    # A worker's DiT is compiled for exact mode (the CUDA default); the causal forwards run its blocks
+    # eagerly (traced with per-layer cache hooks they would recompile at every call) and leave the
+    # compiled versions in place for the next exact row.
+    model = causal.model
+    inputs = _inputs(causal.config, blocks=2, seed=8)
+    new_cache = lambda: causal.new_cache(steps=1, window=2, lat_h=HW[0], lat_w=HW[1], device="cpu")  # noqa: E731
+    plain = _stream(causal, inputs, new_cache(), steps=1)
+    model.compile_blocks()
+    try:
+        compiled = [block._compiled_call_impl for block in model.blocks]
+        again = _stream(causal, inputs, new_cache(), steps=1)
+        assert all(torch.equal(again[k], plain[k]) for k in plain)
+        assert [block._compiled_call_impl for block in model.blocks] == compiled and compiled[0] is not None
+        assert model._audio_injection is not audio_injection
+    finally:  # the fixture stays uncompiled for the other tests
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        model._audio_injection = audio_injection
 
 
 def test_reference_rope_moves_ahead_of_the_block() -> None:

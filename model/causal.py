@@ -75,7 +75,7 @@ class StreamCache:
       keys and the values of the last `window` blocks at that step.
 
     At 480x832 (1560 tokens a latent frame), 4 steps and a window of 4 blocks the rings hold
-    4 x 40 x 2 x 18720 x 5120 values: 61 GB in bf16, plus 3 GB for the condition tokens."""
+    4 x 40 x 2 x 18720 x 5120 values, 57 GiB in bf16, and the 3,874 condition tokens 3 GiB more."""
 
     def __init__(
         self,

@@ -11,8 +11,8 @@ as `infinite_inference_single_gpu.sh` runs it):
   packs its last 19 latents); both stay fixed for the whole segment (no motion is re-encoded);
 - one pass over the reference and motion tokens fills the cache's condition keys (`prefill`);
 - clip r (48 frames: 12 latent frames, 4 blocks of 3) draws its noise from `seed + r`; each block
-  is denoised in 4 Euler steps of diffusers' `FlowMatchEulerDiscreteScheduler(shift=3)` (timesteps
-  1000, 750, 500, 250 shifted), reading the block's 12 frames of audio; each step writes the
+  is denoised in 4 Euler steps of diffusers' `FlowMatchEulerDiscreteScheduler(shift=3)` (sigmas
+  1, 0.858, 0.602, 0.009, then 0), reading the block's 12 frames of audio; each step writes the
   block into that step's ring of keys and values, so the next blocks see it (the window is one
   clip: 4 blocks);
 - the reference's RoPE position follows the block at a distance LiveAvatar draws at random per
@@ -25,7 +25,7 @@ re-encoded last 365 frames of the video (92 latents), its real-time path streams
 the whole latent sequence; both differ from this only in how the decoder is warmed up, and would
 cost more than the DiT (or carry the decoder's 2 GB feature caches between clips).
 
-Continuation: the KV cache (at 480p ~64 GB in bf16) is the state a clip hands to the next; far too
+Continuation: the KV cache (60 GiB at 480x832 in bf16) is the state a clip hands to the next; far too
 large to save with each clip. The state saved is small: the clip index and the clip's last block
 of latents. Resuming at clip k re-runs the DiT over clips 0..k-1 without decoding them (their noise,
 reference draws and inputs are all seeded), which rebuilds the cache exactly, and checks the

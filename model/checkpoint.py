@@ -8,11 +8,11 @@ Two layouts are read (auto-detected, see model/README.md for the key mapping):
 - ComfyUI repackaged single files (`wan2.2_s2v_14B_bf16.safetensors`,
   `wan2.2_s2v_14B_fp8_scaled.safetensors`): the same keys, optionally under the prefix
   `model.diffusion_model.`; the fp8 file stores linear weights as float8_e4m3fn with a float32
-  per-tensor scale under `<layer>.scale_weight` (newer files: `<layer>.weight_scale`), plus marker
-  keys (`scaled_fp8`, `<layer>.scale_input`, `<layer>.comfy_quant`) that carry no weights.
+  per-tensor scale (model/comfy.py has the conventions).
 
 Everything is checked before any tensor is read: missing files, unreadable or truncated
-safetensors, and keys or shapes that do not fit the model raise `CheckpointError` naming the file.
+safetensors, a DiT of another Wan model (T2V, I2V: named, with the S2V parts it lacks), and keys
+or shapes that do not fit the model raise `CheckpointError` naming the file.
 The model is built on the meta device and the loaded tensors are assigned in place, so a 14B
 model is never initialised twice. Paths are local (the file names live in model/layout.py).
 """
@@ -30,25 +30,25 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import layout
+from model import comfy, layout
+from model.comfy import FP8_DTYPES, FP8_HEADER_DTYPES, quantize_fp8
 from model.config import S2VConfig
 from model.layout import CheckpointError, detect_layout
+from model.timing import LoadTimings, phase
 from model.transformer import WanS2VTransformer
 
 __all__ = [
     "CheckpointError",
     "Fp8Linear",
+    "fp8_supported",
+    "fp8_unsupported",
     "load_transformer",
     "quantize_linears_fp8",
     "save_official_dit",
     "to_comfyui_state_dict",
 ]
 
-COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-# keys of ComfyUI fp8 files that carry no weights of ours
-_COMFY_MARKERS = (".scale_input", ".input_scale", ".comfy_quant")
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+COMFY_PREFIXES = comfy.DIT_PREFIXES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,11 +93,20 @@ def _keys(path: Path) -> list[str]:
 # fp8
 
 
-def fp8_supported(device: torch.device) -> bool:
+def fp8_supported(device: torch.device | str) -> bool:
     """fp8 matmuls (torch._scaled_mm) need a CUDA GPU of compute capability 8.9 (Ada) or newer."""
+    return fp8_unsupported(device) is None
+
+
+def fp8_unsupported(device: torch.device | str) -> str | None:
+    """Why `device` cannot run fp8 matmuls (None when it can), for messages."""
+    device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+        return f"device {device} is not a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}"
+    return None
 
 
 class Fp8Linear(nn.Module):
@@ -135,18 +144,19 @@ class Fp8Linear(nn.Module):
 
 
 @torch.no_grad()
-def quantize_linears_fp8(model: nn.Module, prefix: str = "blocks.") -> int:
+def quantize_linears_fp8(model: nn.Module, prefix: str = "blocks.", work_device: torch.device | str | None = None) -> int:
     """Replace the nn.Linear layers under `prefix` by Fp8Linear (per-tensor absmax scale), in
     place; an opt-in speed/memory option for fp8 GPUs (about half the bf16 matmul time), at the
-    cost of fp8 rounding of the weights. Returns how many layers were converted."""
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    cost of fp8 rounding of the weights. `work_device` (e.g. the GPU while the weights stay on the
+    CPU for offload) does the arithmetic; the fp8 weights stay where the weights were.
+    Returns how many layers were converted."""
     count = 0
     for name, module in list(model.named_modules()):
         if not name.startswith(prefix) or not isinstance(module, nn.Linear):
             continue
-        weight = module.weight.float()
-        scale = (weight.abs().max() / fp8_max).clamp_min(1e-12)
-        fp8 = Fp8Linear((weight / scale).to(torch.float8_e4m3fn), scale, module.bias)
+        home = module.weight.device
+        weight, scale = quantize_fp8(module.weight.to(work_device or home))
+        fp8 = Fp8Linear(weight.to(home), scale.to(home), module.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, fp8)
         count += 1
@@ -157,28 +167,32 @@ def quantize_linears_fp8(model: nn.Module, prefix: str = "blocks.") -> int:
 # loading
 
 
-def _strip_comfy(key: str) -> str:
-    for prefix in COMFY_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
-
-
 def _comfy_plan(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     """({our key: file key}, {our weight key: file key of its fp8 scale}) of a ComfyUI file."""
     names: dict[str, str] = {}
     scales: dict[str, str] = {}
     for key in _keys(path):
-        ours = _strip_comfy(key)
-        if ours == "scaled_fp8" or ours.endswith(_COMFY_MARKERS):
+        ours = comfy.strip_prefix(key, COMFY_PREFIXES)
+        if comfy.is_marker(ours):
             continue
-        for suffix in _SCALE_SUFFIXES:
-            if ours.endswith(suffix):
-                scales[ours[: -len(suffix)] + ".weight"] = key
-                break
+        if target := comfy.scale_target(ours):
+            scales[target] = key
         else:
             names[ours] = key
     return names, scales
+
+
+def _check_s2v(path: Path) -> None:
+    """CheckpointError when a ComfyUI file is another model's DiT (T2V, I2V, ...), saying what it is."""
+    try:
+        ident = comfy.identify(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
+    if ident.component != "dit" or not ident.fits:
+        raise CheckpointError(
+            f"{path}: {ident.what}; use {layout.COMFY_DIT_BF16} or {layout.COMFY_DIT_FP8} (ComfyUI's Wan2.2-S2V "
+            "files) or the official Wan2.2-S2V-14B folder"
+        )
 
 
 def _infer_comfy_config(path: Path, names: dict[str, str]) -> S2VConfig:
@@ -206,6 +220,12 @@ def _verify(model_sd: dict[str, torch.Tensor], shapes: dict[str, tuple], files: 
         for k in model_sd
         if k in shapes and tuple(shapes[k]) != tuple(model_sd[k].shape)
     ]
+    lacking = [k.split(".")[0] + ".*" for k in comfy.S2V_DIT_KEYS if k in model_sd and k not in shapes]
+    if lacking and len(lacking) == len(comfy.S2V_DIT_KEYS):
+        raise CheckpointError(
+            f"{where}: a Wan DiT without the S2V parts (no {', '.join(lacking)}): another Wan model (T2V, I2V?); "
+            f"use the official Wan2.2-S2V-14B folder or {layout.COMFY_DIT_BF16}"
+        )
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -255,6 +275,8 @@ def load_transformer(
     dtype: torch.dtype = torch.bfloat16,
     config: S2VConfig | None = None,
     fp8: Literal["keep", "dequantize"] = "keep",
+    fp8_device: str | torch.device | None = None,
+    timings: LoadTimings | None = None,
 ) -> WanS2VTransformer:
     """Load the S2V transformer from a local official folder or ComfyUI file.
 
@@ -263,56 +285,61 @@ def load_transformer(
     fp8: for fp8 ComfyUI files: "keep" keeps the linear weights in fp8 for fp8 matmuls and needs
     a GPU with fp8 support (compute capability 8.9+; otherwise CheckpointError before any
     generation); "dequantize" multiplies them by their scales into `dtype` on any device.
+    fp8_device: where the fp8 matmuls will run (default `device`; the GPU when the weights are
+    loaded to the CPU for offload).
     Returns the model in eval mode with gradients off, on `device`.
     """
     device = torch.device(device)
     path = Path(path)
     keymap: dict[str, str] | None = None
     scales: dict[str, str] = {}
-    if detect_layout(path) == "official":
-        file_config, files = _official_files(path if path.is_dir() else path.parent)
-        config = config or file_config
-    else:
-        files = [path if path.is_file() else next(path.glob("*.safetensors"))]
-        keymap, scales = _comfy_plan(files[0])
-        config = config or _infer_comfy_config(files[0], keymap)
+    with phase(timings, "build"):
+        if detect_layout(path) == "official":
+            file_config, files = _official_files(path if path.is_dir() else path.parent)
+            config = config or file_config
+        else:
+            files = [path if path.is_file() else next(path.glob("*.safetensors"))]
+            _check_s2v(files[0])
+            keymap, scales = _comfy_plan(files[0])
+            config = config or _infer_comfy_config(files[0], keymap)
 
-    with torch.device("meta"):
-        model = WanS2VTransformer(config)
-    model_sd = model.state_dict()
-    shapes = _shapes(files, keymap)
-    _verify(model_sd, shapes, files)
+        with torch.device("meta"):
+            model = WanS2VTransformer(config)
+        model_sd = model.state_dict()
+        shapes = _shapes(files, keymap)
+        _verify(model_sd, shapes, files)
 
-    fp8_keys: set[str] = set()
-    if keymap is not None:
-        with safe_open(str(files[0]), framework="pt") as f:
-            fp8_keys = {k for k, theirs in keymap.items() if f.get_slice(theirs).get_dtype() in ("F8_E4M3", "F8_E5M2")}
-    keep_fp8 = bool(fp8_keys) and fp8 == "keep"
-    if keep_fp8 and not fp8_supported(device):
-        raise CheckpointError(
-            f"{files[0]}: stores {len(fp8_keys)} weights as fp8, but device {device} has no fp8 support "
-            "(needs a CUDA GPU of compute capability 8.9+, e.g. L40S, H100); load the bf16 file, or pass "
-            "fp8='dequantize' to expand the fp8 weights to bf16 on load"
-        )
+        fp8_keys: set[str] = set()
+        if keymap is not None:
+            with safe_open(str(files[0]), framework="pt") as f:
+                fp8_keys = {k for k, theirs in keymap.items() if f.get_slice(theirs).get_dtype() in FP8_HEADER_DTYPES}
+        keep_fp8 = bool(fp8_keys) and fp8 == "keep"
+        if keep_fp8 and (why := fp8_unsupported(fp8_device or device)):
+            raise CheckpointError(
+                f"{files[0]}: stores {len(fp8_keys)} weights as fp8, but {why}: fp8 matmuls need a CUDA GPU of "
+                "compute capability 8.9+ (L40S, H100, ...); use precision bf16 (the fp8 weights are then expanded "
+                "to bf16 on load, fp8='dequantize') or the bf16 file"
+            )
 
-    scale_values: dict[str, torch.Tensor] = {}
-    if scales:
-        with safe_open(str(files[0]), framework="pt") as f:
-            scale_values = {k: f.get_tensor(v).float() for k, v in scales.items()}
-
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in _read(files, keymap, device):
-        if key in fp8_keys:
-            scale = scale_values.get(key, torch.ones(())).to(device)
-            if keep_fp8 and _is_linear_weight(model, key):
-                state[key] = tensor
-                state[key[: -len("weight")] + "scale_weight"] = scale
-                continue
-            tensor = tensor.float() * scale
-        state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    if keep_fp8:
-        _install_fp8_linears(model, state)
-    model.load_state_dict(state, strict=True, assign=True)
+    with phase(timings, "read", device):
+        scale_values: dict[str, torch.Tensor] = {}
+        if scales:
+            with safe_open(str(files[0]), framework="pt") as f:
+                scale_values = {k: f.get_tensor(v).float() for k, v in scales.items()}
+        state: dict[str, torch.Tensor] = {}
+        for key, tensor in _read(files, keymap, device):
+            if key in fp8_keys:
+                scale = scale_values.get(key, torch.ones(())).to(device)
+                if keep_fp8 and _is_linear_weight(model, key):
+                    state[key] = tensor
+                    state[key[: -len("weight")] + "scale_weight"] = scale
+                    continue
+                tensor = tensor.float() * scale
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    with phase(timings, "build", device):
+        if keep_fp8:
+            _install_fp8_linears(model, state)
+        model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -383,16 +410,13 @@ def to_comfyui_state_dict(
     `scale_weight` (absmax / 448) and the `scaled_fp8` marker, like ComfyUI's `*_fp8_scaled` files.
     """
     out: dict[str, torch.Tensor] = {}
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().to("cpu").contiguous()
         module_name = key.rpartition(".")[0]
         if fp8 and key.startswith("blocks.") and _is_linear_weight(model, key):
-            scale = (tensor.float().abs().max() / fp8_max).clamp_min(1e-12)
-            out[prefix + key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
-            out[prefix + module_name + ".scale_weight"] = scale.reshape(())
+            out[prefix + key], out[prefix + module_name + ".scale_weight"] = quantize_fp8(tensor)
         else:
             out[prefix + key] = tensor
     if fp8:
-        out[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+        out[prefix + comfy.SCALED_FP8] = torch.empty(0, dtype=torch.float8_e4m3fn)
     return out

@@ -128,8 +128,11 @@ class AudioEncoder:
         with phase(timings, "build", device):
             try:
                 shapes = {k: tuple(v.shape) for k, v in state.items()}
-                config = (Wav2Vec2Config.from_pretrained(str(config_dir), local_files_only=True)
-                          if config_dir and (config_dir / "config.json").is_file() else wav2vec2_config(shapes))  # fmt: skip
+                config = (
+                    Wav2Vec2Config.from_pretrained(str(config_dir), local_files_only=True)
+                    if config_dir and (config_dir / "config.json").is_file()
+                    else wav2vec2_config(shapes)
+                )
                 extractor = (
                     Wav2Vec2FeatureExtractor.from_pretrained(str(config_dir), local_files_only=True)
                     if config_dir and (config_dir / "preprocessor_config.json").is_file()

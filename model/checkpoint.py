@@ -20,7 +20,9 @@ model is never initialised twice. Paths are local (the file names live in model/
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+import struct
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from model import comfy, layout
 from model.comfy import FP8_DTYPES, FP8_HEADER_DTYPES, quantize_fp8
@@ -46,9 +47,12 @@ __all__ = [
     "quantize_linears_fp8",
     "save_official_dit",
     "to_comfyui_state_dict",
+    "write_safetensors",
+    "write_sharded",
 ]
 
 COMFY_PREFIXES = comfy.DIT_PREFIXES
+COMFY_CONFIG_KEY = "config"  # safetensors metadata: an S2VConfig as JSON (files of other sizes than 14B)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +148,9 @@ class Fp8Linear(nn.Module):
 
 
 @torch.no_grad()
-def quantize_linears_fp8(model: nn.Module, prefix: str = "blocks.", work_device: torch.device | str | None = None) -> int:
+def quantize_linears_fp8(
+    model: nn.Module, prefix: str = "blocks.", work_device: torch.device | str | None = None
+) -> int:
     """Replace the nn.Linear layers under `prefix` by Fp8Linear (per-tensor absmax scale), in
     place; an opt-in speed/memory option for fp8 GPUs (about half the bf16 matmul time), at the
     cost of fp8 rounding of the weights. `work_device` (e.g. the GPU while the weights stay on the
@@ -196,10 +202,17 @@ def _check_s2v(path: Path) -> None:
 
 
 def _infer_comfy_config(path: Path, names: dict[str, str]) -> S2VConfig:
-    """The config of a ComfyUI file (which carries none): the released 14B when its shapes are
+    """The config of a ComfyUI file, which carries none: the one in its safetensors metadata
+    (`config`, written by model.tiny for test files), else the released 14B when its shapes are
     the 14B's; otherwise the caller must pass `config=`."""
     with safe_open(str(path), framework="pt") as f:
         shape = f.get_slice(names["patch_embedding.weight"]).get_shape() if "patch_embedding.weight" in names else None
+        meta = f.metadata() or {}
+    if COMFY_CONFIG_KEY in meta:
+        try:
+            return S2VConfig.from_dict(json.loads(meta[COMFY_CONFIG_KEY]))
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: the config in its metadata is not an S2V config ({exc})") from exc
     layers = {int(k.split(".")[1]) for k in names if k.startswith("blocks.")}
     ref = S2VConfig.wan_14b()
     if shape is not None and shape[0] == ref.dim and len(layers) == ref.num_layers:
@@ -369,35 +382,82 @@ def save_official_dit(model: WanS2VTransformer, folder: str | Path, max_shard_by
     (`diffusion_pytorch_model-0000K-of-0000N.safetensors` + index; one shard is written as
     `diffusion_pytorch_model.safetensors` without index). Returns the files written."""
     folder = Path(folder)
+    state = model.state_dict()
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    written = write_sharded(folder, entries, iter(state.values()), max_shard_bytes)
+    model.config.to_json(folder / layout.DIT_CONFIG)
+    return [*written, folder / layout.DIT_CONFIG]
+
+
+# safetensors' dtype names
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64"}  # fmt: skip
+
+
+def write_safetensors(
+    path: Path,
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterator[torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """A safetensors file of `entries` (name, shape, dtype), the data taken from `tensors` in the
+    same order and written as it comes. Written by hand because safetensors' own writers take
+    every tensor in host memory at once (a 32 GB DiT file); the format is an 8-byte header length,
+    the JSON header (space-padded to 8 bytes), then the tensors' bytes back to back. The file is
+    written as `.<name>.part` and renamed when complete."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    part = path.parent / f".{path.name}.part"
+    with open(part, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for (name, shape, dtype), tensor in zip(entries, tensors, strict=True):
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: expected {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+            if tensor.numel():
+                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+    return part.replace(path)
+
+
+def write_sharded(
+    folder: Path,
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterator[torch.Tensor],
+    max_shard_bytes: int,
+) -> list[Path]:
+    """The official DiT's weight files: `diffusion_pytorch_model-0000K-of-0000N.safetensors` of at
+    most `max_shard_bytes` each and their index, or one `diffusion_pytorch_model.safetensors`."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list] = [[]]
     size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensor
+        shards[-1].append((name, shape, dtype))
         size += nbytes
-    written = []
     if len(shards) == 1:
         names = [layout.DIT_SINGLE]
     else:
         names = [f"{layout.DIT_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    written = []
     for name, shard in zip(names, shards, strict=True):
-        part = folder / f".{name}.part"  # renamed when complete: no half-written shard under its name
-        save_file(shard, str(part), metadata={"format": "pt"})
-        written.append(part.replace(folder / name))
+        values = (next(tensors) for _ in shard)
+        written.append(write_safetensors(folder / name, shard, values, {"format": "pt"}))
     if len(shards) > 1:
+        total = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, s, d in entries)
         index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: name for name, shard in zip(names, shards, strict=True) for k in shard},
+            "metadata": {"total_size": total},
+            "weight_map": {entry[0]: name for name, shard in zip(names, shards, strict=True) for entry in shard},
         }
         (folder / layout.DIT_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         written.append(folder / layout.DIT_INDEX)
-    model.config.to_json(folder / layout.DIT_CONFIG)
-    written.append(folder / layout.DIT_CONFIG)
     return written
 
 

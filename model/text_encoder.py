@@ -142,7 +142,7 @@ def load_t5_state(path: Path, device: torch.device | str = "cpu", dtype: torch.d
             try:
                 return hf_to_wan_t5(hf)
             except KeyError as exc:
-                raise CheckpointError(f"{path}: unexpected key {exc} for a umT5 encoder in transformers' names") from None
+                raise CheckpointError(f"{path}: unexpected key {exc} for a umT5 encoder") from None
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except CheckpointError:
         raise
@@ -202,7 +202,7 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, source: Path, vocab_rows: int, checkpoint: Path) -> None:
     """CheckpointError unless the tokenizer's ids fit the encoder's embedding (same model family)."""
-    fix = "use umT5's tokenizer (google/umt5-xxl/ from the official Wan2.2-S2V-14B folder, or the one in ComfyUI's umT5 file)"
+    fix = "use umT5's tokenizer: google/umt5-xxl/ of the official Wan2.2-S2V-14B folder, or ComfyUI's umT5 file"
     if len(tokenizer) > vocab_rows:
         raise CheckpointError(
             f"{source}: the tokenizer has {len(tokenizer)} tokens but the text encoder {checkpoint.name} embeds "

@@ -170,16 +170,15 @@ def _choose(sources: list[_Source], precision: str | None) -> tuple[CheckpointFi
     official = [s.folder for s in sources if s.folder is not None]
 
     dits: list[tuple[int, int, Path, bool]] = []  # (preference, source, path, fp8)
-    for n, folder in enumerate(official):
+    for n, folder in ((n, s.folder) for n, s in enumerate(sources) if s.folder is not None):
         if (folder / DIT_CONFIG).is_file() or any(folder.glob(f"{DIT_STEM}*.safetensors*")):
             if lacking := dit_missing(folder):  # an official DiT partly there is a broken download
                 missing.append(f"{', '.join(lacking)} in {folder}")
             else:
-                dits.append((0 if precision != "fp8" else 1, n, folder, False))
+                dits.append((int(precision == "fp8"), n, folder, False))
     for n, source in enumerate(sources):
-        for path, ident in source.fitting("dit"):
-            rank = (0 if ident.fp8 else 1) if precision == "fp8" else (2 if ident.fp8 else 1)
-            dits.append((rank, n, path, ident.fp8))
+        for path, ident in source.fitting("dit"):  # the precision asked for first, then the source order
+            dits.append((int(ident.fp8 != (precision == "fp8")), n, path, ident.fp8))
     dits.sort(key=lambda d: d[:2])
     if not dits and not missing:
         missing.append(_WANTED["dit"])
@@ -240,6 +239,16 @@ def _checked(files: CheckpointFiles) -> CheckpointFiles:
     for path in paths:
         check_complete(path)
     return files
+
+
+def mirrored(rel: str) -> bool:
+    """Whether a mirror of a remote checkpoint folder copies the file at `rel` (a path inside it):
+    the official layout's files, and ComfyUI's files by name, flat or in ComfyUI's model folders
+    (other files of a ComfyUI tree are not copied: renamed files are found only locally)."""
+    if rel.startswith(OFFICIAL_PATHS):
+        return True
+    folder, _, name = rel.rpartition("/")
+    return name in COMFY_FILES and folder.removeprefix("models/").removeprefix("models") in ("", *_COMFY_SUBDIRS)
 
 
 def check_complete(path: Path) -> None:

@@ -293,14 +293,15 @@ class S2VPipeline:
             vae.enable_tiling()
         batch = (mode == "none") if cfg_batch is None else cfg_batch
         compile_dit = device.type == "cuda" if compile_dit is None else compile_dit
-        with timings.component("setup", device), timings.phase("to_device", device):
-            pipe = cls(
-                transformer, text_encoder, audio_encoder, vae,
-                device=device, offload=mode, cfg_batch=batch, compile_dit=compile_dit,
-            )  # fmt: skip
-            if attention == "auto":
-                attention = "sdpa" if fa4_unavailable(device) else "fa4"
-            transformer.set_attention(attention, device)
+        with timings.component("setup", device):
+            with timings.phase("to_device", device):
+                pipe = cls(transformer, text_encoder, audio_encoder, vae, device=device, offload=mode, cfg_batch=batch)
+            with timings.phase("build"):  # compiles lazily, at the first forward (timed by the caller)
+                if compile_dit:
+                    transformer.compile_blocks(dynamic=False)
+                if attention == "auto":
+                    attention = "sdpa" if fa4_unavailable(device) else "fa4"
+                transformer.set_attention(attention, device)
         timings.total_s = time.perf_counter() - started
         pipe.files, pipe.load_timings = files, timings
         log.info(

@@ -192,7 +192,7 @@ def estimate_bytes(
     """Bytes of tensor data per component that `write_random_checkpoint` would write (headers,
     configs and the tokenizer, a few MB, not counted)."""
     sizes = sizes or Sizes.full()
-    t5 = UMT5Config(**_t5_keywords(sizes, 160))
+    t5 = UMT5Config(**_t5_keywords(sizes, len(_tokenizer_vocab()) if sizes.t5["vocab_size"] is None else 0))
     dit = _dit_shapes(sizes.dit)
     linears = _linear_weights(sizes.dit)
     t5_shapes = _t5_shapes(t5)

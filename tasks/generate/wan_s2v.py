@@ -15,7 +15,7 @@ on the audio frame it was generated for (frame k <-> audio k / 16 s), at the cos
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import av
 import numpy as np
@@ -100,14 +100,29 @@ class WanS2VGenerator:
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: str | Sequence[str],
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         offload: bool = False,
+        precision: str | None = None,
+        compile_cache_dir: str | None = None,
     ):
+        """checkpoint: a folder or file (local or s3://), or several, each component taken from the
+        first that has it (official folders, ComfyUI files: model.layout.resolve). precision:
+        "bf16" | "fp8" | None (fp8 for a scaled-fp8 ComfyUI DiT, else bf16); fp8 is refused before
+        loading on a device without fp8 matmuls. compile_cache_dir: a folder where compiled kernels
+        are kept for the next worker on the host."""
         self.checkpoint = checkpoint
-        folder = local_checkpoint(checkpoint)
-        self.pipeline = S2VPipeline.from_checkpoint(folder, device=device, dtype=_dtype(dtype), offload=offload)
+        sources = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+        local = [local_checkpoint(uri) for uri in sources]
+        self.pipeline = S2VPipeline.from_checkpoint(
+            local, device=device, dtype=_dtype(dtype), offload=offload, precision=precision,
+            compile_cache_dir=compile_cache_dir,
+        )  # fmt: skip
+        pipe = self.pipeline
+        # what the clips depend on besides the job: clips made at another precision or from other
+        # weight files are not reused (stage.job_fingerprint)
+        self.fingerprint = f"precision={pipe.precision} dtype={pipe.dtype} {pipe.files.describe()}"
 
     def clips(
         self,

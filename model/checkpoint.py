@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -354,6 +354,19 @@ def load_transformer(
             _install_fp8_linears(model, state)
         model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def build_on_meta(make: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: Path, what: str) -> nn.Module:
+    """The module `make()` builds, on the meta device, with `state` assigned in place (strict): no
+    random initialisation and no second copy of the weights. CheckpointError naming `source` when
+    the keys or shapes do not fit."""
+    with torch.device("meta"):
+        model = make()
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: does not match {what}: {exc}") from exc
+    return model
 
 
 def _is_linear_weight(model: nn.Module, key: str) -> bool:

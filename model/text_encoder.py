@@ -44,6 +44,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer, UM
 from transformers.convert_slow_tokenizer import import_protobuf
 
 from model import comfy
+from model.checkpoint import build_on_meta
 from model.layout import CheckpointError
 from model.timing import LoadTimings, phase
 
@@ -266,12 +267,7 @@ class TextEncoder:
                 hf_state = wan_to_hf_t5(state)
             except KeyError as exc:
                 raise CheckpointError(f"{checkpoint}: unexpected key {exc} for a Wan umt5 encoder") from exc
-            with torch.device("meta"):
-                model = UMT5EncoderModel(config)
-            try:
-                model.load_state_dict(hf_state, strict=True, assign=True)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{checkpoint}: does not match a umt5 encoder: {exc}") from exc
+            model = build_on_meta(lambda: UMT5EncoderModel(config), hf_state, checkpoint, "a umt5 encoder")
             # One embedding, as in the checkpoint: without the tie `.to()` makes two 2 GiB copies.
             model.encoder.embed_tokens = model.shared
         with phase(timings, "read", device):  # the memory-mapped .pth is read here

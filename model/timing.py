@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -23,25 +23,14 @@ class LoadTimings:
     total_s: float = 0.0
     components: dict[str, float] = field(default_factory=dict)  # wall seconds per component
 
-    @contextmanager
-    def phase(self, kind: str, device: torch.device | str | None = None) -> Iterator[None]:
+    def phase(self, kind: str, device: torch.device | str | None = None) -> AbstractContextManager:
         """Add the block's wall time to `<kind>_s` (check, read, build, to_device)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            _sync(device)
-            attr = f"{kind}_s"
-            setattr(self, attr, getattr(self, attr) + time.perf_counter() - start)
+        attr = f"{kind}_s"
+        return _timed(device, lambda s: setattr(self, attr, getattr(self, attr) + s))
 
-    @contextmanager
-    def component(self, name: str, device: torch.device | str | None = None) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            _sync(device)
-            self.components[name] = self.components.get(name, 0.0) + time.perf_counter() - start
+    def component(self, name: str, device: torch.device | str | None = None) -> AbstractContextManager:
+        """Add the block's wall time to `components[name]`."""
+        return _timed(device, lambda s: self.components.__setitem__(name, self.components.get(name, 0.0) + s))
 
     def as_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else {n: round(s, 3) for n, s in v.items()}
@@ -51,6 +40,16 @@ class LoadTimings:
 def phase(timings: LoadTimings | None, kind: str, device: torch.device | str | None = None) -> AbstractContextManager:
     """`timings.phase(kind, device)`, or a no-op without timings."""
     return timings.phase(kind, device) if timings is not None else nullcontext()
+
+
+@contextmanager
+def _timed(device: torch.device | str | None, add: Callable[[float], None]) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _sync(device)
+        add(time.perf_counter() - start)
 
 
 def _sync(device: torch.device | str | None) -> None:

@@ -28,6 +28,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 
+from model.checkpoint import build_on_meta
 from model.layout import CheckpointError
 from model.timing import LoadTimings, phase
 
@@ -204,12 +205,7 @@ class WanVAE:
                 converted = wan_to_diffusers_vae(state)
             except KeyError as exc:
                 raise CheckpointError(f"{path}: unexpected key {exc} for a Wan2.1 VAE") from exc
-            with torch.device("meta"):
-                model = AutoencoderKLWan(**config)
-            try:
-                model.load_state_dict(converted, strict=True, assign=True)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{path}: does not match a Wan2.1 VAE: {exc}") from exc
+            model = build_on_meta(lambda: AutoencoderKLWan(**config), converted, path, "a Wan2.1 VAE")
         with phase(timings, "to_device", device):
             return cls(model, device)
 

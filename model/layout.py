@@ -123,9 +123,15 @@ def resolve(checkpoint: str | Path | Sequence[str | Path], precision: str | None
         ):
             check_layout(only.folder)  # an official folder: the message naming every file it lacks
         where = ", ".join(str(s.folder or next(iter(s.comfy))) for s in sources)
-        others = [f"{p.name} is {i.what}" for s in sources for p, i in s.comfy.items() if not i.fits]
+        lacking = {component for component, _ in missing}
+        others = [  # files of the kinds that are missing, and files given by name, that do not fit
+            f"{p.name} is {i.what}"
+            for s in sources
+            for p, i in s.comfy.items()
+            if not i.fits and (i.component in lacking or s.folder is None)
+        ]
         found = f" (found: {'; '.join(others)})" if others else ""
-        raise CheckpointError(f"checkpoint {where} lacks {'; '.join(missing)}{found}")
+        raise CheckpointError(f"checkpoint {where} lacks {'; '.join(text for _, text in missing)}{found}")
     return _checked(files)
 
 
@@ -163,17 +169,19 @@ def _identify(path: Path) -> comfy.Identity:
                               "download it again") from exc  # fmt: skip
 
 
-def _choose(sources: list[_Source], precision: str | None) -> tuple[CheckpointFiles | None, list[str]]:
+def _choose(
+    sources: list[_Source], precision: str | None
+) -> tuple[CheckpointFiles | None, list[tuple[str, str]]]:
     """Each component from the first source that has it (the DiT: by precision, then source);
-    or None and what is missing, each with where it may come from."""
-    missing: list[str] = []
+    or None and what is missing: (component, what it is and where it may come from)."""
+    missing: list[tuple[str, str]] = []
     official = [s.folder for s in sources if s.folder is not None]
 
     dits: list[tuple[int, int, Path, bool]] = []  # (preference, source, path, fp8)
     for n, folder in ((n, s.folder) for n, s in enumerate(sources) if s.folder is not None):
         if (folder / DIT_CONFIG).is_file() or any(folder.glob(f"{DIT_STEM}*.safetensors*")):
             if lacking := dit_missing(folder):  # an official DiT partly there is a broken download
-                missing.append(f"{', '.join(lacking)} in {folder}")
+                missing.append(("dit", f"{', '.join(lacking)} in {folder}"))
             else:
                 dits.append((int(precision == "fp8"), n, folder, False))
     for n, source in enumerate(sources):
@@ -181,7 +189,7 @@ def _choose(sources: list[_Source], precision: str | None) -> tuple[CheckpointFi
             dits.append((int(ident.fp8 != (precision == "fp8")), n, path, ident.fp8))
     dits.sort(key=lambda d: d[:2])
     if not dits and not missing:
-        missing.append(_WANTED["dit"])
+        missing.append(("dit", _WANTED["dit"]))
 
     def first(component: str, official_path: str, complete=Path.is_file) -> Path | None:
         for source in sources:
@@ -189,7 +197,7 @@ def _choose(sources: list[_Source], precision: str | None) -> tuple[CheckpointFi
                 return source.folder / official_path
             if fits := source.fitting(component):
                 return min(fits, key=lambda f: (f[0].name not in COMFY_FILES, f[0].name))[0]
-        missing.append(_WANTED[component])
+        missing.append((component, _WANTED[component]))
         return None
 
     text_encoder = first("text_encoder", T5_CHECKPOINT)
@@ -202,7 +210,7 @@ def _choose(sources: list[_Source], precision: str | None) -> tuple[CheckpointFi
         tokenizer = embedding[0] if embedding else None
         if tokenizer is None and text_encoder is not None:
             embeds = f"; {text_encoder.name} embeds none" if text_encoder.suffix == ".safetensors" else ""
-            missing.append(_WANTED["tokenizer"] + embeds)
+            missing.append(("tokenizer", _WANTED["tokenizer"] + embeds))
     audio_config = next((f / WAV2VEC_DIR for f in official if (f / WAV2VEC_DIR / "config.json").is_file()), None)
     if missing:
         return None, missing

@@ -258,8 +258,9 @@ class TextEncoder:
             check_tokenizer(tok, tokenizer_src, _embedding_rows(checkpoint), checkpoint)
             with phase(timings, "read", device):
                 state = load_t5_state(checkpoint, device, dtype)
-        else:  # memory-mapped: nothing is read before the model moves to the device
-            state = load_t5_state(checkpoint)
+        else:  # memory-mapped: little is read before the model moves to the device
+            with phase(timings, "read"):
+                state = load_t5_state(checkpoint)
             check_tokenizer(tok, tokenizer_src, int(state["token_embedding.weight"].shape[0]), checkpoint)
         with phase(timings, "build", device):
             try:

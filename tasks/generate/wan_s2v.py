@@ -1,8 +1,9 @@
 """The `wan-s2v` backend: Wan2.2-S2V-14B through our `model.pipeline.S2VPipeline`.
 
-The pipeline is loaded once per process (minutes for the 14B checkpoint; an s3:// checkpoint is
-first mirrored locally by `tasks.generate.checkpoints`) and serves every segment routed to this
-worker. Each `SegmentJob` maps to one `generate_clips` call: the normalized image (already
+The pipeline is loaded once per process from an official folder or ComfyUI's files (an s3://
+checkpoint is first mirrored locally by `tasks.generate.checkpoints`; `model.layout.resolve` says
+which file gives each component) at the chosen precision, and serves every segment routed to this
+worker; `self.pipeline.load_timings` says where the loading time went. Each `SegmentJob` maps to one `generate_clips` call: the normalized image (already
 cropped to width x height), the segment's 16 kHz WAV, prompt, negative prompt, seed (clip r uses
 seed + r), infer_frames, steps, guidance and the resolution's shift (3 at 480p, 5 at 720p).
 

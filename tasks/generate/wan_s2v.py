@@ -3,9 +3,10 @@
 The pipeline is loaded once per process from an official folder or ComfyUI's files (an s3://
 checkpoint is first mirrored locally by `tasks.generate.checkpoints`; `model.layout.resolve` says
 which file gives each component) at the chosen precision, and serves every segment routed to this
-worker; `self.pipeline.load_timings` says where the loading time went. Each `SegmentJob` maps to one `generate_clips` call: the normalized image (already
-cropped to width x height), the segment's 16 kHz WAV, prompt, negative prompt, seed (clip r uses
-seed + r), infer_frames, steps, guidance and the resolution's shift (3 at 480p, 5 at 720p).
+worker; `self.pipeline.load_timings` says where the loading time went. Each `SegmentJob` maps to
+one `generate_clips` call: the normalized image (already cropped to width x height), the
+segment's 16 kHz WAV, prompt, negative prompt, seed (clip r uses seed + r), infer_frames, steps,
+guidance and the resolution's shift (3 at 480p, 5 at 720p).
 
 Whole clips: the stage expects `infer_frames` frames from every clip. The reference drops the
 first 3 decoded frames of a segment's first clip, so its first clip shows audio frames 3..F-1;

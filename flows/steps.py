@@ -7,22 +7,24 @@ the row's work folder); the stages themselves live in `tasks/`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from flows.settings import BatchSettings
+from flows.settings import BatchSettings, SettingsError
+from model.presets import SpeedConfig, preset
 from tasks import captions, layout, normalize, plan, speech, stitch, storage
+from tasks.calibrate import read_calibration
 from tasks.generate import stage as generate_stage
-from tasks.generate.backends import load_generator
+from tasks.generate.backends import build_generator
 from tasks.generate.base import Generator
 from tasks.records import (
     MODEL_SAMPLE_RATE,
     ClipResult,
     Cue,
+    LoraRef,
     ManifestRow,
     NormalizedAssets,
     Plan,
@@ -38,32 +40,33 @@ from tasks.speech import language
 def normalize_step(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> NormalizedAssets:
     """Fetch the row's inputs and normalize them; reuse the result while inputs and options are unchanged."""
     key = layout.row_fingerprint(row, {"pad_s": settings.pad_s, "max_audio_s": settings.max_audio_s})
-    cached = row_dir / "assets.json"
-    if cached.exists():
-        data = json.loads(cached.read_text())
-        if data.get("key") == key and all(Path(data["assets"][f]).exists() for f in ("audio_16k", "image")):
-            return NormalizedAssets.model_validate(data["assets"])
-    audio = fetch_input(row.audio, "audio")
-    image = fetch_input(row.image, "image")
-    assets = normalize.normalize_row(
-        row, row_dir, audio_path=audio, image_path=image, pad_s=settings.pad_s, max_duration_s=settings.max_audio_s
+
+    def compute() -> NormalizedAssets:
+        audio, image = fetch_input(row.audio, "audio"), fetch_input(row.image, "image")
+        return normalize.normalize_row(row, row_dir, audio_path=audio, image_path=image, pad_s=settings.pad_s,
+                                       max_duration_s=settings.max_audio_s)
+
+    return storage.cached_json(
+        layout.RowPaths(row_dir).assets_json, key, NormalizedAssets, compute, field="assets",
+        valid=lambda assets: Path(assets.audio_16k).exists() and Path(assets.image).exists(),
     )
-    with storage.atomic_local(cached) as tmp:
-        tmp.write_text(json.dumps({"key": key, "assets": assets.model_dump(mode="json")}))
-    return assets
 
 
 def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
     """Align the script to the audio and check languages; cached beside the normalized audio."""
-    cached = Path(assets.audio_16k).with_name("speech.json")
     model = speech.resolve_alignment_model(settings.alignment_model, settings.checkpoint, row.language)
     key = f"{assets.audio_qc.model_dump_json()}|{assets.script}|{row.language}|{settings.language_policy}|{model}"
     if settings.whisper_model:
         key += f"|whisper={settings.whisper_model}"
-    if cached.exists():
-        data = json.loads(cached.read_text())
-        if data.get("key") == key:
-            return SpeechAnalysis.model_validate(data["analysis"])
+    return storage.cached_json(
+        layout.RowPaths.for_assets(assets).speech_json, key, SpeechAnalysis,
+        lambda: _analyse_speech(row, assets, settings, model), field="analysis",
+    )
+
+
+def _analyse_speech(
+    row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings, model: str | None
+) -> SpeechAnalysis:
     audio, rate = sf.read(assets.audio_16k, dtype="float32")
     detected, script, heard = None, assets.script, []
     transcribed = bool(settings.whisper_model) and not (assets.script and assets.script.strip())
@@ -84,12 +87,9 @@ def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSetti
         )
     if transcribed:
         analysis.flags.insert(0, f"transcribed: no script; Whisper heard {len(heard)} words: {script[:80]!r}")
-    analysis = language.check_language(
+    return language.check_language(
         analysis, script=assets.script, expected=row.language, policy=settings.language_policy, detected=detected
     )
-    with storage.atomic_local(cached) as tmp:
-        tmp.write_text(json.dumps({"key": key, "analysis": analysis.model_dump(mode="json")}))
-    return analysis
 
 
 def _whisper_pass(
@@ -121,42 +121,101 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
     if words is None and assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE:  # only then is it cut
         audio, rate = sf.read(assets.audio_16k, dtype="float32")
         energy = plan.frame_energy(audio, sample_rate=rate)
+    name, speed = row_speed(row, settings)
+    cost = plan.cost_model(settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, speed=speed,
+                           preset=name, calibration=calibration(settings))  # fmt: skip
     row_plan = plan.plan_row(
         row.id, assets.num_samples, words,
         seed=row.seed, width=assets.width, height=assets.height,
         infer_frames=settings.infer_frames, max_segment_s=settings.max_segment_s,
-        min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps, energy=energy,
+        min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps, guidance=row.guidance,
+        cost=cost, energy=energy,
     )
-    with storage.atomic_local(Path(assets.image).with_name("plan.json")) as tmp:
-        tmp.write_text(row_plan.model_dump_json(indent=1))
+    storage.write_text(str(layout.RowPaths.for_assets(assets).plan_json), row_plan.model_dump_json(indent=1))
     return row_plan
 
 
+_calibrations: dict[str, dict | None] = {}
+
+
+def calibration(settings: BatchSettings) -> dict | None:
+    """The calibration document the settings name (read once per process); None without one."""
+    if not settings.calibration:
+        return None
+    if settings.calibration not in _calibrations:
+        _calibrations[settings.calibration] = read_calibration(settings.calibration)
+    return _calibrations[settings.calibration]
+
+
+def row_speed(row: ManifestRow, settings: BatchSettings) -> tuple[str, SpeedConfig]:
+    """The row's preset (its column, else the batch's) with the parts the settings set on top.
+    RowFailure naming the setting when it cannot apply (MagCache without a calibration)."""
+    name = row.preset or settings.preset
+    parts = {
+        "steps": settings.sample_steps, "shift": settings.sample_shift, "cfg_steps": settings.cfg_steps,
+        "cfg_every": settings.cfg_every, "cache": settings.step_cache, "cache_threshold": settings.cache_threshold,
+        "cache_warmup": settings.cache_warmup, "cache_max_skips": settings.cache_max_skips,
+    }  # fmt: skip
+    try:
+        return name, preset(name, calibration(settings), **parts)
+    except ValueError as exc:
+        raise RowFailure("preset", str(exc)) from None
+
+
+def row_loras(row: ManifestRow, settings: BatchSettings) -> list[LoraRef]:
+    """The row's LoRAs (its columns, else the batch's settings) with one strength each."""
+    paths = row.lora if row.lora is not None else settings.lora
+    strengths = row.lora_strength if row.lora_strength is not None else settings.lora_strength
+    if not paths:
+        return []
+    strengths = strengths or [1.0]
+    if len(strengths) == 1:
+        strengths = strengths * len(paths)
+    if len(strengths) != len(paths):
+        reason = f"{len(strengths)} strengths for {len(paths)} LoRAs: give one, or one per LoRA"
+        raise RowFailure("lora_strength", reason)
+    return [LoraRef(path=p, strength=s) for p, s in zip(paths, strengths, strict=True)]
+
+
+def check_speed_settings(settings: BatchSettings) -> None:
+    """Fail the batch before any row when its speed or LoRA settings cannot apply: SettingsError naming
+    the setting (MagCache without a calibration, a calibration or LoRA file that is not there)."""
+    try:
+        calibration(settings)
+        preset(settings.preset, calibration(settings), cache=settings.step_cache)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    for path in settings.lora:
+        if not storage.exists(path):
+            raise SettingsError(f"LoRA file not found: {path} (setting lora)")
+    if settings.lora_strength and len(settings.lora_strength) not in (1, len(settings.lora)):
+        raise SettingsError(f"lora_strength: {len(settings.lora_strength)} strengths for {len(settings.lora)} LoRAs")
+
+
 def segment_job(
-    row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int
+    row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
+    settings: BatchSettings | None = None,
 ) -> tuple[SegmentJob, Path]:
     """The job for one planned segment and its folder; cuts the segment's audio into that folder."""
+    settings = settings or BatchSettings()
+    name, speed = row_speed(row, settings)
     segment = row_plan.segments[index]
-    seg_dir = layout.RowPaths(Path(assets.image).parent).segment_dir(index)
-    audio = generate_stage.write_segment_audio(Path(assets.audio_16k), segment, seg_dir / "audio.wav")
+    paths = layout.RowPaths.for_assets(assets)
+    audio = generate_stage.write_segment_audio(Path(assets.audio_16k), segment, paths.segment_audio(index))
     job = SegmentJob(
         row_id=row.id, segment=segment, image=assets.image, audio=str(audio),
         prompt=row.prompt or "", negative_prompt=row.negative_prompt, pose_video=row.pose_video,
         width=row_plan.width, height=row_plan.height, fps=row_plan.fps, infer_frames=row_plan.infer_frames,
         resolution=row.resolution, steps=row.steps, guidance=row.guidance,
         cues=captions.cues_for_segment(cues, segment),
+        preset=name, speed=None if speed == SpeedConfig() else speed.to_dict(), loras=row_loras(row, settings),
     )
-    return job, seg_dir
+    return job, paths.segment_dir(index)
 
 
 def load_backend(backend: str, settings: BatchSettings) -> Generator:
     """The generator for `backend`: a named one (loaded once per process) or a 'module:callable' factory."""
-    if ":" in backend:
-        from tasks.generate.pool import build_generator
-
-        return build_generator(backend, settings.checkpoint, settings.device, settings.offload,
-                               settings.generator_options)
-    return load_generator(backend, settings.checkpoint, device=settings.device, offload=settings.offload)
+    return build_generator(backend, settings.checkpoint, settings.device, settings.offload, settings.generator_options)
 
 
 def generate_step(
@@ -164,7 +223,7 @@ def generate_step(
     backend: str, settings: BatchSettings, on_clip: Callable[[ClipResult], None] | None = None,
 ) -> SegmentResult:
     """Render one planned segment clip by clip in this process, resuming at its first missing clip."""
-    job, seg_dir = segment_job(row, assets, row_plan, cues, index)
+    job, seg_dir = segment_job(row, assets, row_plan, cues, index, settings)
     generator = load_backend(backend, settings)
     return generate_stage.generate_segment(job, generator, seg_dir, on_clip=on_clip)
 
@@ -174,7 +233,7 @@ def stitch_step(
     out: str, settings: BatchSettings, backend: str = "",
 ) -> dict[str, str]:
     """Join the row's clips, mux the master audio, and publish video and captions to the output folder."""
-    paths = layout.RowPaths(Path(assets.image).parent)
+    paths = layout.RowPaths.for_assets(assets)
     targets = layout.output_uris(out, row)
     caption_files = captions.write_captions(cues, paths.captions_stem) if cues else {}
     clip_paths = [Path(c.path) for r in sorted(results, key=lambda r: r.segment_index) for c in r.clips]

@@ -39,8 +39,10 @@ from model.audio_encoder import SAMPLE_RATE, AudioEncoder
 from model.checkpoint import fp8_unsupported, load_transformer, quantize_linears_fp8
 from model.config import S2VConfig
 from model.layout import T5_CHECKPOINT, WAV2VEC_DIR, CheckpointError, CheckpointFiles, resolve
+from model.lora import load_lora, set_loras
 from model.offload import block_streamer, stream_blocks
 from model.sampler import GUIDANCE, STEPS, guide, sample
+from model.speed import ClipVelocity, ForwardCounter, SpeedConfig, StepLog, clip_velocity
 from model.text_encoder import TextEncoder
 from model.timing import LoadTimings
 from model.transformer import WanS2VTransformer, fa4_unavailable
@@ -128,6 +130,12 @@ class ClipOutput:
     'motion_latents' float32 [16, 19, H/8, W/8] (omitted after the last clip), 'next_clip'."""
     seconds: float = 0.0
     """Wall seconds of this clip on the device (synchronised on CUDA)."""
+    forwards: int = 0
+    """DiT passes actually run for this clip, counted in batch rows (a CFG batch of 2 counts 2):
+    80 for 40 exact steps with guidance; fewer with the speed options of model.speed."""
+    steps: StepLog | None = None
+    """Per step: guided or not, computed or reused (and MagCache's ratios when recorded); None
+    for exact sampling unless `record_steps` was asked for."""
 
 
 def _check_precision(precision: str | None, files: CheckpointFiles, device: torch.device) -> str:
@@ -337,6 +345,21 @@ class S2VPipeline:
     def dtype(self) -> torch.dtype:
         return self.transformer.compute_dtype
 
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
+        """Run the DiT with these LoRA files, each at its strength ([]: the base weights, exactly).
+
+        Files are read and matched once per process (model.lora.load_lora: a LoRA whose keys do
+        not fit the model raises LoraError naming them); switching between rows costs a copy of
+        the touched weights, and nothing when the set is unchanged."""
+        cache = self.__dict__.setdefault("_loras", {})
+        parsed = []
+        for path, strength in loras:
+            key = str(Path(path).resolve())
+            if key not in cache:
+                cache[key] = load_lora(key, self.transformer)
+            parsed.append((cache[key], float(strength)))
+        set_loras(self.transformer, parsed, device=self.device)
+
     def clip_frames(self, clip: int, infer_frames: int) -> int:
         """Frames clip `clip` yields: F - 3 for the first, F after."""
         return infer_frames - FIRST_CLIP_DROP if clip == 0 else infer_frames
@@ -360,6 +383,8 @@ class S2VPipeline:
         state: dict[str, np.ndarray] | None = None,
         pose: np.ndarray | None = None,
         on_step: Callable[[int, int, int], None] | None = None,
+        speed: SpeedConfig | None = None,
+        record_steps: bool = False,
     ) -> Iterator[ClipOutput]:
         """Yield clips `start_clip .. num_clips - 1` of one segment, each as soon as it is done.
 
@@ -370,7 +395,13 @@ class S2VPipeline:
         size, starting at the segment's first frame; clip r uses frames [r*F, (r+1)*F), padded
         with -1 past its end as the reference does. Without it the pose condition is zeros.
         on_step(clip, step, steps) is called after every denoising step.
+        speed: step caching, CFG truncation, fewer steps (model.speed; its steps, when set, cap
+        `steps`; its shift replaces `shift`). None or an exact config samples as the reference does.
+        record_steps: log every step (and MagCache's magnitude ratios) in ClipOutput.steps.
         """
+        if speed is not None:
+            steps = speed.sampling_steps(steps)
+            shift = speed.shift or shift
         cfg = self.config
         height, width = self._check_image(image)
         if infer_frames <= FIRST_CLIP_DROP or infer_frames % 4:
@@ -424,11 +455,13 @@ class S2VPipeline:
             pose_latents = None if pose is None else self._pose_latents(pose, r, infer_frames)
 
             dit = self._use(self.transformer)
-            velocity = self._velocity_fn(
+            guided, cond_only = self._velocity_fns(
                 dit, context, context_null, ref_latents, clip_audio, motion_latents, pose_latents, first, guidance
             )
+            velocity = clip_velocity(guided, cond_only, speed, steps, record_steps)
             step_cb = (lambda i, n, r=r: on_step(r, i, n)) if on_step else None
-            latents = sample(velocity, noise.float(), steps=steps, shift=shift, on_step=step_cb)
+            with ForwardCounter(dit) as counter:
+                latents = sample(velocity, noise.float(), steps=steps, shift=shift, on_step=step_cb)
             self._release(dit)
 
             vae = self._use(self.vae)
@@ -437,9 +470,13 @@ class S2VPipeline:
             if first:
                 video = video[:, :, FIRST_CLIP_DROP:]
             overlap = min(cfg.motion_frames, video.shape[2])
-            frames_carry = torch.cat([motion["frames"][:, :, overlap:], video[:, :, -overlap:].cpu().float()], dim=2)
+            # the carry is built where the video is and encoded from there: no round trip of its
+            # ~350 MB (480p) through host memory before the encode; the host copy is the state
+            older = motion["frames"][:, :, overlap:].to(video.device)  # empty once a clip has >= 73 frames
+            carry = torch.cat([older, video[:, :, -overlap:].float()], dim=2)
             last = r == num_clips - 1
-            latents_carry = None if last else vae.encode(frames_carry.to(self.device))
+            latents_carry = None if last else vae.encode(carry)
+            frames_carry = carry.cpu()
             self._release(vae)
             self._sync()
             motion = {"frames": frames_carry, "latents": latents_carry}
@@ -450,7 +487,8 @@ class S2VPipeline:
             }
             if latents_carry is not None:
                 new_state["motion_latents"] = latents_carry[0].float().cpu().numpy()
-            yield ClipOutput(r, _to_uint8(video[0]), new_state, time.perf_counter() - started)
+            log = velocity.log if isinstance(velocity, ClipVelocity) else None
+            yield ClipOutput(r, _to_uint8(video[0]), new_state, time.perf_counter() - started, counter.count, log)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -505,17 +543,17 @@ class S2VPipeline:
         self._release(vae)
         return latents
 
-    def _velocity_fn(self, dit, context, context_null, ref_latents, audio, motion_latents, pose, first, guidance):
-        """The guided flow prediction v(latents, t) for one clip."""
+    def _velocity_fns(self, dit, context, context_null, ref_latents, audio, motion_latents, pose, first, guidance):
+        """The guided flow prediction v(latents, t) for one clip (None when guidance <= 1, where the
+        reference skips the unconditional pass) and the conditional one alone."""
         ref = ref_latents.to(self.device)
         kwargs = {"motion_latents": motion_latents, "pose_latents": pose, "drop_motion_frames": first}
 
-        if guidance <= 1.0:  # the reference skips the unconditional pass
+        def cond_only(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return dit(latents, t, context, ref, audio, **kwargs)
 
-            def cond_only(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return dit(latents, t, context, ref, audio, **kwargs)
-
-            return cond_only
+        if guidance <= 1.0:
+            return None, cond_only
         if self.cfg_batch:  # both branches as one batch of 2 (one pass over the weights)
             both_ctx = torch.cat([context, context_null])
             both_audio = torch.cat([audio, audio * 0.0])
@@ -524,11 +562,11 @@ class S2VPipeline:
                 out = dit(latents.expand(2, -1, -1, -1, -1), t, both_ctx, ref, both_audio, **kwargs)
                 return guide(out[0:1], out[1:2], guidance)
 
-            return batched
+            return batched, cond_only
 
         def two_pass(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             cond = dit(latents, t, context, ref, audio, **kwargs)
             uncond = dit(latents, t, context_null, ref, audio * 0.0, **kwargs)
             return guide(cond, uncond, guidance)
 
-        return two_pass
+        return two_pass, cond_only

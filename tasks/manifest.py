@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from model.presets import PRESET_NAMES
 from tasks import storage
 from tasks.records import ManifestRow, Resolution, RowIssue
 
@@ -34,6 +35,9 @@ OPTIONAL_COLUMNS = (
     "guidance",
     "output",
     "webhook",
+    "preset",
+    "lora",
+    "lora_strength",
 )
 TEMPLATE_COLUMNS = ("script", "prompt", "negative_prompt")
 TEMPLATE_VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
@@ -41,6 +45,9 @@ PATH_COLUMNS = ("audio", "image", "pose_video")
 DEFAULT_SEED = 42
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 LANGUAGE_PATTERN = re.compile(r"^[a-z]{2}$")
+LIST_SEPARATOR = ";"
+"""Separates several LoRAs (and their strengths) in one cell."""
+MAX_LORA_STRENGTH = 10.0
 
 
 class ManifestError(Exception):
@@ -161,6 +168,7 @@ def validate_manifest(
     if check_files:
         # Every row's files are checked, also rows with other problems: one pass reports all.
         wanted = [values[c] for _, _, values, _ in checked for c in PATH_COLUMNS if values.get(c)]
+        wanted += [uri for _, _, values, _ in checked for uri in values.get("lora") or []]
         present = _existing_files(wanted)
         for number, row_id, values, row_issues in checked:
             bad_paths = {i.field for i in row_issues}
@@ -169,6 +177,9 @@ def validate_manifest(
                 for c in PATH_COLUMNS
                 if values.get(c) and c not in bad_paths and values[c] not in present
             )
+            missing = [u for u in values.get("lora") or [] if u not in present]
+            if missing and "lora" not in bad_paths:
+                row_issues.append(RowIssue(row=number, id=row_id, field="lora", reason=f"file not found: {missing[0]}"))
 
     rows: list[ManifestRow] = []
     for number, _, values, row_issues in checked:
@@ -228,6 +239,7 @@ def _check_row(number: int, record: dict[str, str], base: str, roots: list[str])
     except ValueError:
         fail("resolution", f"unknown resolution {resolution!r}; use 480p or 720p")
 
+    _check_speed_and_lora(record, base, roots, values, fail)
     values["seed"] = _int_cell(record, "seed", DEFAULT_SEED, 0, 2**32 - 1, fail)
     values["steps"] = _int_cell(record, "steps", 40, 1, 200, fail)
     values["guidance"] = _float_cell(record, "guidance", 4.5, 0.0, 30.0, fail)
@@ -240,6 +252,46 @@ def _check_row(number: int, record: dict[str, str], base: str, roots: list[str])
         fail("output", f"{output!r} must end in .mp4")
     values["output"] = str(out_path)
     return issues, values
+
+
+def _check_speed_and_lora(record: dict[str, str], base: str, roots: list[str], values: dict, fail) -> None:
+    """The `preset`, `lora` and `lora_strength` cells; empty cells leave the batch's settings."""
+    preset = (record.get("preset") or "").lower() or None
+    if preset and preset not in PRESET_NAMES:
+        fail("preset", f"unknown preset {record['preset']!r}; use {', '.join(PRESET_NAMES)}")
+    values["preset"] = preset
+
+    cell = record.get("lora") or ""
+    loras: list[str] | None = None
+    if cell.lower() == "none":
+        loras = []  # this row without the batch's LoRAs
+    elif cell:
+        loras = []
+        for raw in (part.strip() for part in cell.split(LIST_SEPARATOR)):
+            if not raw:
+                continue
+            resolved, reason = _resolve_path(raw, base, roots)
+            if reason:
+                fail("lora", reason)
+                continue
+            loras.append(resolved)
+    values["lora"] = loras
+
+    cell = record.get("lora_strength") or ""
+    strengths: list[float] | None = None
+    if cell:
+        try:
+            strengths = [float(part) for part in cell.split(LIST_SEPARATOR) if part.strip()]
+        except ValueError:
+            strengths = None
+        if not strengths or not all(-MAX_LORA_STRENGTH <= x <= MAX_LORA_STRENGTH for x in strengths):
+            fail("lora_strength", f"{cell!r} is not a number from -{MAX_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g} "
+                                  f"(or one per LoRA, separated by '{LIST_SEPARATOR}')")  # fmt: skip
+            strengths = None
+        elif loras and len(strengths) not in (1, len(loras)):
+            fail("lora_strength", f"{len(strengths)} strengths for {len(loras)} LoRAs: give one, or one per LoRA")
+            strengths = None
+    values["lora_strength"] = strengths
 
 
 def _fill_template(text: str, record: dict[str, str], fail) -> str | None:

@@ -18,8 +18,12 @@ MODEL_SAMPLE_RATE = 16_000
 """Sample rate of the audio the S2V audio encoder (wav2vec2) takes."""
 INFER_FRAMES = 80
 """Frames per clip by default (a multiple of 4)."""
-MOTION_FRAMES = 73
-"""Frames of the video so far that condition the next clip."""
+
+
+def row_error(row: int, row_id: str | None, where: str, reason: str) -> str:
+    """The one line that names a failed row, where it failed (a column or a stage) and why."""
+    who = f"row {row}" + (f" (id {row_id!r})" if row_id else "")
+    return f"{who}, {where}: {reason}"
 
 
 class Resolution(StrEnum):
@@ -55,6 +59,9 @@ class ManifestRow(Record):
     guidance: float = 4.5
     output: str = Field(description="video path relative to the output folder")
     webhook: str | None = Field(None, description="URL told when this row finishes or fails")
+    preset: str | None = Field(None, description="speed preset for this row (None: the batch's)")
+    lora: list[str] | None = Field(None, description="LoRA files for this row (None: the batch's; []: none)")
+    lora_strength: list[float] | None = Field(None, description="one strength, or one per LoRA (None: the batch's)")
 
 
 class RowIssue(Record):
@@ -66,8 +73,7 @@ class RowIssue(Record):
     reason: str
 
     def __str__(self) -> str:
-        who = f"row {self.row}" + (f" (id {self.id!r})" if self.id else "")
-        return f"{who}, column '{self.field}': {self.reason}"
+        return row_error(self.row, self.id, f"column '{self.field}'", self.reason)
 
 
 class AudioQC(Record):
@@ -169,6 +175,13 @@ class Cue(Record):
     text: str
 
 
+class LoraRef(Record):
+    """A LoRA file (local or s3://) and the strength it is applied with."""
+
+    path: str
+    strength: float = 1.0
+
+
 class SegmentJob(Record):
     """Everything a generator needs to render one planned segment."""
 
@@ -187,6 +200,9 @@ class SegmentJob(Record):
     steps: int = 40
     guidance: float = 4.5
     cues: list[Cue] = Field(default_factory=list, description="captions, times relative to the segment")
+    preset: str = Field("exact", description="the speed preset the speed options come from")
+    speed: dict | None = Field(None, description="speed options (model/presets.py SpeedConfig fields); None: exact")
+    loras: list[LoraRef] = Field(default_factory=list, description="LoRAs applied to the DiT for this segment")
 
 
 class ClipResult(Record):
@@ -196,6 +212,7 @@ class ClipResult(Record):
     state: str | None = Field(None, description="file with the lossless state to continue after this clip")
     reused: bool = Field(False, description="found finished on disk instead of generated")
     gpu_s: float = 0.0
+    forwards: int = Field(0, description="DiT passes run for this clip (batch rows; 80 for 40 exact CFG steps)")
 
 
 class SegmentResult(Record):
@@ -206,6 +223,7 @@ class SegmentResult(Record):
     attempts: int = 1
     worker: str | None = None
     gpu_s: float = 0.0
+    forwards: int = 0
 
     @property
     def reused_clips(self) -> int:
@@ -231,6 +249,9 @@ class RowResult(Record):
     clips_reused: int | None = None
     attempts: int | None = None
     gpu_s: float | None = None
+    cost: float | None = Field(None, description="gpu_s at the configured price per GPU-hour")
+    preset: str | None = None
+    forwards: int | None = Field(None, description="DiT passes run for the row's new clips")
     workers: list[str] = Field(default_factory=list, description="GPU pool workers that rendered the segments")
     flags: list[str] = Field(default_factory=list)
     cached: bool = Field(False, description="finished by an earlier run and skipped")
@@ -246,6 +267,10 @@ class Report(Record):
     finished_at: str
     rows: list[RowResult]
     manifest_errors: list[str] = Field(default_factory=list)
+    gpu: str | None = Field(None, description="GPU kind the costs are for")
+    price_per_gpu_hour: float | None = None
+    gpu_s: float | None = Field(None, description="GPU seconds of the batch's new clips")
+    cost: float | None = Field(None, description="gpu_s at the price per GPU-hour")
 
     @property
     def counts(self) -> dict[str, int]:
@@ -259,6 +284,7 @@ class RowFailure(Exception):
     """A row-level failure: the row fails, the batch goes on."""
 
     def __init__(self, field: str, reason: str):
-        super().__init__(f"column '{field}': {reason}")
         self.field = field
         self.reason = reason
+        self.where = f"column '{field}'"
+        super().__init__(f"{self.where}: {reason}")

@@ -118,3 +118,38 @@ def test_comfyui_files_render_the_same_clips(generator: WanS2VGenerator, job: Se
     assert comfy.fingerprint != generator.fingerprint and "dit=wan2.2_s2v_14B_bf16.safetensors" in comfy.fingerprint
     for ours, theirs in zip(comfy.clips(job), generator.clips(job), strict=True):
         assert np.array_equal(ours.frames, theirs.frames)
+
+
+def test_speed_preset_and_loras_per_job(generator: WanS2VGenerator, job: SegmentJob, tmp_path: Path):
+    """A job's speed options and LoRAs reach the model; the next job without them renders exactly as
+    before (the pool worker serves rows with different LoRAs one after the other)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from model.presets import preset
+    from tasks.records import LoraRef
+
+    exact = list(generator.clips(job))
+    assert [c.forwards for c in exact] == [4, 4]  # 2 steps, CFG as a batch of 2
+    fast = job.model_copy(update={"preset": "fast", "speed": preset("fast", cfg_steps=1).to_dict(), "steps": 3})
+    clips = list(generator.clips(fast))
+    assert [c.forwards for c in clips] == [4, 4]  # 3 steps (the row's, under fast's 14), guidance on the first
+    resumed = list(generator.clips(fast, start_clip=1, state=clips[0].state))
+    assert np.array_equal(resumed[0].frames, clips[1].frames)  # lossless continuation in a preset
+
+    dit = generator.pipeline.transformer
+    q = dit.blocks[0].self_attn.q.weight
+    lora = tmp_path / "style.safetensors"
+    save_file({
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(2, q.shape[1]),
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(q.shape[0], 2),
+    }, str(lora))  # fmt: skip
+    styled = list(generator.clips(job.model_copy(update={"loras": [LoraRef(path=str(lora), strength=0.5)]})))
+    assert not np.array_equal(styled[1].frames, exact[1].frames)
+    again = list(generator.clips(job))
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(again, exact, strict=True))
+
+    foreign = tmp_path / "flux.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)}, str(foreign))
+    with pytest.raises(ValueError, match="double_blocks_0_img_attn_qkv"):
+        next(generator.clips(job.model_copy(update={"loras": [LoraRef(path=str(foreign))]})))

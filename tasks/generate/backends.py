@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
+from typing import Any
 
 from tasks.generate.base import Generator
 
@@ -36,6 +38,18 @@ def load_generator(
         if key not in _loaded:
             _loaded[key] = _build(backend, checkpoint, device, offload)
         return _loaded[key]
+
+
+def build_generator(
+    backend: str, checkpoint: str | None, device: str | None, offload: bool, options: dict[str, Any]
+) -> Generator:
+    """A backend by name through `load_generator`, or a 'module:callable' factory called as
+    factory(checkpoint, device=, offload=, **options)."""
+    if ":" in backend:
+        module, _, attr = backend.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        return factory(checkpoint, device=device, offload=offload, **options)
+    return load_generator(backend, checkpoint, device=device, offload=offload)
 
 
 def _build(backend: str, checkpoint: str | None, device: str | None, offload: bool) -> Generator:

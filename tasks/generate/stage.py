@@ -90,6 +90,9 @@ def job_fingerprint(job: SegmentJob, generator: Generator) -> str:
     clips from another configuration stale too.
     """
     fields = job.model_dump(mode="json", exclude={"image", "audio", "pose_video"})
+    for key, default in (("preset", "exact"), ("speed", None), ("loras", [])):
+        if fields[key] == default:  # exact without LoRAs: the identity clips had before these options existed
+            del fields[key]
     fields["inputs"] = {k: _file_digest(getattr(job, k)) for k in ("image", "audio", "pose_video")}
     fields["backend"] = [generator.name, str(getattr(generator, "fingerprint", ""))]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -232,6 +235,7 @@ def generate_segment(
                     frames=len(frames),
                     state=str(sp) if clip.state else None,
                     gpu_s=clip.gpu_s,
+                    forwards=clip.forwards,
                 )
             )
             expected += 1
@@ -246,6 +250,7 @@ def generate_segment(
         clips=results,
         frames=sum(c.frames for c in results),
         gpu_s=sum(c.gpu_s for c in results),
+        forwards=sum(c.forwards for c in results),
     )
 
 

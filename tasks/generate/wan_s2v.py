@@ -6,7 +6,9 @@ which file gives each component) at the chosen precision, and serves every segme
 worker; `self.pipeline.load_timings` says where the loading time went. Each `SegmentJob` maps to
 one `generate_clips` call: the normalized image (already cropped to width x height), the
 segment's 16 kHz WAV, prompt, negative prompt, seed (clip r uses seed + r), infer_frames, steps,
-guidance and the resolution's shift (3 at 480p, 5 at 720p).
+guidance, the resolution's shift (3 at 480p, 5 at 720p) and the job's speed options; its LoRAs are
+set on the pipeline first (model/lora.py: merged into bf16 weights and restored exactly when the
+next job has other LoRAs or none).
 
 Whole clips: the stage expects `infer_frames` frames from every clip. The reference drops the
 first 3 decoded frames of a segment's first clip, so its first clip shows audio frames 3..F-1;
@@ -27,7 +29,9 @@ from PIL import Image
 
 from model.audio_encoder import SAMPLE_RATE
 from model.pipeline import FIRST_CLIP_DROP, S2VPipeline, prepare_reference
+from model.presets import SpeedConfig
 from model.sampler import shift_for
+from tasks import storage
 from tasks.generate.base import GeneratedClip
 from tasks.generate.checkpoints import local_checkpoint
 from tasks.records import FPS, SegmentJob
@@ -141,6 +145,8 @@ class WanS2VGenerator:
             frames = job.segment.clips * job.infer_frames
             pose = read_pose_video(job.pose_video, job.segment.start_s, frames, job.width, job.height)
         audio = read_segment_audio(job.audio)
+        # the job's LoRAs (none: the base weights, restored exactly after a row that had some)
+        self.pipeline.set_loras([(storage.local_copy(ref.path), ref.strength) for ref in job.loras])
         on_cuda = self.pipeline.device.type == "cuda"
         for out in self.pipeline.generate_clips(
             image,
@@ -156,8 +162,12 @@ class WanS2VGenerator:
             start_clip=start_clip,
             state=state,
             pose=pose,
+            speed=SpeedConfig.from_dict(job.speed) if job.speed else None,
         ):
             frames = out.frames
             if out.index == 0:  # restore whole-clip length and audio alignment (see module doc)
                 frames = np.concatenate([np.repeat(frames[:1], FIRST_CLIP_DROP, axis=0), frames])
-            yield GeneratedClip(index=out.index, frames=frames, state=out.state, gpu_s=out.seconds if on_cuda else 0.0)
+            yield GeneratedClip(
+                index=out.index, frames=frames, state=out.state, gpu_s=out.seconds if on_cuda else 0.0,
+                forwards=out.forwards,
+            )

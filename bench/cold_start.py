@@ -1,7 +1,8 @@
 """Cold start of a worker (issue 14, item 2): from a fresh process to the first denoising step.
 
-Starts a fresh Python process `--runs` times (default 2): the first with an empty compile cache,
-the next ones with the cache the first left (what a second worker on the host sees). Each loads
+Starts a fresh Python process `--runs` times (default 2): the first with an empty compile cache
+(unless `--cache-dir` already holds one), the next ones with the cache the first left (what a
+second worker on the host sees); each run says which (`cache_state`). Each loads
 the checkpoint with `S2VPipeline.from_checkpoint(compile_cache_dir=...)` and runs one clip until
 its second denoising step, then stops. Printed as JSON per run:
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for run in range(args.runs):
             if args.drop_page_cache:
                 drop_page_cache([Path(c) for c in checkpoint])
+            cache = Path(spec["cache_dir"])
+            cache_state = "warm" if cache.is_dir() and any(cache.iterdir()) else "empty"
             spawned = time.time()
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=False
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 raise SystemExit(f"run {run + 1}: the child process failed (exit {proc.returncode})")
             result = json.loads(lines[-1][len(MARK) :])
             result["run"] = run + 1
-            result["cache_state"] = "empty" if run == 0 and args.cache_dir is None else "warm"
+            result["cache_state"] = cache_state
             result["process_s"] = round(result.pop("child_started") - spawned, 2)
             result["ready_s"] = round(result.pop("first_step_end") - spawned, 2)
             results.append(result)

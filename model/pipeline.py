@@ -24,6 +24,7 @@ clip r >= 1 shows audio frames r*F .. r*F + F - 1.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,14 +36,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.audio_encoder import SAMPLE_RATE, AudioEncoder
-from model.checkpoint import load_transformer
+from model.checkpoint import fp8_unsupported, load_transformer, quantize_linears_fp8
 from model.config import S2VConfig
-from model.layout import T5_CHECKPOINT, WAV2VEC_DIR, CheckpointError, resolve
+from model.layout import T5_CHECKPOINT, WAV2VEC_DIR, CheckpointError, CheckpointFiles, resolve
 from model.lora import load_lora, set_loras
 from model.offload import block_streamer, stream_blocks
 from model.sampler import GUIDANCE, STEPS, guide, sample
 from model.speed import ClipVelocity, ForwardCounter, SpeedConfig, StepLog, clip_velocity
 from model.text_encoder import TextEncoder
+from model.timing import LoadTimings
 from model.transformer import WanS2VTransformer, fa4_unavailable
 from model.vae import WanVAE
 
@@ -56,6 +58,7 @@ DEFAULT_NEGATIVE_PROMPT = (
     "三条腿，背景人很多，倒着走"
 )
 OFFLOAD_MODES = ("none", "blocks", "model")
+PRECISIONS = ("bf16", "fp8")
 
 
 def offload_mode(offload: bool | str | None) -> str:
@@ -68,6 +71,22 @@ def offload_mode(offload: bool | str | None) -> str:
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload {offload!r}: expected one of {', '.join(OFFLOAD_MODES)} (or True / False)")
     return offload
+
+
+def enable_compile_cache(folder: str | Path) -> Path:
+    """Keep torch.compile's results in `folder` (process-wide): Inductor's FX-graph cache, the
+    AOTAutograd cache and Triton's kernels, so a second process on the host (another worker)
+    loads the compiled blocks instead of compiling them again. Set before the first compile."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read by Inductor at each use
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +138,24 @@ class ClipOutput:
     for exact sampling unless `record_steps` was asked for."""
 
 
+def _check_precision(precision: str | None, files: CheckpointFiles, device: torch.device) -> str:
+    """The DiT precision to load (None: fp8 for a scaled-fp8 file, else bf16); CheckpointError,
+    naming the setting and the fix, when fp8 is asked of a device without fp8 matmuls."""
+    chosen = precision or ("fp8" if files.dit_fp8 else "bf16")
+    if chosen == "fp8" and (why := fp8_unsupported(device)):
+        source = f" (the default for {files.dit.name}, which stores fp8 weights)" if precision is None else ""
+        expand = f"; {files.dit.name}'s fp8 weights are then expanded to bf16 on load" if files.dit_fp8 else ""
+        raise CheckpointError(
+            f"precision fp8{source} needs fp8 matmuls, which need a CUDA GPU of compute capability 8.9+ "
+            f"(L40S, H100, ...), but {why}: set precision = bf16{expand}"
+        )
+    return chosen
+
+
+def _has_fp8(model: torch.nn.Module) -> bool:
+    return any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # the pipeline
 
@@ -145,6 +182,10 @@ class S2VPipeline:
         self.device = torch.device(device)
         self.offload = offload_mode(offload)
         self.cfg_batch = cfg_batch
+        self.precision = "fp8" if _has_fp8(transformer) else "bf16"
+        self.files: CheckpointFiles | None = None  # set by from_checkpoint
+        self.load_timings: LoadTimings | None = None  # set by from_checkpoint
+        self.last_conditioning_s = 0.0  # seconds the last generate_clips took before its first step
         if audio_encoder.num_layers != self.config.audio_num_layers:
             raise CheckpointError(
                 f"{WAV2VEC_DIR}: wav2vec2 gives {audio_encoder.num_layers} hidden states but the DiT averages "
@@ -177,7 +218,7 @@ class S2VPipeline:
     @classmethod
     def from_checkpoint(
         cls,
-        checkpoint: str | Path,
+        checkpoint: str | Path | Sequence[str | Path],
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         offload: bool | str = False,
@@ -185,11 +226,22 @@ class S2VPipeline:
         cfg_batch: bool | None = None,
         attention: str = "auto",
         compile_dit: bool | None = None,
+        precision: str | None = None,
+        compile_cache_dir: str | Path | None = None,
     ) -> S2VPipeline:
-        """Load every component from one local checkpoint folder (model.layout names its files).
+        """Load every component from local checkpoint files: one path or several, each an official
+        folder, ComfyUI files (a flat folder, a ComfyUI models/ tree, or single files), every
+        component taken from the first that has it (model.layout.resolve). Every file is checked
+        (headers only) before any weight is read; CheckpointError names what is wrong.
 
         device: default CUDA when available, else CPU. dtype of the DiT and T5: default bf16 on
         CUDA, float32 on CPU. The VAE and wav2vec2 run in float32, as in the reference.
+        precision: the DiT's block linears, "bf16" (in `dtype`) or "fp8" (fp8 weights and fp8
+        matmuls, Fp8Linear: a scaled-fp8 ComfyUI file stays fp8, a bf16 checkpoint is quantized at
+        load); None: "fp8" for a scaled-fp8 DiT file, else "bf16". fp8 needs a GPU of compute
+        capability 8.9+ (L40S, H100) and is refused elsewhere before any weight is read; "bf16"
+        with a scaled-fp8 file expands its weights to `dtype` at load. The umT5 file's scaled-fp8
+        weights are always expanded to `dtype`.
         offload (see OFFLOAD_MODES): "none" (False) keeps everything on the GPU; "blocks" (True)
         streams the DiT's blocks from pinned CPU memory (model.offload) and moves the encoders and
         the VAE to the GPU only while they work; "model" moves whole components, the DiT once per clip.
@@ -203,6 +255,10 @@ class S2VPipeline:
         faster per forward on an H100) and SDPA elsewhere.
         compile_dit: torch.compile the DiT's blocks (default on CUDA): 6 % faster forwards at 480p on
         an H100 for about 20 s of compilation per token layout (first clip, later clip) per process.
+        compile_cache_dir: keep compiled kernels there (enable_compile_cache), so later processes
+        on the host reuse them.
+
+        `pipe.load_timings` (model.timing.LoadTimings) says where the loading time went.
 
         Memory at 480x832, 80 frames, bf16 on an H100 (figures and method: docs/benchmarks.md):
         without offload 45 GiB resident and a 54 GiB peak per clip (80 GB GPUs); with "blocks"
@@ -210,27 +266,56 @@ class S2VPipeline:
         22 GiB cap with VAE tiling (24 GB GPUs); with "model" a 35 GiB peak (the bf16 DiT alone is
         30 GiB) and about 30 s more per clip.
         """
+        started = time.perf_counter()
+        timings = LoadTimings()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         mode = offload_mode(offload)
-        files = resolve(checkpoint)
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        with timings.phase("check"):
+            files = resolve(checkpoint, precision)
+            precision = _check_precision(precision, files, device)
+        if compile_cache_dir is not None:
+            enable_compile_cache(compile_cache_dir)
         load_to = torch.device("cpu") if mode != "none" else device
-        transformer = load_transformer(files.dit, device=load_to, dtype=dtype)
-        text_encoder = TextEncoder.from_checkpoint(files.text_encoder, files.tokenizer, device=load_to, dtype=dtype)
-        audio_encoder = AudioEncoder.from_folder(files.audio_encoder, device=load_to)
-        vae = WanVAE.from_checkpoint(files.vae, load_to)
+        with timings.component("dit", load_to):
+            transformer = load_transformer(
+                files.dit, device=load_to, dtype=dtype, fp8="keep" if precision == "fp8" else "dequantize",
+                fp8_device=device, timings=timings,
+            )  # fmt: skip
+            if precision == "fp8" and not files.dit_fp8:
+                with timings.phase("build", device):
+                    quantize_linears_fp8(transformer, work_device=device)
+        with timings.component("text_encoder", load_to):
+            text_encoder = TextEncoder.from_checkpoint(
+                files.text_encoder, files.tokenizer, device=load_to, dtype=dtype, timings=timings
+            )
+        with timings.component("audio_encoder", load_to):
+            audio_encoder = AudioEncoder.from_checkpoint(
+                files.audio_encoder, files.audio_config, device=load_to, timings=timings
+            )
+        with timings.component("vae", load_to):
+            vae = WanVAE.from_checkpoint(files.vae, load_to, timings=timings)
         if (mode != "none") if vae_tiling is None else vae_tiling:
             vae.enable_tiling()
         batch = (mode == "none") if cfg_batch is None else cfg_batch
         compile_dit = device.type == "cuda" if compile_dit is None else compile_dit
-        pipe = cls(
-            transformer, text_encoder, audio_encoder, vae,
-            device=device, offload=mode, cfg_batch=batch, compile_dit=compile_dit,
+        with timings.component("setup", device):
+            with timings.phase("to_device", device):
+                pipe = cls(transformer, text_encoder, audio_encoder, vae, device=device, offload=mode, cfg_batch=batch)
+            with timings.phase("build"):  # compiles lazily, at the first forward (timed by the caller)
+                if compile_dit:
+                    transformer.compile_blocks(dynamic=False)
+                if attention == "auto":
+                    attention = "sdpa" if fa4_unavailable(device) else "fa4"
+                transformer.set_attention(attention, device)
+        timings.total_s = time.perf_counter() - started
+        pipe.files, pipe.load_timings = files, timings
+        log.info(
+            "loaded %s in %.1f s (%s); precision %s; self-attention %s; offload %s; compiled %s",
+            files.describe(), timings.total_s, timings.as_dict(), precision, attention, mode, compile_dit,
         )  # fmt: skip
-        if attention == "auto":
-            attention = "sdpa" if fa4_unavailable(device) else "fa4"
-        transformer.set_attention(attention, device)
-        log.info("DiT self-attention kernel: %s; offload: %s; compiled: %s", attention, mode, compile_dit)
         return pipe
 
     # -- device placement -------------------------------------------------------------------
@@ -333,6 +418,7 @@ class S2VPipeline:
             got = f"{pose.dtype} {pose.shape}" if isinstance(pose, np.ndarray) else type(pose).__name__
             raise ValueError(f"pose video must be uint8 [T, {height}, {width}, 3], got {got}")
         motion = self._initial_motion(start_clip, state, height, width)
+        conditioning_started = time.perf_counter()
 
         # conditioning shared by every clip of the segment
         enc = self._use(self.text_encoder)
@@ -349,6 +435,8 @@ class S2VPipeline:
         pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0)
         ref_latents = vae.encode((pixels * 2 - 1)[None, :, None].to(self.device))
         self._release(vae)
+        self._sync()
+        self.last_conditioning_s = time.perf_counter() - conditioning_started
 
         lat_frames = cfg.latent_frames(infer_frames)
         for r in range(start_clip, num_clips):

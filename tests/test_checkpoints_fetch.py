@@ -11,7 +11,7 @@ import torch
 from model.checkpoint import load_transformer
 from model.layout import CheckpointError
 from model.pipeline import S2VPipeline
-from model.tiny import write_tiny_checkpoint
+from model.tiny import write_tiny_checkpoint, write_tiny_comfyui
 from tasks.generate.checkpoints import local_checkpoint
 
 
@@ -27,3 +27,20 @@ def test_loads_from_s3(s3, tmp_path: Path):
     s3.rm("s2v-examples/ckpt/Wan2.1_VAE.pth")
     with pytest.raises(CheckpointError, match=r"s3://s2v-examples/ckpt is missing: Wan2\.1_VAE\.pth"):
         S2VPipeline.from_checkpoint(local_checkpoint("s3://s2v-examples/ckpt", tmp_path / "cache2"), device="cpu")
+
+
+def test_comfyui_tree_from_s3(s3, tmp_path: Path):
+    """ComfyUI's files are mirrored by name from its models/ folders; other files there are not."""
+    models = write_tiny_comfyui(tmp_path / "comfy" / "models", seed=0, fp8_scaled=True)
+    (models / "loras").mkdir()
+    (models / "loras" / "other.safetensors").write_bytes(b"not fetched")
+    s3.put(str(tmp_path / "comfy"), "s2v-examples/comfy", recursive=True)
+    folder = local_checkpoint("s3://s2v-examples/comfy", tmp_path / "cache")
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")) == [
+        "models/audio_encoders/wav2vec2_large_english_fp16.safetensors",
+        "models/diffusion_models/wan2.2_s2v_14B_fp8_scaled.safetensors",
+        "models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+        "models/vae/wan_2.1_vae.safetensors",
+    ]
+    pipe = S2VPipeline.from_checkpoint(folder, device="cpu", precision="bf16")
+    assert pipe.files.dit_fp8 and pipe.precision == "bf16"

@@ -105,6 +105,21 @@ def test_pose_video_is_sampled_at_16_fps_from_the_segment_start(tmp_path: Path):
     assert read_pose_video(str(path), start_s=10.0, frames=8, width=64, height=64).shape == (0, 64, 64, 3)
 
 
+def test_fingerprint_names_precision_and_weight_files(generator: WanS2VGenerator):
+    assert generator.fingerprint.startswith("precision=bf16 dtype=torch.float32 dit=official ")
+    assert "t5=models_t5_umt5-xxl-enc-bf16.pth" in generator.fingerprint
+
+
+def test_comfyui_files_render_the_same_clips(generator: WanS2VGenerator, job: SegmentJob, tmp_path_factory):
+    """The ComfyUI files of the generator's weights: the same clips, another fingerprint (other files)."""
+    from model.tiny import write_tiny_comfyui
+
+    comfy = WanS2VGenerator(str(write_tiny_comfyui(tmp_path_factory.mktemp("comfy"), seed=1)), device="cpu")
+    assert comfy.fingerprint != generator.fingerprint and "dit=wan2.2_s2v_14B_bf16.safetensors" in comfy.fingerprint
+    for ours, theirs in zip(comfy.clips(job), generator.clips(job), strict=True):
+        assert np.array_equal(ours.frames, theirs.frames)
+
+
 def test_speed_preset_and_loras_per_job(generator: WanS2VGenerator, job: SegmentJob, tmp_path: Path):
     """A job's speed options and LoRAs reach the model; the next job without them renders exactly as
     before (the pool worker serves rows with different LoRAs one after the other)."""

@@ -1,8 +1,9 @@
 """A local folder for a checkpoint that may live in object storage (model/ reads local paths only).
 
-The remote files of the official layout are fetched one by one through `storage.local_copy`
-(cached by ETag, written atomically: an interrupted copy resumes at the first missing file) and
-linked into a mirror of the remote folder, which the loaders read.
+The remote files of the checkpoint (the official layout's, and ComfyUI's files by name, flat or in
+ComfyUI's model folders: `model.layout.mirrored`) are fetched one by one through
+`storage.local_copy` (cached by ETag, written atomically: an interrupted copy resumes at the first
+missing file) and linked into a mirror of the remote folder, which the loaders read.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from model.layout import OFFICIAL_PATHS, CheckpointError, check_layout
+from model.layout import CheckpointError, mirrored, resolve
 from tasks import storage
 
 
 def local_checkpoint(uri: str, cache_dir: Path | None = None) -> Path:
     """A local folder with the checkpoint at `uri`: a local path as it is, s3://... mirrored into
     the cache (`cache_dir`, default the storage cache). CheckpointError names `uri` and every
-    file of the official layout it lacks."""
+    component it lacks (model.layout.resolve)."""
     if not storage.is_remote(uri):
         return Path(uri)
     fs, root = storage.filesystem(uri)
@@ -31,7 +32,7 @@ def local_checkpoint(uri: str, cache_dir: Path | None = None) -> Path:
     protocol = uri.split("://", 1)[0]
     for path in remote:
         rel = path[len(root) + 1 :]
-        if not rel.startswith(OFFICIAL_PATHS):
+        if not mirrored(rel):
             continue
         local = storage.local_copy(f"{protocol}://{path}", base)
         target = mirror / rel
@@ -41,6 +42,7 @@ def local_checkpoint(uri: str, cache_dir: Path | None = None) -> Path:
         if not target.exists():
             target.symlink_to(local.resolve())
     try:  # a mirror that holds nothing does not exist: said so, naming `uri`
-        return check_layout(mirror)
+        resolve(mirror)
+        return mirror
     except CheckpointError as exc:
         raise CheckpointError(str(exc).replace(str(mirror), uri)) from None

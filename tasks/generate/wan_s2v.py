@@ -1,14 +1,16 @@
 """The `wan-s2v` backend: Wan2.2-S2V-14B through our `model.pipeline.S2VPipeline`.
 
-The pipeline is loaded once per process (minutes for the 14B checkpoint; an s3:// checkpoint is
-first mirrored locally by `tasks.generate.checkpoints`) and serves every segment routed to this
-worker. Each `SegmentJob` maps to one `generate_clips` call: the normalized image (already
-cropped to width x height), the segment's 16 kHz WAV, prompt, negative prompt, seed (clip r uses
-seed + r), infer_frames, steps, guidance, the resolution's shift (3 at 480p, 5 at 720p) and the
-job's speed options; its LoRAs are set on the pipeline first (model/lora.py: merged into bf16
-weights and restored exactly when the next job has other LoRAs or none). A job in distilled mode
-goes to `model.distilled.DistilledPipeline` over the same components, with LiveAvatar's LoRA set
-the same way (shift 3, 48-frame clips, no CFG; see docs/distilled.md).
+The pipeline is loaded once per process from an official folder or ComfyUI's files (an s3://
+checkpoint is first mirrored locally by `tasks.generate.checkpoints`; `model.layout.resolve` says
+which file gives each component) at the chosen precision, and serves every segment routed to this
+worker; `self.pipeline.load_timings` says where the loading time went. Each `SegmentJob` maps to
+one `generate_clips` call: the normalized image (already cropped to width x height), the
+segment's 16 kHz WAV, prompt, negative prompt, seed (clip r uses seed + r), infer_frames, steps,
+guidance, the resolution's shift (3 at 480p, 5 at 720p) and the job's speed options; its LoRAs are
+set on the pipeline first (model/lora.py: merged into bf16 weights and restored exactly when the
+next job has other LoRAs or none). A job in distilled mode goes to
+`model.distilled.DistilledPipeline` over the same components, with LiveAvatar's LoRA set the same
+way (shift 3, 48-frame clips, no CFG; see docs/distilled.md).
 
 Whole clips: the stage expects `infer_frames` frames from every clip. The reference drops the
 first 3 decoded frames of a segment's first clip, so its first clip shows audio frames 3..F-1;
@@ -19,7 +21,7 @@ on the audio frame it was generated for (frame k <-> audio k / 16 s), at the cos
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import av
 import numpy as np
@@ -115,22 +117,38 @@ class WanS2VGenerator:
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: str | Sequence[str],
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         offload: bool = False,
+        precision: str | None = None,
+        compile_cache_dir: str | None = None,
         mode: str = "exact",
         distilled_lora: str | None = None,
     ):
+        """checkpoint: a folder or file (local or s3://), or several, each component taken from the
+        first that has it (official folders, ComfyUI files: model.layout.resolve). precision:
+        "bf16" | "fp8" | None (fp8 for a scaled-fp8 ComfyUI DiT, else bf16); fp8 is refused before
+        loading on a device without fp8 matmuls. compile_cache_dir: a folder where compiled kernels
+        are kept for the next worker on the host. mode: "exact" or "distilled" (LiveAvatar's LoRA at
+        `distilled_lora`, checked against the checkpoint before the weights load)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
         if mode == "distilled" and not distilled_lora:
             raise ValueError("mode 'distilled' needs distilled_lora: the path of LiveAvatar's liveavatar.safetensors")
         self.checkpoint, self.mode, self.distilled_lora = checkpoint, mode, distilled_lora
-        folder = local_checkpoint(checkpoint)
+        sources = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+        local = [local_checkpoint(uri) for uri in sources]
         if distilled_lora:
-            check_liveavatar_lora(storage.local_copy(distilled_lora), transformer_config(resolve(folder).dit))
-        self.pipeline = S2VPipeline.from_checkpoint(folder, device=device, dtype=_dtype(dtype), offload=offload)
+            check_liveavatar_lora(storage.local_copy(distilled_lora), transformer_config(resolve(local).dit))
+        self.pipeline = S2VPipeline.from_checkpoint(
+            local, device=device, dtype=_dtype(dtype), offload=offload, precision=precision,
+            compile_cache_dir=compile_cache_dir,
+        )  # fmt: skip
+        pipe = self.pipeline
+        # what the clips depend on besides the job: clips made at another precision or from other
+        # weight files are not reused (stage.job_fingerprint)
+        self.fingerprint = f"precision={pipe.precision} dtype={pipe.dtype} {pipe.files.describe()}"
         self._distilled: DistilledPipeline | None = None
 
     def distilled_pipeline(self) -> DistilledPipeline:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +24,10 @@ _image = gradient_image
 _speech = voiced_tone
 
 
-def _mirror(src: Path, dst: Path, skip: set[str]) -> Path:
-    """A copy of the checkpoint folder made of symlinks, without the files in `skip`."""
-    for root, _, files in os.walk(src):
-        for name in files:
-            rel = (Path(root) / name).relative_to(src)
-            if str(rel) in skip:
-                continue
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dst / rel).symlink_to(Path(root) / name)
-    return dst
-
-
-def test_missing_files_are_all_named_with_the_layout(tiny_checkpoint: Path, tmp_path: Path):
+def test_missing_files_are_all_named_with_the_layout(tiny_checkpoint: Path, tmp_path: Path, make_mirror):
     shard = sorted(p.name for p in tiny_checkpoint.glob("diffusion_pytorch_model-*.safetensors"))[1]
     skip = {shard, "Wan2.1_VAE.pth", "wav2vec2-large-xlsr-53-english/preprocessor_config.json"}
-    folder = _mirror(tiny_checkpoint, tmp_path / "ckpt", skip)
+    folder = make_mirror(tiny_checkpoint, tmp_path / "ckpt", skip)
     with pytest.raises(CheckpointError) as err:
         S2VPipeline.from_checkpoint(folder)
     message = str(err.value)

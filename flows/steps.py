@@ -7,6 +7,7 @@ the row's work folder); the stages themselves live in `tasks/`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tasks.calibrate import read_calibration
 from tasks.generate import stage as generate_stage
 from tasks.generate.backends import build_generator
 from tasks.generate.base import Generator
+from tasks.normalize.image import check_image
 from tasks.records import (
     MODEL_SAMPLE_RATE,
     ClipResult,
@@ -50,6 +52,12 @@ def normalize_step(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> 
         layout.RowPaths(row_dir).assets_json, key, NormalizedAssets, compute, field="assets",
         valid=lambda assets: Path(assets.audio_16k).exists() and Path(assets.image).exists(),
     )
+
+
+def image_step(assets: NormalizedAssets, settings: BatchSettings) -> list[str]:
+    """The reference image's flags under the batch's image policy; RowFailure('image') under 'fail'.
+    Applied to the cached checks, so changing the policy needs no new normalization."""
+    return check_image(assets.image_qc, assets.height, settings.image_policy)
 
 
 def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
@@ -207,7 +215,7 @@ def segment_job(
         prompt=row.prompt or "", negative_prompt=row.negative_prompt, pose_video=row.pose_video,
         width=row_plan.width, height=row_plan.height, fps=row_plan.fps, infer_frames=row_plan.infer_frames,
         resolution=row.resolution, steps=row.steps, guidance=row.guidance,
-        cues=captions.cues_for_segment(cues, segment),
+        cues=captions.cues_for_segment(cues, segment), precision=row.precision or settings.precision,
         preset=name, speed=None if speed == SpeedConfig() else speed.to_dict(), loras=row_loras(row, settings),
     )
     return job, paths.segment_dir(index)
@@ -215,17 +223,40 @@ def segment_job(
 
 def load_backend(backend: str, settings: BatchSettings) -> Generator:
     """The generator for `backend`: a named one (loaded once per process) or a 'module:callable' factory."""
-    return build_generator(backend, settings.checkpoint, settings.device, settings.offload, settings.generator_options)
+    return build_generator(backend, settings.checkpoint, settings.device, settings.offload, settings.generator_options,
+                           precision=settings.precision)
+
+
+class HeldTime:
+    """Seconds one segment held the flow process's generator, over all its attempts (see `generate_step`).
+
+    A plain class, not a dataclass: Prefect walks dataclass parameters of tasks, and this object
+    is shared by a generate task's retries.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
 
 
 def generate_step(
     row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
     backend: str, settings: BatchSettings, on_clip: Callable[[ClipResult], None] | None = None,
+    held: HeldTime | None = None,
 ) -> SegmentResult:
-    """Render one planned segment clip by clip in this process, resuming at its first missing clip."""
+    """Render one planned segment clip by clip in this process, resuming at its first missing clip.
+
+    The caller runs it where it holds the process's generator alone (flows/batch.py); the result's
+    `gpu_s` is the time it held it, added up over the attempts that share `held` (records.GPU_SECONDS).
+    """
+    held = held if held is not None else HeldTime()
     job, seg_dir = segment_job(row, assets, row_plan, cues, index, settings)
-    generator = load_backend(backend, settings)
-    return generate_stage.generate_segment(job, generator, seg_dir, on_clip=on_clip)
+    started = time.monotonic()
+    try:
+        generator = load_backend(backend, settings)
+        result = generate_stage.generate_segment(job, generator, seg_dir, on_clip=on_clip)
+    finally:
+        held.seconds += time.monotonic() - started
+    return result.model_copy(update={"gpu_s": round(held.seconds, 3)})
 
 
 def stitch_step(

@@ -20,7 +20,7 @@ import pandas as pd
 
 from model.presets import PRESET_NAMES
 from tasks import storage
-from tasks.records import ManifestRow, Resolution, RowIssue
+from tasks.records import PRECISIONS, ManifestRow, Resolution, RowIssue
 
 REQUIRED_COLUMNS = ("id", "audio", "image")
 OPTIONAL_COLUMNS = (
@@ -38,6 +38,7 @@ OPTIONAL_COLUMNS = (
     "preset",
     "lora",
     "lora_strength",
+    "precision",
 )
 TEMPLATE_COLUMNS = ("script", "prompt", "negative_prompt")
 TEMPLATE_VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
@@ -121,13 +122,15 @@ def validate_manifest(
     *,
     allowed_roots: list[str] | None = None,
     check_files: bool = True,
+    precision: str | None = None,
 ) -> Validation:
     """Validate every row of the manifest at `uri`.
 
     Relative paths resolve against the manifest's folder. A path must stay inside the
     manifest's folder or one of `allowed_roots`; anything else is refused. With
     `check_files`, referenced files must exist (their content is checked later, by
-    normalization).
+    normalization). With the batch's `precision`, a row naming another precision is
+    refused: a batch's generators load the model once, in one precision.
     """
     frame = read_manifest(uri)
     base = storage.parent(uri) if storage.is_remote(uri) else str(Path(uri).resolve().parent)
@@ -141,7 +144,7 @@ def validate_manifest(
     checked: list[tuple[int, str | None, dict, list[RowIssue]]] = []
 
     for number, record in enumerate(frame.to_dict(orient="records"), start=1):
-        row_issues, values = _check_row(number, record, base, roots)
+        row_issues, values = _check_row(number, record, base, roots, precision)
         row_id = values["id"]
         if row_id and row_id in seen_ids:
             row_issues.append(
@@ -192,7 +195,9 @@ def validate_manifest(
     return Validation(manifest=uri, rows=rows, issues=issues, total_rows=len(frame), ignored_columns=ignored)
 
 
-def _check_row(number: int, record: dict[str, str], base: str, roots: list[str]) -> tuple[list[RowIssue], dict]:
+def _check_row(
+    number: int, record: dict[str, str], base: str, roots: list[str], batch_precision: str | None = None
+) -> tuple[list[RowIssue], dict]:
     """Check one row's cells; return its problems and the typed values."""
     row_id = record.get("id") or None
     issues: list[RowIssue] = []
@@ -240,6 +245,16 @@ def _check_row(number: int, record: dict[str, str], base: str, roots: list[str])
         fail("resolution", f"unknown resolution {resolution!r}; use 480p or 720p")
 
     _check_speed_and_lora(record, base, roots, values, fail)
+
+    precision = (record.get("precision") or "").lower() or None
+    if precision and precision not in PRECISIONS:
+        fail("precision", f"{record['precision']!r} is not a precision; use {' or '.join(PRECISIONS)}")
+        precision = None
+    elif precision and batch_precision and precision != batch_precision:
+        fail("precision", f"{precision!r} is not the batch's precision {batch_precision!r}: a batch loads its model "
+                          f"once, in one precision; run such rows as a batch of their own with --precision {precision}")
+    values["precision"] = precision
+
     values["seed"] = _int_cell(record, "seed", DEFAULT_SEED, 0, 2**32 - 1, fail)
     values["steps"] = _int_cell(record, "steps", 40, 1, 200, fail)
     values["guidance"] = _float_cell(record, "guidance", 4.5, 0.0, 30.0, fail)

@@ -39,7 +39,7 @@ import soundfile as sf
 
 from tasks.generate.base import GeneratedClip, Generator
 from tasks.media import ffmpeg_exe
-from tasks.records import MODEL_SAMPLE_RATE, ClipResult, Segment, SegmentJob, SegmentResult
+from tasks.records import DEFAULT_PRECISION, MODEL_SAMPLE_RATE, ClipResult, Segment, SegmentJob, SegmentResult
 from tasks.storage import atomic_local, file_digest
 
 CLIP_CRF = 14
@@ -145,8 +145,9 @@ def job_fingerprint(job: SegmentJob, generator: Generator) -> str:
     clips from another configuration stale too.
     """
     fields = job.model_dump(mode="json", exclude={"image", "audio", "pose_video"})
-    for key, default in (("preset", "exact"), ("speed", None), ("loras", [])):
-        if fields[key] == default:  # exact without LoRAs: the identity clips had before these options existed
+    # Options at their defaults (exact, no LoRAs, bf16) are left out: the identity clips had before they existed.
+    for key, default in (("preset", "exact"), ("speed", None), ("loras", []), ("precision", DEFAULT_PRECISION)):
+        if fields[key] == default:
             del fields[key]
     fields["inputs"] = {k: _file_digest(getattr(job, k)) for k in ("image", "audio", "pose_video")}
     fields["backend"] = [generator.name, str(getattr(generator, "fingerprint", ""))]

@@ -7,6 +7,7 @@ the row's work folder); the stages themselves live in `tasks/`.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,11 @@ def image_step(assets: NormalizedAssets, settings: BatchSettings) -> list[str]:
     return check_image(assets.image_qc, assets.height, settings.image_policy)
 
 
+_LOADING = threading.Lock()
+"""Rows load the speech models one at a time: transformers resolves its lazy imports unsafely when two
+threads import at once ("cannot import name 'Wav2Vec2CTCTokenizer'"); once loaded they are cached."""
+
+
 def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
     """Align the script to the audio and check languages; cached beside the normalized audio."""
     model = speech.resolve_alignment_model(settings.alignment_model, settings.checkpoint, row.language)
@@ -80,6 +86,9 @@ def _analyse_speech(
     transcribed = bool(settings.whisper_model) and not (assets.script and assets.script.strip())
     if settings.whisper_model:
         detected, script, heard = _whisper_pass(row, assets, audio, settings)
+    if model:
+        with _LOADING:
+            speech.cached_ctc_model(model, settings.device or "cpu")
     try:
         analysis = speech.align_row(
             audio, script or "", sample_rate=rate, model_folder=model, device=settings.device or "cpu"
@@ -108,9 +117,10 @@ def _whisper_pass(
     from tasks.speech import transcribe  # faster-whisper loads only when a Whisper model is configured
 
     cuda = (settings.device or "").startswith("cuda")
-    whisper = transcribe.load_whisper(
-        settings.whisper_model, device="cuda" if cuda else "cpu", compute_type="float16" if cuda else "int8"
-    )
+    with _LOADING:
+        whisper = transcribe.load_whisper(
+            settings.whisper_model, device="cuda" if cuda else "cpu", compute_type="float16" if cuda else "int8"
+        )
     detected = transcribe.detect_language(whisper, audio)
     if assets.script and assets.script.strip():
         return detected, assets.script, []

@@ -98,13 +98,13 @@ def test_image_policy_in_a_batch_shows_in_the_report(prefect_api, images: dict[s
         assert row["image_qc"] is not None and row["video"] is None
     assert not (tmp_path / "out" / "blurry.mp4").exists()
 
-    # Under 'fail' the same row fails with one line naming the row and the column; under 'warn' it is
+    # Under 'fail' such a row fails with one line naming the row and the column; under 'warn' it is
     # rendered and keeps its flag.
+    (tmp_path / "one.csv").write_text(f"id,audio,image\nblurry,hello.wav,{images['blurry']}\n")
     settings = settings.model_copy(update={"image_policy": "fail"})
-    report = asyncio.run(batch(str(tmp_path / "batch.csv"), str(tmp_path / "out-fail"), settings))
-    failed = next(r for r in report["rows"] if r["id"] == "blurry")
+    (failed,) = asyncio.run(batch(str(tmp_path / "one.csv"), str(tmp_path / "out-fail"), settings))["rows"]
     assert failed["status"] == "failed" and "column 'image'" in failed["error"] and "image_blurry" in failed["error"]
+    assert failed["error"].startswith("row 1 (id 'blurry')")
     settings = settings.model_copy(update={"image_policy": "warn"})
-    report = asyncio.run(batch(str(tmp_path / "batch.csv"), str(tmp_path / "out-warn"), settings))
-    warned = next(r for r in report["rows"] if r["id"] == "no_face")
-    assert warned["status"] == "succeeded" and warned["flags"][0].startswith("image_no_face")
+    (warned,) = asyncio.run(batch(str(tmp_path / "one.csv"), str(tmp_path / "out-warn"), settings))["rows"]
+    assert warned["status"] == "succeeded" and warned["flags"][0].startswith("image_blurry")

@@ -4,8 +4,9 @@ Composition only: each task below is a thin wrapper that runs one stage function
 `tasks/` in a worker thread (stages are blocking: ffmpeg, numpy, torch), so rows run
 concurrently on the flow's event loop. Without the pool, segments are rendered one at a
 time on one thread (`_GENERATOR`): the process holds one model on one device, as a pool
-worker does, and a segment's GPU seconds are the time it held it. Each row is its own subflow run, which keeps the
-Prefect UI readable for large batches and lets one row fail without failing the others.
+worker does, and a segment's GPU seconds are the time it held it. Each row is its own
+subflow run, which keeps the Prefect UI readable for large batches and lets one row fail
+without failing the others.
 With the GPU pool (flows/pool_run.py) a row's generate tasks wait on the pool, and the row
 limit gates only the rows' CPU stages (docs/design-notes.md, "Generation on the pool").
 """

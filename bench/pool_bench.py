@@ -18,8 +18,8 @@ on a CPU machine. For each worker count it reports:
 
 `--resume-check` instead renders one segment of the tiny `wan-s2v` model (random weights,
 real architecture, CPU) on a one-worker pool, kills the worker's process by pid once the
-first clip is finished, lets the pool replace it and resume, and compares every clip and
-state file byte for byte with an uninterrupted run of the same segment on the pool.
+first clip is finished, lets the pool replace it and resume, and compares every clip byte
+for byte with an uninterrupted run of the same segment on the pool.
 
     .venv/bin/python bench/pool_bench.py --resume-check
 
@@ -110,16 +110,15 @@ def resume_check(folder: Path) -> dict:
     with GeneratorPool(config) as pool:
         resumed = pool.submit(job, folder / "pool", on_event).result()
         clean = pool.submit(job, folder / "clean").result()
-    same = [
-        Path(a.path).read_bytes() == Path(b.path).read_bytes()
-        and Path(a.state).read_bytes() == Path(b.state).read_bytes()
-        for a, b in zip(resumed.clips, clean.clips, strict=True)
-    ]
+    # A finished segment keeps no state: the clips after the resume show the state carried them over
+    # (tests/test_generate_stage.py compares the states themselves, bit for bit).
+    pairs = zip(resumed.clips, clean.clips, strict=True)
+    same = [Path(a.path).read_bytes() == Path(b.path).read_bytes() for a, b in pairs]
     return {
         "killed_pid": killed[0] if killed else None,
         "attempts": resumed.attempts,
         "reused": [c.reused for c in resumed.clips],
-        "clips_and_states_bitwise_equal": same,
+        "clips_bitwise_equal": same,
     }
 
 

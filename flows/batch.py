@@ -2,8 +2,11 @@
 
 Composition only: each task below is a thin wrapper that runs one stage function from
 `tasks/` in a worker thread (stages are blocking: ffmpeg, numpy, torch), so rows run
-concurrently on the flow's event loop. Each row is its own subflow run, which keeps the
-Prefect UI readable for large batches and lets one row fail without failing the others.
+concurrently on the flow's event loop. Without the pool, segments are rendered one at a
+time on one thread (`_GENERATOR`): the process holds one model on one device, as a pool
+worker does, and a segment's GPU seconds are the time it held it. Each row is its own
+subflow run, which keeps the Prefect UI readable for large batches and lets one row fail
+without failing the others.
 With the GPU pool (flows/pool_run.py) a row's generate tasks wait on the pool, and the row
 limit gates only the rows' CPU stages (docs/design-notes.md, "Generation on the pool").
 """
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +35,7 @@ from tasks.generate.backends import resolve_backend
 from tasks.manifest import Validation, validate_manifest
 from tasks.plan import gpu_money
 from tasks.records import (
+    DEFAULT_PRECISION,
     ClipResult,
     Cue,
     ManifestRow,
@@ -61,6 +67,9 @@ def _is_transient(task, task_run, state) -> bool:
     return isinstance(exc, OSError | ConnectionError | TimeoutError) and not isinstance(exc, FileNotFoundError)
 
 
+_GENERATOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s2v-generate")
+"""Where the flow process renders its segments, one after another (a queue, not threads waiting on a lock)."""
+
 STAGE = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": _is_transient, "cache_policy": NO_CACHE}
 
 
@@ -87,6 +96,7 @@ async def plan_task(
 async def generate_task(
     row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
     backend: str, settings: BatchSettings, tracker: pool_run.RowProgress | None = None,
+    held: steps.HeldTime | None = None,
 ) -> SegmentResult:
     segment = row_plan.segments[index]
     if (on_pool := pool_run.current()) is not None and tracker is not None:
@@ -97,9 +107,8 @@ async def generate_task(
     def on_clip(clip: ClipResult) -> None:
         progress.emit(row.id, "clip", f"segment {index} clip {clip.index + 1}/{segment.clips}")
 
-    return await asyncio.to_thread(
-        steps.generate_step, row, assets, row_plan, cues, index, backend, settings, on_clip
-    )
+    return await asyncio.get_running_loop().run_in_executor(_GENERATOR, functools.partial(
+        steps.generate_step, row, assets, row_plan, cues, index, backend, settings, on_clip, held))
 
 
 @task(name="stitch", **STAGE)
@@ -130,8 +139,9 @@ async def _generate_row(
     """All segments of the row at once: in this process, or queued on the batch's GPU pool."""
     indices = range(len(row_plan.segments))
     if pool_run.current() is None:
+        # One clock per segment, shared by its task's retries: every attempt counts (records.GPU_SECONDS).
         return list(await asyncio.gather(*(
-            generate_task(row, assets, row_plan, cues, i, backend, settings) for i in indices
+            generate_task(row, assets, row_plan, cues, i, backend, settings, held=steps.HeldTime()) for i in indices
         )))
     tracker = pool_run.RowProgress(row, row_plan)
     await tracker.start()
@@ -147,6 +157,13 @@ async def _generate_row(
                 raise exc  # cancellation and the like are not a row's failure
         raise GenerationFailed("; ".join(str(e) for e in failures))
     return list(outcomes)
+
+
+def _row_skipped(row: ManifestRow, assets: NormalizedAssets, flags: list[str], problems: list[str]) -> RowResult:
+    """A row a policy (image or language) skipped: no generation, the problems as its error."""
+    progress.emit(row.id, "done", "skipped")
+    return RowResult(row=row.row, id=row.id, status="skipped", flags=flags, error="; ".join(problems),
+                     audio_qc=assets.audio_qc, image_qc=assets.image_qc)
 
 
 @flow(name="row", validate_parameters=False)
@@ -168,14 +185,15 @@ async def process_row(
         async with pool_run.cpu_gate():
             progress.emit(row.id, "normalize")
             assets = await normalize_task(row, row_dir, settings)
+            image_flags = steps.image_step(assets, settings)  # RowFailure('image') under image_policy 'fail'
+            if image_flags and settings.image_policy == "skip":
+                return _row_skipped(row, assets, image_flags, image_flags)
             where = "stage 'speech'"
             progress.emit(row.id, "speech")
             speech = await speech_task(row, assets, settings)
             if language.should_skip(speech):
-                progress.emit(row.id, "done", "skipped")
-                return RowResult(row=row.row, id=row.id, status="skipped", flags=speech.flags,
-                                 error="; ".join(f for f in speech.flags if f != language.SKIP_FLAG),
-                                 audio_qc=assets.audio_qc, image_qc=assets.image_qc)
+                problems = [f for f in speech.flags if f != language.SKIP_FLAG]
+                return _row_skipped(row, assets, image_flags + speech.flags, problems)
             where = "stage 'plan'"
             row_plan = await plan_task(row, assets, speech, settings)
             # Timings the aligner itself distrusts are not used: captions then spread evenly (flagged).
@@ -198,7 +216,7 @@ async def process_row(
         logger.exception("row %s failed unexpectedly at %s", row.id, where)
         return _row_failed(row, where, f"{type(exc).__name__}: {exc}")
 
-    flags = list(speech.flags)
+    flags = image_flags + list(speech.flags)
     if speech.approximate and assets.script:
         flags.append("captions approximate: spread evenly over the speech, not aligned")
     if not assets.script:
@@ -229,7 +247,8 @@ async def _prepare(manifest: str, settings: BatchSettings) -> tuple[str, Validat
     await asyncio.to_thread(steps.check_speed_settings, settings)
     await asyncio.to_thread(steps.check_mode_settings, settings, backend)
     validation = await asyncio.to_thread(
-        validate_manifest, manifest, allowed_roots=settings.allowed_roots, mode=settings.mode
+        validate_manifest, manifest, allowed_roots=settings.allowed_roots, mode=settings.mode,
+        precision=settings.precision,
     )
     logger.info("manifest %s: %d rows, %d valid; backend %s%s", manifest, validation.total_rows,
                 len(validation.rows), backend, " (labelled animatic, not the model)" if backend == "preview" else "")
@@ -319,7 +338,8 @@ def _artifact_row(r: RowResult) -> dict:
     return {
         "row": r.row, "id": r.id or "", "status": r.status + (" (cached)" if r.cached else ""),
         "duration_s": r.duration_s if r.duration_s is not None else "",
-        "clips": r.clips if r.clips is not None else "", "video": r.video or "", "error": r.error or "",
+        "clips": r.clips if r.clips is not None else "", "gpu_s": r.gpu_s if r.gpu_s is not None else "",
+        "video": r.video or "", "error": r.error or "", "flags": "; ".join(r.flags),
     }
 
 
@@ -336,6 +356,9 @@ def _fingerprint_settings(settings: BatchSettings, backend: str) -> dict:
     keys = ("checkpoint", "pad_s", "max_segment_s", "min_segment_s", "infer_frames", "burn_captions",
             "language_policy")
     optional = {k: getattr(settings, k) for k in ("alignment_model", "whisper_model") if getattr(settings, k)}
+    # Likewise only when not the default: a row's precision (validated to be the batch's) and the image policy.
+    optional |= {k: getattr(settings, k) for k, default in (("precision", DEFAULT_PRECISION), ("image_policy", "warn"))
+                 if getattr(settings, k) != default}
     if settings.generator_factory:
         optional["generator_options"] = settings.generator_options
     if settings.preset != "exact":

@@ -291,7 +291,8 @@ def validate(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = 
     Exits 1 when some rows are invalid."""
     from tasks.manifest import validate_manifest
 
-    result = validate_manifest(manifest, allowed_roots=settings.allowed_roots, mode=settings.mode)
+    result = validate_manifest(manifest, allowed_roots=settings.allowed_roots, mode=settings.mode,
+                               precision=settings.precision)
     if as_json:
         out_console.print_json(json.dumps({
             "rows": result.total_rows, "valid": len(result.rows),

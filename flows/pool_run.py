@@ -55,9 +55,12 @@ def cpu_gate() -> contextlib.AbstractAsyncContextManager:
 
 
 def use_pool(settings: BatchSettings, backend: str) -> bool:
-    """'auto' renders on the pool for the model, or when a Ray cluster is named."""
+    """'auto' renders on the pool for the model, or when a Ray cluster is named; never for a CPU device
+    (`--device cpu` needs no GPU worker: the flow process renders, unless the pool is asked for)."""
     if settings.pool != "auto":
         return settings.pool == "on"
+    if settings.device and not settings.device.startswith("cuda"):
+        return False
     return backend == "wan-s2v" or bool(settings.ray_address or os.environ.get("RAY_ADDRESS"))
 
 
@@ -82,8 +85,8 @@ async def start_pool(settings: BatchSettings, backend: str) -> GeneratorPool:
         raise BackendError(f"checkpoint not found: {settings.checkpoint}")
     pool = GeneratorPool(PoolConfig(
         backend=backend, checkpoint=settings.checkpoint, device=settings.device, offload=settings.offload,
-        backend_options=settings.generator_options, workers=settings.pool_workers, address=settings.ray_address,
-        attempts=settings.segment_attempts, backoff_s=settings.retry_backoff_s,
+        backend_options=settings.generator_options, precision=settings.precision, workers=settings.pool_workers,
+        address=settings.ray_address, attempts=settings.segment_attempts, backoff_s=settings.retry_backoff_s,
         offload_on_oom=settings.offload_on_oom, store=settings.clip_store,
     ))
     try:

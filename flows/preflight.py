@@ -21,7 +21,8 @@ def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -
     Work files go to a cache folder keyed by the manifest, so planning twice (or planning
     then running with the same work folder) normalizes and aligns each row once.
     """
-    validation = validate_manifest(manifest, allowed_roots=settings.allowed_roots, mode=settings.mode)
+    validation = validate_manifest(manifest, allowed_roots=settings.allowed_roots, mode=settings.mode,
+                                   precision=settings.precision)
     problems = [str(issue) for issue in validation.issues]
     work_dir = Path(settings.work_dir) if settings.work_dir else layout.plan_work_dir(manifest)
     plans: list[Plan] = []
@@ -29,6 +30,9 @@ def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -
         row_dir = layout.RowPaths.for_row(work_dir, row.id).root
         try:
             assets = steps.normalize_step(row, row_dir, settings)
+            if (flags := steps.image_step(assets, settings)) and settings.image_policy == "skip":
+                problems.append(row_error(row.row, row.id, "column 'image'", "skipped: " + "; ".join(flags)))
+                continue
             speech = steps.speech_step(row, assets, settings)
             plans.append(steps.plan_step(row, assets, speech, settings))
         except RowFailure as exc:

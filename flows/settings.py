@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from tasks.records import Mode
+from tasks.records import DEFAULT_PRECISION, Mode, Precision
 
 CONFIG_ENV = "S2V_CONFIG"
 DEFAULT_CONFIG = Path("s2v-batch.toml")
@@ -23,6 +23,7 @@ _config_file: ContextVar[Path | None] = ContextVar("s2v_config_file", default=No
 
 Backend = Literal["auto", "preview", "wan-s2v"]
 LanguagePolicy = Literal["warn", "skip", "fail"]
+ImagePolicy = Literal["warn", "skip", "fail"]
 PoolMode = Literal["auto", "on", "off"]
 Preset = Literal["exact", "balanced", "fast"]
 StepCache = Literal["none", "easycache", "magcache"]
@@ -43,6 +44,10 @@ class BatchSettings(BaseSettings):
         False, description="keep the DiT's blocks in CPU memory and stream them to the GPU one by one, and the "
         "encoders and VAE on the CPU until they work (GPUs of 24 GB and up; as fast as without on an H100)"
     )
+    precision: Precision = Field(
+        DEFAULT_PRECISION, description="weights of the DiT's block linears for wan-s2v: 'bf16', or 'fp8' (GPUs with "
+        "fp8: Hopper, Ada and later; refused elsewhere); a manifest row may name its own only if it is the batch's"
+    )
     allowed_roots: list[str] = Field(
         default_factory=list, description="folders/prefixes besides the manifest's own that rows may read from"
     )
@@ -54,6 +59,10 @@ class BatchSettings(BaseSettings):
     pad_s: float = Field(0.25, ge=0, description="silence kept before and after speech when trimming")
     max_audio_s: float = Field(1800.0, gt=0, description="longest audio accepted per row, seconds")
     language_policy: LanguagePolicy = Field("warn", description="what non-English speech does to a row")
+    image_policy: ImagePolicy = Field(
+        "warn", description="what a reference image failing its checks (no face, face too small, blurry; "
+        "tasks/normalize/image.py) does to a row: flag it ('warn'), skip it, or fail it"
+    )
     alignment_model: str | None = Field(
         None, description="local Hugging Face Wav2Vec2ForCTC folder to align scripts with (tasks/speech/ctc.py); "
         "unset: the checkpoint's wav2vec2-large-xlsr-53-english folder for English rows when the checkpoint is "

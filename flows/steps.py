@@ -7,6 +7,8 @@ the row's work folder); the stages themselves live in `tasks/`.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from tasks.calibrate import read_calibration
 from tasks.generate import stage as generate_stage
 from tasks.generate.backends import build_generator
 from tasks.generate.base import Generator
+from tasks.normalize.image import check_image
 from tasks.records import (
     MODEL_SAMPLE_RATE,
     ClipResult,
@@ -53,6 +56,17 @@ def normalize_step(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> 
     )
 
 
+def image_step(assets: NormalizedAssets, settings: BatchSettings) -> list[str]:
+    """The reference image's flags under the batch's image policy; RowFailure('image') under 'fail'.
+    Applied to the cached checks, so changing the policy needs no new normalization."""
+    return check_image(assets.image_qc, assets.height, settings.image_policy)
+
+
+_LOADING = threading.Lock()
+"""Rows load the speech models one at a time: transformers resolves its lazy imports unsafely when two
+threads import at once ("cannot import name 'Wav2Vec2CTCTokenizer'"); once loaded they are cached."""
+
+
 def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
     """Align the script to the audio and check languages; cached beside the normalized audio."""
     model = speech.resolve_alignment_model(settings.alignment_model, settings.checkpoint, row.language)
@@ -73,6 +87,9 @@ def _analyse_speech(
     transcribed = bool(settings.whisper_model) and not (assets.script and assets.script.strip())
     if settings.whisper_model:
         detected, script, heard = _whisper_pass(row, assets, audio, settings)
+    if model:
+        with _LOADING:
+            speech.cached_ctc_model(model, settings.device or "cpu")
     try:
         analysis = speech.align_row(
             audio, script or "", sample_rate=rate, model_folder=model, device=settings.device or "cpu"
@@ -101,9 +118,10 @@ def _whisper_pass(
     from tasks.speech import transcribe  # faster-whisper loads only when a Whisper model is configured
 
     cuda = (settings.device or "").startswith("cuda")
-    whisper = transcribe.load_whisper(
-        settings.whisper_model, device="cuda" if cuda else "cpu", compute_type="float16" if cuda else "int8"
-    )
+    with _LOADING:
+        whisper = transcribe.load_whisper(
+            settings.whisper_model, device="cuda" if cuda else "cpu", compute_type="float16" if cuda else "int8"
+        )
     detected = transcribe.detect_language(whisper, audio)
     if assets.script and assets.script.strip():
         return detected, assets.script, []
@@ -259,7 +277,7 @@ def segment_job(
         prompt=row.prompt or "", negative_prompt=row.negative_prompt, pose_video=row.pose_video,
         width=row_plan.width, height=row_plan.height, fps=row_plan.fps, infer_frames=row_plan.infer_frames,
         resolution=row.resolution, steps=row.steps, guidance=row.guidance,
-        cues=captions.cues_for_segment(cues, segment),
+        cues=captions.cues_for_segment(cues, segment), precision=row.precision or settings.precision,
         preset=name, speed=None if speed == SpeedConfig() else speed.to_dict(), loras=row_loras(row, settings),
     )
     if mode == "distilled":  # LiveAvatar's own sampling and LoRA (row_mode refused the rest)
@@ -269,17 +287,40 @@ def segment_job(
 
 def load_backend(backend: str, settings: BatchSettings) -> Generator:
     """The generator for `backend`: a named one (loaded once per process) or a 'module:callable' factory."""
-    return build_generator(backend, settings.checkpoint, settings.device, settings.offload, settings.generator_options)
+    return build_generator(backend, settings.checkpoint, settings.device, settings.offload, settings.generator_options,
+                           precision=settings.precision)
+
+
+class HeldTime:
+    """Seconds one segment held the flow process's generator, over all its attempts (see `generate_step`).
+
+    A plain class, not a dataclass: Prefect walks dataclass parameters of tasks, and this object
+    is shared by a generate task's retries.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
 
 
 def generate_step(
     row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
     backend: str, settings: BatchSettings, on_clip: Callable[[ClipResult], None] | None = None,
+    held: HeldTime | None = None,
 ) -> SegmentResult:
-    """Render one planned segment clip by clip in this process, resuming at its first missing clip."""
+    """Render one planned segment clip by clip in this process, resuming at its first missing clip.
+
+    The caller runs it where it holds the process's generator alone (flows/batch.py); the result's
+    `gpu_s` is the time it held it, added up over the attempts that share `held` (records.GPU_SECONDS).
+    """
+    held = held if held is not None else HeldTime()
     job, seg_dir = segment_job(row, assets, row_plan, cues, index, settings)
-    generator = load_backend(backend, settings)
-    return generate_stage.generate_segment(job, generator, seg_dir, on_clip=on_clip)
+    started = time.monotonic()
+    try:
+        generator = load_backend(backend, settings)
+        result = generate_stage.generate_segment(job, generator, seg_dir, on_clip=on_clip)
+    finally:
+        held.seconds += time.monotonic() - started
+    return result.model_copy(update={"gpu_s": round(held.seconds, 3)})
 
 
 def stitch_step(

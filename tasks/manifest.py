@@ -20,7 +20,7 @@ import pandas as pd
 
 from model.presets import DISTILLED_STEPS, PRESET_NAMES
 from tasks import storage
-from tasks.records import MODES, ManifestRow, Resolution, RowIssue
+from tasks.records import MODES, PRECISIONS, ManifestRow, Resolution, RowIssue
 
 REQUIRED_COLUMNS = ("id", "audio", "image")
 OPTIONAL_COLUMNS = (
@@ -39,6 +39,7 @@ OPTIONAL_COLUMNS = (
     "lora",
     "lora_strength",
     "mode",
+    "precision",
 )
 TEMPLATE_COLUMNS = ("script", "prompt", "negative_prompt")
 TEMPLATE_VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
@@ -123,6 +124,7 @@ def validate_manifest(
     allowed_roots: list[str] | None = None,
     check_files: bool = True,
     mode: str = "exact",
+    precision: str | None = None,
 ) -> Validation:
     """Validate every row of the manifest at `uri`.
 
@@ -130,7 +132,9 @@ def validate_manifest(
     manifest's folder or one of `allowed_roots`; anything else is refused. With
     `check_files`, referenced files must exist (their content is checked later, by
     normalization). `mode`: the batch's (the setting); rows in distilled mode (theirs or a
-    'mode' cell) default to its 4 steps without guidance and refuse what it cannot honour.
+    'mode' cell) default to its 4 steps without guidance and refuse what it cannot honour. With
+    the batch's `precision`, a row naming another precision is refused: a batch's generators load
+    the model once, in one precision.
     """
     frame = read_manifest(uri)
     base = storage.parent(uri) if storage.is_remote(uri) else str(Path(uri).resolve().parent)
@@ -144,7 +148,7 @@ def validate_manifest(
     checked: list[tuple[int, str | None, dict, list[RowIssue]]] = []
 
     for number, record in enumerate(frame.to_dict(orient="records"), start=1):
-        row_issues, values = _check_row(number, record, base, roots, mode)
+        row_issues, values = _check_row(number, record, base, roots, mode, precision)
         row_id = values["id"]
         if row_id and row_id in seen_ids:
             row_issues.append(
@@ -196,7 +200,8 @@ def validate_manifest(
 
 
 def _check_row(
-    number: int, record: dict[str, str], base: str, roots: list[str], batch_mode: str = "exact"
+    number: int, record: dict[str, str], base: str, roots: list[str], batch_mode: str = "exact",
+    batch_precision: str | None = None,
 ) -> tuple[list[RowIssue], dict]:
     """Check one row's cells; return its problems and the typed values."""
     row_id = record.get("id") or None
@@ -250,6 +255,14 @@ def _check_row(
         fail("mode", f"unknown mode {record['mode']!r}; use {', '.join(MODES)}")
     values["mode"] = mode if mode in MODES else None
     distilled = (values["mode"] or batch_mode) == "distilled"
+    precision = (record.get("precision") or "").lower() or None
+    if precision and precision not in PRECISIONS:
+        fail("precision", f"{record['precision']!r} is not a precision; use {' or '.join(PRECISIONS)}")
+        precision = None
+    elif precision and batch_precision and precision != batch_precision:
+        fail("precision", f"{precision!r} is not the batch's precision {batch_precision!r}: a batch loads its model "
+                          f"once, in one precision; run such rows as a batch of their own with --precision {precision}")
+    values["precision"] = precision
     values["seed"] = _int_cell(record, "seed", DEFAULT_SEED, 0, 2**32 - 1, fail)
     values["steps"] = _int_cell(record, "steps", DISTILLED_STEPS if distilled else 40, 1, 200, fail)
     values["guidance"] = _float_cell(record, "guidance", 1.0 if distilled else 4.5, 0.0, 30.0, fail)

@@ -145,7 +145,8 @@ def gpu_kind(name: str) -> GpuKind | None:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Estimated GPU seconds (and money) of a segment.
+    """Estimated GPU seconds (and money) of a segment: the quantity the report, `status` and the Prefect
+    artifacts measure (`tasks.records.GPU_SECONDS`), for a segment that needs one attempt.
 
     ``est_gpu_s = forwards_per_clip * (first_clip_s + (clips - 1) * later_clip_s)
     + clips * overhead_per_clip_s``
@@ -156,7 +157,9 @@ class CostModel:
     fewer: its steps and CFG truncation give the count before step caching, an upper bound; a
     calibration on the user's weights (tasks/calibrate.py) gives the count its caching actually
     ran (``measured_forwards``). ``overhead_per_clip_s`` covers encoders, VAE decode and motion
-    re-encode (measured with the forwards). The forward costs are keyed by (GPU type, resolution
+    re-encode (measured with the forwards); the measured figure also holds each clip's H.264 encode
+    and state write (a few seconds a clip at 480p, in the worker while its GPU waits), which the GPU
+    run of issue 14 sets against this estimate. The forward costs are keyed by (GPU type, resolution
     bucket); GPUs of the `GPU_KINDS` table without figures of their own scale the H100's by their
     relative speed. The bucket's real H×W follows the reference image's aspect but never exceeds
     the bucket's area, so the figures are an upper bound within a bucket.

@@ -23,6 +23,20 @@ Mode = Literal["exact", "distilled"]
 'distilled' (LiveAvatar's 4-step streaming generation with its LoRA, model/distilled.py)."""
 MODES: tuple[str, ...] = Mode.__args__
 
+Precision = Literal["bf16", "fp8"]
+"""Weights of the DiT's block linears: bf16, or fp8 (e4m3 with scales; GPUs with fp8 support only)."""
+DEFAULT_PRECISION: Precision = "bf16"
+PRECISIONS: tuple[str, ...] = ("bf16", "fp8")
+
+GPU_SECONDS = (
+    "GPU seconds: wall-clock seconds a generator worker (one GPU) was held by the segments, every attempt "
+    "included: on the pool from dispatching an attempt to its outcome, lost workers included; in the flow "
+    "process from a segment taking the process's generator to giving it back. Clip encoding and state "
+    "writes count (the GPU waits for them); queueing and model loading do not. `est_gpu_s` of the plan "
+    "estimates the same quantity for one attempt per segment"
+)
+"""The one definition of GPU time used by the report, `s2v-batch status`, the Prefect artifacts and the planner."""
+
 
 def row_error(row: int, row_id: str | None, where: str, reason: str) -> str:
     """The one line that names a failed row, where it failed (a column or a stage) and why."""
@@ -67,6 +81,10 @@ class ManifestRow(Record):
     lora: list[str] | None = Field(None, description="LoRA files for this row (None: the batch's; []: none)")
     lora_strength: list[float] | None = Field(None, description="one strength, or one per LoRA (None: the batch's)")
     mode: Mode | None = Field(None, description="'exact' or 'distilled' for this row (None: the batch's)")
+    # Left out of dumps while unset, so done markers fingerprinted before the column existed stay valid.
+    precision: Precision | None = Field(
+        None, description="the row's model precision; unset: the batch's", exclude_if=lambda v: v is None
+    )
 
 
 class RowIssue(Record):
@@ -150,7 +168,7 @@ class Segment(Record):
     frames: int = Field(description="ceil(duration × fps)")
     clips: int = Field(description="ceil(frames / infer_frames)")
     seed: int
-    est_gpu_s: float | None = None
+    est_gpu_s: float | None = Field(None, description="estimated " + GPU_SECONDS)
 
 
 class Plan(Record):
@@ -210,15 +228,20 @@ class SegmentJob(Record):
     loras: list[LoraRef] = Field(default_factory=list, description="LoRAs applied to the DiT for this segment")
     mode: Mode | None = Field(None, description="'distilled': LiveAvatar's 4-step streaming generation (None: exact)")
     distilled_lora: str | None = Field(None, description="LiveAvatar's LoRA file (distilled mode; local or s3://)")
+    precision: Precision = Field(DEFAULT_PRECISION, description="precision the worker's generator must run in")
 
 
 class ClipResult(Record):
     index: int
     path: str = Field(description="video file of this clip (no audio)")
     frames: int
-    state: str | None = Field(None, description="file with the lossless state to continue after this clip")
+    state: str | None = Field(
+        None, description="file with the lossless state to continue after this clip, while the segment is "
+        "unfinished and this is its last finished clip (states are dropped as the segment goes on)"
+    )
     reused: bool = Field(False, description="found finished on disk instead of generated")
-    gpu_s: float = 0.0
+    compute_s: float = Field(0.0, description="seconds the backend reported computing the clip (device-synchronised; "
+                             "0 on CPU backends): part of the segment's gpu_s, not GPU seconds on its own")
     forwards: int = Field(0, description="DiT passes run for this clip (batch rows; 80 for 40 exact CFG steps)")
 
 
@@ -229,7 +252,8 @@ class SegmentResult(Record):
     frames: int
     attempts: int = 1
     worker: str | None = None
-    gpu_s: float = 0.0
+    gpu_s: float = Field(0.0, description=GPU_SECONDS)
+    compute_s: float = Field(0.0, description="sum of the clips' compute_s generated in the last attempt")
     forwards: int = 0
 
     @property
@@ -255,7 +279,7 @@ class RowResult(Record):
     clips: int | None = None
     clips_reused: int | None = None
     attempts: int | None = None
-    gpu_s: float | None = None
+    gpu_s: float | None = Field(None, description=GPU_SECONDS + "; summed over the row's segments")
     cost: float | None = Field(None, description="gpu_s at the configured price per GPU-hour")
     preset: str | None = None
     forwards: int | None = Field(None, description="DiT passes run for the row's new clips")
@@ -276,7 +300,7 @@ class Report(Record):
     manifest_errors: list[str] = Field(default_factory=list)
     gpu: str | None = Field(None, description="GPU kind the costs are for")
     price_per_gpu_hour: float | None = None
-    gpu_s: float | None = Field(None, description="GPU seconds of the batch's new clips")
+    gpu_s: float | None = Field(None, description=GPU_SECONDS + "; summed over the rows not cached")
     cost: float | None = Field(None, description="gpu_s at the price per GPU-hour")
 
     @property

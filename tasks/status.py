@@ -3,7 +3,7 @@
 Every row leaves a trail a reader can trust because it is written atomically: the plan
 (`plan.json`), each finished clip (`seg_NNN/clip_NNNN.mp4`), and the done marker
 (`OUT/.s2v/rows/<id>.json`). From those: state, clips done of clips planned, GPU time used
-and an estimate of what remains.
+and an estimate of what remains, both in the report's GPU seconds (`tasks.records.GPU_SECONDS`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
 from paced import PACED, PacedGenerator, paced_job, tiny_s2v_job
@@ -69,11 +68,11 @@ def test_killed_worker_is_replaced_and_no_finished_clip_is_computed_again(inputs
     for k in range(len(before)):
         assert counts[("k", "0", str(k))] == 1
     assert all(r.attempts == 1 for r in results[1:])
-    # The resumed segment equals an uninterrupted run, byte for byte.
+    # The resumed segment equals an uninterrupted run, byte for byte, and keeps no state once done.
     clean = stage.generate_segment(jobs[0], PacedGenerator(clip_s=0), tmp_path / "clean")
     for a, b in zip(k0.clips, clean.clips, strict=True):
         assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
-        assert Path(a.state).read_bytes() == Path(b.state).read_bytes()
+    assert not list(tmp_path.glob("**/*.state.*"))
 
 
 def test_segment_that_always_fails_fails_alone_after_the_configured_attempts(inputs, tmp_path: Path) -> None:
@@ -231,9 +230,8 @@ def test_tiny_wan_s2v_resumed_after_a_lost_worker_equals_an_uninterrupted_run(tm
         resumed = pool.submit(job, tmp_path / "resumed", on_event).result(timeout=300)
         clean = pool.submit(job, tmp_path / "clean").result(timeout=300)
     assert killed and resumed.attempts == 2 and [c.reused for c in resumed.clips] == [True, False, False]
+    # Clip 1 continued from the state stored after clip 0: had it lost a bit, its frames would differ.
+    # (The states themselves are compared bit for bit in test_generate_stage.py; none is kept once done.)
     for a, b in zip(resumed.clips, clean.clips, strict=True):
         assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
-        with np.load(a.state) as sa, np.load(b.state) as sb:
-            assert sorted(sa.files) == sorted(sb.files)
-            for key in sa.files:
-                assert sa[key].dtype == sb[key].dtype and np.array_equal(sa[key], sb[key]), key
+    assert not list(tmp_path.glob("resumed/*.state.*")) and not list(tmp_path.glob("clean/*.state.*"))

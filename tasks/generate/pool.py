@@ -18,9 +18,13 @@ Shape:
 
 Where clips live: without a `store`, workers write straight into the driver's segment
 folders, which works on a local Ray or with a filesystem shared by every node. With a
-`store` (s3:// or a shared folder; tasks/generate/mirror.py), inputs and every finished
-clip with its state go through the store, so a worker on any node can resume a segment
-and the driver fetches the clips back for stitching.
+`store` (s3:// or a shared folder; tasks/generate/mirror.py), inputs, every finished
+clip and the state to continue from go through the store, so a worker on any node can
+resume a segment and the driver fetches the clips back for stitching.
+
+A segment's `gpu_s` is the time its attempts held a worker, from dispatch to outcome as the
+driver sees it, lost workers included (tasks/records.py, `GPU_SECONDS`): the same quantity
+the flow measures when it renders in its own process.
 
 Ray tasks are stateless, which is why the model lives in long-lived actors and the
 Prefect tasks that wait on them stay thin. No Prefect import here: the flow wraps this.
@@ -54,7 +58,7 @@ from tasks.generate.worker import (
     describe,
     format_traceback,
 )
-from tasks.records import SegmentJob, SegmentResult
+from tasks.records import DEFAULT_PRECISION, SegmentJob, SegmentResult
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,8 @@ class PoolConfig:
     device: str | None = None
     offload: bool = False
     backend_options: dict[str, Any] = field(default_factory=dict)
+    precision: str = DEFAULT_PRECISION
+    """Precision every worker's model is loaded in; segments must ask for the same (SegmentJob.precision)."""
     workers: int | None = None
     """Number of workers; None follows the cluster's GPU count."""
     address: str | None = None
@@ -182,6 +188,7 @@ class _Pending:
     attempts: int = 0
     clips_done: int = 0
     held_s: float = 0.0
+    """Seconds the segment's attempts held a worker so far (its GPU seconds)."""
     last_error: str = ""
     last_traceback: str = ""
 
@@ -478,7 +485,8 @@ class GeneratorPool:
                 max_restarts=0,
                 runtime_env={"env_vars": dict(cfg.env_vars)} if cfg.env_vars else None,
             )
-            .remote(slot.name, cfg.backend, cfg.checkpoint, cfg.device, slot.offload, dict(cfg.backend_options))
+            .remote(slot.name, cfg.backend, cfg.checkpoint, cfg.device, slot.offload, dict(cfg.backend_options),
+                    cfg.precision)
         )
         try:
             info: WorkerInfo = await asyncio.wait_for(actor.info.remote(), cfg.start_timeout_s)
@@ -548,15 +556,7 @@ class GeneratorPool:
 def _fetch_clips(result: SegmentResult, remote: str, seg_dir: Path) -> SegmentResult:
     """Bring a mirrored segment's clips into the driver's segment folder (for stitching)."""
     mirror.pull(remote, seg_dir)
-    clips = [
-        c.model_copy(
-            update={
-                "path": str(seg_dir / Path(c.path).name),
-                "state": str(seg_dir / Path(c.state).name) if c.state else None,
-            }
-        )
-        for c in result.clips
-    ]
+    clips = [c.model_copy(update={"path": str(seg_dir / Path(c.path).name)}) for c in result.clips]
     return result.model_copy(update={"clips": clips})
 
 

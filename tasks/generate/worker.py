@@ -2,8 +2,8 @@
 
 Shaped like Ray's batch-inference actors: the constructor loads the generator once (minutes
 for the real model) and `run` serves segment after segment through
-`tasks.generate.stage.generate_segment`, so every clip lands with its lossless state,
-atomically, and a retry resumes at the first missing clip. What the worker sends the driver
+`tasks.generate.stage.generate_segment`, so every clip lands atomically with the lossless
+state to continue from, and a retry resumes at the first missing clip. What the worker sends the driver
 (tasks/generate/pool.py) is typed: a `WorkerInfo` once loaded, then per segment a `ClipDone`
 per clip and a closing `SegmentDone` or `SegmentError`. Errors are sent, not raised, so they
 arrive classified whether or not the exception pickles; only a dead process reaches the
@@ -29,7 +29,7 @@ import ray
 from tasks.generate import mirror, stage
 from tasks.generate.backends import build_generator
 from tasks.generate.base import Generator
-from tasks.records import ClipResult, SegmentJob, SegmentResult
+from tasks.records import DEFAULT_PRECISION, ClipResult, SegmentJob, SegmentResult
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,15 @@ class GeneratorWorker:
         device: str | None,
         offload: bool,
         options: dict[str, Any],
+        precision: str = DEFAULT_PRECISION,
     ):
         started = time.monotonic()
+        self.precision = precision
         # A load failure is kept and reported by `info`, so the driver can name the node and the error.
         try:
-            self.generator: Generator | None = build_generator(backend, checkpoint, device, offload, options)
+            self.generator: Generator | None = build_generator(
+                backend, checkpoint, device, offload, options, precision=precision
+            )
             error = None
         except Exception as exc:
             self.generator = None
@@ -135,6 +139,9 @@ class GeneratorWorker:
 
         def render() -> None:
             try:
+                if job.precision != self.precision:  # the batch validates rows against its precision
+                    raise ValueError(f"the segment asks for precision {job.precision}; this worker's model runs "
+                                     f"in {self.precision}")
                 if store:
                     events.put(self._render_mirrored(job, store, Path(scratch or tempfile.gettempdir()), events.put))
                 else:
@@ -176,8 +183,11 @@ class GeneratorWorker:
                 if clip.state:
                     mirror.push(Path(clip.state), remote)
                 mirror.push(Path(clip.path), remote)
+            if not clip.reused:  # the store keeps only what a resume needs, as the stage does locally
+                mirror.drop_states(remote, keep=Path(clip.state).name if clip.state else None)
             on_clip(clip)
 
         result = stage.generate_segment(local_job, self.generator, work, on_clip=store_clip)
+        mirror.drop_states(remote)  # also when every clip was reused: a finished segment keeps no state
         shutil.rmtree(work, ignore_errors=True)  # everything is in the store; keep worker disks bounded
         return result, remote

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
            "--work-dir", str(out / "work"), "--max-segment-s", str(args.max_segment_s), "--min-segment-s", "1"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("PYTHONPATH", str(ROOT))
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a machine busy loading weights
     if args.tiny:
         from model.tiny import write_tiny_checkpoint
 

@@ -56,7 +56,7 @@ def test_wrong_language_audio_follows_the_policy(spanish_audio_english_script: S
 
     with pytest.raises(RowFailure) as info:
         check_language(analysis, script=EN, policy="fail")
-    assert info.value.field == "language" and "worst_stretch" in info.value.reason
+    assert info.value.field == "audio" and "worst_stretch" in info.value.reason  # a wrong file, not a language
 
 
 def test_non_english_script_and_expected_language(english: SpeechAnalysis) -> None:

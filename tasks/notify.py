@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from tasks import layout, storage
-from tasks.records import RowResult
+from tasks.records import RowResult, batch_outcome
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +237,9 @@ def batch_payload(report: dict) -> dict[str, Any]:
     rows = list(report.get("rows", []))
     counts = dict(report.get("counts") or _count(rows))
     manifest_errors = list(report.get("manifest_errors", []))
-    failed = counts.get("failed", 0) > 0 or bool(manifest_errors)
-    status = ("partial" if counts.get("succeeded", 0) > 0 else "failed") if failed else "succeeded"
+    status = batch_outcome(counts, len(manifest_errors))
     return {
-        "event": "batch.failed" if failed else "batch.completed",
+        "event": "batch.completed" if status == "succeeded" else "batch.failed",
         "status": status,
         "manifest": report.get("manifest"),
         "output": out,

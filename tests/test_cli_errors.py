@@ -4,6 +4,7 @@ warnings and exit code tell the truth about the batch."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import socket
@@ -133,3 +134,22 @@ def test_run_shows_warnings_and_exits_1_for_a_partial_batch(prefect_api: str, mi
     assert "file not found" in result.stdout
     assert "skipped by mismatch_policy 'skip'" in result.stdout
     assert (out / "welcome.mp4").exists() and (out / "noface.mp4").exists() and not (out / "wrongfile.mp4").exists()
+
+
+@pytest.mark.slow
+def test_run_where_every_row_failed_is_failed_and_exits_3(prefect_api: str, examples: Path, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    manifest = examples / "gone.csv"
+    manifest.write_text("id,audio,image\na,media/gone.wav,media/astronaut.jpg\nb,media/welcome.wav,media/gone.png\n")
+    result = s2v("run", str(manifest), "--out", str(tmp_path / "out"), env={"PREFECT_API_URL": prefect_api})
+    assert result.returncode == 3, result.stdout + result.stderr[-3000:]
+    assert "Failed: 0 succeeded, 2 failed" in result.stdout, result.stdout
+
+    async def batch_run():
+        async with get_client() as client:
+            (run,) = [r for r in await client.read_flow_runs() if r.name.startswith("gone ")]
+            return run
+
+    run = asyncio.run(batch_run())
+    assert run.state.type.value == "FAILED" and run.state.name == "Failed", run.state

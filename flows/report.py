@@ -33,6 +33,8 @@ DIGITS = {
     "clipping_ratio": 4, "face_height_ratio": 3,
     # variance of the Laplacian: compared with a threshold of 50
     "sharpness": 1,
+    # timings (step, load) and the Unix time of a first step: a millisecond
+    "step_s": 3, "first_step_s": 3, "first_step_at": 3, "load_s": 3,
 }
 """Decimals each number of report.json keeps (what means something; the full floats are noise)."""
 

@@ -11,11 +11,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from media import mixed_manifest
 from test_cli import s2v
-
-WELCOME = "Welcome to the spring product update. Today we will walk through three new features in under a minute."
-THANKS = "Thank you for joining this course. See you in the next lesson!"
 
 
 def closed_api() -> dict[str, str]:
@@ -96,18 +93,8 @@ def test_validate_and_plan_read_the_settings_run_reads(examples: Path, tmp_path:
 
 
 @pytest.fixture
-def mixed(examples: Path) -> Path:
-    """A good row, a row with warnings (a gray square: no face), audio that does not say its script, a missing file."""
-    Image.new("RGB", (640, 640), "gray").save(examples / "media" / "gray.png")
-    manifest = examples / "mixed.csv"
-    manifest.write_text(
-        "id,audio,image,script\n"
-        f'welcome,media/welcome.wav,media/astronaut.jpg,"{WELCOME}"\n'
-        f'noface,media/thanks.flac,media/gray.png,"{THANKS}"\n'
-        f'wrongfile,media/welcome.wav,media/astronaut.jpg,"{THANKS}"\n'
-        "missing,media/gone.wav,media/astronaut.jpg,hello\n"
-    )
-    return manifest
+def mixed(tmp_path: Path) -> Path:
+    return mixed_manifest(tmp_path / "mixed")
 
 
 def test_plan_shows_warnings_and_why_rows_are_skipped(mixed: Path, tmp_path: Path) -> None:

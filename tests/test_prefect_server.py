@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from media import mixed_manifest
 
 from flows.report import batch_key, row_key
 from tasks.notify import verify_signature
@@ -127,25 +128,6 @@ def get(env: dict, path: str) -> dict:
     response = httpx.get(env["PREFECT_API_URL"] + path, timeout=30)
     response.raise_for_status()
     return response.json()
-
-
-def mixed_manifest(folder: Path) -> Path:
-    """A good row, a row with warnings (no face), audio that does not say its script, a missing file."""
-    from PIL import Image
-
-    shutil.copytree(ROOT / "manifests" / "examples", folder)
-    Image.new("RGB", (640, 640), "gray").save(folder / "media" / "gray.png")
-    welcome = "Welcome to the spring product update. Today we will walk through three new features in under a minute."
-    thanks = "Thank you for joining this course. See you in the next lesson!"
-    manifest = folder / "mixed.csv"
-    manifest.write_text(
-        "id,audio,image,script\n"
-        f'welcome,media/welcome.wav,media/astronaut.jpg,"{welcome}"\n'
-        f'noface,media/thanks.flac,media/gray.png,"{thanks}"\n'
-        f'wrongfile,media/welcome.wav,media/astronaut.jpg,"{thanks}"\n'
-        "missing,media/gone.wav,media/astronaut.jpg,hello\n"
-    )
-    return manifest
 
 
 def test_deployment_run_on_a_real_server_and_ui(server: dict, tmp_path: Path) -> None:

@@ -180,6 +180,7 @@ class Plan(Record):
     height: int
     segments: list[Segment]
     approximate: bool = Field(False, description="true when cuts were not placed from word timings")
+    flags: list[str] = Field(default_factory=list, description="the row's warnings (what its checks flagged)")
 
     @property
     def total_frames(self) -> int:
@@ -322,6 +323,18 @@ class Report(Record):
         for r in self.rows:
             out[r.status] += 1
         return out
+
+
+BatchOutcome = Literal["succeeded", "partial", "failed"]
+
+
+def batch_outcome(counts: dict[str, int], manifest_errors: int = 0) -> BatchOutcome:
+    """How a batch that ran went; one meaning for its Prefect state, exit code, event and webhook
+    (flows/states.py, tasks/notify.py): 'succeeded' when no row failed (some may be skipped), 'partial'
+    when some rows failed and some succeeded, 'failed' when rows failed and none succeeded."""
+    if not counts.get("failed") and not manifest_errors:
+        return "succeeded"
+    return "partial" if counts.get("succeeded") else "failed"
 
 
 class RowFailure(Exception):

@@ -33,6 +33,7 @@ from flows.settings import BatchSettings
 from tasks import captions, layout, notify, storage
 from tasks.generate.backends import resolve_backend
 from tasks.manifest import Validation, validate_manifest
+from tasks.normalize.audio import audio_flags
 from tasks.plan import gpu_money
 from tasks.records import (
     DEFAULT_PRECISION,
@@ -216,7 +217,7 @@ async def process_row(
         logger.exception("row %s failed unexpectedly at %s", row.id, where)
         return _row_failed(row, where, f"{type(exc).__name__}: {exc}")
 
-    flags = image_flags + list(speech.flags)
+    flags = image_flags + audio_flags(assets.audio_qc) + list(speech.flags)
     if speech.approximate and assets.script:
         flags.append("captions approximate: spread evenly over the speech, not aligned")
     if not assets.script:

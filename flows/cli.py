@@ -196,7 +196,8 @@ def _print_report(report: dict, out: str) -> None:
     counts = report["counts"]
     out_console.print(
         f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped; "
-        f"report: {report_uri(out)}"
+        + (f"[red]{report['report_error']}[/red]" if report.get("report_error") else f"report: {report_uri(out)}"),
+        soft_wrap=True,
     )
     if report.get("gpu_s"):
         cost = f", cost {_money(report['cost'])}" if report.get("cost") is not None else ""
@@ -234,12 +235,13 @@ def status(
     if re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", target):
         _status_from_prefect(target)
         return
-    from tasks import storage
+    from tasks import runlock, storage
     from tasks.status import batch_status
 
     if not storage.exists(target):
         raise CommandFailed(f"{target} does not exist (give an output folder or a flow run id)")
-    rows = batch_status(target, work_dir)
+    holder = runlock.holder(target)
+    rows = batch_status(target, work_dir, running=holder is not None)
     table = Table("id", "state", "clips", "GPU h used", "GPU h left (est.)", "error", title=f"batch status: {target}")
     for r in rows:
         clips = f"{r.clips_done}/{r.clips}" if r.clips is not None else ""
@@ -249,6 +251,9 @@ def status(
     left = sum(r.est_remaining_gpu_s or 0 for r in rows)
     out_console.print(f"{len(rows)} rows; {sum(r.clips_done for r in rows)} clips done; "
                       f"GPU hours used {_hours(used, 2)}, estimated remaining {_hours(left, 2)}")
+    out_console.print(f"running: {holder.describe()}" if holder else "no run is writing to this output now"
+                      + ("; rerun the manifest to finish the interrupted rows" if any(
+                          r.state == "interrupted" for r in rows) else ""))
 
 
 def _hours(seconds: float | None, digits: int = 3, unknown: str = "") -> str:

@@ -87,9 +87,17 @@ def _minutes(seconds: float) -> str:
 
 
 def _ffmpeg_error(err: ffmpeg.Error) -> str:
-    """The last meaningful line ffmpeg wrote, for messages and logs."""
+    """The line of ffmpeg's log that names the cause: an error of the system (a full disk) where there
+    is one, else the last meaningful line ("Conversion failed!" says nothing on its own)."""
     lines = [ln.strip() for ln in (err.stderr or b"").decode("utf-8", "replace").splitlines() if ln.strip()]
-    return lines[-1] if lines else "ffmpeg failed"
+    causes = [ln for ln in lines if any(t in ln for t in _SYSTEM_ERRORS)]
+    if causes:
+        return causes[-1]
+    meaningful = [ln for ln in lines if ln != "Conversion failed!"]
+    return (meaningful or lines or ["ffmpeg failed"])[-1]
+
+
+_SYSTEM_ERRORS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
 
 
 _SUMMARY_NUMBER = r"(-?(?:\d+(?:\.\d+)?|inf|nan))"

@@ -7,7 +7,6 @@ manifest, bad option, no checkpoint, unreachable service).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import json
@@ -25,6 +24,7 @@ from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
 
+from flows import interrupt, local_api
 from flows.settings import BatchSettings, SettingsError, config_file, load_settings
 from tasks.records import Plan
 
@@ -134,15 +134,18 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
     from tasks.generate.backends import resolve_backend
     from tasks.manifest import validate_manifest
 
-    # Fail fast, before Prefect starts, when the batch as a whole cannot run.
-    backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
-    try:
-        check_speed_settings(settings)
-        check_mode_settings(settings, backend)
-    except SettingsError as exc:
-        raise CommandFailed(str(exc)) from None
-    _check_prefect_api()
-    total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
+    with interrupt.signals_interrupt():
+        # Fail fast, before Prefect starts, when the batch as a whole cannot run.
+        backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
+        try:
+            check_speed_settings(settings)
+            check_mode_settings(settings, backend)
+        except SettingsError as exc:
+            raise CommandFailed(str(exc)) from None
+        _check_prefect_api()
+        total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
+        _check_output(out, settings)
+        local_api.start()  # without PREFECT_API_URL: a local API that outlives Ctrl-C, stopped last
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -160,9 +163,22 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
 
         unsubscribe = hooks.subscribe(on_event)
         try:
-            return asyncio.run(batch(manifest, out, settings))
+            return interrupt.run(batch(manifest, out, settings))
         finally:
             unsubscribe()
+
+
+def _check_output(out: str, settings: BatchSettings) -> None:
+    """Before any work: a place the batch cannot write, or a live run writing there (the flow checks
+    again and takes the lock; checking here first spares starting Prefect for nothing)."""
+    from tasks import layout, output_place, runlock
+
+    try:
+        output_place.check_places(out, settings.work_dir or str(layout.default_work_dir(out)))
+        if (holder := runlock.holder(out)) is not None:
+            raise runlock.RunLocked(out, holder)
+    except (output_place.OutputError, runlock.RunLocked) as exc:
+        raise CommandFailed(str(exc)) from None
 
 
 def _check_prefect_api() -> None:
@@ -439,18 +455,24 @@ def main() -> None:
 
     from tasks.generate.backends import BackendError
     from tasks.manifest import ManifestError
+    from tasks.output_place import OutputError
+    from tasks.runlock import RunLocked
 
     try:
         code = app(standalone_mode=False)
-    except (ManifestError, BackendError, CommandFailed) as exc:
+    except (ManifestError, BackendError, CommandFailed, OutputError, RunLocked, local_api.LocalApiError) as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.Abort):
-        console.print("[red]interrupted[/red]: finished rows and clips are kept; rerun to resume")
-        sys.exit(130)
+    except (interrupt.Interrupted, KeyboardInterrupt, click.Abort) as exc:
+        # The local API goes last: the flow needed it to record its end (flows/interrupt.py).
+        local_api.stop()
+        name = f" ({exc})" if isinstance(exc, interrupt.Interrupted) else ""
+        console.print(f"[red]interrupted{name}[/red]: finished rows and clips are kept; rerun to resume",
+                      soft_wrap=True)
+        interrupt.exit_now()
     except Exception as exc:  # e.g. a checkpoint that cannot load: one message; S2V_DEBUG=1 shows the traceback
         if os.environ.get("S2V_DEBUG"):
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -236,7 +237,7 @@ async def process_row(
         gpu_s=round(sum(r.gpu_s for r in results), 3), workers=sorted({r.worker for r in results if r.worker}),
         cost=gpu_money(sum(r.gpu_s for r in results), settings.gpu_price_per_hour),
         preset=row.preset or settings.preset, forwards=sum(r.forwards for r in results),
-        flags=flags,
+        flags=flags, **_step_timings(results),
         audio_qc=assets.audio_qc, image_qc=assets.image_qc,
     )
     await asyncio.to_thread(layout.mark_finished, out, row, fingerprint, result)
@@ -245,8 +246,11 @@ async def process_row(
     return result
 
 
-async def _prepare(manifest: str, settings: BatchSettings) -> tuple[str, Validation, GeneratorPool | None]:
-    """The backend, the validated manifest and, when rendering on it, the started GPU pool."""
+async def _prepare(
+    manifest: str, settings: BatchSettings
+) -> tuple[str, Validation, GeneratorPool | None, list[dict]]:
+    """The backend, the validated manifest, the started GPU pool when rendering on it, and the
+    in-process generator's load record otherwise."""
     logger = get_run_logger()
     backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
     await asyncio.to_thread(steps.check_speed_settings, settings)
@@ -260,11 +264,15 @@ async def _prepare(manifest: str, settings: BatchSettings) -> tuple[str, Validat
     for issue in validation.issues:
         logger.warning("%s", issue)
     if validation.rows and pool_run.use_pool(settings, backend):
-        return backend, validation, await pool_run.start_pool(settings, backend)
+        return backend, validation, await pool_run.start_pool(settings, backend), []
     if validation.rows:
         # Load the model before any row starts so a bad checkpoint fails the batch once, early.
-        await asyncio.to_thread(steps.load_backend, backend, settings)
-    return backend, validation, None
+        started = time.monotonic()
+        generator = await asyncio.to_thread(steps.load_backend, backend, settings)
+        load = dict(getattr(generator, "load_timings", None) or {})
+        return backend, validation, None, [{"name": "in-process", "load_s": round(time.monotonic() - started, 3),
+                                            "load": load}]
+    return backend, validation, None, []
 
 
 @flow(name="batch")
@@ -300,7 +308,7 @@ async def _run_batch(manifest: str, out: str, settings: BatchSettings, work_dir:
     logger = get_run_logger()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     try:
-        backend, validation, pool = await _prepare(manifest, settings)
+        backend, validation, pool, workers = await _prepare(manifest, settings)
     except Exception as exc:  # the batch cannot run at all: no rows, no report
         await _notify_batch_error(manifest, out, settings, exc)
         raise
@@ -330,12 +338,14 @@ async def _run_batch(manifest: str, out: str, settings: BatchSettings, work_dir:
             row=row_number, id=issues[0].id, status="failed", error="; ".join(str(i) for i in issues)
         ))
     row_results.sort(key=lambda r: r.row)
+    if pool is not None:
+        workers = [dataclasses.asdict(w) for w in pool.workers]
     gpu_s = round(sum(r.gpu_s or 0.0 for r in row_results if not r.cached), 3)
     report = Report(
         manifest=manifest, output=out, backend=backend, started_at=started_at,
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"), rows=row_results,
         gpu=settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, gpu_s=gpu_s,
-        cost=gpu_money(gpu_s, settings.gpu_price_per_hour),
+        cost=gpu_money(gpu_s, settings.gpu_price_per_hour), workers=workers,
     )
     report_problem = await asyncio.to_thread(_write_report, out, report)
     await acreate_table_artifact(
@@ -363,6 +373,14 @@ def _write_report(out: str, report: Report) -> dict:
         get_run_logger().error("could not write the report %s: %s", uri, why)
         return {"report_error": f"could not write {uri}: {why}"}
     return {}
+
+
+def _step_timings(results: list[SegmentResult]) -> dict:
+    """The row's median denoising step and the end of its first step, from its new clips."""
+    timings = [c.timings for r in results for c in r.clips if c.timings]
+    steps = sorted(t["step_s"] for t in timings if "step_s" in t)
+    firsts = [t["first_step_at"] for t in timings if "first_step_at" in t]
+    return {"step_s": steps[len(steps) // 2] if steps else None, "first_step_at": min(firsts) if firsts else None}
 
 
 def report_json(report: Report) -> dict:

@@ -243,6 +243,11 @@ class ClipResult(Record):
     compute_s: float = Field(0.0, description="seconds the backend reported computing the clip (device-synchronised; "
                              "0 on CPU backends): part of the segment's gpu_s, not GPU seconds on its own")
     forwards: int = Field(0, description="DiT passes run for this clip (batch rows; 80 for 40 exact CFG steps)")
+    timings: dict[str, float] = Field(
+        default_factory=dict, description="for the model's clips: first_step_at (Unix time at the end of the "
+        "first denoising step), first_step_s (clip start to that point: conditioning, and compilation on a fresh "
+        "worker), step_s (median seconds of the later steps)"
+    )
 
 
 class SegmentResult(Record):
@@ -284,6 +289,10 @@ class RowResult(Record):
     preset: str | None = None
     forwards: int | None = Field(None, description="DiT passes run for the row's new clips")
     workers: list[str] = Field(default_factory=list, description="GPU pool workers that rendered the segments")
+    step_s: float | None = Field(None, description="median seconds per denoising step of the row's new clips")
+    first_step_at: float | None = Field(
+        None, description="Unix time at the end of the first denoising step of the row's new clips"
+    )
     flags: list[str] = Field(default_factory=list)
     cached: bool = Field(False, description="finished by an earlier run and skipped")
     audio_qc: AudioQC | None = None
@@ -302,6 +311,10 @@ class Report(Record):
     price_per_gpu_hour: float | None = None
     gpu_s: float | None = Field(None, description=GPU_SECONDS + "; summed over the rows not cached")
     cost: float | None = Field(None, description="gpu_s at the price per GPU-hour")
+    workers: list[dict] = Field(
+        default_factory=list, description="the generators loaded for the batch: where, and how long loading took "
+        "(load: seconds reading weights, building and moving them, per model.timing.LoadTimings)"
+    )
 
     @property
     def counts(self) -> dict[str, int]:

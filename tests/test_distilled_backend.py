@@ -58,16 +58,28 @@ def _job(root: Path, clips: int, lora: Path) -> SegmentJob:
     )  # fmt: skip
 
 
+class _LostAfterFirstClip:
+    """The generator as a worker sees it when its process dies while rendering clip 1."""
+
+    def __init__(self, inner: WanS2VGenerator):
+        self.inner, self.name, self.fingerprint = inner, inner.name, inner.fingerprint
+
+    def clips(self, job: SegmentJob, start_clip: int = 0, state=None):
+        for clip in self.inner.clips(job, start_clip, state):
+            yield clip
+            raise RuntimeError("worker lost")
+
+
 def test_segment_resumes_to_the_same_clips(generator: WanS2VGenerator, files: dict, tmp_path: Path) -> None:
     job = _job(tmp_path, clips=2, lora=files["lora"])
     whole, part = tmp_path / "whole", tmp_path / "part"
     result = generate_segment(job, generator, whole)
     assert [c.frames for c in result.clips] == [INFER, INFER - 5]
-    assert all(state_path(whole, k).exists() for k in range(2))
+    assert not list(whole.glob("*.state*"))  # a finished segment keeps no state
 
-    (part / "clip_0000.mp4").parent.mkdir()
-    for name in ("segment.json", "clip_0000.mp4", "clip_0000.state.npz"):  # as if the worker died in clip 1
-        (part / name).write_bytes((whole / name).read_bytes())
+    with pytest.raises(RuntimeError, match="worker lost"):
+        generate_segment(job, _LostAfterFirstClip(generator), part)
+    assert state_path(part, 0).exists() and not clip_path(part, 1).exists()
     resumed = generate_segment(job, generator, part)
     assert [c.reused for c in resumed.clips] == [True, False]
     for k in range(2):

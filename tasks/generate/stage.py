@@ -293,6 +293,7 @@ def generate_segment(
                     state=str(sp) if sp else None,
                     compute_s=clip.gpu_s,
                     forwards=clip.forwards,
+                    timings=clip.timings,
                 )
             )
             expected += 1

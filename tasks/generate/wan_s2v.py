@@ -21,6 +21,8 @@ on the audio frame it was generated for (frame k <-> audio k / 16 s), at the cos
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Iterator, Sequence
 
 import av
@@ -130,7 +132,8 @@ class WanS2VGenerator:
         first that has it (official folders, ComfyUI files: model.layout.resolve). precision:
         "bf16" | "fp8" | None (fp8 for a scaled-fp8 ComfyUI DiT, else bf16); fp8 is refused before
         loading on a device without fp8 matmuls. compile_cache_dir: a folder where compiled kernels
-        are kept for the next worker on the host. mode: "exact" or "distilled" (LiveAvatar's LoRA at
+        are kept for the next worker on the host (default: the cache folder,
+        S2V_CACHE_DIR, under compiled/). mode: "exact" or "distilled" (LiveAvatar's LoRA at
         `distilled_lora`, checked against the checkpoint before the weights load)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -143,7 +146,8 @@ class WanS2VGenerator:
             check_liveavatar_lora(storage.local_copy(distilled_lora), transformer_config(resolve(local).dit))
         self.pipeline = S2VPipeline.from_checkpoint(
             local, device=device, dtype=_dtype(dtype), offload=offload, precision=precision,
-            compile_cache_dir=compile_cache_dir,
+            # one compile cache per host by default, so the next worker reuses this one's kernels
+            compile_cache_dir=compile_cache_dir or storage.DEFAULT_CACHE / "compiled",
         )  # fmt: skip
         pipe = self.pipeline
         # what the clips depend on besides the job: clips made at another precision or from other
@@ -179,6 +183,8 @@ class WanS2VGenerator:
             "num_clips": job.segment.clips, "infer_frames": job.infer_frames, "seed": job.segment.seed,
             "steps": job.steps, "guidance": job.guidance, "start_clip": start_clip, "state": state, "pose": pose,
         }  # fmt: skip
+        steps = _StepClock()
+        common["on_step"] = steps.tick
         mode = job.mode or self.mode
         if mode == "distilled":
             lora = job.distilled_lora or self.distilled_lora
@@ -207,5 +213,34 @@ class WanS2VGenerator:
                 frames = np.concatenate([np.repeat(frames[:1], FIRST_CLIP_DROP, axis=0), frames])
             yield GeneratedClip(
                 index=out.index, frames=frames, state=out.state, gpu_s=out.seconds if on_cuda else 0.0,
-                forwards=out.forwards,
+                forwards=out.forwards, timings=steps.clip_done(),
             )
+
+    @property
+    def load_timings(self) -> dict:
+        """Where loading the model went (model.timing.LoadTimings), for the worker's record."""
+        timings = self.pipeline.load_timings
+        return timings.as_dict() if timings is not None else {}
+
+
+class _StepClock:
+    """Times the denoising steps of each clip from the pipeline's on_step callback: when the first
+    step ended (cold start: conditioning and compilation come before it) and the later steps' median."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.ends: list[float] = []
+
+    def tick(self, clip: int, step: int, steps: int) -> None:
+        self.ends.append(time.time())
+
+    def clip_done(self) -> dict[str, float]:
+        ends, start = self.ends, self.start
+        self.start, self.ends = time.time(), []
+        if not ends:
+            return {}
+        later = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        out = {"first_step_at": round(ends[0], 3), "first_step_s": round(ends[0] - start, 3)}
+        if later:
+            out["step_s"] = round(statistics.median(later), 4)
+        return out

@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +44,10 @@ class WorkerInfo:
     offload: bool
     load_s: float
     error: str | None = None
+    load: dict[str, Any] = field(default_factory=dict)
+    """Where the generator's loading went (model.timing.LoadTimings.as_dict), when it says."""
+    ready_at: float = 0.0
+    """Unix time the generator was loaded."""
 
     def __str__(self) -> str:
         return f"{self.name} (pid {self.pid} on {self.node}, gpu {','.join(self.gpus) or '-'})"
@@ -125,6 +129,8 @@ class GeneratorWorker:
             offload=offload,
             load_s=round(time.monotonic() - started, 3),
             error=error,
+            load=dict(getattr(self.generator, "load_timings", None) or {}),
+            ready_at=round(time.time(), 3),
         )
 
     def info(self) -> WorkerInfo:

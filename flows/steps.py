@@ -140,8 +140,7 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
     words = speech.words if speech.words and not speech.approximate else None
     energy = None
     if words is None and assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE:  # only then is it cut
-        audio, rate = sf.read(assets.audio_16k, dtype="float32")
-        energy = plan.frame_energy(audio, sample_rate=rate)
+        energy = file_energy(assets.audio_16k)
     name, speed = row_speed(row, settings)
     mode = row_mode(row, settings)
     cost = plan.cost_model(settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, speed=speed,
@@ -156,6 +155,15 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
     )
     storage.write_text(str(layout.RowPaths.for_assets(assets).plan_json), row_plan.model_dump_json(indent=1))
     return row_plan
+
+
+def file_energy(path: str | Path, block_s: float = 60.0) -> np.ndarray:
+    """`plan.frame_energy` of a WAV file, read a minute at a time: memory stays flat for long audio."""
+    rate = sf.info(str(path)).samplerate
+    hop = max(1, round(plan.ENERGY_HOP_S * rate))
+    blocks = sf.blocks(str(path), blocksize=hop * max(1, round(block_s / plan.ENERGY_HOP_S)), dtype="float32")
+    parts = [plan.frame_energy(block, sample_rate=rate) for block in blocks]  # whole windows but the last
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
 _calibrations: dict[str, dict | None] = {}
@@ -356,3 +364,5 @@ def fetch_input(uri: str, column: str) -> Path:
         raise RowFailure(column, f"file not found: {uri}") from None
     except PermissionError as exc:
         raise RowFailure(column, f"file not readable: {uri} ({exc})") from None
+    except Exception as exc:  # credentials, network, a full cache disk: this row's failure, named
+        raise RowFailure(column, storage.describe_access_error(uri, exc, f"column '{column}'")) from None

@@ -6,13 +6,15 @@ One place for both, so `run` (flows/batch.py) and `plan` (flows/preflight.py) sa
 from __future__ import annotations
 
 from flows.settings import BatchSettings
+from tasks.normalize.audio import audio_flags
 from tasks.records import NormalizedAssets, SpeechAnalysis
 from tasks.speech import language
 
 
 def row_warnings(image_flags: list[str], assets: NormalizedAssets, speech: SpeechAnalysis) -> list[str]:
-    """The row's warnings: image checks, speech checks (language, fit), and captions that are not aligned."""
-    flags = image_flags + [f for f in speech.flags if f != language.SKIP_FLAG]
+    """The row's warnings: image checks, audio checks (clipping), speech checks (language, fit), and captions
+    that are not aligned."""
+    flags = image_flags + audio_flags(assets.audio_qc) + [f for f in speech.flags if f != language.SKIP_FLAG]
     if speech.approximate and assets.script:
         flags.append("captions approximate: spread evenly over the speech, not aligned")
     if not assets.script:

@@ -312,8 +312,10 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
         await _notify_batch_error(manifest, out, settings, exc)
         raise
     try:
-        for place in (out, work_dir):  # what a killed run left half-written (no other run writes here now)
-            await asyncio.to_thread(storage.remove_leftover_parts, place)
+        # What a killed run left half-written, where the lock says no other run writes now: the output
+        # (the default work folder is inside it). A work folder set apart may be shared by batches with
+        # other outputs, so there only this batch's rows' folders are cleaned (_run_batch).
+        await asyncio.to_thread(storage.remove_leftover_parts, out)
         return await _run_batch(manifest, out, settings, work_dir)
     finally:
         lock.release()
@@ -334,6 +336,9 @@ async def _run_batch(manifest: str, out: str, settings: BatchSettings, work_dir:
     except Exception as exc:  # the batch cannot run at all: no rows, no report
         await _notify_batch_error(manifest, out, settings, exc)
         raise
+    if settings.work_dir:
+        for row in validation.rows:
+            await asyncio.to_thread(storage.remove_leftover_parts, layout.RowPaths.for_row(Path(work_dir), row.id).root)
     limit = asyncio.Semaphore(settings.max_concurrent_rows)
     # With the pool, `limit` gates the rows' CPU stages only (pool_run.cpu_gate), not whole rows.
     row_limit = limit if pool is None else contextlib.nullcontext()

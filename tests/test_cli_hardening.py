@@ -161,8 +161,8 @@ def _interrupt(examples: Path, out: Path, home: Path, signum: int, *, group: boo
 
 def _last_batch_state(home: Path) -> str:
     with sqlite3.connect(home / "prefect.db") as db:
-        (state,) = db.execute("SELECT state_type FROM flow_run WHERE name NOT LIKE 'row %' "
-                              "ORDER BY created DESC LIMIT 1").fetchone()
+        (state,) = db.execute("SELECT flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id "
+                              "WHERE flow.name = 'batch' ORDER BY flow_run.created DESC LIMIT 1").fetchone()
     return state
 
 

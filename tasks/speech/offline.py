@@ -30,6 +30,7 @@ import numpy as np
 from pocketsphinx import Decoder, get_model_path
 
 from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
+from tasks.speech.activity import Activity, analyse, snap_to_pauses
 from tasks.speech.script import ScriptWord, normalize_script
 from tasks.speech.verdict import as_mono_16k, empty_script, judge_fit, low_fit_flags, require_sound
 
@@ -49,8 +50,11 @@ SIL_PROB = 1.0
 # Pruning beams stay at pocketsphinx's defaults: tighter beams (1e-20) ran ~4x faster on
 # word-by-word speech but, with skippable words in the grammar, silently derailed on
 # continuous synthetic speech (skipping words instead of failing).
-PHONE_LOOP_BEAMS = {"ds": 2}
-"""The phone loop scores every other frame (ds 2): 25% faster; it only feeds the fit score."""
+PHONE_LOOP_BEAMS = {"ds": 3, "topn": 2}
+"""The phone loop scores every third frame with the two best Gaussians (ds 3, topn 2): it only feeds
+the fit score, and was the larger half of the time. GRAMMAR_OPTIONS: topn 2 for the alignment
+passes. Measured with bench/align_accuracy.py: same boundary errors, 20 % faster in all."""
+GRAMMAR_OPTIONS = {"topn": 2}
 
 
 # --------------------------------------------------------------------------- pronunciations
@@ -201,6 +205,8 @@ class TokenAlignment:
     spoken: bool
     score: float | None
     heard: list[str] = field(default_factory=list)
+    note: str | None = None
+    """Why a token was not found, or how it was placed when the grammar skipped it."""
 
 
 def _edit_similarity(a: list[str], b: list[str]) -> float:
@@ -242,6 +248,16 @@ MAX_TOKENS_PER_S = 6.0
 """Fastest speech rate planned for (spoken tokens per second) when offering a chunk part of the script."""
 END_PROB = 0.5
 """A chunk other than the last may end after any token: cheap, since its audio decides where it ends."""
+RETRY_BEAMS = {"beam": 1e-64, "pbeam": 1e-64}
+"""Beams of the second try of a forced (no-skip) pass that found no path with the default beams.
+Measured on bench/align_accuracy.py's corpus: wider word beams (wbeam) lost more forced paths
+than they saved, so only the HMM beams widen."""
+FILL_PAD_FRAMES = 10
+"""The forced pass decodes from this many frames before the previous aligned token to as many
+after the next one."""
+DITHER = 1e-4
+"""Noise (about -80 dBFS, a few int16 steps) added before decoding: TTS audio often has exact digital
+silence between phrases, whose features (log of zero energy) fit no model and derail the search."""
 
 
 def fit_windows(num_frames: int) -> list[tuple[int, int]]:
@@ -257,33 +273,24 @@ def fit_windows(num_frames: int) -> list[tuple[int, int]]:
 _local = threading.local()
 
 
-def _decoders() -> tuple[Decoder, Decoder]:
-    """The phone-loop and grammar decoders of this thread (loading the model takes ~0.1 s each).
+def _decoders() -> tuple[Decoder, Decoder, Decoder]:
+    """The phone-loop, grammar and retry decoders of this thread (loading the model takes ~0.1 s each).
 
-    pocketsphinx decoders are not thread-safe, hence one pair per thread; words added to a
+    pocketsphinx decoders are not thread-safe, hence one set per thread; words added to a
     decoder's dictionary stay, which is harmless (they are only used when a grammar names them).
     """
     if not hasattr(_local, "decoders"):
         hmm, phone_lm = _model_paths()
         loop = Decoder(hmm=hmm, lm=None, allphone=phone_lm, samprate=16000, loglevel="FATAL", **PHONE_LOOP_BEAMS)
-        decoder = Decoder(hmm=hmm, lm=None, samprate=16000, loglevel="FATAL", silprob=SIL_PROB)
-        _local.decoders = (loop, decoder)
+        options = {"hmm": hmm, "lm": None, "samprate": 16000, "loglevel": "FATAL", "silprob": SIL_PROB}
+        decoder = Decoder(**options, **GRAMMAR_OPTIONS)
+        retry = Decoder(**options, **GRAMMAR_OPTIONS, **RETRY_BEAMS)
+        _local.decoders = (loop, decoder, retry)
     return _local.decoders
 
 
-def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[TokenAlignment] | None:
-    """Align tokens to 16 kHz s16 PCM; None when no path through the grammar fits the audio."""
-    loop, decoder = _decoders()
-    # Pass 1: the free phone loop, for the fit score, over the whole audio or sampled windows.
-    heard: list[tuple[str, int, int]] = []
-    windows = fit_windows(num_frames)
-    for a, b in windows:
-        loop.start_utt()
-        loop.process_raw(pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME], full_utt=True)
-        loop.end_utt()
-        heard += [(s.word, s.start_frame + a, s.end_frame + a) for s in loop.seg() if s.word not in _FILLERS]
-
-    # Pronunciations: dictionary first, else the rules above.
+def _add_words(decoder: Decoder, tokens: list[str]) -> dict[str, str]:
+    """Pronunciations of the tokens (dictionary first, else ``pronounce``), added to ``decoder``."""
     vocab: dict[str, str] = {}
     for tok in dict.fromkeys(tokens):
         phones = decoder.lookup_word(tok)
@@ -291,10 +298,70 @@ def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[Token
             decoder.add_word(tok, pronounce(tok, decoder.lookup_word), update=False)
             phones = decoder.lookup_word(tok)
         vocab[tok] = phones or ""
-    # Pass 2: the script grammar, chunk by chunk for long audio.
+    return vocab
+
+
+Placed = dict[int, tuple[int, int, str]]
+"""Token index -> (first frame, end frame exclusive, pronunciation variant decoded)."""
+
+
+def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int, act: Activity) -> list[TokenAlignment] | None:
+    """Align tokens to 16 kHz s16 PCM; None when no path through the grammar fits the audio.
+
+    1. Anchors: the script grammar where each token may be skipped (robust where the audio is
+       far from the acoustic model: synthetic voices, noise, music), chunk by chunk.
+    2. Each run of skipped tokens is force-aligned (no skip) with its two neighbours over their
+       stretch of audio; it is "not found" only when no forced path exists there and the audio
+       between the neighbours is quiet, or the path puts it over quiet audio (``_fill``).
+    3. Word edges are moved to where the audio itself falls quiet (``activity.snap_to_pauses``).
+    4. The phone loop scores each found token (the fit).
+    """
+    loop, decoder, retry = _decoders()
+    vocab = _add_words(decoder, tokens)
+    _add_words(retry, tokens)
+    placed = _anchor_pass(decoder, pcm16, tokens, num_frames)
+    if placed is None:
+        return None
+    notes = _fill((decoder, retry), pcm16, tokens, placed, num_frames, act, vocab)
+    order = sorted(placed)
+    refined = snap_to_pauses([(placed[k][0] / FRAME_RATE, placed[k][1] / FRAME_RATE) for k in order], act)
+    spans = dict(zip(order, refined, strict=True))
+    heard = _phone_loop(loop, pcm16, num_frames)
+    windows = fit_windows(num_frames)
     out: list[TokenAlignment] = []
-    k = 0
     last_end = 0.0
+    for k, tok in enumerate(tokens):
+        if k not in placed:
+            out.append(TokenAlignment(tok, last_end, last_end, spoken=False, score=0.0, note=notes.get(k)))
+            continue
+        sf, ef, variant = placed[k]
+        if any(a <= sf and ef <= b for a, b in windows):
+            in_word = [p for p, a, b in heard if min(b, ef) - max(a, sf) >= 0.5 * (b - a)]
+            expected = (decoder.lookup_word(variant) or vocab[tok]).split()
+            score = _edit_similarity(expected, in_word)
+        else:  # outside the sampled windows: no evidence either way
+            in_word, score = [], None
+        start, end = spans[k]
+        out.append(TokenAlignment(tok, start, end, spoken=True, score=score, heard=in_word, note=notes.get(k)))
+        last_end = end
+    return out
+
+
+def _phone_loop(loop: Decoder, pcm16: bytes, num_frames: int) -> list[tuple[str, int, int]]:
+    """Phones the free phone loop hears, (phone, first frame, end frame exclusive), over the fit windows."""
+    heard: list[tuple[str, int, int]] = []
+    for a, b in fit_windows(num_frames):
+        loop.start_utt()
+        loop.process_raw(pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME], full_utt=True)
+        loop.end_utt()
+        heard += [(s.word, s.start_frame + a, s.end_frame + a + 1) for s in loop.seg() if s.word not in _FILLERS]
+    return heard
+
+
+def _anchor_pass(decoder: Decoder, pcm16: bytes, tokens: list[str], num_frames: int) -> Placed | None:
+    """Tokens the skippable grammar places, chunk by chunk for long audio; None when nothing fits."""
+    placed: Placed = {}
+    k = 0
     aligned_any = False
     quiet = _quietness(pcm16, num_frames)
     fa = 0
@@ -313,42 +380,32 @@ def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[Token
             continue
         aligned_any = True
         for word, sf, ef, variant in found:
-            sf, ef = sf + fa, ef + fa
             # The grammar is monotone, so each decoded word is the next script token of that spelling.
             while k < len(tokens) and tokens[k] != word:
-                out.append(TokenAlignment(tokens[k], last_end, last_end, spoken=False, score=0.0))
                 k += 1
             if k == len(tokens):
                 break
-            start, end = sf / FRAME_RATE, min(ef + 1, num_frames) / FRAME_RATE
-            if any(a <= sf and ef < b for a, b in windows):
-                in_word = [p for p, a, b in heard if min(b, ef) - max(a, sf) + 1 >= 0.5 * (b - a + 1)]
-                expected = (decoder.lookup_word(variant) or vocab[word]).split()
-                score = _edit_similarity(expected, in_word)
-            else:  # outside the sampled windows: no evidence either way
-                in_word, score = [], None
-            out.append(TokenAlignment(word, start, end, spoken=True, score=score, heard=in_word))
-            last_end = end
+            placed[k] = (sf + fa, min(ef + fa + 1, num_frames), variant)
             k += 1
         fa = fb if last else found[-1][2] + fa + 1
-    if not aligned_any:
-        return None
-    out += [TokenAlignment(t, last_end, last_end, spoken=False, score=0.0) for t in tokens[k:]]
-    return out
+    return placed if aligned_any else None
 
 
 def _decode_chunk(
-    decoder: Decoder, pcm16: bytes, tokens: list[str], last: bool
+    decoder: Decoder, pcm16: bytes, tokens: list[str], last: bool, skip: bool = True
 ) -> list[tuple[str, int, int, str]] | None:
     """Decode one chunk against a left-to-right grammar of ``tokens``; None when no path fits.
 
-    Every token may be skipped (epsilon transition, SKIP_PROB). A chunk other than the last
-    may also end after any token (it holds a prefix of the remaining script).
+    With ``skip`` every token may be skipped (epsilon transition, SKIP_PROB). A chunk other than
+    the last may also end after any token (it holds a prefix of the remaining script).
     """
     n = len(tokens)
     transitions = []
     for i, tok in enumerate(tokens):
-        transitions += [(i, i + 1, 1.0 - SKIP_PROB, tok), (i, i + 1, SKIP_PROB)]
+        if skip:
+            transitions += [(i, i + 1, 1.0 - SKIP_PROB, tok), (i, i + 1, SKIP_PROB)]
+        else:
+            transitions.append((i, i + 1, 1.0, tok))
         if not last and i > 0:
             transitions.append((i, n, END_PROB))
     fsg = decoder.create_fsg(f"script{n}", 0, n, transitions)
@@ -366,6 +423,150 @@ def _decode_chunk(
     ]
 
 
+def _fill(
+    decoders: tuple[Decoder, Decoder], pcm16: bytes, tokens: list[str], placed: Placed, num_frames: int,
+    act: Activity, vocab: dict[str, str],
+) -> dict[int, str]:
+    """Place the tokens the anchor pass skipped; returns a note per token placed this way or not found.
+
+    Each run of skipped tokens is decoded again with a forced grammar (no skipping) together with
+    its aligned neighbours, over their stretch of audio (default beams, then wider HMM beams).
+    The grammar skips a spoken word when it fits the acoustic model worse than the cost of a
+    skip (short function words in synthetic or noisy speech); forcing it back finds where it
+    is. Without a forced path the run is spread over the sound between its neighbours. A token
+    stays "not found" only when the audio lacks it: the forced path lays it over quiet audio,
+    or the audio between its neighbours has no sound for it.
+    """
+    notes: dict[int, str] = {}
+    island = _islands(placed, len(tokens))
+    placed.clear()
+    placed.update(island)
+    k = 0
+    while k < len(tokens):
+        if k in placed:
+            k += 1
+            continue
+        run_end = k
+        while run_end < len(tokens) and run_end not in placed:
+            run_end += 1
+        first, last, found = _force_run(decoders, pcm16, tokens, placed, k, run_end, num_frames)
+        if found is None:
+            run = list(range(k, run_end))
+            prev = k - 1 if k > 0 else None
+            nxt = run_end if run_end < len(tokens) else None
+            gap = (placed[prev][1] if prev is not None else 0, placed[nxt][0] if nxt is not None else num_frames)
+            notes.update(_spread(run, gap, tokens, placed, act, vocab))
+            k = run_end
+            continue
+        for i, (sf, ef, variant) in zip(range(first, last), found, strict=True):
+            was = placed.pop(i, None)
+            share = act.quiet_share(sf / FRAME_RATE, ef / FRAME_RATE)
+            span = f"{sf / FRAME_RATE:.2f}-{ef / FRAME_RATE:.2f} s"
+            phones = len((vocab.get(tokens[i]) or "x").split())
+            if was is None and share >= NOT_FOUND_QUIET:
+                notes[i] = f"not found: a forced alignment lays it over {span}, {share:.0%} of which is quiet"
+            elif was is None and ef - sf <= SQUEEZED_FRAMES_PER_PHONE * phones:
+                notes[i] = (f"not found: a forced alignment can only squeeze it into {span} "
+                            f"({(ef - sf) * 1000 // FRAME_RATE} ms for {phones} phones)")  # fmt: skip
+            else:
+                placed[i] = (sf, ef, variant)
+                if was is None and i in range(k, run_end):
+                    notes[i] = "placed by forced alignment (the skippable grammar had skipped it)"
+        k = max(run_end, last)
+    return notes
+
+
+WIDEN = 3
+"""A run without a forced path between its neighbours is tried again with the neighbouring
+anchored stretch on each side included, up to this many times: those anchors may be a derailed
+match that left the run too little audio."""
+
+
+def _force_run(
+    decoders: tuple[Decoder, Decoder], pcm16: bytes, tokens: list[str], placed: Placed, k: int, run_end: int,
+    num_frames: int,
+) -> tuple[int, int, list[tuple[int, int, str]] | None]:
+    """Force-align tokens [k, run_end) with their anchored neighbours; widened over neighbouring anchors
+    when no path fits. Returns the token range decoded and (first frame, end frame, variant) per token."""
+    first, last = k - 1, run_end + 1
+    for _ in range(WIDEN + 1):
+        first, last = max(first, 0), min(last, len(tokens))
+        a = max(0, (placed[first][0] if first in placed else 0) - FILL_PAD_FRAMES)
+        b = min(num_frames, (placed[last - 1][1] if last - 1 in placed else num_frames) + FILL_PAD_FRAMES)
+        if first > 0 and first not in placed or last < len(tokens) and last - 1 not in placed:
+            break  # the widened range no longer ends on anchors
+        if b - a > MAX_FILL_S * FRAME_RATE:
+            break
+        for decoder in decoders:
+            found = _decode_chunk(decoder, pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME], tokens[first:last],
+                                  last=True, skip=False)  # fmt: skip
+            if found is not None and len(found) == last - first:
+                return first, last, [(sf + a, min(ef + a + 1, num_frames), v) for _, sf, ef, v in found]
+        if first == 0 and last == len(tokens):
+            break
+        # Take in the neighbouring anchored stretch on each side (up to the next skipped token).
+        first -= 1
+        while first > 0 and first - 1 in placed:
+            first -= 1
+        last += 1
+        while last < len(tokens) and last in placed:
+            last += 1
+    return k, run_end, None
+
+
+ISLAND = 3
+"""Anchors count only in runs of at least this many consecutive script tokens: a lone token the
+skippable grammar matched between skips is often another word's audio (a derailed match); the
+forced pass places it again with its neighbours."""
+MAX_FILL_S = 60.0
+"""The longest stretch of audio one forced pass decodes (time grows faster than its length)."""
+SQUEEZED_FRAMES_PER_PHONE = 3.5
+"""A token the forced pass gives no more frames a phone than this (three is the least an HMM
+takes) was squeezed in where the audio has no room for it: not found."""
+MIN_PHONE_S = 0.03
+"""Sound a spoken phone needs at the least: a skipped run with less sound than this per phone
+between its neighbours is not in the audio."""
+
+
+def _islands(placed: Placed, count: int) -> Placed:
+    """The anchors that lie in runs of at least ISLAND consecutive tokens (all of them for a shorter script)."""
+    need = min(ISLAND, count)
+    keep: Placed = {}
+    run: list[int] = []
+    for k in range(count + 1):
+        if k < count and k in placed and (not run or placed[k][0] >= placed[run[-1]][1] - 1):
+            run.append(k)
+            continue
+        if len(run) >= need:
+            keep.update({i: placed[i] for i in run})
+        run = [k] if k < count and k in placed else []
+    return keep
+
+
+def _spread(
+    run: list[int], gap: tuple[int, int], tokens: list[str], placed: Placed, act: Activity, vocab: dict[str, str]
+) -> dict[int, str]:
+    """Place a run no forced path holds over the sound between its neighbours (frames ``gap``), by phone count.
+
+    Returns the notes; tokens left out of ``placed`` are not found.
+    """
+    per_frame = act.sample_rate // FRAME_RATE
+    lo, hi = act.step(gap[0] * per_frame), act.step(max(gap[0], gap[1]) * per_frame)
+    sound = np.flatnonzero(~act.quiet[lo:hi]) + lo
+    phones = [max(1, len(vocab.get(tokens[i], "").split())) for i in run]
+    where = f"between {gap[0] / FRAME_RATE:.2f} and {gap[1] / FRAME_RATE:.2f} s"
+    if len(sound) * act.hop < MIN_PHONE_S * sum(phones) * act.sample_rate:
+        heard = len(sound) * act.hop / act.sample_rate
+        return {i: f"not found: only {heard:.2f} s of sound {where}, too little for it" for i in run}
+    first, last = sound[0] * act.hop // per_frame, (sound[-1] + 1) * act.hop // per_frame
+    edges = first + np.round(np.cumsum([0, *phones]) / sum(phones) * (last - first)).astype(int)
+    for i, sf, ef in zip(run, edges[:-1], edges[1:], strict=True):
+        placed[i] = (int(sf), int(max(ef, sf + 1)), tokens[i])
+    return {i: f"timed by spreading over the sound {where} (no forced path)" for i in run}
+
+
+NOT_FOUND_QUIET = 0.8
+"""A token the forced pass lays over audio at least this quiet is not in the audio."""
 def _quietness(pcm16: bytes, num_frames: int) -> np.ndarray | None:
     """Energy per 10 ms frame averaged over 0.2 s (None for audio aligned in one piece)."""
     if num_frames <= CHUNK_ABOVE_S * FRAME_RATE:
@@ -412,8 +613,9 @@ def align_words(audio_16k: np.ndarray, script: str, *, sample_rate: int = MODEL_
     if not tokens:
         return empty_script(ALIGNER)
     require_sound(audio, sample_rate, len(script_words))
-    num_frames = int(round(duration * 100))
-    aligned = align_tokens(to_pcm16(audio), tokens, num_frames)
+    num_frames = int(round(duration * FRAME_RATE))
+    dither = np.random.default_rng(0).normal(0.0, DITHER, len(audio)).astype(np.float32)
+    aligned = align_tokens(to_pcm16(audio + dither), tokens, num_frames, analyse(audio, sample_rate))
     if aligned is None:
         raise RowFailure(
             "script",
@@ -439,12 +641,15 @@ def _to_analysis(script_words: list[ScriptWord], aligned: list[TokenAlignment], 
         else:  # punctuation-only words and unspoken words sit at the previous word's end
             start = end = prev_end
             score = 0.0 if parts else None
+        notes = [p.note for p in parts if p.note]
         words.append(
             WordTiming(
                 word=sw.text,
                 start=round(start, 3),
                 end=round(min(end, duration), 3),
                 score=None if score is None else round(score, 3),
+                found=bool(said) or not parts,
+                note=notes[0] if notes else None,
             )
         )
         spoken.append(bool(said) or not parts)

@@ -310,7 +310,7 @@ async def process_row(
         logger.exception("row %s failed unexpectedly at %s", row.id, where)
         return _row_failed(row, where, f"{type(exc).__name__}: {exc}")
 
-    flags = list(speech.flags)
+    flags = list(speech.flags) + [f for f in row_plan.flags if f not in speech.flags]  # + unsafe cuts
     if speech.approximate and assets.script:
         flags.append("captions approximate: spread evenly over the speech, not aligned")
     if not assets.script:
@@ -323,7 +323,7 @@ async def process_row(
         segments=len(results), clips=sum(len(r.clips) for r in results),
         clips_reused=sum(r.reused_clips for r in results), attempts=max(r.attempts for r in results),
         gpu_s=round(sum(r.gpu_s for r in results), 3), workers=sorted({r.worker for r in results if r.worker}),
-        flags=flags,
+        flags=flags, fit_score=speech.fit_score, words_not_found=[w.word for w in speech.words if not w.found],
         audio_qc=assets.audio_qc, image_qc=assets.image_qc,
     )
     await asyncio.to_thread(layout.mark_finished, out, row, fingerprint, result)

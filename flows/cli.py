@@ -316,6 +316,11 @@ def plan(
         out_console.print_json(json.dumps(data))
     else:
         out_console.print(plan_summary_table(plans))
+        for p in plans:  # the evidence per row: alignment fit, words not found, unsafe cuts
+            if p.fit_score is not None and p.flags:
+                out_console.print(f"[yellow]{p.row_id}: alignment fit {p.fit_score:.2f}")
+            for flag in p.flags:
+                out_console.print(f"[yellow]{p.row_id}: {flag}", soft_wrap=True)
         for p in problems:
             out_console.print(f"[red]{p}")
 

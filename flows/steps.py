@@ -117,15 +117,15 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
     # Timings from an alignment that did not fit (wrong file, other language) are not trusted
     # for cuts: those rows are cut at the quietest moments instead, and the plan says approximate.
     words = speech.words if speech.words and not speech.approximate else None
-    energy = None
-    if words is None and assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE:  # only then is it cut
-        audio, rate = sf.read(assets.audio_16k, dtype="float32")
-        energy = plan.frame_energy(audio, sample_rate=rate)
+    audio = None
+    if assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE:  # only then is it cut: verify cuts on it
+        audio, _ = sf.read(assets.audio_16k, dtype="float32")
     row_plan = plan.plan_row(
         row.id, assets.num_samples, words,
         seed=row.seed, width=assets.width, height=assets.height,
         infer_frames=settings.infer_frames, max_segment_s=settings.max_segment_s,
-        min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps, energy=energy,
+        min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps,
+        audio=audio, speech=speech,
     )
     with storage.atomic_local(Path(assets.image).with_name("plan.json")) as tmp:
         tmp.write_text(row_plan.model_dump_json(indent=1))

@@ -50,11 +50,12 @@ SIL_PROB = 1.0
 # Pruning beams stay at pocketsphinx's defaults: tighter beams (1e-20) ran ~4x faster on
 # word-by-word speech but, with skippable words in the grammar, silently derailed on
 # continuous synthetic speech (skipping words instead of failing).
-PHONE_LOOP_BEAMS = {"ds": 3, "topn": 2}
-"""The phone loop scores every third frame with the two best Gaussians (ds 3, topn 2): it only feeds
-the fit score, and was the larger half of the time. GRAMMAR_OPTIONS: topn 2 for the alignment
-passes. Measured with bench/align_accuracy.py: same boundary errors, 20 % faster in all."""
+PHONE_LOOP_BEAMS = {"ds": 2}
+"""The phone loop scores every other frame (ds 2): 25% faster; it only feeds the fit score (ds 3 with
+topn 2 was faster still but lowered the fits of matching speech towards MISMATCH_FIT)."""
 GRAMMAR_OPTIONS = {"topn": 2}
+"""The alignment passes use the two best Gaussians per senone: same boundary errors on
+bench/align_accuracy.py's corpus, faster."""
 
 
 # --------------------------------------------------------------------------- pronunciations
@@ -244,6 +245,8 @@ CHUNK_SEARCH_S = 4.0
 """Audio longer than CHUNK_ABOVE_S is aligned in chunks of CHUNK_S +- CHUNK_SEARCH_S, cut at its quietest point."""
 CHUNK_TAIL_S = 2.0
 """Words ending in a chunk's last CHUNK_TAIL_S are decoded again with the next chunk."""
+FORCED_WHOLE_S = 60.0
+"""Audio up to this long is first force-aligned in one pass (a few seconds at most)."""
 MAX_TOKENS_PER_S = 6.0
 """Fastest speech rate planned for (spoken tokens per second) when offering a chunk part of the script."""
 END_PROB = 0.5
@@ -308,6 +311,9 @@ Placed = dict[int, tuple[int, int, str]]
 def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int, act: Activity) -> list[TokenAlignment] | None:
     """Align tokens to 16 kHz s16 PCM; None when no path through the grammar fits the audio.
 
+    0. Audio up to FORCED_WHOLE_S is force-aligned whole (every token, no skipping); a token the
+       forced path lays over quiet audio or squeezes to the HMM minimum is not found (``_verify``).
+       Longer audio, or audio where no forced path survives the beams, goes through 1-2.
     1. Anchors: the script grammar where each token may be skipped (robust where the audio is
        far from the acoustic model: synthetic voices, noise, music), chunk by chunk.
     2. Each run of skipped tokens is force-aligned (no skip) with its two neighbours over their
@@ -319,10 +325,15 @@ def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int, act: Activity
     loop, decoder, retry = _decoders()
     vocab = _add_words(decoder, tokens)
     _add_words(retry, tokens)
-    placed = _anchor_pass(decoder, pcm16, tokens, num_frames)
-    if placed is None:
-        return None
-    notes = _fill((decoder, retry), pcm16, tokens, placed, num_frames, act, vocab)
+    whole = num_frames <= FORCED_WHOLE_S * FRAME_RATE
+    placed = _forced_whole(decoder, retry, pcm16, tokens, num_frames) if whole else None
+    if placed is not None:
+        notes = _verify(tokens, placed, act, vocab)
+    else:
+        placed = _anchor_pass(decoder, pcm16, tokens, num_frames)
+        if placed is None:
+            return None
+        notes = _fill((decoder, retry), pcm16, tokens, placed, num_frames, act, vocab)
     order = sorted(placed)
     refined = snap_to_pauses([(placed[k][0] / FRAME_RATE, placed[k][1] / FRAME_RATE) for k in order], act)
     spans = dict(zip(order, refined, strict=True))
@@ -356,6 +367,39 @@ def _phone_loop(loop: Decoder, pcm16: bytes, num_frames: int) -> list[tuple[str,
         loop.end_utt()
         heard += [(s.word, s.start_frame + a, s.end_frame + a + 1) for s in loop.seg() if s.word not in _FILLERS]
     return heard
+
+
+def _forced_whole(decoder: Decoder, retry: Decoder, pcm16: bytes, tokens: list[str], num_frames: int) -> Placed | None:
+    """Every token force-aligned over the whole audio (default beams, then wider); None when no path survives."""
+    for d in (decoder, retry):
+        found = _decode_chunk(d, pcm16, tokens, last=True, skip=False)
+        if found is not None and len(found) == len(tokens):
+            return {k: (sf, min(ef + 1, num_frames), v) for k, (_, sf, ef, v) in enumerate(found)}
+    return None
+
+
+def _verify(tokens: list[str], placed: Placed, act: Activity, vocab: dict[str, str]) -> dict[int, str]:
+    """Drop from ``placed`` the tokens a forced path lays over quiet audio or squeezes in; their notes."""
+    notes: dict[int, str] = {}
+    for i in sorted(placed):
+        sf, ef, _ = placed[i]
+        why = _absent(sf, ef, len((vocab.get(tokens[i]) or "x").split()), act)
+        if why:
+            notes[i] = why
+            del placed[i]
+    return notes
+
+
+def _absent(sf: int, ef: int, phones: int, act: Activity) -> str | None:
+    """Why a token forced into frames [sf, ef) is not in the audio, or None when it may well be."""
+    span = f"{sf / FRAME_RATE:.2f}-{ef / FRAME_RATE:.2f} s"
+    share = act.quiet_share(sf / FRAME_RATE, ef / FRAME_RATE)
+    if share >= NOT_FOUND_QUIET:
+        return f"not found: a forced alignment lays it over {span}, {share:.0%} of which is quiet"
+    if ef - sf <= SQUEEZED_FRAMES_PER_PHONE * phones:
+        return (f"not found: a forced alignment can only squeeze it into {span} "
+                f"({(ef - sf) * 1000 // FRAME_RATE} ms for {phones} phones)")  # fmt: skip
+    return None
 
 
 def _anchor_pass(decoder: Decoder, pcm16: bytes, tokens: list[str], num_frames: int) -> Placed | None:
@@ -460,14 +504,9 @@ def _fill(
             continue
         for i, (sf, ef, variant) in zip(range(first, last), found, strict=True):
             was = placed.pop(i, None)
-            share = act.quiet_share(sf / FRAME_RATE, ef / FRAME_RATE)
-            span = f"{sf / FRAME_RATE:.2f}-{ef / FRAME_RATE:.2f} s"
-            phones = len((vocab.get(tokens[i]) or "x").split())
-            if was is None and share >= NOT_FOUND_QUIET:
-                notes[i] = f"not found: a forced alignment lays it over {span}, {share:.0%} of which is quiet"
-            elif was is None and ef - sf <= SQUEEZED_FRAMES_PER_PHONE * phones:
-                notes[i] = (f"not found: a forced alignment can only squeeze it into {span} "
-                            f"({(ef - sf) * 1000 // FRAME_RATE} ms for {phones} phones)")  # fmt: skip
+            why = _absent(sf, ef, len((vocab.get(tokens[i]) or "x").split()), act) if was is None else None
+            if why:
+                notes[i] = why
             else:
                 placed[i] = (sf, ef, variant)
                 if was is None and i in range(k, run_end):
@@ -655,5 +694,6 @@ def _to_analysis(script_words: list[ScriptWord], aligned: list[TokenAlignment], 
         spoken.append(bool(said) or not parts)
         prev_end = words[-1].end
     missing = [i for i, (w, s) in enumerate(zip(words, spoken, strict=True)) if not s]
+    unmatched = sum(1 for w in words if w.note)  # skipped by the grammar: forced back in, or not found
     return judge_fit(ALIGNER, words, missing, mismatch_fit=MISMATCH_FIT, how_missing="not found in the audio",
-                     extra_flags=low_fit_flags(words, spoken))
+                     extra_flags=low_fit_flags(words, spoken), unmatched=unmatched)

@@ -266,7 +266,7 @@ def _cut_from_words(
     """Best valid cut in [lo, hi]; the first valid cut after hi when none; None when none at all."""
     # Pauses are sorted and disjoint: those that reach into [lo, hi] are a contiguous run.
     first = bisect.bisect_left(pause_hi, lo)
-    best: tuple[float, int] | None = None
+    best: tuple[bool, float, int] | None = None
     for k in range(first, len(pause_lo)):
         p_lo, p_hi = pause_lo[k], pause_hi[k]
         if p_lo > hi:
@@ -277,10 +277,12 @@ def _cut_from_words(
         centre = (p_lo + p_hi) // 2
         cut = _snap(min(max(centre, a), b), a, b, step)
         score = min((p_hi - p_lo) / sample_rate, PAUSE_CAP_S) - DISTANCE_PENALTY * abs(cut - target) / sample_rate
-        if best is None or score > best[0]:
-            best = (score, cut)
+        # A cut on a frame boundary beats any other (a pause's part inside the window may hold none).
+        key = (cut % step == 0, score, cut)
+        if best is None or key[:2] > best[:2]:
+            best = key
     if best is not None:
-        return best[1]
+        return best[2]
     # A word spans the whole window: cut at the first pause after it, if that leaves
     # a final segment of at least the minimum.
     for k in range(first, len(pause_lo)):
@@ -405,7 +407,7 @@ def plan_row(
     cost = cost if cost is not None else CostModel()
     max_len = max(1, math.floor(max_segment_s * sample_rate))
     min_len = math.ceil(min_segment_s * sample_rate)
-    words = [w for w in words if w.found] if words else None
+    words = [w for w in words if w.found] if words is not None else None
     pauses = _pauses(words, num_samples, sample_rate) if words else None
     step = sample_rate // fps if sample_rate % fps == 0 else 1  # samples per video frame
     cut_more = num_samples > max_len
@@ -424,7 +426,7 @@ def plan_row(
     pos = 0
     while num_samples - pos > max_len:
         remaining = num_samples - pos
-        lo = pos + max(min_len, 1)
+        lo = pos + max(min_len, step, 1)  # a segment holds at least one video frame
         hi = min(pos + max_len, num_samples - max(min_len, 1))
         target = pos + remaining // math.ceil(remaining / max_len)
         target = min(max(target, lo), hi)

@@ -117,6 +117,8 @@ REFINE_S = 0.1
 """Word edges move to a pause that starts or ends within this distance of the aligned edge."""
 MIN_GAP_S = 0.02
 """A quiet stretch this long between two words is a pause between them."""
+CLEAN_RANGE_DB = 40.0
+"""A floor at least this far under the speech level is clean: any sound above it is the voice."""
 
 
 def runs(mask: np.ndarray, min_len: int) -> list[tuple[int, int]]:
@@ -165,13 +167,38 @@ def snap_to_pauses(spans: list[tuple[float, float]], act: Activity) -> list[tupl
             qa = floor_lo + int(loud[-1]) + 1 if len(loud) else floor_lo
             loud = np.flatnonzero(~act.quiet[qb:ceil_hi])
             qb = qb + int(loud[0]) if len(loud) else ceil_hi
+            # An edge moves inwards (the word gives quiet audio back) as far as the audio says, and
+            # outwards (the word takes in sound the aligner left out) as far as the audio says only
+            # over a clean floor: over a bed of music or noise that sound may be the bed's.
+            grow = total if act.speech_db - act.floor_db[min(qa, total - 1)] >= CLEAN_RANGE_DB else reach
+            end = qa if qa <= left + grow else left
+            start = qb if qb >= right - grow else right
             if j > 0:
-                edges[j - 1][1] = qa
+                edges[j - 1][1] = min(end, start) if j < n else end
             if j < n:
-                edges[j][0] = qb
+                edges[j][0] = start
         elif 0 < j < n:
-            a, b = max(lo, a - min_gap), min(hi, b + min_gap)
-            cut = a + int(np.argmin(act.level_db[a:b])) if b > a else a
+            cut = _onset(act, max(lo, a - min_gap), min(hi, b + reach))
+            if cut is None:
+                a, b = max(lo, a - min_gap), min(hi, b + min_gap)
+                cut = a + int(np.argmin(act.level_db[a:b])) if b > a else a
             edges[j - 1][1] = edges[j][0] = cut
     end_s = total * hop / sr
     return [(min(s * hop / sr, end_s), min(max(e, s + 1) * hop / sr, end_s)) for s, e in edges]
+
+
+ONSET_RISE_DB = 10.0
+ONSET_VALLEY_DB = 25.0
+
+
+def _onset(act: Activity, lo: int, hi: int) -> int | None:
+    """The step where the next word's sound starts: the steepest rise in [lo, hi) out of a valley."""
+    w = 2
+    if hi - lo <= w:
+        return None
+    lvl = act.level_db
+    rise = lvl[lo + w : hi] - lvl[lo : hi - w]
+    k = int(np.argmax(rise))
+    if rise[k] < ONSET_RISE_DB or lvl[lo + k] > act.speech_db - ONSET_VALLEY_DB:
+        return None
+    return lo + k + 1

@@ -43,3 +43,31 @@ def test_edges_snap_onto_the_pauses_and_never_overlap() -> None:
     for (s, e), (ts, te) in zip(snapped, truth, strict=True):
         assert abs(s - ts) <= 0.015 and abs(e - te) <= 0.015
     assert all(a[1] <= b[0] for a, b in zip(snapped, snapped[1:], strict=False))
+
+
+def test_touching_words_meet_where_the_next_one_starts() -> None:
+    # A word's faint tail (40 dB under it) runs into the next word with no pause, as TTS joins words;
+    # an acoustic model gives the tail to the next word. The boundary moves to the next word's onset.
+    t = np.arange(int(2.2 * SR)) / SR
+    voice = sum(0.3 / h * np.sin(2 * np.pi * 150 * h * t) for h in range(1, 6))
+    audio = np.zeros_like(t)
+    for a, b, gain in ((0.5, 1.0, 1.0), (1.0, 1.1, 0.01), (1.1, 1.6, 1.0)):
+        sl = slice(int(a * SR), int(b * SR))
+        audio[sl] = gain * voice[sl]
+    act = analyse(audio.astype(np.float32))
+    (s1, e1), (s2, e2) = snap_to_pauses([(0.5, 1.0), (1.0, 1.6)], act)
+    assert abs(e1 - 1.1) <= 0.015 and e1 == s2
+    assert abs(s1 - 0.5) <= 0.015 and abs(e2 - 1.6) <= 0.015
+
+
+def test_edges_grow_over_a_bed_by_a_little_at_most() -> None:
+    # Two words over a bed of noise 20 dB under the voice, and between them a loud sound that is not a
+    # word (a music hit). The aligned edges are right; the quiet stretch before the hit must not pull
+    # the second word's start back over the hit.
+    spans = [(0.5, 1.0), (1.8, 2.3)]
+    audio = bursts(spans + [(1.3, 1.5)], 3.0, floor=0.02)
+    act = analyse(audio)
+    assert act.speech_db - float(np.median(act.floor_db)) < 40  # a bed, not a clean floor
+    snapped = snap_to_pauses(spans, act)
+    for (s, e), (ts, te) in zip(snapped, spans, strict=True):
+        assert abs(s - ts) <= 0.1 and abs(e - te) <= 0.1

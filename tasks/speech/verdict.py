@@ -11,6 +11,8 @@ Flags (each "code: evidence"):
   ``found=False``.
 * ``low_word_fit``: stretches of consecutive words whose phones do not match what was
   heard: spoken words missing from the script, misreadings, or a partly wrong file.
+* ``unscripted_speech`` (offline aligner): script words aligned over more speech than they say
+  (longer than their phones last, or holding a pause): the audio says words the script lacks.
 * ``audio_script_mismatch``: the fit over the whole script is below the aligner's
   ``MISMATCH_FIT`` or too many words were not found (``MISMATCH_SKIPPED``): a wrong file,
   another language, or music; with a ``worst_stretch`` flag naming the five words that fit

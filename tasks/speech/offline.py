@@ -66,12 +66,20 @@ SKIP_OPTIONS = {"topn": 2}
 """Grammar passes use the two best Gaussians per senone: same boundary errors on
 bench/align_accuracy.py's corpus, faster."""
 ALIGN_OPTIONS = {**SKIP_OPTIONS, "wbeam": 1e-48, "bestpath": False}
-"""Forced passes (every token said) also get a word-exit beam as wide as the HMM beam (1e-48) and
-no lattice best-path pass, as pocketsphinx's maintainers advise for alignment (cmusphinx/pocketsphinx
-#318, #464): with the default, narrower word-exit beam the path that had said every word was pruned
-at the last frame ("Final result does not match the grammar"), and the forced pass failed on clean
-speech at 320 words a minute. Grammars that may skip tokens keep the defaults, which anchored the
-words of scripts with extra words better (tests/speech/test_offline.py)."""
+"""Forced passes (every token said) get a word-exit beam as wide as the HMM beams and no lattice
+best-path pass, as pocketsphinx's maintainers advise for alignment (cmusphinx/pocketsphinx #318,
+#464): with the default, narrower word-exit beam the path that had said every word was pruned at
+the last frame ("Final result does not match the grammar") and the pass failed on clean speech at
+320 words a minute. Grammars that may skip tokens keep the defaults, which anchored the words of
+scripts with extra words better (tests/speech/test_offline.py)."""
+CHUNK_BEAMS = {"beam": 1e-120, "pbeam": 1e-120, "wbeam": 1e-120}
+"""Chunks of long audio are force-aligned with far wider beams: with ALIGN_OPTIONS' a 12-minute talk
+in an accent far from the model's (espeak-ng's West Midlands voice) lost its way inside a 15 s chunk
+(words up to 3 s late), with these it did not (bench/align_accuracy.py's long talks), for about 20%
+more time in these passes (a left-to-right grammar keeps few states active). The whole-file pass
+keeps the narrower beams: there a path that cannot survive them is evidence (a script with words the
+audio lacks, or a wrong file), which the skippable grammar then sorts out; with wide beams it forced
+such words in and pushed spoken ones into the pauses."""
 
 
 # --------------------------------------------------------------------------- pronunciations
@@ -265,7 +273,8 @@ def _feature_options() -> dict[str, str | bool]:
     return {**options, "remove_noise": False, "featparams": os.devnull}
 
 
-_FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "SIL", "+NSN+", "+SPN+")
+_FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "SIL", "+NSN+", "+SPN+", "(NULL)")
+"""Segments that are not script words ("(NULL)": a grammar's null transition, such as a chunk's early end)."""
 
 
 FIT_FULL_S = 120.0
@@ -324,7 +333,9 @@ class Decoders(NamedTuple):
     forced: Decoder
     """Grammars where every token is said (ALIGN_OPTIONS)."""
     retry: Decoder
-    """The same with wider beams, for a forced pass that found no path."""
+    """The same with wider beams (RETRY_BEAMS), for a forced pass that found no path."""
+    chunks: Decoder
+    """The same with the beams of long audio's chunks (CHUNK_BEAMS)."""
     skippable: Decoder
     """Grammars where tokens may be skipped or left out (SKIP_OPTIONS)."""
 
@@ -345,6 +356,7 @@ def _decoders() -> Decoders:
             loop=loop,
             forced=Decoder(**options, **ALIGN_OPTIONS),
             retry=Decoder(**options, **{**ALIGN_OPTIONS, **RETRY_BEAMS}),
+            chunks=Decoder(**options, **{**ALIGN_OPTIONS, **CHUNK_BEAMS}),
             skippable=Decoder(**options, **SKIP_OPTIONS),
         )
     return _local.decoders
@@ -594,7 +606,7 @@ def _chunk_pass(
         # The tokens this chunk can hold: at most MAX_TOKENS_PER_S of speech plus slack.
         n = len(tokens) - k if last else min(len(tokens) - k, int((fb - fa) / FRAME_RATE * MAX_TOKENS_PER_S) + 20)
         chunk = pcm16[fa * BYTES_PER_FRAME : fb * BYTES_PER_FRAME]
-        found = _decode_chunk(dec.forced, chunk, tokens[k : k + n], last, skip=False) if forced else None
+        found = _decode_chunk(dec.chunks, chunk, tokens[k : k + n], last, skip=False) if forced else None
         if found is None:
             found = _decode_chunk(dec.skippable, chunk, tokens[k : k + n], last, skip=True)
             skipped = True

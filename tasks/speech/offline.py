@@ -410,6 +410,7 @@ def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int, act: Activity
     refined = snap_to_pauses([(placed[k][0] / FRAME_RATE, placed[k][1] / FRAME_RATE) for k in order], act)
     spans = dict(zip(order, refined, strict=True))
     heard = _phone_loop(dec.loop, pcm16, num_frames)
+    pauses = tuple(edge / act.sample_rate for edge in act.quiet_runs())
     windows = fit_windows(num_frames)
     out: list[TokenAlignment] = []
     last_end = 0.0
@@ -425,7 +426,7 @@ def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int, act: Activity
         else:  # outside the sampled windows: no evidence either way
             in_word, score = [], None
         start, end = spans[k]
-        note = notes.get(k) or _overlong(start, end, _phones(tok, vocab), act)
+        note = notes.get(k) or _overlong(start, end, _phones(tok, vocab), pauses)
         out.append(TokenAlignment(tok, start, end, spoken=True, score=score, heard=in_word, note=note))
         last_end = end
     return out
@@ -438,15 +439,15 @@ OVERLONG_SLACK_S = 0.4
 OVERLONG = "holds more than this word"
 
 
-def _overlong(start: float, end: float, phones: int, act: Activity) -> str | None:
+def _overlong(start: float, end: float, phones: int, pauses: tuple[np.ndarray, np.ndarray]) -> str | None:
     """Why the span [start, end) a word was aligned to holds more speech than the word, or None.
 
     A forced alignment stretches a script word over spoken words the script lacks: the span is
-    then longer than the word's phones can last, or holds a pause (a quiet run of MIN_QUIET_S,
-    which no spoken word holds; tasks/speech/activity.py)."""
-    lo, hi = act.quiet_runs()
-    pause = max((min(b, end * act.sample_rate) - max(a, start * act.sample_rate)) / act.sample_rate
-                for a, b in zip(lo, hi, strict=True)) if len(lo) else 0.0  # fmt: skip
+    then longer than the word's phones can last, or holds a pause (``pauses``: the audio's quiet
+    runs of MIN_QUIET_S, in seconds, which no spoken word holds; tasks/speech/activity.py)."""
+    lo, hi = pauses
+    k = int(np.searchsorted(hi, start))  # the first pause that ends after the word starts
+    pause = max((min(hi[j], end) - max(lo[j], start) for j in range(k, np.searchsorted(lo, end))), default=0.0)
     if end - start > MAX_S_PER_PHONE * phones + OVERLONG_SLACK_S or pause >= MIN_QUIET_S:
         held = f" and a {pause:.2f} s pause" if pause >= MIN_QUIET_S else ""
         return f"{OVERLONG}: {end - start:.2f} s for {phones} phones{held}"

@@ -47,6 +47,7 @@ from transformers import (
 
 from model.audio_encoder import SAMPLE_RATE, AudioEncoder
 from model.config import S2VConfig
+from model.offload import block_streamer, stream_blocks
 from model.pipeline import S2VPipeline
 from model.text_encoder import TextEncoder
 from model.tiny import TINY_VAE, _tiny_tokenizer
@@ -113,6 +114,14 @@ def build_pipeline(args, device: torch.device) -> S2VPipeline:
                                          do_normalize=True, return_attention_mask=True)  # fmt: skip
     vae = WanVAE(AutoencoderKLWan(**TINY_VAE) if args.tiny else AutoencoderKLWan(), device)
     return S2VPipeline(dit, text, AudioEncoder(w2v, extractor), vae, device=device)
+
+
+def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tiny, --device, --height, --width: the size and place of a full-pipeline benchmark."""
+    parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
 
 
 def mem(device: torch.device) -> dict[str, float]:
@@ -223,8 +232,6 @@ def dit_offload_comparison(pipe: S2VPipeline, args, device: torch.device) -> lis
     (eager, then compiled), and streamed by diffusers' block-level group offloading (its
     CUDA-stream prefetch): the same weights and inputs. Leaves the DiT to diffusers' hooks: run
     it last."""
-    from model.offload import stream_blocks
-
     dit = pipe.transformer
     rows = []
     probe = dit_inputs(dit.config, args, device, 1)
@@ -249,14 +256,13 @@ def dit_offload_comparison(pipe: S2VPipeline, args, device: torch.device) -> lis
     for part in (pipe.text_encoder, pipe.audio_encoder, pipe.vae):
         part.to("cpu")
     torch.cuda.empty_cache()
-    streamer = dit.block_streamer or stream_blocks(dit, device)
+    streamer = block_streamer(dit) or stream_blocks(dit, device)
     timed("ours streamed")
     record({"impl": "ours streamed", "rel_l2_vs_resident": rel_diff()})
     dit.compile_blocks(dynamic=False)
     timed("ours streamed, compiled")
     record({"impl": "ours streamed, compiled", "rel_l2_vs_resident_eager": rel_diff()})
-    streamer.reset()
-    dit.block_streamer = None  # the blocks stay in their pinned homes for diffusers to take over
+    streamer.remove()  # the blocks stay in their pinned homes for diffusers to take over
     try:
         from diffusers.hooks import apply_group_offloading
 
@@ -283,10 +289,7 @@ MODES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU smoke test)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
+    add_machine_arguments(parser)
     parser.add_argument("--frames", type=int, default=80)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--clips", type=int, default=2)
@@ -348,7 +351,7 @@ def main() -> None:
         save()
     if args.dit_offload and device.type == "cuda":
         pipe = S2VPipeline(base.transformer, base.text_encoder, base.audio_encoder, base.vae, device=device,
-                           offload="blocks" if base.transformer.block_streamer else "none")  # fmt: skip
+                           offload="blocks" if block_streamer(base.transformer) else "none")  # fmt: skip
         extra["dit_offload"] = dit_offload_comparison(pipe, args, device)
         save()
 

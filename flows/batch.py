@@ -2,43 +2,41 @@
 
 Composition only: each task below is a thin wrapper that runs one stage function from
 `tasks/` in a worker thread (stages are blocking: ffmpeg, numpy, torch), so rows run
-concurrently on the flow's event loop. Each row is its own subflow run, which keeps the
-Prefect UI readable for large batches and lets one row fail without failing the others.
-
-Generation on the GPU pool (`settings.pool`, tasks/generate/pool.py): the flow process
-is the Ray driver. The batch starts one worker per GPU (each loads the model once), then
-every row subflow queues all its segments at once and its generate tasks (one per
-segment) wait on the pool, which serves the segments of all rows longest first and
-retries them itself. The row limit then gates only the rows' CPU stages, so the queue
-holds every planned row's segments, and a row is stitched as soon as its last segment
-is done. Workers report to the flow, not to Prefect: only this process needs the API.
+concurrently on the flow's event loop. Without the pool, segments are rendered one at a
+time on one thread (`_GENERATOR`): the process holds one model on one device, as a pool
+worker does, and a segment's GPU seconds are the time it held it. Each row is its own
+subflow run, which keeps the Prefect UI readable for large batches and lets one row fail
+without failing the others.
+With the GPU pool (flows/pool_run.py) a row's generate tasks wait on the pool, and the row
+limit gates only the rows' CPU stages (docs/design-notes.md, "Generation on the pool").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
-import logging
-import os
-import re
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import acreate_progress_artifact, acreate_table_artifact, aupdate_progress_artifact
+from prefect.artifacts import acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 
-from flows import progress, steps
+from flows import pool_run, progress, steps
 from flows.settings import BatchSettings
 from tasks import captions, layout, notify, storage
-from tasks.generate.backends import BackendError, resolve_backend
-from tasks.manifest import ManifestError, validate_manifest
+from tasks.generate.backends import resolve_backend
+from tasks.manifest import Validation, validate_manifest
+from tasks.plan import gpu_money
 from tasks.records import (
+    DEFAULT_PRECISION,
     ClipResult,
     Cue,
     ManifestRow,
@@ -49,100 +47,19 @@ from tasks.records import (
     RowResult,
     SegmentResult,
     SpeechAnalysis,
+    row_error,
 )
 from tasks.speech import language
 
 if TYPE_CHECKING:
-    from tasks.generate.pool import GeneratorPool, SegmentEvent
-
-log = logging.getLogger(__name__)
-REPORT_NAME = "report.json"
-
-
-@dataclass
-class _Generation:
-    """The running batch's GPU pool and the gate that limits rows in their CPU stages.
-
-    Set by `batch` for the duration of a batch that renders on the pool (one batch per
-    process at a time); the row subflows and generate tasks run on the same event loop
-    and find it here, since neither a pool nor a semaphore is a flow parameter.
-    """
-
-    pool: GeneratorPool
-    cpu_gate: asyncio.Semaphore
-
-
-_generation: _Generation | None = None
-
-
-class _RowProgress:
-    """Clips done out of clips planned for one row: a Prefect progress artifact, logs, the CLI hook.
-
-    A plain class, not a dataclass: Prefect walks dataclass parameters of tasks, and this
-    object is shared by the row's generate tasks.
-    """
-
-    def __init__(self, row: ManifestRow, plan: Plan):
-        self.row = row
-        self.plan = plan
-        self.done: dict[int, int] = {}
-        self.artifact = None
-        self.last_update = 0.0
-
-    async def start(self) -> None:
-        self.artifact = await acreate_progress_artifact(
-            progress=0.0, key=_artifact_key(self.row.id, "clips"),
-            description=f"Clips rendered for row {self.row.row} ({self.row.id}): {self.plan.total_clips} planned "
-                        f"in {len(self.plan.segments)} segments",
-        )
-
-    async def on_event(self, event: SegmentEvent) -> None:
-        logger = get_run_logger()
-        where = f"segment {event.segment_index}"
-        if event.kind == "started":
-            logger.info("%s: attempt %d/%d on %s, %d/%d clips done", where, event.attempt, event.attempts_max,
-                        event.worker, event.clips_done, event.clips_total)
-        elif event.kind == "clip":
-            self.done[event.segment_index] = event.clips_done
-            progress.emit(self.row.id, "clip", f"{where} clip {event.clips_done}/{event.clips_total}"
-                          + (" (reused)" if event.reused else ""))
-            await self._update(force=False)
-        elif event.kind == "retry":
-            logger.warning("%s: attempt %d/%d failed: %s", where, event.attempt, event.attempts_max, event.detail)
-        elif event.kind == "failed":
-            logger.error("%s failed after %d attempts: %s\n%s", where, event.attempt, event.detail,
-                         event.traceback or "")
-        elif event.kind == "done":
-            logger.info("%s done on %s (attempt %d): %s", where, event.worker, event.attempt, event.detail)
-
-    async def _update(self, force: bool) -> None:
-        # Clips take minutes on a GPU but milliseconds in tests: at most one API call a second.
-        if self.artifact is None or (not force and time.monotonic() - self.last_update < 1.0):
-            return
-        self.last_update = time.monotonic()
-        done = sum(self.done.values())
-        await aupdate_progress_artifact(self.artifact, round(100.0 * done / max(self.plan.total_clips, 1), 1))
-
-    async def finish(self, results: list[SegmentResult | BaseException]) -> None:
-        await self._update(force=True)
-        table = []
-        for i, r in enumerate(results):
-            if isinstance(r, SegmentResult):
-                table.append({"segment": i, "state": "completed", "clips": len(r.clips), "reused": r.reused_clips,
-                              "attempts": r.attempts, "worker": r.worker or "", "gpu_s": r.gpu_s, "error": ""})
-            else:
-                table.append({"segment": i, "state": "failed", "clips": self.done.get(i, 0), "reused": "",
-                              "attempts": getattr(r, "attempts", ""), "worker": "", "gpu_s": "", "error": str(r)})
-        await acreate_table_artifact(key=_artifact_key(self.row.id, "segments"), table=table,
-                                     description=f"Segments of row {self.row.row} ({self.row.id})")
+    from tasks.generate.pool import GeneratorPool
 
 
 def _row_failed(row: ManifestRow, where: str, reason: str) -> State:
     """The row subflow's final state when a row fails: Failed in the UI, with a message naming the
     row, the column or stage, and the cause (returned, not raised, so the log holds one line)."""
-    message = f"row {row.row} (id {row.id!r}), {where}: {reason}"
     progress.emit(row.id, "failed", reason)
-    return Failed(message=message)
+    return Failed(message=row_error(row.row, row.id, where, reason))
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -150,6 +67,9 @@ def _is_transient(task, task_run, state) -> bool:
     exc = state.data  # the task engine hands the raised exception over as the Failed state's data
     return isinstance(exc, OSError | ConnectionError | TimeoutError) and not isinstance(exc, FileNotFoundError)
 
+
+_GENERATOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s2v-generate")
+"""Where the flow process renders its segments, one after another (a queue, not threads waiting on a lock)."""
 
 STAGE = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": _is_transient, "cache_policy": NO_CACHE}
 
@@ -176,37 +96,20 @@ async def plan_task(
 @task(name="generate", task_run_name="generate {row.id} segment {index}", tags=["s2v-generate"], **STAGE)
 async def generate_task(
     row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
-    backend: str, settings: BatchSettings, tracker: _RowProgress | None = None,
+    backend: str, settings: BatchSettings, tracker: pool_run.RowProgress | None = None,
+    held: steps.HeldTime | None = None,
 ) -> SegmentResult:
     segment = row_plan.segments[index]
-    if _generation is not None and tracker is not None:
+    if (on_pool := pool_run.current()) is not None and tracker is not None:
         # On the pool: this task only waits (retries happen in the pool, per segment).
-        job, seg_dir = await asyncio.to_thread(steps.segment_job, row, assets, row_plan, cues, index)
-        return await _run_on_pool(_generation.pool, job, seg_dir, tracker)
+        job, seg_dir = await asyncio.to_thread(steps.segment_job, row, assets, row_plan, cues, index, settings)
+        return await pool_run.run_segment(on_pool.pool, job, seg_dir, tracker)
 
     def on_clip(clip: ClipResult) -> None:
         progress.emit(row.id, "clip", f"segment {index} clip {clip.index + 1}/{segment.clips}")
 
-    return await asyncio.to_thread(
-        steps.generate_step, row, assets, row_plan, cues, index, backend, settings, on_clip
-    )
-
-
-async def _run_on_pool(pool: GeneratorPool, job, seg_dir: Path, tracker: _RowProgress) -> SegmentResult:
-    """Submit one segment and relay its events (state, attempts, clips) until it is done."""
-    events: asyncio.Queue = asyncio.Queue()
-    result = asyncio.ensure_future(pool.run_segment(job, seg_dir, events.put_nowait))
-    while True:
-        getter = asyncio.ensure_future(events.get())
-        await asyncio.wait({result, getter}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            await tracker.on_event(getter.result())
-        else:
-            getter.cancel()
-        if result.done():
-            while not events.empty():
-                await tracker.on_event(events.get_nowait())
-            return result.result()
+    return await asyncio.get_running_loop().run_in_executor(_GENERATOR, functools.partial(
+        steps.generate_step, row, assets, row_plan, cues, index, backend, settings, on_clip, held))
 
 
 @task(name="stitch", **STAGE)
@@ -230,22 +133,18 @@ class GenerationFailed(Exception):
     """Segments of a row failed on the pool after their attempts; the message has each last error."""
 
 
-def _cpu_gate() -> contextlib.AbstractAsyncContextManager:
-    """With the pool, rows take turns for their CPU stages only, so every row's segments can be queued."""
-    return _generation.cpu_gate if _generation is not None else contextlib.nullcontext()
-
-
 async def _generate_row(
     row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], backend: str,
     settings: BatchSettings,
 ) -> list[SegmentResult]:
     """All segments of the row at once: in this process, or queued on the batch's GPU pool."""
     indices = range(len(row_plan.segments))
-    if _generation is None:
+    if pool_run.current() is None:
+        # One clock per segment, shared by its task's retries: every attempt counts (records.GPU_SECONDS).
         return list(await asyncio.gather(*(
-            generate_task(row, assets, row_plan, cues, i, backend, settings) for i in indices
+            generate_task(row, assets, row_plan, cues, i, backend, settings, held=steps.HeldTime()) for i in indices
         )))
-    tracker = _RowProgress(row, row_plan)
+    tracker = pool_run.RowProgress(row, row_plan)
     await tracker.start()
     # Segments that finish are kept even when another fails: their clips are reused by a rerun.
     outcomes = await asyncio.gather(*(
@@ -259,6 +158,13 @@ async def _generate_row(
                 raise exc  # cancellation and the like are not a row's failure
         raise GenerationFailed("; ".join(str(e) for e in failures))
     return list(outcomes)
+
+
+def _row_skipped(row: ManifestRow, assets: NormalizedAssets, flags: list[str], problems: list[str]) -> RowResult:
+    """A row a policy (image or language) skipped: no generation, the problems as its error."""
+    progress.emit(row.id, "done", "skipped")
+    return RowResult(row=row.row, id=row.id, status="skipped", flags=flags, error="; ".join(problems),
+                     audio_qc=assets.audio_qc, image_qc=assets.image_qc)
 
 
 @flow(name="row", validate_parameters=False)
@@ -277,17 +183,18 @@ async def process_row(
     row_dir = layout.RowPaths.for_row(Path(work_dir), row.id).root
     where = "stage 'normalize'"
     try:
-        async with _cpu_gate():
+        async with pool_run.cpu_gate():
             progress.emit(row.id, "normalize")
             assets = await normalize_task(row, row_dir, settings)
+            image_flags = steps.image_step(assets, settings)  # RowFailure('image') under image_policy 'fail'
+            if image_flags and settings.image_policy == "skip":
+                return _row_skipped(row, assets, image_flags, image_flags)
             where = "stage 'speech'"
             progress.emit(row.id, "speech")
             speech = await speech_task(row, assets, settings)
             if language.should_skip(speech):
-                progress.emit(row.id, "done", "skipped")
-                return RowResult(row=row.row, id=row.id, status="skipped", flags=speech.flags,
-                                 error="; ".join(f for f in speech.flags if f != language.SKIP_FLAG),
-                                 audio_qc=assets.audio_qc, image_qc=assets.image_qc)
+                problems = [f for f in speech.flags if f != language.SKIP_FLAG]
+                return _row_skipped(row, assets, image_flags + speech.flags, problems)
             where = "stage 'plan'"
             row_plan = await plan_task(row, assets, speech, settings)
             # Timings the aligner itself distrusts are not used: captions then spread evenly (flagged).
@@ -299,18 +206,18 @@ async def process_row(
         progress.emit(row.id, "generate", f"{row_plan.total_clips} clips")
         results = await _generate_row(row, assets, row_plan, cues, backend, settings)
         where = "stage 'stitch'"
-        async with _cpu_gate():  # stitched as soon as the row's last segment is done
+        async with pool_run.cpu_gate():  # stitched as soon as the row's last segment is done
             progress.emit(row.id, "stitch")
             published = await stitch_task(row, assets, cues, list(results), out, settings)
     except RowFailure as exc:
-        return _row_failed(row, f"column '{exc.field}'", exc.reason)
+        return _row_failed(row, exc.where, exc.reason)
     except GenerationFailed as exc:
         return _row_failed(row, where, str(exc))
     except Exception as exc:  # a bug or an environment problem: still this row's failure only
         logger.exception("row %s failed unexpectedly at %s", row.id, where)
         return _row_failed(row, where, f"{type(exc).__name__}: {exc}")
 
-    flags = list(speech.flags) + [f for f in row_plan.flags if f not in speech.flags]  # + unsafe cuts
+    flags = image_flags + list(speech.flags) + [f for f in row_plan.flags if f not in speech.flags]  # + unsafe cuts
     if speech.approximate and assets.script:
         flags.append("captions approximate: spread evenly over the speech, not aligned")
     if not assets.script:
@@ -323,7 +230,10 @@ async def process_row(
         segments=len(results), clips=sum(len(r.clips) for r in results),
         clips_reused=sum(r.reused_clips for r in results), attempts=max(r.attempts for r in results),
         gpu_s=round(sum(r.gpu_s for r in results), 3), workers=sorted({r.worker for r in results if r.worker}),
+        cost=gpu_money(sum(r.gpu_s for r in results), settings.gpu_price_per_hour),
+        preset=row.preset or settings.preset, forwards=sum(r.forwards for r in results),
         flags=flags, fit_score=speech.fit_score, words_not_found=[w.word for w in speech.words if not w.found],
+        **_step_timings(results),
         audio_qc=assets.audio_qc, image_qc=assets.image_qc,
     )
     await asyncio.to_thread(layout.mark_finished, out, row, fingerprint, result)
@@ -332,34 +242,33 @@ async def process_row(
     return result
 
 
-def use_pool(settings: BatchSettings, backend: str) -> bool:
-    """'auto' renders on the pool for the model, or when a Ray cluster is named."""
-    if settings.pool != "auto":
-        return settings.pool == "on"
-    return backend == "wan-s2v" or bool(settings.ray_address or os.environ.get("RAY_ADDRESS"))
-
-
-async def _start_pool(settings: BatchSettings, backend: str) -> GeneratorPool:
-    """Start the GPU workers (each loads the model once); a missing checkpoint fails before any starts."""
-    from tasks.generate.pool import GeneratorPool, PoolConfig, PoolError
-
+async def _prepare(
+    manifest: str, settings: BatchSettings
+) -> tuple[str, Validation, GeneratorPool | None, list[dict]]:
+    """The backend, the validated manifest, the started GPU pool when rendering on it, and the
+    in-process generator's load record otherwise."""
     logger = get_run_logger()
-    if settings.checkpoint and not await asyncio.to_thread(storage.exists, settings.checkpoint):
-        raise BackendError(f"checkpoint not found: {settings.checkpoint}")
-    pool = GeneratorPool(PoolConfig(
-        backend=backend, checkpoint=settings.checkpoint, device=settings.device, offload=settings.offload,
-        backend_options=settings.generator_options, workers=settings.pool_workers, address=settings.ray_address,
-        attempts=settings.segment_attempts, backoff_s=settings.retry_backoff_s,
-        offload_on_oom=settings.offload_on_oom, store=settings.clip_store,
-    ))
-    try:
-        workers = await asyncio.to_thread(pool.start)
-    except PoolError as exc:
-        raise BackendError(f"{exc} (or set pool=off to render in the flow process)") from None
-    for line in pool.failed_workers:
-        logger.warning("GPU worker could not start: %s", line)
-    logger.info("GPU pool: %d workers: %s", len(workers), ", ".join(str(w) for w in workers))
-    return pool
+    backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
+    await asyncio.to_thread(steps.check_speed_settings, settings)
+    await asyncio.to_thread(steps.check_mode_settings, settings, backend)
+    validation = await asyncio.to_thread(
+        validate_manifest, manifest, allowed_roots=settings.allowed_roots, mode=settings.mode,
+        precision=settings.precision,
+    )
+    logger.info("manifest %s: %d rows, %d valid; backend %s%s", manifest, validation.total_rows,
+                len(validation.rows), backend, " (labelled animatic, not the model)" if backend == "preview" else "")
+    for issue in validation.issues:
+        logger.warning("%s", issue)
+    if validation.rows and pool_run.use_pool(settings, backend):
+        return backend, validation, await pool_run.start_pool(settings, backend), []
+    if validation.rows:
+        # Load the model before any row starts so a bad checkpoint fails the batch once, early.
+        started = time.monotonic()
+        generator = await asyncio.to_thread(steps.load_backend, backend, settings)
+        load = dict(getattr(generator, "load_timings", None) or {})
+        return backend, validation, None, [{"name": "in-process", "load_s": round(time.monotonic() - started, 3),
+                                            "load": load}]
+    return backend, validation, None, []
 
 
 @flow(name="batch")
@@ -373,30 +282,15 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
     logger = get_run_logger()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     try:
-        backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
-        validation = await asyncio.to_thread(validate_manifest, manifest, allowed_roots=settings.allowed_roots)
-    except (ManifestError, BackendError) as exc:
+        backend, validation, pool, workers = await _prepare(manifest, settings)
+    except Exception as exc:  # the batch cannot run at all: no rows, no report
         if settings.webhook_url:
-            failed = {"manifest": manifest, "output": out, "started_at": started_at, "rows": [],
-                      "manifest_errors": [str(exc)]}
             await notify_task.with_options(task_run_name="notify batch")(
-                settings.webhook_url, notify.batch_payload(failed), settings)
+                settings.webhook_url, notify.batch_error_payload(manifest, out, str(exc)), settings)
         raise
-    logger.info("manifest %s: %d rows, %d valid; backend %s%s", manifest, validation.total_rows,
-                len(validation.rows), backend, " (labelled animatic, not the model)" if backend == "preview" else "")
-    for issue in validation.issues:
-        logger.warning("%s", issue)
-    pool = None
-    if validation.rows and use_pool(settings, backend):
-        pool = await _start_pool(settings, backend)
-    elif validation.rows:
-        # Load the model before any row starts so a bad checkpoint fails the batch once, early.
-        await asyncio.to_thread(steps.load_backend, backend, settings)
     work_dir = settings.work_dir or str(layout.default_work_dir(out))
     limit = asyncio.Semaphore(settings.max_concurrent_rows)
-    global _generation
-    _generation = _Generation(pool, limit) if pool is not None else None
-    # With the pool, `limit` gates the rows' CPU stages only (see _cpu_gate), not whole rows.
+    # With the pool, `limit` gates the rows' CPU stages only (pool_run.cpu_gate), not whole rows.
     row_limit = limit if pool is None else contextlib.nullcontext()
 
     async def run_row(row: ManifestRow) -> RowResult:
@@ -408,29 +302,29 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
                 result = await state.aresult()
             else:
                 result = RowResult(row=row.row, id=row.id, status="failed", backend=backend,
-                                   error=state.message or f"row {row.row} (id {row.id!r}): {state.name}")
+                                   error=state.message or row_error(row.row, row.id, "row flow", state.name))
         if row.webhook and not result.cached:
             await notify_task.with_options(task_run_name=f"notify row {row.id}")(
                 row.webhook, notify.row_payload(result, out), settings)
         return result
 
-    try:
+    async with pool_run.serving(pool, limit) if pool is not None else contextlib.nullcontext():
         row_results = list(await asyncio.gather(*(run_row(r) for r in validation.rows)))
-    finally:
-        _generation = None
-        if pool is not None:
-            await asyncio.to_thread(pool.close)
     for row_number, issues in validation.issues_by_row().items():
         row_results.append(RowResult(
             row=row_number, id=issues[0].id, status="failed", error="; ".join(str(i) for i in issues)
         ))
     row_results.sort(key=lambda r: r.row)
+    if pool is not None:
+        workers = [dataclasses.asdict(w) for w in pool.workers]
+    gpu_s = round(sum(r.gpu_s or 0.0 for r in row_results if not r.cached), 3)
     report = Report(
         manifest=manifest, output=out, backend=backend, started_at=started_at,
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"), rows=row_results,
+        gpu=settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, gpu_s=gpu_s,
+        cost=gpu_money(gpu_s, settings.gpu_price_per_hour), workers=workers,
     )
-    await asyncio.to_thread(storage.write_text, storage.join(out, REPORT_NAME),
-                            json.dumps(report_json(report), indent=2))
+    await asyncio.to_thread(storage.write_text, layout.report_uri(out), json.dumps(report_json(report), indent=2))
     await acreate_table_artifact(
         key="batch-report",
         table=[_artifact_row(r) for r in report.rows],
@@ -445,6 +339,14 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
     return report_json(report)
 
 
+def _step_timings(results: list[SegmentResult]) -> dict:
+    """The row's median denoising step and the end of its first step, from its new clips."""
+    timings = [c.timings for r in results for c in r.clips if c.timings]
+    steps = sorted(t["step_s"] for t in timings if "step_s" in t)
+    firsts = [t["first_step_at"] for t in timings if "first_step_at" in t]
+    return {"step_s": steps[len(steps) // 2] if steps else None, "first_step_at": min(firsts) if firsts else None}
+
+
 def report_json(report: Report) -> dict:
     data = report.model_dump(mode="json")
     data["counts"] = report.counts
@@ -455,7 +357,8 @@ def _artifact_row(r: RowResult) -> dict:
     return {
         "row": r.row, "id": r.id or "", "status": r.status + (" (cached)" if r.cached else ""),
         "duration_s": r.duration_s if r.duration_s is not None else "",
-        "clips": r.clips if r.clips is not None else "", "video": r.video or "", "error": r.error or "",
+        "clips": r.clips if r.clips is not None else "", "gpu_s": r.gpu_s if r.gpu_s is not None else "",
+        "video": r.video or "", "error": r.error or "", "flags": "; ".join(r.flags),
     }
 
 
@@ -467,12 +370,25 @@ def _relative(out: str, uri: str) -> str:
 
 
 def _fingerprint_settings(settings: BatchSettings, backend: str) -> dict:
+    """The settings that shape a row's outputs. The optional models count only when set, so rows
+    finished before they were fingerprinted keep their markers."""
     keys = ("checkpoint", "pad_s", "max_segment_s", "min_segment_s", "infer_frames", "burn_captions",
             "language_policy")
-    extra = {"generator_options": settings.generator_options} if settings.generator_factory else {}
-    return {"backend": backend, **{k: getattr(settings, k) for k in keys}, **extra}
-
-
-def _artifact_key(row_id: str, what: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return f"row-{re.sub(r'[^a-z0-9-]+', '-', row_id.lower()).strip('-')}-{what}"
+    optional = {k: getattr(settings, k) for k in ("alignment_model", "whisper_model") if getattr(settings, k)}
+    # Likewise only when not the default: a row's precision (validated to be the batch's) and the image policy.
+    optional |= {k: getattr(settings, k) for k, default in (("precision", DEFAULT_PRECISION), ("image_policy", "warn"))
+                 if getattr(settings, k) != default}
+    if settings.generator_factory:
+        optional["generator_options"] = settings.generator_options
+    if settings.preset != "exact":
+        optional["preset"] = settings.preset
+    speed = ("sample_steps", "sample_shift", "cfg_steps", "cfg_every", "step_cache", "cache_threshold",
+             "cache_warmup", "cache_max_skips", "lora", "lora_strength")  # fmt: skip
+    optional |= {k: getattr(settings, k) for k in speed if getattr(settings, k) not in (None, [])}
+    if settings.step_cache == "magcache":  # its ratios come from the calibration
+        optional["calibration"] = settings.calibration
+    if settings.mode != "exact":
+        optional["mode"] = settings.mode
+    if settings.distilled_lora:
+        optional["distilled_lora"] = settings.distilled_lora
+    return {"backend": backend, **{k: getattr(settings, k) for k in keys}, **optional}

@@ -8,16 +8,25 @@ manifest, bad option, no checkpoint, unreachable service).
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import os
 import re
 import sys
+import types
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Union, get_args, get_origin
 
 import typer
+from pydantic import SecretStr
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
+
+from flows.settings import BatchSettings, SettingsError, config_file, load_settings
+from tasks.records import Plan
 
 # Stage modules log through the standard library; let those records reach Prefect's UI.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,model")
@@ -33,58 +42,75 @@ console = Console(stderr=True)
 out_console = Console()
 
 ManifestArg = Annotated[str, typer.Argument(help="CSV manifest: a local path or s3://bucket/key.csv")]
-AllowedRoot = Annotated[
-    list[str] | None,
-    typer.Option("--allowed-root", help="a folder or s3:// prefix rows may read from besides the manifest's "
-                 "own folder (repeatable)"),
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", help="TOML settings file (default: $S2V_CONFIG, else ./s2v-batch.toml)")
 ]
+OLD_SPELLINGS = {
+    "max_concurrent_rows": ("--concurrency",),
+    "max_segment_s": ("--max-segment-seconds",),
+    "pool_workers": ("--workers",),
+    "allowed_roots": ("--allowed-root",),
+}
+"""Option names from before the options were generated from the settings; scripts may still use them."""
 
 
 class CommandFailed(Exception):
     """The command could not run; the message says why and what to fix."""
 
 
-ConfigOpt = Annotated[
-    str | None, typer.Option("--config", help="TOML settings file (default: $S2V_CONFIG, else ./s2v-batch.toml)")
-]
-
-
-def _settings(config: str | None = None, **overrides):
-    from flows.settings import SettingsError, load_settings
-
+def _settings(config: str | None = None, **overrides) -> BatchSettings:
     try:
         return load_settings(config, **overrides)
     except SettingsError as exc:
         raise CommandFailed(str(exc)) from None
 
 
+def _setting_option(name: str, field: FieldInfo) -> inspect.Parameter | None:
+    """The option of one setting: `--name-with-dashes` (`--x/--no-x` for a switch), its description as help,
+    a Literal's values as choices; None when not given, so the config file, S2V_* or the default decide."""
+    kind = field.annotation
+    if get_origin(kind) in (Union, types.UnionType):
+        (kind,) = [a for a in get_args(kind) if a is not type(None)]
+    if kind is SecretStr:
+        return None  # secrets stay off command lines (shell history, `ps`): S2V_* or the config file
+    flag, as_json = "--" + name.replace("_", "-"), get_origin(kind) is dict
+    option = typer.Option(
+        f"{flag}/--no-{flag[2:]}" if kind is bool else flag, *OLD_SPELLINGS.get(name, ()), help=field.description,
+        parser=json.loads if as_json else None, metavar="JSON" if as_json else None,
+        rich_help_panel="Settings (also S2V_<NAME> or the config file)",
+    )
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[kind | None, option])
+
+
+_SETTING_OPTIONS = {
+    name: option for name, field in BatchSettings.model_fields.items() if (option := _setting_option(name, field))
+}
+
+
+def _with_settings(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with --config and an option per setting, called with the `settings` they make."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
+    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt)
+
+    def with_settings(*args, config: str | None = None, **options) -> None:
+        given = {name: options.pop(name) for name in _SETTING_OPTIONS}
+        command(*args, settings=_settings(config, **given), **options)
+
+    functools.update_wrapper(with_settings, command)  # typer takes the command's name and help from it
+    params = [*own, config, *_SETTING_OPTIONS.values()]
+    with_settings.__signature__ = inspect.Signature(params)
+    with_settings.__annotations__ = {p.name: p.annotation for p in params}
+    return with_settings
+
+
 @app.command()
+@_with_settings
 def run(
     manifest: ManifestArg,
     out: Annotated[str, typer.Option("--out", "-o", help="output folder: a local path or s3://bucket/prefix")],
-    backend: Annotated[str | None, typer.Option(help="auto | preview | wan-s2v (auto: wan-s2v when a "
-                                                     "checkpoint is set, else the preview animatic)")] = None,
-    checkpoint: Annotated[str | None, typer.Option(help="Wan2.2-S2V-14B checkpoint folder (local or s3://)")] = None,
-    device: Annotated[str | None, typer.Option(help="torch device for wan-s2v, e.g. cuda:0")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="rows processed at the same time")] = None,
-    allowed_root: AllowedRoot = None,
-    language_policy: Annotated[str | None, typer.Option(help="non-English speech: warn | skip | fail")] = None,
-    max_segment_seconds: Annotated[float | None, typer.Option(help="longest independently generated "
-                                                                   "segment")] = None,
-    burn_captions: Annotated[bool, typer.Option("--burn-captions", help="also burn captions into the "
-                                                                         "video")] = False,
-    force: Annotated[bool, typer.Option("--force", help="redo rows an earlier run finished")] = False,
-    work_dir: Annotated[str | None, typer.Option(help="local scratch folder (default OUT/.s2v/work)")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster for the GPU pool (default: RAY_ADDRESS, "
-                                                         "else a local Ray)")] = None,
-    workers: Annotated[int | None, typer.Option(help="GPU workers in the pool (default: the cluster's GPUs)")] = None,
-    offload: Annotated[bool, typer.Option("--offload", help="stream the model from CPU memory (GPUs of "
-                                                            "24 GB and up)")] = False,
-    alignment_model: Annotated[str | None, typer.Option(help="local Wav2Vec2ForCTC folder for forced "
-                                                             "alignment (default: the offline aligner)")] = None,
-    whisper_model: Annotated[str | None, typer.Option(help="local faster-whisper folder: transcribe rows "
-                                                           "without a script, detect the spoken language")] = None,
-    config: ConfigOpt = None,
+    settings: BatchSettings,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also print Prefect's run logs (they are "
                                                                   "always in the Prefect UI)")] = False,
 ) -> None:
@@ -95,13 +121,6 @@ def run(
         # reaches the Prefect API. Must be set before Prefect is imported (it configures logging then).
         for name in ("CONSOLE", "CONSOLE_FLOW_RUNS", "CONSOLE_TASK_RUNS"):
             os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{name}_LEVEL", "WARNING")
-    settings = _settings(
-        config, backend=backend, checkpoint=checkpoint, device=device, max_concurrent_rows=concurrency,
-        allowed_roots=allowed_root, language_policy=language_policy, max_segment_s=max_segment_seconds,
-        burn_captions=burn_captions or None, force=force or None, work_dir=work_dir,
-        ray_address=ray_address, pool_workers=workers, offload=offload or None,
-        alignment_model=alignment_model, whisper_model=whisper_model,
-    )
     report = _run_batch(manifest, out, settings)
     _print_report(report, out)
 
@@ -111,11 +130,17 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
 
     from flows import progress as hooks
     from flows.batch import batch
+    from flows.steps import check_mode_settings, check_speed_settings
     from tasks.generate.backends import resolve_backend
     from tasks.manifest import validate_manifest
 
     # Fail fast, before Prefect starts, when the batch as a whole cannot run.
-    resolve_backend(settings.backend, settings.checkpoint)
+    backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
+    try:
+        check_speed_settings(settings)
+        check_mode_settings(settings, backend)
+    except SettingsError as exc:
+        raise CommandFailed(str(exc)) from None
     _check_prefect_api()
     total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
 
@@ -158,9 +183,9 @@ def _check_prefect_api() -> None:
 
 
 def _print_report(report: dict, out: str) -> None:
-    table = Table(title=f"s2v-batch report ({report['backend']})")
-    for col in ("row", "id", "status", "duration", "video / error"):
-        table.add_column(col)
+    from tasks.layout import report_uri
+
+    table = Table("row", "id", "status", "duration", "video / error", title=f"s2v-batch report ({report['backend']})")
     colors = {"succeeded": "green", "failed": "red", "skipped": "yellow"}
     for r in report["rows"]:
         status = r["status"] + (" (cached)" if r.get("cached") else "")
@@ -171,8 +196,11 @@ def _print_report(report: dict, out: str) -> None:
     counts = report["counts"]
     out_console.print(
         f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped; "
-        f"report: {out.rstrip('/')}/report.json"
+        f"report: {report_uri(out)}"
     )
+    if report.get("gpu_s"):
+        cost = f", cost {_money(report['cost'])}" if report.get("cost") is not None else ""
+        out_console.print(f"GPU hours ({report.get('gpu') or 'GPU'}): {_hours(report['gpu_s'], 2)}{cost}")
     if report["backend"] == "preview":
         out_console.print("[yellow]backend 'preview': labelled animatics, not model output. "
                           "Set --checkpoint to generate with Wan2.2-S2V.")
@@ -181,12 +209,8 @@ def _print_report(report: dict, out: str) -> None:
 @app.command(name="config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the effective settings (defaults < config file < S2V_* environment < options), secrets hidden."""
-    from flows.settings import config_file
-
     settings = _settings(config)
-    table = Table(title="s2v-batch settings")
-    for col in ("setting", "value", "environment variable"):
-        table.add_column(col)
+    table = Table("setting", "value", "environment variable", title="s2v-batch settings")
     for name in type(settings).model_fields:
         table.add_row(name, _show(getattr(settings, name)), f"S2V_{name.upper()}")
     out_console.print(table)
@@ -195,8 +219,6 @@ def show_config(config: ConfigOpt = None) -> None:
 
 
 def _show(value) -> str:
-    from pydantic import SecretStr
-
     if isinstance(value, SecretStr):
         return "********" if value.get_secret_value() else ""
     return "" if value is None else str(value)
@@ -218,9 +240,7 @@ def status(
     if not storage.exists(target):
         raise CommandFailed(f"{target} does not exist (give an output folder or a flow run id)")
     rows = batch_status(target, work_dir)
-    table = Table(title=f"batch status: {target}")
-    for col in ("id", "state", "clips", "GPU h used", "GPU h left (est.)", "error"):
-        table.add_column(col)
+    table = Table("id", "state", "clips", "GPU h used", "GPU h left (est.)", "error", title=f"batch status: {target}")
     for r in rows:
         clips = f"{r.clips_done}/{r.clips}" if r.clips is not None else ""
         table.add_row(r.id, r.state, clips, _hours(r.gpu_s), _hours(r.est_remaining_gpu_s), r.error or "")
@@ -228,11 +248,11 @@ def status(
     used = sum(r.gpu_s or 0 for r in rows)
     left = sum(r.est_remaining_gpu_s or 0 for r in rows)
     out_console.print(f"{len(rows)} rows; {sum(r.clips_done for r in rows)} clips done; "
-                      f"GPU hours used {used / 3600:.2f}, estimated remaining {left / 3600:.2f}")
+                      f"GPU hours used {_hours(used, 2)}, estimated remaining {_hours(left, 2)}")
 
 
-def _hours(seconds: float | None) -> str:
-    return "" if seconds is None else f"{seconds / 3600:.3f}"
+def _hours(seconds: float | None, digits: int = 3, unknown: str = "") -> str:
+    return unknown if seconds is None else f"{seconds / 3600:.{digits}f}"
 
 
 def _status_from_prefect(run_id: str) -> None:
@@ -255,9 +275,7 @@ def _status_from_prefect(run_id: str) -> None:
         raise CommandFailed(f"cannot reach the Prefect API at {api} (PREFECT_API_URL): {exc}") from None
     info = run.json()
     out_console.print(f"flow run {info['name']} ({info['id']}): {info['state_name']}")
-    table = Table()
-    for col in ("row", "state", "stages done", "running / failed"):
-        table.add_column(col)
+    table = Table("row", "state", "stages done", "running / failed")
     for child in children:
         mine = [t for t in tasks if t["flow_run_id"] == child["id"]]
         done = sum(t["state_type"] == "COMPLETED" for t in mine)
@@ -267,16 +285,14 @@ def _status_from_prefect(run_id: str) -> None:
 
 
 @app.command()
-def validate(
-    manifest: ManifestArg,
-    allowed_root: AllowedRoot = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
-) -> None:
+@_with_settings
+def validate(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = False) -> None:
     """Check every row of a manifest (columns, values, paths, that files exist) without doing any work.
     Exits 1 when some rows are invalid."""
     from tasks.manifest import validate_manifest
 
-    result = validate_manifest(manifest, allowed_roots=allowed_root or [])
+    result = validate_manifest(manifest, allowed_roots=settings.allowed_roots, mode=settings.mode,
+                               precision=settings.precision)
     if as_json:
         out_console.print_json(json.dumps({
             "rows": result.total_rows, "valid": len(result.rows),
@@ -284,9 +300,7 @@ def validate(
         }))
     else:
         if result.issues:
-            table = Table(title="problems")
-            for col in ("row", "id", "column", "reason"):
-                table.add_column(col)
+            table = Table("row", "id", "column", "reason", title="problems")
             for i in result.issues:
                 table.add_row(str(i.row), i.id or "", i.field, i.reason)
             out_console.print(table)
@@ -298,24 +312,20 @@ def validate(
 
 
 @app.command()
-def plan(
-    manifest: ManifestArg,
-    allowed_root: AllowedRoot = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
-) -> None:
+@_with_settings
+def plan(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = False) -> None:
     """Plan segments and clips for every valid row (normalizing and aligning audio, no generation)
     and estimate GPU time."""
     from flows.preflight import plan_manifest
+    from tasks.plan import plans_to_json
 
-    plans, problems = plan_manifest(manifest, _settings(allowed_roots=allowed_root), console=console)
-    from tasks.plan import plan_summary_table, plans_to_json
-
+    plans, problems = plan_manifest(manifest, settings, console=console)
     if as_json:
-        data = plans_to_json(plans)
-        data["errors"] = problems
+        data = plans_to_json(plans, settings.gpu_price_per_hour)
+        data |= {"gpu": settings.gpu_kind, "price_per_gpu_hour": settings.gpu_price_per_hour, "errors": problems}
         out_console.print_json(json.dumps(data))
     else:
-        out_console.print(plan_summary_table(plans))
+        out_console.print(plan_summary_table(plans, settings.gpu_price_per_hour, gpu=settings.gpu_kind))
         for p in plans:  # the evidence per row: alignment fit, words not found, unsafe cuts
             if p.fit_score is not None and p.flags:
                 out_console.print(f"[yellow]{p.row_id}: alignment fit {p.fit_score:.2f}")
@@ -325,11 +335,87 @@ def plan(
             out_console.print(f"[red]{p}")
 
 
+def plan_summary_table(plans: Iterable[Plan], price_per_gpu_hour: float | None = None, gpu: str = "H100") -> Table:
+    """Rows, segments, clips, audio length and estimated GPU hours (and cost, given a price per
+    GPU-hour), with the batch total.
+
+    A row whose cost is unknown (no figure for its GPU/resolution) shows "?" and makes
+    the total a lower bound, marked with "≥".
+    """
+    from tasks.plan import gpu_money
+
+    table = Table(title=f"Plan ({gpu})", show_footer=True)
+    plans = list(plans)
+    totals = {"segments": 0, "clips": 0, "frames": 0, "audio": 0.0, "gpu": 0.0}
+    unknown = False
+    rows = []
+    for p in plans:
+        estimates = [s.est_gpu_s for s in p.segments]
+        row_gpu = None if any(g is None for g in estimates) else sum(estimates)
+        unknown |= row_gpu is None
+        audio = p.segments[-1].end_s - p.segments[0].start_s if p.segments else 0.0
+        totals["segments"] += len(p.segments)
+        totals["clips"] += p.total_clips
+        totals["frames"] += p.total_frames
+        totals["audio"] += audio
+        totals["gpu"] += row_gpu or 0.0
+        rows.append((p.row_id + (" ~" if p.approximate else ""), str(len(p.segments)), str(p.total_clips),
+                     str(p.total_frames), f"{audio:.1f}", _hours(row_gpu, 2, "?"),
+                     _money(gpu_money(row_gpu, price_per_gpu_hour))))
+    footers = [f"total ({len(plans)} rows)", str(totals["segments"]), str(totals["clips"]), str(totals["frames"]),
+               f"{totals['audio']:.1f}", ("≥ " if unknown else "") + _hours(totals["gpu"], 2, "?")]
+    headers = ["row", "segments", "clips", "frames", "audio s", "est GPU h"]
+    if price_per_gpu_hour is not None:
+        headers.append("est cost")
+        footers.append(("≥ " if unknown else "") + _money(gpu_money(totals["gpu"], price_per_gpu_hour)))
+    rows = [r[: len(headers)] for r in rows]
+    for i, (header, footer) in enumerate(zip(headers, footers, strict=True)):
+        table.add_column(header, footer=footer, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    if any(p.approximate for p in plans):
+        table.caption = "~ cuts placed without word timings (approximate)"
+    return table
+
+
+def _money(amount: float | None) -> str:
+    return "?" if amount is None else f"{amount:,.2f}"
+
+
+@app.command()
+@_with_settings
+def calibrate(
+    settings: BatchSettings,
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the calibration JSON goes (then set "
+                                      "--calibration / S2V_CALIBRATION to it)")] = Path("s2v-calibration.json"),
+    image: Annotated[Path | None, typer.Option(help="reference portrait (default: the example's)")] = None,
+    audio: Annotated[Path | None, typer.Option(help="reference speech (default: the example's)")] = None,
+    clips: Annotated[int, typer.Option(min=1, help="clips of the reference segment (a first and later ones)")] = 2,
+) -> None:
+    """Measure the speed presets on your weights (GPU): render a short reference segment exactly and with
+    each preset (and in distilled mode when distilled_lora is set); print the speed-up and the drift from
+    exact (PSNR/SSIM, whole frame and mouth); write a JSON with MagCache's ratios and the DiT passes per
+    preset, which the presets and the plan read."""
+    from tasks.calibrate import calibrate as run_calibration
+    from tasks.calibrate import report_lines
+    from tasks.generate.checkpoints import local_checkpoint
+
+    if not settings.checkpoint:
+        raise CommandFailed("calibrate needs the model: pass --checkpoint or set S2V_CHECKPOINT")
+    folder = local_checkpoint(settings.checkpoint)
+    doc = run_calibration(folder, out, image=image, audio=audio, num_clips=clips, device=settings.device,
+                          offload=settings.offload, progress=lambda line: console.print(line),
+                          distilled_lora=settings.distilled_lora)  # fmt: skip
+    for line in report_lines(doc):
+        out_console.print(line)
+    out_console.print(f"written: {out}")
+
+
 @app.command(name="align")
 def align_cmd(
     audio: Annotated[Path, typer.Argument(help="speech audio file (any common format)", exists=True)],
     script: Annotated[str, typer.Option(help="the words spoken, as text")],
-    as_json: Annotated[bool, typer.Option("--json", help="print {'words': [...]} as JSON")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Align a script to speech audio with the offline aligner; print word timings in seconds."""
     from flows.preflight import align_file
@@ -339,9 +425,7 @@ def align_cmd(
     if as_json:
         out_console.print_json(json.dumps(alignment_to_json(analysis)))
         return
-    table = Table(title=f"{audio.name} ({analysis.aligner})")
-    for col in ("word", "start", "end", "score"):
-        table.add_column(col)
+    table = Table("word", "start", "end", "score", title=f"{audio.name} ({analysis.aligner})")
     for w in analysis.words:
         table.add_row(w.word, f"{w.start:.3f}", f"{w.end:.3f}", "" if w.score is None else f"{w.score:.2f}")
     out_console.print(table)

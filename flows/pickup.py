@@ -17,12 +17,12 @@ from prefect.states import Failed, State
 
 from flows.batch import batch
 from flows.settings import BatchSettings
-from tasks import storage
+from tasks import layout, storage
 from tasks.registry import Candidate, ManifestRegistry, PickupError, find_manifests
 
 
 def registry_for(out: str) -> ManifestRegistry:
-    return ManifestRegistry(storage.join(out, ".s2v", "manifests"))
+    return ManifestRegistry(layout.registry_uri(out))
 
 
 def output_for(out: str, candidate: Candidate) -> str:
@@ -62,8 +62,7 @@ async def pickup(prefix: str, out: str, settings: BatchSettings | None = None) -
             summary["could_not_run"].append({"manifest": candidate.uri, "error": state.message})
             continue
         report = await state.aresult()
-        await asyncio.to_thread(registry.mark_processed, candidate, storage.join(target, "report.json"),
-                                report["counts"])
+        await asyncio.to_thread(registry.mark_processed, candidate, layout.report_uri(target), report["counts"])
         summary["ran"].append({"manifest": candidate.uri, "out": target, "counts": report["counts"]})
     logger.info("pickup done: %d ran, %d already processed, %d taken by another run, %d could not run",
                 len(summary["ran"]), len(summary["already_processed"]), len(summary["claimed_elsewhere"]),

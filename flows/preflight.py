@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from rich.console import Console
@@ -10,10 +9,10 @@ from rich.progress import track
 
 from flows import steps
 from flows.settings import BatchSettings
-from tasks import layout, speech, storage
+from tasks import layout, speech
 from tasks.manifest import validate_manifest
 from tasks.normalize.audio import decode_audio
-from tasks.records import MODEL_SAMPLE_RATE, Plan, RowFailure, SpeechAnalysis
+from tasks.records import MODEL_SAMPLE_RATE, Plan, RowFailure, SpeechAnalysis, row_error
 
 
 def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -> tuple[list[Plan], list[str]]:
@@ -22,19 +21,22 @@ def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -
     Work files go to a cache folder keyed by the manifest, so planning twice (or planning
     then running with the same work folder) normalizes and aligns each row once.
     """
-    validation = validate_manifest(manifest, allowed_roots=settings.allowed_roots)
+    validation = validate_manifest(manifest, allowed_roots=settings.allowed_roots, mode=settings.mode,
+                                   precision=settings.precision)
     problems = [str(issue) for issue in validation.issues]
-    key = hashlib.sha256(manifest.encode()).hexdigest()[:16]
-    work_dir = Path(settings.work_dir) if settings.work_dir else storage.DEFAULT_CACHE / "plan" / key
+    work_dir = Path(settings.work_dir) if settings.work_dir else layout.plan_work_dir(manifest)
     plans: list[Plan] = []
     for row in track(validation.rows, description="planning", console=console, transient=True):
         row_dir = layout.RowPaths.for_row(work_dir, row.id).root
         try:
             assets = steps.normalize_step(row, row_dir, settings)
+            if (flags := steps.image_step(assets, settings)) and settings.image_policy == "skip":
+                problems.append(row_error(row.row, row.id, "column 'image'", "skipped: " + "; ".join(flags)))
+                continue
             speech = steps.speech_step(row, assets, settings)
             plans.append(steps.plan_step(row, assets, speech, settings))
         except RowFailure as exc:
-            problems.append(f"row {row.row} (id {row.id!r}), column '{exc.field}': {exc.reason}")
+            problems.append(row_error(row.row, row.id, exc.where, exc.reason))
     return plans, problems
 
 

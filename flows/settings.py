@@ -12,8 +12,10 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from tasks.records import DEFAULT_PRECISION, Mode, Precision
 
 CONFIG_ENV = "S2V_CONFIG"
 DEFAULT_CONFIG = Path("s2v-batch.toml")
@@ -21,7 +23,10 @@ _config_file: ContextVar[Path | None] = ContextVar("s2v_config_file", default=No
 
 Backend = Literal["auto", "preview", "wan-s2v"]
 LanguagePolicy = Literal["warn", "skip", "fail"]
+ImagePolicy = Literal["warn", "skip", "fail"]
 PoolMode = Literal["auto", "on", "off"]
+Preset = Literal["exact", "balanced", "fast"]
+StepCache = Literal["none", "easycache", "magcache"]
 
 
 class BatchSettings(BaseSettings):
@@ -39,6 +44,10 @@ class BatchSettings(BaseSettings):
         False, description="keep the DiT's blocks in CPU memory and stream them to the GPU one by one, and the "
         "encoders and VAE on the CPU until they work (GPUs of 24 GB and up; as fast as without on an H100)"
     )
+    precision: Precision = Field(
+        DEFAULT_PRECISION, description="weights of the DiT's block linears for wan-s2v: 'bf16', or 'fp8' (GPUs with "
+        "fp8: Hopper, Ada and later; refused elsewhere); a manifest row may name its own only if it is the batch's"
+    )
     allowed_roots: list[str] = Field(
         default_factory=list, description="folders/prefixes besides the manifest's own that rows may read from"
     )
@@ -50,13 +59,17 @@ class BatchSettings(BaseSettings):
     pad_s: float = Field(0.25, ge=0, description="silence kept before and after speech when trimming")
     max_audio_s: float = Field(1800.0, gt=0, description="longest audio accepted per row, seconds")
     language_policy: LanguagePolicy = Field("warn", description="what non-English speech does to a row")
+    image_policy: ImagePolicy = Field(
+        "warn", description="what a reference image failing its checks (no face, face too small, blurry; "
+        "tasks/normalize/image.py) does to a row: flag it ('warn'), skip it, or fail it"
+    )
     alignment_model: str | None = Field(
-        None, description="local Hugging Face Wav2Vec2ForCTC folder to align scripts with (tasks/align_ctc.py); "
+        None, description="local Hugging Face Wav2Vec2ForCTC folder to align scripts with (tasks/speech/ctc.py); "
         "unset: the checkpoint's wav2vec2-large-xlsr-53-english folder for English rows when the checkpoint is "
         "a local folder holding it, else the offline aligner (pocketsphinx)"
     )
     whisper_model: str | None = Field(
-        None, description="local faster-whisper (CTranslate2) model folder (tasks/transcribe.py): detects each "
+        None, description="local faster-whisper (CTranslate2) model folder (tasks/speech/transcribe.py): detects each "
         "row's audio language for the language check and transcribes rows without a script; unset: no Whisper"
     )
     max_segment_s: float = Field(60.0, gt=0, description="longest independently generated segment, seconds")
@@ -90,6 +103,72 @@ class BatchSettings(BaseSettings):
     generator_options: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments for generator_factory (JSON in the variable)"
     )
+
+    mode: Mode = Field(
+        "exact", description="'exact' (the released sampler) or 'distilled': LiveAvatar's 4-step streaming "
+        "generation, no CFG, 48-frame clips, with its LoRA (distilled_lora); a 'mode' column overrides per row"
+    )
+    distilled_lora: str | None = Field(
+        None, description="LiveAvatar's LoRA for distilled mode: liveavatar.safetensors (local or s3://)"
+    )
+
+    # Speed, LoRAs and cost (model/presets.py, model/speed.py, model/lora.py, tasks/plan.py). Each part
+    # of a preset is a setting of its own; unset (None), the row's preset decides.
+    preset: Preset = Field(
+        "exact", description="speed preset for every row (a 'preset' column overrides per row): 'exact' (the "
+        "reference's sampling, the default), 'balanced', 'fast'; judge them on your weights with `calibrate`"
+    )
+    sample_steps: int | None = Field(
+        None, ge=1, description="denoising steps at most (default: the preset's: exact keeps each row's steps, "
+        "balanced 30, fast 14; a row asking for fewer keeps its own)"
+    )
+    sample_shift: float | None = Field(None, gt=0, description="noise-schedule shift (default: the resolution's)")
+    cfg_steps: int | None = Field(
+        None, ge=0, description="classifier-free guidance only on the first N steps (default: the preset's: "
+        "exact every step, balanced 6, fast 3)"
+    )
+    cfg_every: int | None = Field(
+        None, ge=0, description="after those, guidance also on every k-th step (default: the preset's, 0: never)"
+    )
+    step_cache: StepCache | None = Field(
+        None, description="reuse the DiT's output on steps where it is predicted to change little: 'easycache' "
+        "(no calibration), 'magcache' (ratios from `calibrate`), 'none' (default: the preset's: exact none, "
+        "balanced and fast easycache)"
+    )
+    cache_threshold: float | None = Field(None, ge=0, description="step cache: error allowed before a step runs "
+                                          "again (default: the preset's, 0.05 balanced, 0.1 fast)")
+    cache_warmup: float | None = Field(None, ge=0, le=1, description="step cache: share of the first steps that "
+                                       "always run (default 0.2)")
+    cache_max_skips: int | None = Field(None, ge=0, description="step cache: steps reused in a row at most "
+                                        "(default: the preset's)")
+    calibration: str | None = Field(
+        None, description="JSON written by `s2v-batch calibrate`: MagCache's ratios, and the DiT passes each "
+        "preset ran on your weights (the plan's estimates use them)"
+    )
+    lora: list[str] = Field(
+        default_factory=list, description="LoRA files for the DiT, every row (local or s3://; kohya, ComfyUI, "
+        "PEFT/diffusers or DiffSynth keys); a 'lora' column overrides per row"
+    )
+    lora_strength: list[float] = Field(
+        default_factory=list, description="one strength for all LoRAs or one per LoRA (default 1.0)"
+    )
+    gpu_kind: str = Field(
+        "H100", description="GPU the plan's and report's GPU-hours are for (tasks/plan.py GPU_KINDS: H100, H200, "
+        "H100 PCIe, A100, L40S, RTX 6000 Ada, RTX 4090)"
+    )
+    gpu_price_per_hour: float | None = Field(
+        None, ge=0, description="price of one GPU-hour (your currency): the plan and report then show costs"
+    )
+
+    @field_validator("gpu_kind")
+    @classmethod
+    def _known_gpu(cls, value: str) -> str:
+        from tasks.plan import GPU_KINDS, gpu_kind
+
+        kind = gpu_kind(value)
+        if kind is None:
+            raise ValueError(f"unknown GPU kind {value!r}; one of {', '.join(GPU_KINDS)}")
+        return kind.name
 
     @classmethod
     def settings_customise_sources(

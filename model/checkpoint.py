@@ -8,20 +8,21 @@ Two layouts are read (auto-detected, see model/README.md for the key mapping):
 - ComfyUI repackaged single files (`wan2.2_s2v_14B_bf16.safetensors`,
   `wan2.2_s2v_14B_fp8_scaled.safetensors`): the same keys, optionally under the prefix
   `model.diffusion_model.`; the fp8 file stores linear weights as float8_e4m3fn with a float32
-  per-tensor scale under `<layer>.scale_weight` (newer files: `<layer>.weight_scale`), plus marker
-  keys (`scaled_fp8`, `<layer>.scale_input`, `<layer>.comfy_quant`) that carry no weights.
+  per-tensor scale (model/comfy.py has the conventions).
 
 Everything is checked before any tensor is read: missing files, unreadable or truncated
-safetensors, and keys or shapes that do not fit the model raise `CheckpointError` naming the file.
+safetensors, a DiT of another Wan model (T2V, I2V: named, with the S2V parts it lacks), and keys
+or shapes that do not fit the model raise `CheckpointError` naming the file.
 The model is built on the meta device and the loaded tensors are assigned in place, so a 14B
-model is never initialised twice. `s3://` (any fsspec URI) is read through `tasks.storage`'s local
-cache.
+model is never initialised twice. Paths are local (the file names live in model/layout.py).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+import struct
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -29,125 +30,58 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from model import comfy, layout
+from model.comfy import FP8_DTYPES, FP8_HEADER_DTYPES, quantize_fp8
 from model.config import S2VConfig
+from model.layout import CheckpointError, detect_layout
+from model.timing import LoadTimings, phase
 from model.transformer import WanS2VTransformer
-from tasks import storage
 
 __all__ = [
     "CheckpointError",
     "Fp8Linear",
-    "detect_layout",
+    "fp8_supported",
+    "fp8_unsupported",
     "load_transformer",
     "quantize_linears_fp8",
     "save_official_dit",
     "to_comfyui_state_dict",
+    "write_safetensors",
+    "write_sharded",
 ]
 
-CONFIG_NAME = "config.json"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-SINGLE_NAME = "diffusion_pytorch_model.safetensors"
-COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-# keys of ComfyUI fp8 files that carry no weights of ours
-_COMFY_MARKERS = (".scale_input", ".input_scale", ".comfy_quant")
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-
-OFFICIAL_LAYOUT = (
-    "the official layout: config.json + diffusion_pytorch_model.safetensors.index.json + the "
-    "diffusion_pytorch_model-0000K-of-0000N.safetensors shards it names (or one "
-    "diffusion_pytorch_model.safetensors)"
-)
-COMFY_LAYOUT = "a ComfyUI single file such as wan2.2_s2v_14B_bf16.safetensors or wan2.2_s2v_14B_fp8_scaled.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+COMFY_PREFIXES = comfy.DIT_PREFIXES
+COMFY_CONFIG_KEY = "config"  # safetensors metadata: an S2VConfig as JSON (files of other sizes than 14B)
 
 
 # ---------------------------------------------------------------------------------------------
-# where the files are
+# the official folder
 
 
-def _is_dir(uri: str) -> bool:
-    fs, path = storage.filesystem(uri)
-    return fs.isdir(path)
-
-
-def _listdir(uri: str) -> list[str]:
-    fs, path = storage.filesystem(uri)
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-
-
-def _local(uri: str, cache_dir: Path | None) -> Path:
-    """A local path for `uri`; remote files are fetched once into the cache."""
-    try:
-        return storage.local_copy(uri, cache_dir)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{uri}: file not found") from exc
-
-
-def detect_layout(path: str | Path) -> Literal["official", "comfyui"]:
-    """'official' for a folder (or a file inside one) with the official DiT files, 'comfyui' for
-    a single .safetensors file (or a folder holding just one .safetensors that is not official).
-    Raises CheckpointError when it is neither."""
-    uri = str(path)
-    if not storage.exists(uri):
-        raise CheckpointError(f"{uri}: no such file or folder; expected {OFFICIAL_LAYOUT}, or {COMFY_LAYOUT}")
-    if not _is_dir(uri):
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("diffusion_pytorch_model") or name == CONFIG_NAME:
-            return "official"
-        if name.endswith(".safetensors"):
-            return "comfyui"
-        raise CheckpointError(f"{uri}: not a .safetensors file; expected {OFFICIAL_LAYOUT}, or {COMFY_LAYOUT}")
-    names = _listdir(uri)
-    if CONFIG_NAME in names or any(n.startswith("diffusion_pytorch_model") for n in names):
-        return "official"
-    single = [n for n in names if n.endswith(".safetensors")]
-    if len(single) == 1:
-        return "comfyui"
-    raise CheckpointError(
-        f"{uri}: found {names or 'nothing'}; expected {OFFICIAL_LAYOUT}, or {COMFY_LAYOUT}"
-        + (" (the folder holds several .safetensors files: pass the one to load)" if single else "")
-    )
-
-
-def _official_files(folder: str, cache_dir: Path | None) -> tuple[S2VConfig, list[Path]]:
-    """Config and local shard paths of an official folder; every file checked to exist first."""
-    names = set(_listdir(folder))
-    if CONFIG_NAME not in names:
-        raise CheckpointError(f"{folder}: missing {CONFIG_NAME}; expected {OFFICIAL_LAYOUT}")
-    config_path = _local(storage.join(folder, CONFIG_NAME), cache_dir)
-    try:
-        config = S2VConfig.from_json(config_path)
+def _official_files(folder: Path) -> tuple[S2VConfig, list[Path]]:
+    """Config and shard paths of an official folder; every file checked to exist first."""
+    config_path = folder / layout.DIT_CONFIG
+    try:  # read before the index is, so a bad config is named first
+        config = S2VConfig.from_json(config_path) if config_path.is_file() else None
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{storage.join(folder, CONFIG_NAME)}: not an S2V transformer config ({exc})") from exc
-    if INDEX_NAME in names:
-        index_uri = storage.join(folder, INDEX_NAME)
-        try:
-            index = json.loads(_local(index_uri, cache_dir).read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index_uri}: not a safetensors index (needs a 'weight_map'): {exc}") from exc
-        missing = [s for s in shards if s not in names]
-        if missing:
+        raise CheckpointError(f"{config_path}: not an S2V transformer config ({exc})") from exc
+    missing = layout.dit_missing(folder)
+    if missing:
+        raise CheckpointError(f"{folder}: missing {', '.join(missing)}; {layout.EXPECTED_LAYOUT}")
+    if not (folder / layout.DIT_INDEX).is_file():
+        return config, [folder / layout.DIT_SINGLE]
+    weight_map = layout.read_index(folder)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        have = set(_keys(folder / shard))
+        lost = [k for k, s in weight_map.items() if s == shard and k not in have]
+        if lost:
             raise CheckpointError(
-                f"{folder}: missing shard(s) {', '.join(missing)} named in {INDEX_NAME}; expected {OFFICIAL_LAYOUT}"
+                f"{folder / shard}: {len(lost)} tensor(s) that {layout.DIT_INDEX} places in this shard are not "
+                f"in it, e.g. {lost[:3]} (shard from another download?)"
             )
-        paths = [_local(storage.join(folder, s), cache_dir) for s in shards]
-        _check_index(index_uri, weight_map, dict(zip(shards, paths, strict=True)))
-        return config, paths
-    if SINGLE_NAME in names:
-        return config, [_local(storage.join(folder, SINGLE_NAME), cache_dir)]
-    shards = sorted(n for n in names if n.startswith("diffusion_pytorch_model") and n.endswith(".safetensors"))
-    raise CheckpointError(
-        f"{folder}: missing {INDEX_NAME}"
-        + (f" (found shards {', '.join(shards)} but no index naming them)" if shards else "")
-        + f"; expected {OFFICIAL_LAYOUT}"
-    )
+    return config, [folder / s for s in shards]
 
 
 def _keys(path: Path) -> list[str]:
@@ -159,27 +93,24 @@ def _keys(path: Path) -> list[str]:
         raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
 
 
-def _check_index(index_uri: str, weight_map: dict[str, str], shards: dict[str, Path]) -> None:
-    for name, path in shards.items():
-        have = set(_keys(path))
-        want = [k for k, s in weight_map.items() if s == name]
-        lost = [k for k in want if k not in have]
-        if lost:
-            raise CheckpointError(
-                f"{path}: {len(lost)} tensor(s) that {INDEX_NAME} places in this shard are not in it, "
-                f"e.g. {lost[:3]} (shard from another download?)"
-            )
-
-
 # ---------------------------------------------------------------------------------------------
 # fp8
 
 
-def fp8_supported(device: torch.device) -> bool:
+def fp8_supported(device: torch.device | str) -> bool:
     """fp8 matmuls (torch._scaled_mm) need a CUDA GPU of compute capability 8.9 (Ada) or newer."""
+    return fp8_unsupported(device) is None
+
+
+def fp8_unsupported(device: torch.device | str) -> str | None:
+    """Why `device` cannot run fp8 matmuls (None when it can), for messages."""
+    device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+        return f"device {device} is not a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}"
+    return None
 
 
 class Fp8Linear(nn.Module):
@@ -217,18 +148,21 @@ class Fp8Linear(nn.Module):
 
 
 @torch.no_grad()
-def quantize_linears_fp8(model: nn.Module, prefix: str = "blocks.") -> int:
+def quantize_linears_fp8(
+    model: nn.Module, prefix: str = "blocks.", work_device: torch.device | str | None = None
+) -> int:
     """Replace the nn.Linear layers under `prefix` by Fp8Linear (per-tensor absmax scale), in
     place; an opt-in speed/memory option for fp8 GPUs (about half the bf16 matmul time), at the
-    cost of fp8 rounding of the weights. Returns how many layers were converted."""
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    cost of fp8 rounding of the weights. `work_device` (e.g. the GPU while the weights stay on the
+    CPU for offload) does the arithmetic; the fp8 weights stay where the weights were.
+    Returns how many layers were converted."""
     count = 0
     for name, module in list(model.named_modules()):
         if not name.startswith(prefix) or not isinstance(module, nn.Linear):
             continue
-        weight = module.weight.float()
-        scale = (weight.abs().max() / fp8_max).clamp_min(1e-12)
-        fp8 = Fp8Linear((weight / scale).to(torch.float8_e4m3fn), scale, module.bias)
+        home = module.weight.device
+        weight, scale = quantize_fp8(module.weight.to(work_device or home))
+        fp8 = Fp8Linear(weight.to(home), scale.to(home), module.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, fp8)
         count += 1
@@ -239,35 +173,46 @@ def quantize_linears_fp8(model: nn.Module, prefix: str = "blocks.") -> int:
 # loading
 
 
-def _strip_comfy(key: str) -> str:
-    for prefix in COMFY_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
-
-
 def _comfy_plan(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     """({our key: file key}, {our weight key: file key of its fp8 scale}) of a ComfyUI file."""
     names: dict[str, str] = {}
     scales: dict[str, str] = {}
     for key in _keys(path):
-        ours = _strip_comfy(key)
-        if ours == "scaled_fp8" or ours.endswith(_COMFY_MARKERS):
+        ours = comfy.strip_prefix(key, COMFY_PREFIXES)
+        if comfy.is_marker(ours):
             continue
-        for suffix in _SCALE_SUFFIXES:
-            if ours.endswith(suffix):
-                scales[ours[: -len(suffix)] + ".weight"] = key
-                break
+        if target := comfy.scale_target(ours):
+            scales[target] = key
         else:
             names[ours] = key
     return names, scales
 
 
+def _check_s2v(path: Path) -> None:
+    """CheckpointError when a ComfyUI file is another model's DiT (T2V, I2V, ...), saying what it is."""
+    try:
+        ident = comfy.identify(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
+    if ident.component != "dit" or not ident.fits:
+        raise CheckpointError(
+            f"{path}: {ident.what}; use {layout.COMFY_DIT_BF16} or {layout.COMFY_DIT_FP8} (ComfyUI's Wan2.2-S2V "
+            "files) or the official Wan2.2-S2V-14B folder"
+        )
+
+
 def _infer_comfy_config(path: Path, names: dict[str, str]) -> S2VConfig:
-    """The config of a ComfyUI file (which carries none): the released 14B when its shapes are
+    """The config of a ComfyUI file, which carries none: the one in its safetensors metadata
+    (`config`, written by model.tiny for test files), else the released 14B when its shapes are
     the 14B's; otherwise the caller must pass `config=`."""
     with safe_open(str(path), framework="pt") as f:
         shape = f.get_slice(names["patch_embedding.weight"]).get_shape() if "patch_embedding.weight" in names else None
+        meta = f.metadata() or {}
+    if COMFY_CONFIG_KEY in meta:
+        try:
+            return S2VConfig.from_dict(json.loads(meta[COMFY_CONFIG_KEY]))
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: the config in its metadata is not an S2V config ({exc})") from exc
     layers = {int(k.split(".")[1]) for k in names if k.startswith("blocks.")}
     ref = S2VConfig.wan_14b()
     if shape is not None and shape[0] == ref.dim and len(layers) == ref.num_layers:
@@ -288,6 +233,12 @@ def _verify(model_sd: dict[str, torch.Tensor], shapes: dict[str, tuple], files: 
         for k in model_sd
         if k in shapes and tuple(shapes[k]) != tuple(model_sd[k].shape)
     ]
+    lacking = [k.split(".")[0] + ".*" for k in comfy.S2V_DIT_KEYS if k in model_sd and k not in shapes]
+    if lacking and len(lacking) == len(comfy.S2V_DIT_KEYS):
+        raise CheckpointError(
+            f"{where}: a Wan DiT without the S2V parts (no {', '.join(lacking)}): another Wan model (T2V, I2V?); "
+            f"use the official Wan2.2-S2V-14B folder or {layout.COMFY_DIT_BF16}"
+        )
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -330,77 +281,102 @@ def _read(files: list[Path], keymap: dict[str, str] | None, device: torch.device
             raise CheckpointError(f"{path}: unreadable safetensors data (truncated or corrupt?): {exc}") from exc
 
 
+def transformer_config(path: str | Path) -> S2VConfig:
+    """The transformer configuration of a local official folder (its config.json) or ComfyUI file
+    (recognised from its shapes), without reading any weights; CheckpointError as load_transformer."""
+    path = Path(path)
+    if detect_layout(path) == "official":
+        return _official_files(path if path.is_dir() else path.parent)[0]
+    file = path if path.is_file() else next(path.glob("*.safetensors"))
+    return _infer_comfy_config(file, _comfy_plan(file)[0])
+
+
 def load_transformer(
-    path_or_uri: str | Path,
+    path: str | Path,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     config: S2VConfig | None = None,
     fp8: Literal["keep", "dequantize"] = "keep",
-    cache_dir: Path | None = None,
+    fp8_device: str | torch.device | None = None,
+    timings: LoadTimings | None = None,
 ) -> WanS2VTransformer:
-    """Load the S2V transformer from an official folder or a ComfyUI file (local or s3://).
+    """Load the S2V transformer from a local official folder or ComfyUI file.
 
     dtype: the dtype of all floating weights (bf16 on GPU, float32 for CPU tests).
     config: required only for a ComfyUI file that is not the 14B (such files carry no config).
     fp8: for fp8 ComfyUI files: "keep" keeps the linear weights in fp8 for fp8 matmuls and needs
     a GPU with fp8 support (compute capability 8.9+; otherwise CheckpointError before any
     generation); "dequantize" multiplies them by their scales into `dtype` on any device.
+    fp8_device: where the fp8 matmuls will run (default `device`; the GPU when the weights are
+    loaded to the CPU for offload).
     Returns the model in eval mode with gradients off, on `device`.
     """
     device = torch.device(device)
-    uri = str(path_or_uri)
-    layout = detect_layout(uri)
+    path = Path(path)
     keymap: dict[str, str] | None = None
     scales: dict[str, str] = {}
-    if layout == "official":
-        folder = uri if _is_dir(uri) else storage.parent(uri)
-        file_config, files = _official_files(folder, cache_dir)
-        config = config or file_config
-    else:
-        if _is_dir(uri):
-            uri = storage.join(uri, next(n for n in _listdir(uri) if n.endswith(".safetensors")))
-        files = [_local(uri, cache_dir)]
-        keymap, scales = _comfy_plan(files[0])
-        config = config or _infer_comfy_config(files[0], keymap)
+    with phase(timings, "build"):
+        if detect_layout(path) == "official":
+            file_config, files = _official_files(path if path.is_dir() else path.parent)
+            config = config or file_config
+        else:
+            files = [path if path.is_file() else next(path.glob("*.safetensors"))]
+            _check_s2v(files[0])
+            keymap, scales = _comfy_plan(files[0])
+            config = config or _infer_comfy_config(files[0], keymap)
 
-    with torch.device("meta"):
-        model = WanS2VTransformer(config)
-    model_sd = model.state_dict()
-    shapes = _shapes(files, keymap)
-    _verify(model_sd, shapes, files)
+        with torch.device("meta"):
+            model = WanS2VTransformer(config)
+        model_sd = model.state_dict()
+        shapes = _shapes(files, keymap)
+        _verify(model_sd, shapes, files)
 
-    fp8_keys: set[str] = set()
-    if keymap is not None:
-        with safe_open(str(files[0]), framework="pt") as f:
-            fp8_keys = {k for k, theirs in keymap.items() if f.get_slice(theirs).get_dtype() in ("F8_E4M3", "F8_E5M2")}
-    keep_fp8 = bool(fp8_keys) and fp8 == "keep"
-    if keep_fp8 and not fp8_supported(device):
-        raise CheckpointError(
-            f"{files[0]}: stores {len(fp8_keys)} weights as fp8, but device {device} has no fp8 support "
-            "(needs a CUDA GPU of compute capability 8.9+, e.g. L40S, H100); load the bf16 file, or pass "
-            "fp8='dequantize' to expand the fp8 weights to bf16 on load"
-        )
+        fp8_keys: set[str] = set()
+        if keymap is not None:
+            with safe_open(str(files[0]), framework="pt") as f:
+                fp8_keys = {k for k, theirs in keymap.items() if f.get_slice(theirs).get_dtype() in FP8_HEADER_DTYPES}
+        keep_fp8 = bool(fp8_keys) and fp8 == "keep"
+        if keep_fp8 and (why := fp8_unsupported(fp8_device or device)):
+            raise CheckpointError(
+                f"{files[0]}: stores {len(fp8_keys)} weights as fp8, but {why}: fp8 matmuls need a CUDA GPU of "
+                "compute capability 8.9+ (L40S, H100, ...); use precision bf16 (the fp8 weights are then expanded "
+                "to bf16 on load, fp8='dequantize') or the bf16 file"
+            )
 
-    scale_values: dict[str, torch.Tensor] = {}
-    if scales:
-        with safe_open(str(files[0]), framework="pt") as f:
-            scale_values = {k: f.get_tensor(v).float() for k, v in scales.items()}
-
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in _read(files, keymap, device):
-        if key in fp8_keys:
-            scale = scale_values.get(key, torch.ones(())).to(device)
-            if keep_fp8 and _is_linear_weight(model, key):
-                state[key] = tensor
-                state[key[: -len("weight")] + "scale_weight"] = scale
-                continue
-            tensor = tensor.float() * scale
-        state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    if keep_fp8:
-        _install_fp8_linears(model, state)
-    model.load_state_dict(state, strict=True, assign=True)
+    with phase(timings, "read", device):
+        scale_values: dict[str, torch.Tensor] = {}
+        if scales:
+            with safe_open(str(files[0]), framework="pt") as f:
+                scale_values = {k: f.get_tensor(v).float() for k, v in scales.items()}
+        state: dict[str, torch.Tensor] = {}
+        for key, tensor in _read(files, keymap, device):
+            if key in fp8_keys:
+                scale = scale_values.get(key, torch.ones(())).to(device)
+                if keep_fp8 and _is_linear_weight(model, key):
+                    state[key] = tensor
+                    state[key[: -len("weight")] + "scale_weight"] = scale
+                    continue
+                tensor = tensor.float() * scale
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    with phase(timings, "build", device):
+        if keep_fp8:
+            _install_fp8_linears(model, state)
+        model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def build_on_meta(make: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: Path, what: str) -> nn.Module:
+    """The module `make()` builds, on the meta device, with `state` assigned in place (strict): no
+    random initialisation and no second copy of the weights. CheckpointError naming `source` when
+    the keys or shapes do not fit."""
+    with torch.device("meta"):
+        model = make()
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: does not match {what}: {exc}") from exc
+    return model
 
 
 def _is_linear_weight(model: nn.Module, key: str) -> bool:
@@ -429,35 +405,82 @@ def save_official_dit(model: WanS2VTransformer, folder: str | Path, max_shard_by
     (`diffusion_pytorch_model-0000K-of-0000N.safetensors` + index; one shard is written as
     `diffusion_pytorch_model.safetensors` without index). Returns the files written."""
     folder = Path(folder)
+    state = model.state_dict()
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    written = write_sharded(folder, entries, iter(state.values()), max_shard_bytes)
+    model.config.to_json(folder / layout.DIT_CONFIG)
+    return [*written, folder / layout.DIT_CONFIG]
+
+
+# safetensors' dtype names
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64"}  # fmt: skip
+
+
+def write_safetensors(
+    path: Path,
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterator[torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """A safetensors file of `entries` (name, shape, dtype), the data taken from `tensors` in the
+    same order and written as it comes. Written by hand because safetensors' own writers take
+    every tensor in host memory at once (a 32 GB DiT file); the format is an 8-byte header length,
+    the JSON header (space-padded to 8 bytes), then the tensors' bytes back to back. The file is
+    written as `.<name>.part` and renamed when complete."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    part = path.parent / f".{path.name}.part"
+    with open(part, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for (name, shape, dtype), tensor in zip(entries, tensors, strict=True):
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: expected {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+            if tensor.numel():
+                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+    return part.replace(path)
+
+
+def write_sharded(
+    folder: Path,
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterator[torch.Tensor],
+    max_shard_bytes: int,
+) -> list[Path]:
+    """The official DiT's weight files: `diffusion_pytorch_model-0000K-of-0000N.safetensors` of at
+    most `max_shard_bytes` each and their index, or one `diffusion_pytorch_model.safetensors`."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list] = [[]]
     size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensor
+        shards[-1].append((name, shape, dtype))
         size += nbytes
-    written = []
     if len(shards) == 1:
-        names = [SINGLE_NAME]
+        names = [layout.DIT_SINGLE]
     else:
-        names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = [f"{layout.DIT_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    written = []
     for name, shard in zip(names, shards, strict=True):
-        with storage.atomic_local(folder / name) as tmp:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-        written.append(folder / name)
+        values = (next(tensors) for _ in shard)
+        written.append(write_safetensors(folder / name, shard, values, {"format": "pt"}))
     if len(shards) > 1:
+        total = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, s, d in entries)
         index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: name for name, shard in zip(names, shards, strict=True) for k in shard},
+            "metadata": {"total_size": total},
+            "weight_map": {entry[0]: name for name, shard in zip(names, shards, strict=True) for entry in shard},
         }
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        written.append(folder / INDEX_NAME)
-    model.config.to_json(folder / CONFIG_NAME)
-    written.append(folder / CONFIG_NAME)
+        (folder / layout.DIT_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        written.append(folder / layout.DIT_INDEX)
     return written
 
 
@@ -470,16 +493,13 @@ def to_comfyui_state_dict(
     `scale_weight` (absmax / 448) and the `scaled_fp8` marker, like ComfyUI's `*_fp8_scaled` files.
     """
     out: dict[str, torch.Tensor] = {}
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().to("cpu").contiguous()
         module_name = key.rpartition(".")[0]
         if fp8 and key.startswith("blocks.") and _is_linear_weight(model, key):
-            scale = (tensor.float().abs().max() / fp8_max).clamp_min(1e-12)
-            out[prefix + key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
-            out[prefix + module_name + ".scale_weight"] = scale.reshape(())
+            out[prefix + key], out[prefix + module_name + ".scale_weight"] = quantize_fp8(tensor)
         else:
             out[prefix + key] = tensor
     if fp8:
-        out[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+        out[prefix + comfy.SCALED_FP8] = torch.empty(0, dtype=torch.float8_e4m3fn)
     return out

@@ -3,17 +3,19 @@ before it runs, so a 14B model runs on a GPU that holds only two of its 40 block
 
     streamer = stream_blocks(model, torch.device("cuda"))   # the rest of the model goes to the GPU
     model(...)                                              # as usual; blocks arrive one by one
+    streamer.remove()                                       # hooks off, blocks left in host memory
 
-How: every block's parameters and buffers are packed into one pinned byte buffer (its "home"),
-and the tensors become views of it. The GPU holds a fixed number of slots (two by default), each
-the size of the largest block. Before block i runs, its home is copied into a slot on a side
-stream and its tensors are re-pointed at the slot; while block i computes, block i + 1 is copied
-into the other slot. CUDA events order the two streams: the compute stream waits until a block
-has arrived, and a copy into a slot waits until the block that used it has finished. The host
-never waits, so the GPU's queue stays full. On an H100 (pinned copies at ~50 GB/s) a 14B
-block (0.7 GB) arrives in less time than it computes at 480p: a streamed forward took 3.18 s
-against 3.18 s resident, at a 9.6 GiB peak where the resident DiT alone holds 30 GiB
-(docs/benchmarks.md).
+The model's forward knows nothing of this: the streamer is a pair of hooks on each block (torch's
+forward pre-hook and forward hook, as diffusers' group offloading hooks its groups). Every block's
+parameters and buffers are packed into one pinned byte buffer (its "home"), and the tensors
+become views of it. The GPU holds a fixed number of slots (two by default), each the size of the
+largest block. Before block i runs, its home is copied into a slot on a side stream and its
+tensors are re-pointed at the slot; while block i computes, block i + 1 is copied into the other
+slot. CUDA events order the two streams: the compute stream waits until a block has arrived, and
+a copy into a slot waits until the block that used it has finished. The host never waits, so the
+GPU's queue stays full. On an H100 (pinned copies at ~50 GB/s) a 14B block (0.7 GB) arrives in
+less time than it computes at 480p: a streamed forward took 3.18 s against 3.18 s resident, at a
+9.6 GiB peak where the resident DiT alone holds 30 GiB (docs/benchmarks.md).
 
 Written here rather than taken from diffusers' block-level group offloading, which keeps the
 model's other weights (12 audio injectors, 2.5 GB in bf16) on the offload device and moves them
@@ -29,7 +31,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-__all__ = ["BlockStreamer", "stream_blocks"]
+__all__ = ["BlockStreamer", "block_streamer", "stream_blocks"]
 
 _ALIGN = 256  # byte alignment of each tensor inside a packed block (fp8, bf16 and fp32 views)
 
@@ -41,8 +43,8 @@ def _aligned(n: int) -> int:
 class BlockStreamer:
     """Streams the modules of `blocks` to `device` in order; see the module docstring.
 
-    The owner calls `before(i)` and `after(i)` around block i (WanS2VTransformer does when a
-    streamer is installed), and `reset()` after a forward that failed part way.
+    It hooks `before(i)` and `after(i)` around block i; `after` runs also when the block raises
+    (always_call), so a failed forward leaves every block home and the streamer usable.
     """
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device, slots: int = 2) -> None:
@@ -83,6 +85,14 @@ class BlockStreamer:
         self._slot_of: dict[int, int] = {}
         self._next = 0
         self.bytes_copied = 0
+        # the hooks run outside torch.compile's graphs: they re-point tensors, which a graph cannot
+        # hold, and a graph holding them would recompile for every block
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        for i, block in enumerate(blocks):
+            pre = torch.compiler.disable(lambda module, args, i=i: self.before(i))
+            post = torch.compiler.disable(lambda module, args, output, i=i: self.after(i))
+            self._hooks += [block.register_forward_pre_hook(pre), block.register_forward_hook(post, always_call=True)]
+        blocks._block_streamer = self  # as diffusers keeps its hook registry on the module
 
     @property
     def slot_bytes(self) -> int:
@@ -136,13 +146,21 @@ class BlockStreamer:
 
     def after(self, i: int) -> None:
         """Block i's kernels are queued: its slot may be refilled once they finish."""
-        s = self._slot_of[i]
-        if self.cuda:
+        s = self._slot_of.get(i)
+        if self.cuda and s is not None:
             self.freed[s].record(torch.cuda.current_stream(self.device))
         self._bind(i, self.homes[i])
 
+    def remove(self) -> None:
+        """Unhook the streamer; the blocks stay in their host homes."""
+        self.reset()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        del self.blocks._block_streamer
+
     def reset(self) -> None:
-        """Forget every slot and point all blocks home (after a forward that raised)."""
+        """Wait for every copy, forget every slot and point all blocks home."""
         if self.cuda:
             self.copy_stream.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
@@ -172,11 +190,16 @@ def _pinned_bytes(nbytes: int) -> torch.Tensor:
     return buffer
 
 
+def block_streamer(model: nn.Module) -> BlockStreamer | None:
+    """The BlockStreamer hooked around `model.blocks`, if any."""
+    return getattr(model.blocks, "_block_streamer", None)
+
+
 def stream_blocks(model: nn.Module, device: torch.device | str, slots: int = 2) -> BlockStreamer:
     """Put everything of `model` but `model.blocks` on `device`, keep the blocks in pinned CPU
-    memory and install a BlockStreamer as `model.block_streamer`; returns it."""
+    memory and hook a BlockStreamer around them; returns it (`block_streamer(model)` finds it)."""
     device = torch.device(device)
-    if getattr(model, "block_streamer", None) is not None:
+    if block_streamer(model) is not None:
         raise ValueError("this model already streams its blocks")
     for name, child in model.named_children():
         if name != "blocks":
@@ -184,6 +207,4 @@ def stream_blocks(model: nn.Module, device: torch.device | str, slots: int = 2) 
     for tensor in [*model.parameters(recurse=False), *model.buffers(recurse=False)]:
         tensor.data = tensor.data.to(device)
     model.blocks.to("cpu")
-    streamer = BlockStreamer(model.blocks, device, slots)
-    model.block_streamer = streamer
-    return streamer
+    return BlockStreamer(model.blocks, device, slots)

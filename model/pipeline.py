@@ -23,10 +23,10 @@ clip r >= 1 shows audio frames r*F .. r*F + F - 1.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,20 +35,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.audio_encoder import SAMPLE_RATE, WAV2VEC_DIR, AudioEncoder
-from model.checkpoint import CheckpointError, load_transformer
+from model.audio_encoder import SAMPLE_RATE, AudioEncoder
+from model.checkpoint import fp8_unsupported, load_transformer, quantize_linears_fp8
 from model.config import S2VConfig
-from model.offload import stream_blocks
+from model.layout import T5_CHECKPOINT, WAV2VEC_DIR, CheckpointError, CheckpointFiles, resolve
+from model.lora import load_lora, set_loras
+from model.offload import block_streamer, stream_blocks
 from model.sampler import GUIDANCE, STEPS, guide, sample
-from model.text_encoder import T5_CHECKPOINT, T5_TOKENIZER, TextEncoder
+from model.speed import ClipVelocity, ForwardCounter, SpeedConfig, StepLog, clip_velocity
+from model.text_encoder import TextEncoder
+from model.timing import LoadTimings
 from model.transformer import WanS2VTransformer, fa4_unavailable
-from model.vae import COMFY_VAE_CHECKPOINT, VAE_CHECKPOINT, WanVAE
+from model.vae import WanVAE
 
 log = logging.getLogger(__name__)
 
-DIT_CONFIG = "config.json"
-DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-DIT_SINGLE = "diffusion_pytorch_model.safetensors"
 FIRST_CLIP_DROP = 3  # decoded frames the reference discards at the start of the first clip
 # The model's own negative prompt (wan/configs/wan_s2v_14B.py, sample_neg_prompt).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -56,17 +57,8 @@ DEFAULT_NEGATIVE_PROMPT = (
     "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
     "三条腿，背景人很多，倒着走"
 )
-EXPECTED_LAYOUT = f"""expected the official Wan2.2-S2V-14B layout:
-  {DIT_CONFIG}
-  {DIT_INDEX} + the diffusion_pytorch_model-0000K-of-0000N.safetensors shards it lists
-    (or a single {DIT_SINGLE})
-  {T5_CHECKPOINT}
-  {T5_TOKENIZER}/ (tokenizer.json or spiece.model, tokenizer_config.json)
-  {VAE_CHECKPOINT} (or ComfyUI's {COMFY_VAE_CHECKPOINT})
-  {WAV2VEC_DIR}/ (config.json, preprocessor_config.json, model.safetensors or pytorch_model.bin)"""
-
-
 OFFLOAD_MODES = ("none", "blocks", "model")
+PRECISIONS = ("bf16", "fp8")
 
 
 def offload_mode(offload: bool | str | None) -> str:
@@ -81,98 +73,20 @@ def offload_mode(offload: bool | str | None) -> str:
     return offload
 
 
-# ---------------------------------------------------------------------------------------------
-# checkpoint layout
+def enable_compile_cache(folder: str | Path) -> Path:
+    """Keep torch.compile's results in `folder` (process-wide): Inductor's FX-graph cache, the
+    AOTAutograd cache and Triton's kernels, so a second process on the host (another worker)
+    loads the compiled blocks instead of compiling them again. Set before the first compile."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
-
-def _dit_files(folder: Path) -> tuple[list[str], list[str]]:
-    """(present, missing) DiT files relative to `folder`."""
-    if (folder / DIT_INDEX).is_file():
-        try:
-            index = json.loads((folder / DIT_INDEX).read_text(encoding="utf-8"))
-            shards = sorted(set(index["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as exc:
-            raise CheckpointError(f"{folder / DIT_INDEX}: not a safetensors index ({exc})") from exc
-        files = [DIT_CONFIG, DIT_INDEX, *shards]
-    elif (folder / DIT_SINGLE).is_file():
-        files = [DIT_CONFIG, DIT_SINGLE]
-    else:
-        return [], [DIT_CONFIG, f"{DIT_INDEX} (or {DIT_SINGLE})"]
-    return [f for f in files if (folder / f).is_file()], [f for f in files if not (folder / f).is_file()]
-
-
-def missing_files(folder: str | Path) -> list[str]:
-    """Every file of the official layout that `folder` lacks (empty when complete)."""
-    folder = Path(folder)
-    missing = _dit_files(folder)[1]
-    if not (folder / T5_CHECKPOINT).is_file():
-        missing.append(T5_CHECKPOINT)
-    tok = folder / T5_TOKENIZER
-    if not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):
-        missing.append(f"{T5_TOKENIZER}/tokenizer.json (or spiece.model)")
-    if not ((folder / VAE_CHECKPOINT).is_file() or (folder / COMFY_VAE_CHECKPOINT).is_file()):
-        missing.append(f"{VAE_CHECKPOINT} (or {COMFY_VAE_CHECKPOINT})")
-    w2v = folder / WAV2VEC_DIR
-    for name in ("config.json", "preprocessor_config.json"):
-        if not (w2v / name).is_file():
-            missing.append(f"{WAV2VEC_DIR}/{name}")
-    if not ((w2v / "model.safetensors").is_file() or (w2v / "pytorch_model.bin").is_file()):
-        missing.append(f"{WAV2VEC_DIR}/model.safetensors (or pytorch_model.bin)")
-    return missing
-
-
-def check_layout(folder: str | Path) -> Path:
-    """Raise CheckpointError naming every missing file and the expected layout; return the folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist; {EXPECTED_LAYOUT}")
-    missing = missing_files(folder)
-    if missing:
-        raise CheckpointError(f"checkpoint folder {folder} is missing: {', '.join(missing)}; {EXPECTED_LAYOUT}")
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read by Inductor at each use
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
     return folder
-
-
-def fetch_checkpoint(uri: str, cache_dir: Path | None = None) -> Path:
-    """A local folder with the checkpoint at `uri` (a local path, or s3://... copied into the cache).
-
-    Remote files are fetched one by one through `tasks.storage.local_copy` (cached by ETag, written
-    atomically), so an interrupted copy resumes at the first missing file; the cached files are
-    linked into a mirror of the remote layout that the loaders read.
-    """
-    from tasks import storage
-
-    if not storage.is_remote(uri):
-        return check_layout(uri)
-    import hashlib
-
-    fs, root = storage.filesystem(uri)
-    root = root.rstrip("/")
-    try:
-        remote = sorted(p for p in fs.find(root) if not p.endswith("/"))
-    except FileNotFoundError:
-        remote = []
-    wanted = (DIT_CONFIG, DIT_INDEX, DIT_SINGLE, "diffusion_pytorch_model-", T5_CHECKPOINT, T5_TOKENIZER + "/",
-              VAE_CHECKPOINT, COMFY_VAE_CHECKPOINT, WAV2VEC_DIR + "/")  # fmt: skip
-    base = cache_dir or storage.DEFAULT_CACHE
-    mirror = base / "checkpoints" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
-    protocol = uri.split("://", 1)[0]
-    for path in remote:
-        rel = path[len(root) + 1 :]
-        if not rel.startswith(wanted):
-            continue
-        local = storage.local_copy(f"{protocol}://{path}", base)
-        target = mirror / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_symlink() and target.resolve() != local.resolve():
-            target.unlink()  # the remote object changed: point at the new copy
-        if not target.exists():
-            target.symlink_to(local.resolve())
-    if not mirror.is_dir():
-        raise CheckpointError(f"checkpoint {uri} has none of the expected files; {EXPECTED_LAYOUT}")
-    try:
-        return check_layout(mirror)
-    except CheckpointError as exc:
-        raise CheckpointError(str(exc).replace(str(mirror), uri)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +130,30 @@ class ClipOutput:
     'motion_latents' float32 [16, 19, H/8, W/8] (omitted after the last clip), 'next_clip'."""
     seconds: float = 0.0
     """Wall seconds of this clip on the device (synchronised on CUDA)."""
+    forwards: int = 0
+    """DiT passes actually run for this clip, counted in batch rows (a CFG batch of 2 counts 2):
+    80 for 40 exact steps with guidance; fewer with the speed options of model.speed."""
+    steps: StepLog | None = None
+    """Per step: guided or not, computed or reused (and MagCache's ratios when recorded); None
+    for exact sampling unless `record_steps` was asked for."""
+
+
+def _check_precision(precision: str | None, files: CheckpointFiles, device: torch.device) -> str:
+    """The DiT precision to load (None: fp8 for a scaled-fp8 file, else bf16); CheckpointError,
+    naming the setting and the fix, when fp8 is asked of a device without fp8 matmuls."""
+    chosen = precision or ("fp8" if files.dit_fp8 else "bf16")
+    if chosen == "fp8" and (why := fp8_unsupported(device)):
+        source = f" (the default for {files.dit.name}, which stores fp8 weights)" if precision is None else ""
+        expand = f"; {files.dit.name}'s fp8 weights are then expanded to bf16 on load" if files.dit_fp8 else ""
+        raise CheckpointError(
+            f"precision fp8{source} needs fp8 matmuls, which need a CUDA GPU of compute capability 8.9+ "
+            f"(L40S, H100, ...), but {why}: set precision = bf16{expand}"
+        )
+    return chosen
+
+
+def _has_fp8(model: torch.nn.Module) -> bool:
+    return any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +182,10 @@ class S2VPipeline:
         self.device = torch.device(device)
         self.offload = offload_mode(offload)
         self.cfg_batch = cfg_batch
+        self.precision = "fp8" if _has_fp8(transformer) else "bf16"
+        self.files: CheckpointFiles | None = None  # set by from_checkpoint
+        self.load_timings: LoadTimings | None = None  # set by from_checkpoint
+        self.last_conditioning_s = 0.0  # seconds the last generate_clips took before its first step
         if audio_encoder.num_layers != self.config.audio_num_layers:
             raise CheckpointError(
                 f"{WAV2VEC_DIR}: wav2vec2 gives {audio_encoder.num_layers} hidden states but the DiT averages "
@@ -264,9 +206,9 @@ class S2VPipeline:
         for part in (text_encoder, audio_encoder, vae):
             part.to(home)
         if self.offload == "blocks":
-            if transformer.block_streamer is None:
+            if block_streamer(transformer) is None:
                 stream_blocks(transformer, self.device)
-        elif transformer.block_streamer is not None:
+        elif block_streamer(transformer) is not None:
             raise ValueError("this transformer streams its blocks; build the pipeline with offload='blocks'")
         else:
             transformer.to(home)
@@ -276,20 +218,30 @@ class S2VPipeline:
     @classmethod
     def from_checkpoint(
         cls,
-        checkpoint: str | Path,
+        checkpoint: str | Path | Sequence[str | Path],
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         offload: bool | str = False,
         vae_tiling: bool | None = None,
-        cache_dir: Path | None = None,
         cfg_batch: bool | None = None,
         attention: str = "auto",
         compile_dit: bool | None = None,
+        precision: str | None = None,
+        compile_cache_dir: str | Path | None = None,
     ) -> S2VPipeline:
-        """Load every component from one checkpoint folder (local or s3://).
+        """Load every component from local checkpoint files: one path or several, each an official
+        folder, ComfyUI files (a flat folder, a ComfyUI models/ tree, or single files), every
+        component taken from the first that has it (model.layout.resolve). Every file is checked
+        (headers only) before any weight is read; CheckpointError names what is wrong.
 
         device: default CUDA when available, else CPU. dtype of the DiT and T5: default bf16 on
         CUDA, float32 on CPU. The VAE and wav2vec2 run in float32, as in the reference.
+        precision: the DiT's block linears, "bf16" (in `dtype`) or "fp8" (fp8 weights and fp8
+        matmuls, Fp8Linear: a scaled-fp8 ComfyUI file stays fp8, a bf16 checkpoint is quantized at
+        load); None: "fp8" for a scaled-fp8 DiT file, else "bf16". fp8 needs a GPU of compute
+        capability 8.9+ (L40S, H100) and is refused elsewhere before any weight is read; "bf16"
+        with a scaled-fp8 file expands its weights to `dtype` at load. The umT5 file's scaled-fp8
+        weights are always expanded to `dtype`.
         offload (see OFFLOAD_MODES): "none" (False) keeps everything on the GPU; "blocks" (True)
         streams the DiT's blocks from pinned CPU memory (model.offload) and moves the encoders and
         the VAE to the GPU only while they work; "model" moves whole components, the DiT once per clip.
@@ -303,6 +255,10 @@ class S2VPipeline:
         faster per forward on an H100) and SDPA elsewhere.
         compile_dit: torch.compile the DiT's blocks (default on CUDA): 6 % faster forwards at 480p on
         an H100 for about 20 s of compilation per token layout (first clip, later clip) per process.
+        compile_cache_dir: keep compiled kernels there (enable_compile_cache), so later processes
+        on the host reuse them.
+
+        `pipe.load_timings` (model.timing.LoadTimings) says where the loading time went.
 
         Memory at 480x832, 80 frames, bf16 on an H100 (figures and method: docs/benchmarks.md):
         without offload 45 GiB resident and a 54 GiB peak per clip (80 GB GPUs); with "blocks"
@@ -310,30 +266,56 @@ class S2VPipeline:
         22 GiB cap with VAE tiling (24 GB GPUs); with "model" a 35 GiB peak (the bf16 DiT alone is
         30 GiB) and about 30 s more per clip.
         """
+        started = time.perf_counter()
+        timings = LoadTimings()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         mode = offload_mode(offload)
-        folder = fetch_checkpoint(str(checkpoint), cache_dir)
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        with timings.phase("check"):
+            files = resolve(checkpoint, precision)
+            precision = _check_precision(precision, files, device)
+        if compile_cache_dir is not None:
+            enable_compile_cache(compile_cache_dir)
         load_to = torch.device("cpu") if mode != "none" else device
-        transformer = load_transformer(folder, device=load_to, dtype=dtype)
-        text_encoder = TextEncoder.from_checkpoint(
-            folder / T5_CHECKPOINT, folder / T5_TOKENIZER, device=load_to, dtype=dtype
-        )
-        audio_encoder = AudioEncoder.from_folder(folder / WAV2VEC_DIR, device=load_to)
-        vae_file = folder / VAE_CHECKPOINT
-        vae = WanVAE.from_checkpoint(vae_file if vae_file.is_file() else folder / COMFY_VAE_CHECKPOINT, load_to)
+        with timings.component("dit", load_to):
+            transformer = load_transformer(
+                files.dit, device=load_to, dtype=dtype, fp8="keep" if precision == "fp8" else "dequantize",
+                fp8_device=device, timings=timings,
+            )  # fmt: skip
+            if precision == "fp8" and not files.dit_fp8:
+                with timings.phase("build", device):
+                    quantize_linears_fp8(transformer, work_device=device)
+        with timings.component("text_encoder", load_to):
+            text_encoder = TextEncoder.from_checkpoint(
+                files.text_encoder, files.tokenizer, device=load_to, dtype=dtype, timings=timings
+            )
+        with timings.component("audio_encoder", load_to):
+            audio_encoder = AudioEncoder.from_checkpoint(
+                files.audio_encoder, files.audio_config, device=load_to, timings=timings
+            )
+        with timings.component("vae", load_to):
+            vae = WanVAE.from_checkpoint(files.vae, load_to, timings=timings)
         if (mode != "none") if vae_tiling is None else vae_tiling:
             vae.enable_tiling()
         batch = (mode == "none") if cfg_batch is None else cfg_batch
         compile_dit = device.type == "cuda" if compile_dit is None else compile_dit
-        pipe = cls(
-            transformer, text_encoder, audio_encoder, vae,
-            device=device, offload=mode, cfg_batch=batch, compile_dit=compile_dit,
+        with timings.component("setup", device):
+            with timings.phase("to_device", device):
+                pipe = cls(transformer, text_encoder, audio_encoder, vae, device=device, offload=mode, cfg_batch=batch)
+            with timings.phase("build"):  # compiles lazily, at the first forward (timed by the caller)
+                if compile_dit:
+                    transformer.compile_blocks(dynamic=False)
+                if attention == "auto":
+                    attention = "sdpa" if fa4_unavailable(device) else "fa4"
+                transformer.set_attention(attention, device)
+        timings.total_s = time.perf_counter() - started
+        pipe.files, pipe.load_timings = files, timings
+        log.info(
+            "loaded %s in %.1f s (%s); precision %s; self-attention %s; offload %s; compiled %s",
+            files.describe(), timings.total_s, timings.as_dict(), precision, attention, mode, compile_dit,
         )  # fmt: skip
-        if attention == "auto":
-            attention = "sdpa" if fa4_unavailable(device) else "fa4"
-        transformer.set_attention(attention, device)
-        log.info("DiT self-attention kernel: %s; offload: %s; compiled: %s", attention, mode, compile_dit)
         return pipe
 
     # -- device placement -------------------------------------------------------------------
@@ -363,6 +345,21 @@ class S2VPipeline:
     def dtype(self) -> torch.dtype:
         return self.transformer.compute_dtype
 
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
+        """Run the DiT with these LoRA files, each at its strength ([]: the base weights, exactly).
+
+        Files are read and matched once per process (model.lora.load_lora: a LoRA whose keys do
+        not fit the model raises LoraError naming them); switching between rows costs a copy of
+        the touched weights, and nothing when the set is unchanged."""
+        cache = self.__dict__.setdefault("_loras", {})
+        parsed = []
+        for path, strength in loras:
+            key = str(Path(path).resolve())
+            if key not in cache:
+                cache[key] = load_lora(key, self.transformer)
+            parsed.append((cache[key], float(strength)))
+        set_loras(self.transformer, parsed, device=self.device)
+
     def clip_frames(self, clip: int, infer_frames: int) -> int:
         """Frames clip `clip` yields: F - 3 for the first, F after."""
         return infer_frames - FIRST_CLIP_DROP if clip == 0 else infer_frames
@@ -386,6 +383,8 @@ class S2VPipeline:
         state: dict[str, np.ndarray] | None = None,
         pose: np.ndarray | None = None,
         on_step: Callable[[int, int, int], None] | None = None,
+        speed: SpeedConfig | None = None,
+        record_steps: bool = False,
     ) -> Iterator[ClipOutput]:
         """Yield clips `start_clip .. num_clips - 1` of one segment, each as soon as it is done.
 
@@ -396,7 +395,13 @@ class S2VPipeline:
         size, starting at the segment's first frame; clip r uses frames [r*F, (r+1)*F), padded
         with -1 past its end as the reference does. Without it the pose condition is zeros.
         on_step(clip, step, steps) is called after every denoising step.
+        speed: step caching, CFG truncation, fewer steps (model.speed; its steps, when set, cap
+        `steps`; its shift replaces `shift`). None or an exact config samples as the reference does.
+        record_steps: log every step (and MagCache's magnitude ratios) in ClipOutput.steps.
         """
+        if speed is not None:
+            steps = speed.sampling_steps(steps)
+            shift = speed.shift or shift
         cfg = self.config
         height, width = self._check_image(image)
         if infer_frames <= FIRST_CLIP_DROP or infer_frames % 4:
@@ -413,6 +418,7 @@ class S2VPipeline:
             got = f"{pose.dtype} {pose.shape}" if isinstance(pose, np.ndarray) else type(pose).__name__
             raise ValueError(f"pose video must be uint8 [T, {height}, {width}, 3], got {got}")
         motion = self._initial_motion(start_clip, state, height, width)
+        conditioning_started = time.perf_counter()
 
         # conditioning shared by every clip of the segment
         enc = self._use(self.text_encoder)
@@ -429,6 +435,8 @@ class S2VPipeline:
         pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0)
         ref_latents = vae.encode((pixels * 2 - 1)[None, :, None].to(self.device))
         self._release(vae)
+        self._sync()
+        self.last_conditioning_s = time.perf_counter() - conditioning_started
 
         lat_frames = cfg.latent_frames(infer_frames)
         for r in range(start_clip, num_clips):
@@ -447,11 +455,13 @@ class S2VPipeline:
             pose_latents = None if pose is None else self._pose_latents(pose, r, infer_frames)
 
             dit = self._use(self.transformer)
-            velocity = self._velocity_fn(
+            guided, cond_only = self._velocity_fns(
                 dit, context, context_null, ref_latents, clip_audio, motion_latents, pose_latents, first, guidance
             )
+            velocity = clip_velocity(guided, cond_only, speed, steps, record_steps)
             step_cb = (lambda i, n, r=r: on_step(r, i, n)) if on_step else None
-            latents = sample(velocity, noise.float(), steps=steps, shift=shift, on_step=step_cb)
+            with ForwardCounter(dit) as counter:
+                latents = sample(velocity, noise.float(), steps=steps, shift=shift, on_step=step_cb)
             self._release(dit)
 
             vae = self._use(self.vae)
@@ -460,9 +470,13 @@ class S2VPipeline:
             if first:
                 video = video[:, :, FIRST_CLIP_DROP:]
             overlap = min(cfg.motion_frames, video.shape[2])
-            frames_carry = torch.cat([motion["frames"][:, :, overlap:], video[:, :, -overlap:].cpu().float()], dim=2)
+            # the carry is built where the video is and encoded from there: no round trip of its
+            # ~350 MB (480p) through host memory before the encode; the host copy is the state
+            older = motion["frames"][:, :, overlap:].to(video.device)  # empty once a clip has >= 73 frames
+            carry = torch.cat([older, video[:, :, -overlap:].float()], dim=2)
             last = r == num_clips - 1
-            latents_carry = None if last else vae.encode(frames_carry.to(self.device))
+            latents_carry = None if last else vae.encode(carry)
+            frames_carry = carry.cpu()
             self._release(vae)
             self._sync()
             motion = {"frames": frames_carry, "latents": latents_carry}
@@ -473,7 +487,8 @@ class S2VPipeline:
             }
             if latents_carry is not None:
                 new_state["motion_latents"] = latents_carry[0].float().cpu().numpy()
-            yield ClipOutput(r, _to_uint8(video[0]), new_state, time.perf_counter() - started)
+            log = velocity.log if isinstance(velocity, ClipVelocity) else None
+            yield ClipOutput(r, _to_uint8(video[0]), new_state, time.perf_counter() - started, counter.count, log)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -528,17 +543,17 @@ class S2VPipeline:
         self._release(vae)
         return latents
 
-    def _velocity_fn(self, dit, context, context_null, ref_latents, audio, motion_latents, pose, first, guidance):
-        """The guided flow prediction v(latents, t) for one clip."""
+    def _velocity_fns(self, dit, context, context_null, ref_latents, audio, motion_latents, pose, first, guidance):
+        """The guided flow prediction v(latents, t) for one clip (None when guidance <= 1, where the
+        reference skips the unconditional pass) and the conditional one alone."""
         ref = ref_latents.to(self.device)
         kwargs = {"motion_latents": motion_latents, "pose_latents": pose, "drop_motion_frames": first}
 
-        if guidance <= 1.0:  # the reference skips the unconditional pass
+        def cond_only(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return dit(latents, t, context, ref, audio, **kwargs)
 
-            def cond_only(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return dit(latents, t, context, ref, audio, **kwargs)
-
-            return cond_only
+        if guidance <= 1.0:
+            return None, cond_only
         if self.cfg_batch:  # both branches as one batch of 2 (one pass over the weights)
             both_ctx = torch.cat([context, context_null])
             both_audio = torch.cat([audio, audio * 0.0])
@@ -547,11 +562,11 @@ class S2VPipeline:
                 out = dit(latents.expand(2, -1, -1, -1, -1), t, both_ctx, ref, both_audio, **kwargs)
                 return guide(out[0:1], out[1:2], guidance)
 
-            return batched
+            return batched, cond_only
 
         def two_pass(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             cond = dit(latents, t, context, ref, audio, **kwargs)
             uncond = dit(latents, t, context_null, ref, audio * 0.0, **kwargs)
             return guide(cond, uncond, guidance)
 
-        return two_pass
+        return two_pass, cond_only

@@ -15,6 +15,13 @@ checkpoint. Key mapping (Wan -> transformers), `i` the block index:
     blocks.i.ffn.fc2.weight                -> encoder.block.i.layer.1.DenseReluDense.wo.weight
     norm.weight                            -> encoder.final_layer_norm.weight
 
+ComfyUI's `umt5_xxl_fp8_e4m3fn_scaled.safetensors` (or `umt5_xxl_fp16.safetensors`) keeps the
+encoder in transformers' names (`shared.weight`, `encoder.block.i...`; model/comfy.py); its
+scaled-fp8 linear weights are dequantized to `dtype` (bf16) at load, on the device (the fp8 matmul
+path is kept for the DiT, where the time is), and it is renamed to Wan's layout and loaded as
+above. Its tokenizer is embedded in the file (`spiece_model`, a sentencepiece model): the same
+pieces and scores are made into transformers' T5 tokenizer (`tokenizer_from_spiece`).
+
 Both implementations compute the same function: unscaled attention with a per-layer bidirectional
 relative position bias (32 buckets, max distance 128), T5 RMS norm (eps 1e-6) and a gated
 tanh-GELU feed-forward. Like the reference, prompts are cleaned (ftfy + HTML unescape + whitespace),
@@ -32,12 +39,15 @@ from pathlib import Path
 
 import ftfy
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+from safetensors import SafetensorError, safe_open
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer, UMT5Config, UMT5EncoderModel
+from transformers.convert_slow_tokenizer import import_protobuf
 
-from model.checkpoint import CheckpointError
+from model import comfy
+from model.checkpoint import build_on_meta
+from model.layout import CheckpointError
+from model.timing import LoadTimings, phase
 
-T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
-T5_TOKENIZER = "google/umt5-xxl"
 TEXT_LEN = 512
 
 _BLOCK_RENAMES = {
@@ -121,18 +131,94 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def load_t5_state(path: Path) -> dict[str, torch.Tensor]:
-    """Read the official .pth (weights only, memory-mapped) and check it is a Wan T5 encoder."""
+def load_t5_state(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                  ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The encoder in Wan's naming: the official .pth memory-mapped (read when used), or a
+    ComfyUI .safetensors read onto `device` (scaled fp8 dequantized to `dtype`) and renamed."""
     try:
+        if path.suffix == ".safetensors":
+            hf = comfy.read_state(path, device, dtype)
+            hf.pop(comfy.SPIECE_MODEL, None)
+            hf.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight where present
+            try:
+                return hf_to_wan_t5(hf)
+            except KeyError as exc:
+                raise CheckpointError(f"{path}: unexpected key {exc} for a umT5 encoder") from None
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # corrupt/truncated zip, not a tensor pickle, ...
-        raise CheckpointError(f"{path}: cannot read the T5 encoder checkpoint ({exc})") from exc
+    except CheckpointError:
+        raise
+    except Exception as exc:  # corrupt/truncated zip or safetensors, not a tensor pickle, ...
+        raise CheckpointError(f"{path}: cannot read the T5 encoder checkpoint ({exc}); download it again") from exc
     if not isinstance(state, dict) or "token_embedding.weight" not in state:
         raise CheckpointError(
             f"{path}: not a Wan umt5 encoder state dict (expected keys 'token_embedding.weight', "
             "'blocks.N.attn.q.weight', ..., 'norm.weight')"
         )
     return state
+
+
+def spiece_model_bytes(vocab: Sequence[tuple[str, float]], unk_id: int = 2) -> bytes:
+    """A sentencepiece Unigram model (serialized ModelProto) of `vocab` [(piece, log-prob)], the
+    form ComfyUI embeds in its umT5 file; pieces before `unk_id` are control tokens (<pad>, </s>)."""
+    proto = import_protobuf().ModelProto()
+    types = proto.SentencePiece.Type
+    for i, (piece, score) in enumerate(vocab):
+        entry = proto.pieces.add()
+        entry.piece, entry.score = piece, score
+        entry.type = types.UNKNOWN if i == unk_id else types.CONTROL if i < unk_id else types.NORMAL
+    proto.trainer_spec.model_type = proto.trainer_spec.UNIGRAM
+    proto.trainer_spec.unk_id, proto.trainer_spec.pad_id, proto.trainer_spec.eos_id = unk_id, 0, 1
+    proto.trainer_spec.bos_id = -1
+    proto.normalizer_spec.name = "identity"
+    return proto.SerializeToString()
+
+
+def tokenizer_from_spiece(data: bytes) -> T5Tokenizer:
+    """transformers' T5 tokenizer with the pieces, scores and normalizer of a sentencepiece model
+    (read with protobuf, so the sentencepiece package is not needed)."""
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(data)
+    if proto.trainer_spec.unk_id != 2 or len(proto.pieces) < 3:
+        raise ValueError(f"a T5 sentencepiece model has <unk> at id 2, this one at {proto.trainer_spec.unk_id}")
+    vocab = [(p.piece, p.score) for p in proto.pieces]
+    charsmap = proto.normalizer_spec.precompiled_charsmap or None
+    return T5Tokenizer(vocab=vocab, extra_ids=0, pad_token=vocab[0][0], eos_token=vocab[1][0],
+                       unk_token=vocab[2][0], _spm_precompiled_charsmap=charsmap)  # fmt: skip
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The umT5 tokenizer from a tokenizer folder or from the ComfyUI umT5 file that embeds it."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                if comfy.SPIECE_MODEL not in f.keys():  # noqa: SIM118 - not iterable
+                    raise ValueError(f"no embedded tokenizer ('{comfy.SPIECE_MODEL}')")
+                data = f.get_tensor(comfy.SPIECE_MODEL).numpy().tobytes()
+            return tokenizer_from_spiece(data)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot load the umT5 tokenizer ({exc}); use google/umt5-xxl/ from the "
+                              "official Wan2.2-S2V-14B folder") from exc  # fmt: skip
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, source: Path, vocab_rows: int, checkpoint: Path) -> None:
+    """CheckpointError unless the tokenizer's ids fit the encoder's embedding (same model family)."""
+    fix = "use umT5's tokenizer: google/umt5-xxl/ of the official Wan2.2-S2V-14B folder, or ComfyUI's umT5 file"
+    if len(tokenizer) > vocab_rows:
+        raise CheckpointError(
+            f"{source}: the tokenizer has {len(tokenizer)} tokens but the text encoder {checkpoint.name} embeds "
+            f"only {vocab_rows}: a tokenizer of another model; {fix}"
+        )
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        raise CheckpointError(f"{source}: the tokenizer has no end or padding token (not a T5 tokenizer); {fix}")
+
+
+def _embedding_rows(checkpoint: Path) -> int:
+    """Rows of a ComfyUI umT5 file's token embedding, from its header."""
+    try:
+        return comfy.header(checkpoint)["shared.weight"][1][0]
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint}: not a readable umT5 encoder file ({exc}); download it again") from exc
 
 
 class TextEncoder:
@@ -156,38 +242,38 @@ class TextEncoder:
     def from_checkpoint(
         cls,
         checkpoint: str | Path,
-        tokenizer_dir: str | Path,
+        tokenizer: str | Path,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         text_len: int = TEXT_LEN,
+        timings: LoadTimings | None = None,
     ) -> TextEncoder:
-        """Load the Wan-layout .pth and the tokenizer folder (local paths; nothing is downloaded)."""
-        checkpoint, tokenizer_dir = Path(checkpoint), Path(tokenizer_dir)
-        state = load_t5_state(checkpoint)
-        try:
-            config = umt5_config_from_wan(state)
-            hf_state = wan_to_hf_t5(state)
-        except KeyError as exc:
-            raise CheckpointError(f"{checkpoint}: unexpected key {exc} for a Wan umt5 encoder") from exc
-        with torch.device("meta"):
-            model = UMT5EncoderModel(config)
-        try:
-            model.load_state_dict(hf_state, strict=True, assign=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{checkpoint}: does not match a umt5 encoder: {exc}") from exc
-        # One embedding, as in the checkpoint: without the tie `.to()` makes two 2 GiB copies.
-        model.encoder.embed_tokens = model.shared
-        model = model.to(device=device, dtype=dtype)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{tokenizer_dir}: cannot load the umt5 tokenizer ({exc})") from exc
-        if len(tokenizer) > config.vocab_size:
-            raise CheckpointError(
-                f"{tokenizer_dir}: tokenizer has {len(tokenizer)} tokens but {checkpoint} embeds only "
-                f"{config.vocab_size}"
-            )
-        return cls(model, tokenizer, text_len)
+        """Load the encoder (Wan's .pth or ComfyUI's .safetensors) and the tokenizer (a folder, or
+        the ComfyUI umT5 file that embeds it); local paths, nothing is downloaded. The tokenizer is
+        checked against the encoder's embedding before any weight is read."""
+        checkpoint, tokenizer_src = Path(checkpoint), Path(tokenizer)
+        with phase(timings, "build"):
+            tok = load_tokenizer(tokenizer_src)
+        if checkpoint.suffix == ".safetensors":  # the header says the embedding's size; then read
+            check_tokenizer(tok, tokenizer_src, _embedding_rows(checkpoint), checkpoint)
+            with phase(timings, "read", device):
+                state = load_t5_state(checkpoint, device, dtype)
+        else:  # memory-mapped: little is read before the model moves to the device
+            with phase(timings, "read"):
+                state = load_t5_state(checkpoint)
+            check_tokenizer(tok, tokenizer_src, int(state["token_embedding.weight"].shape[0]), checkpoint)
+        with phase(timings, "build", device):
+            try:
+                config = umt5_config_from_wan(state)
+                hf_state = wan_to_hf_t5(state)
+            except KeyError as exc:
+                raise CheckpointError(f"{checkpoint}: unexpected key {exc} for a Wan umt5 encoder") from exc
+            model = build_on_meta(lambda: UMT5EncoderModel(config), hf_state, checkpoint, "a umt5 encoder")
+            # One embedding, as in the checkpoint: without the tie `.to()` makes two 2 GiB copies.
+            model.encoder.embed_tokens = model.shared
+        with phase(timings, "read", device):  # the memory-mapped .pth is read here
+            model = model.to(device=device, dtype=dtype)
+        return cls(model, tok, text_len)
 
     @property
     def device(self) -> torch.device:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -148,6 +149,10 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     return (xf * table[..., 0] + swapped * table[..., 1]).to(x.dtype)
 
 
+# (q, k, v, rope) -> (q, k, v): see Attention.forward's kv_cache.
+KVHook = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], tuple[Tensor, Tensor, Tensor]]
+
+
 class Attention(nn.Module):
     """q/k/v/o projections with RMSNorm on q and k over the full width; self- or cross-attention.
 
@@ -165,14 +170,22 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.kernel = "sdpa"  # or "fa4" (self-attention only), see WanS2VTransformer.set_attention
 
-    def forward(self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None) -> Tensor:
-        """x [B, S, D]; context [B, L, D] (None: self-attention); rope [S, 1, D/H, 2] or None."""
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None, kv_cache: KVHook | None = None
+    ) -> Tensor:
+        """x [B, S, D]; context [B, L, D] (None: self-attention); rope [S, 1, D/H, 2] or None.
+
+        kv_cache (self-attention only): called with the un-rotated q, k, v [B, S, H, D] and `rope`,
+        it rotates them, keeps what it caches and returns the q, k, v to attend with (keys and
+        values may be longer than the queries); the causal model's cache (model/causal.py)."""
         b, s, d = x.shape
         src = x if context is None else context
         q = self.norm_q(self.q(x)).view(b, s, self.num_heads, -1)
         k = self.norm_k(self.k(src)).view(b, src.shape[1], self.num_heads, -1)
         v = self.v(src).view(b, src.shape[1], self.num_heads, -1)
-        if rope is not None:
+        if kv_cache is not None:
+            q, k, v = kv_cache(q, k, v, rope)
+        elif rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.kernel == "fa4" and context is None:
             return self.o(fa4_attention(q, k, v).reshape(b, s, d))
@@ -254,16 +267,18 @@ class S2VBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, context: Tensor, temb: TokenGroups, rope: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, context: Tensor, temb: TokenGroups, rope: Tensor, kv_cache: KVHook | None = None
+    ) -> Tensor:
         """x [B, S, D] float32 (updated in place in eager mode; use the returned tensor); context [B, L, D]; temb: token
-        groups with their time projection [B or 1, 6, D]; rope [S, 1, D/H, 2]."""
+        groups with their time projection [B or 1, 6, D]; rope [S, 1, D/H, 2]; kv_cache: see Attention."""
         dtype = context.dtype
         dim = (x.shape[-1],)
         modulation = self.modulation.float()
         groups = [(start, end, mod + modulation) for start, end, mod in temb]
         # order of the six rows: shift, scale, gate (attention); shift, scale, gate (ffn)
         h = _modulate(F.layer_norm(x, dim, eps=self.eps), groups, 0, 1, dtype)
-        x = _gated_add(x, self.self_attn(h, rope=rope), groups, 2)
+        x = _gated_add(x, self.self_attn(h, rope=rope, kv_cache=kv_cache), groups, 2)
         h = self.norm3(x) if self.norm3 is not None else x
         x = _add(x, self.cross_attn(h.to(dtype), context))
         h = _modulate(F.layer_norm(x, dim, eps=self.eps), groups, 3, 4, dtype)
@@ -499,10 +514,20 @@ def _segment_positions(start: tuple, end: tuple, span: tuple) -> tuple[np.ndarra
     return pf, ph, pw
 
 
-def rope_table(head_dim: int, segments: list[tuple[tuple, tuple, tuple]]) -> Tensor:
+def rope_table(
+    head_dim: int,
+    segments: list[tuple[tuple, tuple, tuple]],
+    *,
+    max_position: int = 1024,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """float32 table [S, 1, head_dim, 2] for token grids in sequence order, for `apply_rope`: per
     channel (cos, signed sin) of its pair's angle; channel 2i holds (cos a_i, -sin a_i), 2i+1 holds
-    (cos a_i, sin a_i)."""
+    (cos a_i, sin a_i).
+
+    max_position: the length of the reference's tables (1024; LiveAvatar's causal model 45000).
+    dtype: cos and sin are rounded to it before they are widened to float32 (LiveAvatar keeps its
+    tables as float16 complex numbers; float32 leaves them as computed)."""
     inv, split = _rope_inverse_freqs(head_dim)
     inv_axes = np.split(inv, np.cumsum(split)[:2])
     rows = []
@@ -510,8 +535,8 @@ def rope_table(head_dim: int, segments: list[tuple[tuple, tuple, tuple]]) -> Ten
         pf, ph, pw = _segment_positions(*seg)
         if len(pf) * len(ph) * len(pw) == 0:
             continue
-        if max(abs(pf).max(), ph.max(), pw.max()) >= 1024:
-            raise ValueError(f"RoPE position beyond the reference's 1024-entry tables for grid {seg}")
+        if max(abs(pf).max(), ph.max(), pw.max()) >= max_position:
+            raise ValueError(f"RoPE position beyond the reference's {max_position}-entry tables for grid {seg}")
         af = np.outer(pf, inv_axes[0])[:, None, None, :]
         ah = np.outer(ph, inv_axes[1])[None, :, None, :]
         aw = np.outer(pw, inv_axes[2])[None, None, :, :]
@@ -528,7 +553,7 @@ def rope_table(head_dim: int, segments: list[tuple[tuple, tuple, tuple]]) -> Ten
         sin[:, 0::2] *= -1
         rows.append(np.stack([np.repeat(np.cos(ang), 2, axis=-1), sin], axis=-1))
     table = np.concatenate(rows, axis=0) if rows else np.zeros((0, head_dim, 2))
-    return torch.from_numpy(table.astype(np.float32))[:, None]
+    return torch.from_numpy(table).to(dtype).float()[:, None]
 
 
 def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
@@ -593,7 +618,6 @@ class WanS2VTransformer(nn.Module):
         _, self._injector_of_block = official_injector_map(cfg)
         self._rope_cache: dict[tuple, Tensor] = {}
         self._audio_injection = audio_injection  # compiled by compile_blocks
-        self.block_streamer = None  # model.offload.stream_blocks installs one (blocks kept in CPU memory)
 
     # ---- helpers ----------------------------------------------------------------------------
     @property
@@ -728,35 +752,23 @@ class WanS2VTransformer(nn.Module):
             add_last_motion,
         )
         with attention_backends(latents.device):
-            device, dtype = latents.device, self.compute_dtype
+            device = latents.device
             b, _, frames, lat_h, lat_w = latents.shape
             p = cfg.patch_size
             f, h, w = frames // p[0], lat_h // p[1], lat_w // p[2]
-            n_vid, n_ref = f * h * w, h * w
             add_last_motion = int(cfg.add_last_motion) * add_last_motion
             use_motion = cfg.enable_framepack and motion_latents is not None and not drop_motion_frames
 
             # tokens: video (+ pose), reference, motion, each plus its cond-mask vector
-            vid = self.patch_embedding(latents.to(dtype))
-            if cfg.cond_dim > 0:
-                if pose_latents is not None:
-                    vid = vid + self.cond_encoder(pose_latents.to(dtype))
-                else:  # the encoder of an all-zero pose video is its bias
-                    vid = vid + self.cond_encoder.bias.to(dtype)[:, None, None, None]
-            ref = self.patch_embedding(ref_latents.to(dtype)).flatten(2).transpose(1, 2)
-            mot = self.frame_packer(motion_latents.to(dtype), add_last_motion) if use_motion else None
-            n_mot = mot.shape[1] if mot is not None else 0
-            seq = n_vid + n_ref + n_mot
-            mask = self.trainable_cond_mask.weight.float()
-            x = torch.empty(b, seq, cfg.dim, dtype=torch.float32, device=device)
-            x[:, :n_vid] = vid.flatten(2).transpose(1, 2).float() + mask[0]
-            x[:, n_vid : n_vid + n_ref] = ref.float() + mask[1]
-            if mot is not None:
-                x[:, n_vid + n_ref :] = mot.float() + mask[2]
+            parts = [self.video_tokens(latents, pose_latents), self.reference_tokens(ref_latents).expand(b, -1, -1)]
+            if use_motion:
+                parts.append(self.motion_tokens(motion_latents, add_last_motion).expand(b, -1, -1))
+            x = torch.cat(parts, dim=1)
+            n_vid, seq = f * h * w, x.shape[1]
 
             # RoPE: video at frames 0..f-1, reference at frame 30, motion at negative frames
             segments = [((0, 0, 0), (f, h, w), (f, h, w)), ((30, 0, 0), (31, h, w), (1, h, w))]
-            if mot is not None:
+            if use_motion:
                 segments += self.frame_packer.segments(lat_h, lat_w, add_last_motion)
             rope = self._rope(segments, device)
 
@@ -764,49 +776,86 @@ class WanS2VTransformer(nn.Module):
             t = torch.as_tensor(timestep, device=device).reshape(-1).float().expand(b)
             if cfg.zero_timestep:
                 t = torch.cat([t, t.new_zeros(1)])
-            e = _linear32(self.time_embedding[0], sinusoidal_embedding(cfg.freq_dim, t))
-            e = _linear32(self.time_embedding[2], F.silu(e))
-            e0 = _linear32(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))
+            e, e0 = self.time_modulation(t)
             temb = [(0, n_vid, e0[:b]), (n_vid, seq, e0[b:])] if cfg.zero_timestep else [(0, seq, e0)]
 
-            # text, zero-padded to text_len like the reference
-            if context.shape[1] < cfg.text_len:
-                context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
-            ctx = self.text_embedding(context.to(dtype)).expand(b, -1, -1)
+            x = self.run_blocks(x, self.text_context(context, b), temb, rope, h * w, self.encode_audio(audio))
+            return self.unpatchify(self.head(x[:, :n_vid], e[:b]), f, h, w)
 
-            audio_global, audio_local = self.encode_audio(audio)
-            streamer = self.block_streamer
-            try:
-                for i, block in enumerate(self.blocks):
-                    if streamer is not None:
-                        streamer.before(i)  # block i's weights onto the device, block i + 1's on the way
-                    x = block(x, ctx, temb, rope)
-                    if streamer is not None:
-                        streamer.after(i)
-                    if i in self._injector_of_block:
-                        self._inject_audio(self._injector_of_block[i], x, n_vid, f, audio_global, audio_local, dtype)
-            except BaseException:
-                if streamer is not None:
-                    streamer.reset()
-                raise
+    # ---- the pieces of a forward (shared with the causal model, model/causal.py) --------------
+    def video_tokens(self, latents: Tensor, pose_latents: Tensor | None) -> Tensor:
+        """[B, 16, F, H, W] noisy latents (+ pose latents) -> float32 tokens [B, F*h*w, D] with the
+        video's cond-mask vector."""
+        dtype = self.compute_dtype
+        vid = self.patch_embedding(latents.to(dtype))
+        if self.config.cond_dim > 0:
+            if pose_latents is not None:
+                vid = vid + self.cond_encoder(pose_latents.to(dtype))
+            else:  # the encoder of an all-zero pose video is its bias
+                vid = vid + self.cond_encoder.bias.to(dtype)[:, None, None, None]
+        return vid.flatten(2).transpose(1, 2).float() + self.trainable_cond_mask.weight[0].float()
 
-            out = self.head(x[:, :n_vid], e[:b])
-            c = cfg.out_dim
-            out = out.view(b, f, h, w, p[0], p[1], p[2], c).permute(0, 7, 1, 4, 2, 5, 3, 6)
-            return out.reshape(b, c, f * p[0], h * p[1], w * p[2])
+    def reference_tokens(self, ref_latents: Tensor) -> Tensor:
+        """[B, 16, 1, H, W] -> float32 tokens [B, h*w, D] with the reference's cond-mask vector."""
+        ref = self.patch_embedding(ref_latents.to(self.compute_dtype)).flatten(2).transpose(1, 2)
+        return ref.float() + self.trainable_cond_mask.weight[1].float()
 
-    def _inject_audio(
-        self, idx: int, x: Tensor, n_vid: int, f: int, glob: Tensor | None, local: Tensor, dtype: torch.dtype
-    ) -> None:
-        """x[:, :n_vid] += per-frame cross-attention of the frame's video tokens to its audio tokens."""
+    def motion_tokens(self, motion_latents: Tensor, add_last_motion: int) -> Tensor:
+        """[B, 16, T_m, H, W] -> float32 FramePack tokens [B, N, D] with the motion's cond-mask vector."""
+        mot = self.frame_packer(motion_latents.to(self.compute_dtype), add_last_motion)
+        return mot.float() + self.trainable_cond_mask.weight[2].float()
+
+    def time_modulation(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Timesteps [N] -> (time embedding [N, D], its six modulation rows [N, 6, D]), float32."""
+        e = _linear32(self.time_embedding[0], sinusoidal_embedding(self.config.freq_dim, t))
+        e = _linear32(self.time_embedding[2], F.silu(e))
+        return e, _linear32(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
+
+    def text_context(self, context: Tensor, batch: int) -> Tensor:
+        """umT5 embeddings [B or 1, L, text_dim] -> [batch, text_len, D], zero-padded like the reference."""
+        cfg = self.config
+        if context.shape[1] < cfg.text_len:
+            context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        return self.text_embedding(context.to(self.compute_dtype)).expand(batch, -1, -1)
+
+    def run_blocks(
+        self,
+        x: Tensor,
+        ctx: Tensor,
+        temb: TokenGroups,
+        rope: Tensor,
+        frame_tokens: int,
+        audio: tuple[Tensor | None, Tensor] | None,
+        kv_caches: list[KVHook] | None = None,
+    ) -> Tensor:
+        """The blocks over x [B, S, D] float32. After the injection blocks the first F x
+        `frame_tokens` tokens (the video's F latent frames) cross-attend to their frame's audio
+        tokens (`audio` as `encode_audio` returns it, F of its frames; None: no injection).
+        kv_caches: one hook per block for the self-attention (see Attention)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, temb, rope, kv_cache=kv_caches[i] if kv_caches is not None else None)
+            if audio is not None and i in self._injector_of_block:
+                self._inject_audio(self._injector_of_block[i], x, frame_tokens, audio[0], audio[1])
+        return x
+
+    def unpatchify(self, out: Tensor, f: int, h: int, w: int) -> Tensor:
+        """Head output [B, f*h*w, out_dim * prod(patch)] -> [B, out_dim, F, H, W] float32."""
+        p, c, b = self.config.patch_size, self.config.out_dim, out.shape[0]
+        out = out.view(b, f, h, w, p[0], p[1], p[2], c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, c, f * p[0], h * p[1], w * p[2])
+
+    def _inject_audio(self, idx: int, x: Tensor, frame_tokens: int, glob: Tensor | None, local: Tensor) -> None:
+        """x[:, :n_vid] += per-frame cross-attention of each latent frame's video tokens to its audio
+        tokens (local [B or 1, F, n, D]; n_vid = F x frame_tokens)."""
         inj = self.audio_injector
-        b = x.shape[0]
-        vid = x[:, :n_vid].reshape(b * f, n_vid // f, x.shape[-1])
+        b, f = x.shape[0], local.shape[1]
+        n_vid = f * frame_tokens
+        vid = x[:, :n_vid].reshape(b * f, frame_tokens, x.shape[-1])
         adain = cond = None
         if self.config.enable_adain and self.config.adain_mode == "attn_norm":
             adain = inj.injector_adain_layers[idx]
             cond = glob[:, :, 0].expand(b, -1, -1).flatten(0, 1)
-        tokens = local.expand(b, -1, -1, -1).flatten(0, 1).to(dtype)
+        tokens = local.expand(b, -1, -1, -1).flatten(0, 1).to(self.compute_dtype)
         res = self._audio_injection(inj.injector[idx], adain, vid, cond, tokens)
         x[:, :n_vid] += res.view(b, n_vid, -1)
 

@@ -28,10 +28,10 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 
-from model.checkpoint import CheckpointError
+from model.checkpoint import build_on_meta
+from model.layout import CheckpointError
+from model.timing import LoadTimings, phase
 
-VAE_CHECKPOINT = "Wan2.1_VAE.pth"
-COMFY_VAE_CHECKPOINT = "wan_2.1_vae.safetensors"
 LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -159,18 +159,23 @@ def vae_config_from_wan(state: dict[str, torch.Tensor]) -> dict:
 
 
 def load_vae_state(path: Path) -> dict[str, torch.Tensor]:
-    """Read `Wan2.1_VAE.pth` (weights only) or ComfyUI's `.safetensors` of the same layout."""
+    """Read `Wan2.1_VAE.pth` (weights only, memory-mapped) or ComfyUI's `.safetensors` of the same layout."""
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read the VAE checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path}: cannot read the VAE checkpoint ({exc}); download it again") from exc
     if not isinstance(state, dict) or "encoder.conv1.weight" not in state or "conv2.weight" not in state:
         raise CheckpointError(
             f"{path}: not a Wan2.1 VAE state dict (expected keys 'encoder.conv1.weight', "
             "'encoder.downsamples.N...', 'decoder.upsamples.N...', 'conv1.weight', 'conv2.weight')"
+        )
+    if (z := state["conv2.weight"].shape[0]) != len(LATENT_MEAN):
+        raise CheckpointError(
+            f"{path}: a {z}-channel VAE (the Wan2.2 VAE of the TI2V 5B?), not the 16-channel Wan2.1 VAE that "
+            "Wan2.2-S2V uses; use Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors"
         )
     return state
 
@@ -187,22 +192,22 @@ class WanVAE:
         self._inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=torch.float32).view(1, z, 1, 1, 1)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: torch.device | str = "cpu") -> WanVAE:
+    def from_checkpoint(
+        cls, path: str | Path, device: torch.device | str = "cpu", timings: LoadTimings | None = None
+    ) -> WanVAE:
         path = Path(path)
-        state = load_vae_state(path)
-        try:
-            config = vae_config_from_wan(state)
-            converted = wan_to_diffusers_vae(state)
-        except KeyError as exc:
-            raise CheckpointError(f"{path}: unexpected key {exc} for a Wan2.1 VAE") from exc
-        with torch.device("meta"):
-            model = AutoencoderKLWan(**config)
-        try:
+        with phase(timings, "read"):
             # float32 like the reference (the released file is float32; ComfyUI's may be bf16)
-            model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True, assign=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{path}: does not match a Wan2.1 VAE: {exc}") from exc
-        return cls(model, device)
+            state = {k: v.float() for k, v in load_vae_state(path).items()}
+        with phase(timings, "build"):
+            try:
+                config = vae_config_from_wan(state)
+                converted = wan_to_diffusers_vae(state)
+            except KeyError as exc:
+                raise CheckpointError(f"{path}: unexpected key {exc} for a Wan2.1 VAE") from exc
+            model = build_on_meta(lambda: AutoencoderKLWan(**config), converted, path, "a Wan2.1 VAE")
+        with phase(timings, "to_device", device):
+            return cls(model, device)
 
     @property
     def device(self) -> torch.device:

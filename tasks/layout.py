@@ -4,9 +4,13 @@ Output folder (local or s3://):
     OUT/<row output>.mp4, .srt, .vtt     the deliverables
     OUT/report.json                      the batch report
     OUT/.s2v/rows/<id>.json              done marker: the row's fingerprint and result
+    OUT/.s2v/manifests/                  the pickup flow's registry of manifests run
 Work folder (always local):
-    WORK/<id>/audio_16k.wav, master.wav, image.png, speech.json, plan.json
-    WORK/<id>/seg_000/clip_0000.mp4 (+ .state.npz), audio.wav
+    WORK/<id>/audio_16k.wav, master.wav, image.png   normalized inputs (named by tasks/normalize)
+    WORK/<id>/assets.json, speech.json, plan.json    the steps' records
+    WORK/<id>/seg_000/audio.wav                      the segment's audio
+    WORK/<id>/seg_000/clip_0000.mp4 (+ .state.npz)   its clips (named by tasks/generate/stage.py)
+    WORK/<id>/captions.srt, .vtt, video.mp4          stitched before publishing
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import storage
-from tasks.records import ManifestRow, RowResult
+from tasks.records import ManifestRow, NormalizedAssets, RowResult
 
 FINGERPRINT_VERSION = "1"
 """Bump when a change to the pipeline makes earlier outputs stale."""
@@ -31,6 +35,20 @@ def default_work_dir(out: str) -> Path:
     return Path(out).resolve() / ".s2v" / "work"
 
 
+def plan_work_dir(manifest: str) -> Path:
+    """Work folder of `s2v-batch plan` without a configured one: a cache folder keyed by the manifest,
+    so planning twice normalizes and aligns each row once."""
+    return storage.DEFAULT_CACHE / "plan" / hashlib.sha256(manifest.encode()).hexdigest()[:16]
+
+
+def report_uri(out: str) -> str:
+    return storage.join(out, "report.json")
+
+
+def registry_uri(out: str) -> str:
+    return storage.join(out, ".s2v", "manifests")
+
+
 @dataclass(frozen=True)
 class RowPaths:
     """Files of one row in the local work folder."""
@@ -41,8 +59,32 @@ class RowPaths:
     def for_row(cls, work_dir: Path, row_id: str) -> RowPaths:
         return cls(Path(work_dir) / row_id)
 
+    @classmethod
+    def for_assets(cls, assets: NormalizedAssets) -> RowPaths:
+        """The row folder the normalized assets were written to."""
+        return cls(Path(assets.audio_16k).parent)
+
+    @property
+    def assets_json(self) -> Path:
+        return self.root / "assets.json"
+
+    @property
+    def speech_json(self) -> Path:
+        return self.root / "speech.json"
+
+    @property
+    def plan_json(self) -> Path:
+        return self.root / "plan.json"
+
     def segment_dir(self, index: int) -> Path:
         return self.root / f"seg_{index:03d}"
+
+    def segment_audio(self, index: int) -> Path:
+        return self.segment_dir(index) / "audio.wav"
+
+    def clips(self, index: int) -> list[Path]:
+        """The clip files of segment `index` present on disk (see tasks/generate/stage.clip_path)."""
+        return sorted(self.segment_dir(index).glob("clip_*.mp4"))
 
     @property
     def video(self) -> Path:
@@ -73,9 +115,12 @@ def _file_identity(uri: str) -> str:
 def row_fingerprint(row: ManifestRow, settings: dict) -> str:
     """Hash of everything that determines a row's outputs; a change anywhere redoes the row."""
     inputs = {c: _file_identity(getattr(row, c)) for c in ("audio", "image", "pose_video") if getattr(row, c)}
+    # the speed and LoRA columns count only when given: rows finished before they existed keep their markers
+    fields = row.model_dump(mode="json", exclude={"row"})
+    fields = {k: v for k, v in fields.items() if not (k in ("preset", "lora", "lora_strength") and v is None)}
     payload = {
         "version": FINGERPRINT_VERSION,
-        "row": row.model_dump(mode="json", exclude={"row"}),
+        "row": fields,
         "inputs": inputs,
         "settings": settings,
     }

@@ -18,8 +18,9 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from model.presets import DISTILLED_STEPS, PRESET_NAMES
 from tasks import storage
-from tasks.records import ManifestRow, Resolution, RowIssue
+from tasks.records import MODES, PRECISIONS, ManifestRow, Resolution, RowIssue
 
 REQUIRED_COLUMNS = ("id", "audio", "image")
 OPTIONAL_COLUMNS = (
@@ -34,6 +35,11 @@ OPTIONAL_COLUMNS = (
     "guidance",
     "output",
     "webhook",
+    "preset",
+    "lora",
+    "lora_strength",
+    "mode",
+    "precision",
 )
 TEMPLATE_COLUMNS = ("script", "prompt", "negative_prompt")
 TEMPLATE_VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
@@ -41,6 +47,9 @@ PATH_COLUMNS = ("audio", "image", "pose_video")
 DEFAULT_SEED = 42
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 LANGUAGE_PATTERN = re.compile(r"^[a-z]{2}$")
+LIST_SEPARATOR = ";"
+"""Separates several LoRAs (and their strengths) in one cell."""
+MAX_LORA_STRENGTH = 10.0
 
 
 class ManifestError(Exception):
@@ -114,13 +123,18 @@ def validate_manifest(
     *,
     allowed_roots: list[str] | None = None,
     check_files: bool = True,
+    mode: str = "exact",
+    precision: str | None = None,
 ) -> Validation:
     """Validate every row of the manifest at `uri`.
 
     Relative paths resolve against the manifest's folder. A path must stay inside the
     manifest's folder or one of `allowed_roots`; anything else is refused. With
     `check_files`, referenced files must exist (their content is checked later, by
-    normalization).
+    normalization). `mode`: the batch's (the setting); rows in distilled mode (theirs or a
+    'mode' cell) default to its 4 steps without guidance and refuse what it cannot honour. With
+    the batch's `precision`, a row naming another precision is refused: a batch's generators load
+    the model once, in one precision.
     """
     frame = read_manifest(uri)
     base = storage.parent(uri) if storage.is_remote(uri) else str(Path(uri).resolve().parent)
@@ -134,7 +148,7 @@ def validate_manifest(
     checked: list[tuple[int, str | None, dict, list[RowIssue]]] = []
 
     for number, record in enumerate(frame.to_dict(orient="records"), start=1):
-        row_issues, values = _check_row(number, record, base, roots)
+        row_issues, values = _check_row(number, record, base, roots, mode, precision)
         row_id = values["id"]
         if row_id and row_id in seen_ids:
             row_issues.append(
@@ -161,6 +175,7 @@ def validate_manifest(
     if check_files:
         # Every row's files are checked, also rows with other problems: one pass reports all.
         wanted = [values[c] for _, _, values, _ in checked for c in PATH_COLUMNS if values.get(c)]
+        wanted += [uri for _, _, values, _ in checked for uri in values.get("lora") or []]
         present = _existing_files(wanted)
         for number, row_id, values, row_issues in checked:
             bad_paths = {i.field for i in row_issues}
@@ -169,6 +184,9 @@ def validate_manifest(
                 for c in PATH_COLUMNS
                 if values.get(c) and c not in bad_paths and values[c] not in present
             )
+            missing = [u for u in values.get("lora") or [] if u not in present]
+            if missing and "lora" not in bad_paths:
+                row_issues.append(RowIssue(row=number, id=row_id, field="lora", reason=f"file not found: {missing[0]}"))
 
     rows: list[ManifestRow] = []
     for number, _, values, row_issues in checked:
@@ -181,7 +199,10 @@ def validate_manifest(
     return Validation(manifest=uri, rows=rows, issues=issues, total_rows=len(frame), ignored_columns=ignored)
 
 
-def _check_row(number: int, record: dict[str, str], base: str, roots: list[str]) -> tuple[list[RowIssue], dict]:
+def _check_row(
+    number: int, record: dict[str, str], base: str, roots: list[str], batch_mode: str = "exact",
+    batch_precision: str | None = None,
+) -> tuple[list[RowIssue], dict]:
     """Check one row's cells; return its problems and the typed values."""
     row_id = record.get("id") or None
     issues: list[RowIssue] = []
@@ -228,9 +249,25 @@ def _check_row(number: int, record: dict[str, str], base: str, roots: list[str])
     except ValueError:
         fail("resolution", f"unknown resolution {resolution!r}; use 480p or 720p")
 
+    _check_speed_and_lora(record, base, roots, values, fail)
+    mode = (record.get("mode") or "").lower() or None
+    if mode and mode not in MODES:
+        fail("mode", f"unknown mode {record['mode']!r}; use {', '.join(MODES)}")
+    values["mode"] = mode if mode in MODES else None
+    distilled = (values["mode"] or batch_mode) == "distilled"
+    precision = (record.get("precision") or "").lower() or None
+    if precision and precision not in PRECISIONS:
+        fail("precision", f"{record['precision']!r} is not a precision; use {' or '.join(PRECISIONS)}")
+        precision = None
+    elif precision and batch_precision and precision != batch_precision:
+        fail("precision", f"{precision!r} is not the batch's precision {batch_precision!r}: a batch loads its model "
+                          f"once, in one precision; run such rows as a batch of their own with --precision {precision}")
+    values["precision"] = precision
     values["seed"] = _int_cell(record, "seed", DEFAULT_SEED, 0, 2**32 - 1, fail)
-    values["steps"] = _int_cell(record, "steps", 40, 1, 200, fail)
-    values["guidance"] = _float_cell(record, "guidance", 4.5, 0.0, 30.0, fail)
+    values["steps"] = _int_cell(record, "steps", DISTILLED_STEPS if distilled else 40, 1, 200, fail)
+    values["guidance"] = _float_cell(record, "guidance", 1.0 if distilled else 4.5, 0.0, 30.0, fail)
+    if distilled:
+        _check_distilled(values, fail)
 
     output = record.get("output") or (f"{row_id}.mp4" if row_id else "")
     out_path = PurePosixPath(output.replace("\\", "/"))
@@ -240,6 +277,63 @@ def _check_row(number: int, record: dict[str, str], base: str, roots: list[str])
         fail("output", f"{output!r} must end in .mp4")
     values["output"] = str(out_path)
     return issues, values
+
+
+def _check_distilled(values: dict, fail) -> None:
+    """What a row in distilled mode (LiveAvatar's 4-step model, model/distilled.py) cannot have."""
+    why = "distilled mode"
+    if values["steps"] != DISTILLED_STEPS:
+        fail("steps", f"{why} samples the {DISTILLED_STEPS} steps LiveAvatar was distilled to; leave steps empty")
+    if values["guidance"] > 1.0:
+        fail("guidance", f"{why} has no classifier-free guidance; leave guidance empty")
+    if values.get("negative_prompt"):
+        fail("negative_prompt", f"{why} has no classifier-free guidance, so no negative prompt")
+    if values.get("preset") not in (None, "exact"):
+        fail("preset", f"{why} samples its own 4 steps; speed presets apply to exact mode only")
+    if values.get("lora"):
+        fail("lora", f"{why} runs with LiveAvatar's LoRA only (setting distilled_lora)")
+    if values.get("resolution") == Resolution.P720:
+        fail("resolution", f"{why} at 720p needs a 139 GiB KV cache, more than one GPU holds; use 480p")
+
+
+def _check_speed_and_lora(record: dict[str, str], base: str, roots: list[str], values: dict, fail) -> None:
+    """The `preset`, `lora` and `lora_strength` cells; empty cells leave the batch's settings."""
+    preset = (record.get("preset") or "").lower() or None
+    if preset and preset not in PRESET_NAMES:
+        fail("preset", f"unknown preset {record['preset']!r}; use {', '.join(PRESET_NAMES)}")
+    values["preset"] = preset
+
+    cell = record.get("lora") or ""
+    loras: list[str] | None = None
+    if cell.lower() == "none":
+        loras = []  # this row without the batch's LoRAs
+    elif cell:
+        loras = []
+        for raw in (part.strip() for part in cell.split(LIST_SEPARATOR)):
+            if not raw:
+                continue
+            resolved, reason = _resolve_path(raw, base, roots)
+            if reason:
+                fail("lora", reason)
+                continue
+            loras.append(resolved)
+    values["lora"] = loras
+
+    cell = record.get("lora_strength") or ""
+    strengths: list[float] | None = None
+    if cell:
+        try:
+            strengths = [float(part) for part in cell.split(LIST_SEPARATOR) if part.strip()]
+        except ValueError:
+            strengths = None
+        if not strengths or not all(-MAX_LORA_STRENGTH <= x <= MAX_LORA_STRENGTH for x in strengths):
+            fail("lora_strength", f"{cell!r} is not a number from -{MAX_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g} "
+                                  f"(or one per LoRA, separated by '{LIST_SEPARATOR}')")  # fmt: skip
+            strengths = None
+        elif loras and len(strengths) not in (1, len(loras)):
+            fail("lora_strength", f"{len(strengths)} strengths for {len(loras)} LoRAs: give one, or one per LoRA")
+            strengths = None
+    values["lora_strength"] = strengths
 
 
 def _fill_template(text: str, record: dict[str, str], fail) -> str | None:

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tasks import storage
+from tasks import layout, storage
 from tasks.records import RowResult
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def batch_payload(report: dict) -> dict[str, Any]:
         "status": status,
         "manifest": report.get("manifest"),
         "output": out,
-        "report": storage.join(out, "report.json") if out else None,
+        "report": layout.report_uri(out) if out else None,
         "backend": report.get("backend"),
         "started_at": report.get("started_at"),
         "finished_at": report.get("finished_at"),

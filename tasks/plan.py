@@ -49,8 +49,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from rich.table import Table
 
+from model.presets import DISTILLED_INFER_FRAMES, DISTILLED_STEPS, SpeedConfig
 from tasks.records import FPS, INFER_FRAMES, MODEL_SAMPLE_RATE, Plan, Resolution, Segment, SpeechAnalysis, WordTiming
 from tasks.speech.activity import MIN_QUIET_S, Activity, analyse
 
@@ -103,38 +103,174 @@ DEFAULT_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
 }
 DEFAULT_OVERHEAD_PER_CLIP_S = 7.0
 
+# Distilled mode (model/distilled.py: LiveAvatar's 4 steps, clips of 48 frames = 4 blocks): a DiT
+# pass is one block-step, 3 latent frames (4,680 tokens at 480p) attending to itself, the 3 blocks
+# before and the 3,874 condition tokens. NOT MEASURED YET (bench/distilled_speed.py measures it):
+# derived from the exact 480p forward above, whose FLOPs are about half matmuls (x 4,680 / 32,760
+# tokens) and half self-attention (x 4,680 x 22,594 / 32,760^2), 2.975 s x 0.12 = 0.36 s, rounded
+# up to 0.45 s for the smaller, less efficient matmuls. Per clip: one VAE decode of 15 latents
+# (the exact figure covers two encodes and a 39-latent decode besides the encoders).
+# 720p is not offered (its KV cache would need 139 GiB).
+DISTILLED_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
+    ("H100", Resolution.P480.value): ForwardCost(first_clip_s=0.45, later_clip_s=0.45),
+}
+DISTILLED_OVERHEAD_PER_CLIP_S = 3.0
+
+
+@dataclass(frozen=True)
+class GpuKind:
+    """A GPU's DiT throughput relative to one H100 (SXM, 80 GB): seconds there = H100 seconds / speed."""
+
+    name: str
+    relative_speed: float
+    memory_gb: int
+    source: str
+    measured: bool = False
+    """True where the figure is our own measurement; otherwise it is taken from the named source."""
+
+
+# Relative speeds. Only the H100 is measured here (docs/benchmarks.md); the others are the ratio of
+# the vendor's peak dense BF16 tensor throughput to the H100 SXM's 989 TFLOP/s. The DiT runs near
+# that peak on an H100 (1.19x the matmul floor with FA4), so for compute-bound GPUs the ratio is
+# an estimate of the right size, optimistic for GPUs without FA4 (A100, Ada: SDPA attention runs
+# at ~70 % of the GEMM rate) or with slower host links (24-48 GB cards stream the blocks from host
+# memory; that stays hidden behind compute at these speeds). Memory: below 80 GB the pool needs
+# `offload` (block streaming, measured as fast as resident on an H100).
+GPU_KINDS: dict[str, GpuKind] = {
+    g.name: g
+    for g in (
+        GpuKind("H100", 1.0, 80, "measured here: 480p clip through the pipeline, docs/benchmarks.md", measured=True),
+        GpuKind("H200", 1.0, 141, "vendor: NVIDIA H200 datasheet, 989 dense BF16 TFLOP/s, the H100 SXM's compute"),
+        GpuKind("H100 PCIe", round(756 / 989, 2), 80, "vendor: NVIDIA H100 datasheet, PCIe 756 dense BF16 TFLOP/s"),
+        GpuKind("A100", round(312 / 989, 2), 80, "vendor: NVIDIA A100 datasheet, 312 dense BF16 TFLOP/s"),
+        GpuKind("L40S", round(362 / 989, 2), 48, "vendor: NVIDIA L40S datasheet, 362 dense BF16 TFLOP/s"),
+        GpuKind(
+            "RTX 6000 Ada", round(364 / 989, 2), 48,
+            "vendor: NVIDIA RTX 6000 Ada datasheet, 364 dense BF16 TFLOP/s (FP32 accumulate)",
+        ),
+        GpuKind(
+            "RTX 4090", round(165 / 989, 2), 24,
+            "vendor: NVIDIA Ada Lovelace whitepaper, 165 dense BF16 TFLOP/s (FP32 accumulate)",
+        ),
+    )
+}  # fmt: skip
+
+
+def gpu_kind(name: str) -> GpuKind | None:
+    """The table's entry for `name`, ignoring case, spaces and dashes ("rtx-4090", "h100pcie")."""
+    squash = "".join(c for c in name.lower() if c.isalnum())
+    return next((g for g in GPU_KINDS.values() if "".join(c for c in g.name.lower() if c.isalnum()) == squash), None)
+
 
 @dataclass(frozen=True)
 class CostModel:
-    """Estimated GPU seconds of a segment.
+    """Estimated GPU seconds (and money) of a segment: the quantity the report, `status` and the Prefect
+    artifacts measure (`tasks.records.GPU_SECONDS`), for a segment that needs one attempt.
 
-    ``est_gpu_s = steps * cfg_passes * (first_clip_s + (clips - 1) * later_clip_s)
+    ``est_gpu_s = forwards_per_clip * (first_clip_s + (clips - 1) * later_clip_s)
     + clips * overhead_per_clip_s``
 
-    ``cfg_passes`` is 2 because classifier-free guidance runs the DiT twice per
-    denoising step (conditional and audio-zeroed unconditional). ``overhead_per_clip_s``
-    covers encoders, VAE decode and motion re-encode (measured with the forwards). The forward costs
-    are keyed by (GPU type, resolution bucket); the bucket's real H×W follows the
-    reference image's aspect but never exceeds the bucket's area, so the figures are
-    an upper bound within a bucket.
+    ``forwards_per_clip`` counts DiT passes (batch rows): for exact sampling ``steps * cfg_passes``,
+    ``cfg_passes`` being 2 because classifier-free guidance runs the DiT twice per denoising step
+    (conditional and audio-zeroed unconditional). A speed preset (``speed``, model/presets.py) runs
+    fewer: its steps and CFG truncation give the count before step caching, an upper bound; a
+    calibration on the user's weights (tasks/calibrate.py) gives the count its caching actually
+    ran (``measured_forwards``). ``overhead_per_clip_s`` covers encoders, VAE decode and motion
+    re-encode (measured with the forwards); the measured figure also holds each clip's H.264 encode
+    and state write (a few seconds a clip at 480p, in the worker while its GPU waits), which the GPU
+    run of issue 14 sets against this estimate. The forward costs are keyed by (GPU type, resolution
+    bucket); GPUs of the `GPU_KINDS` table without figures of their own scale the H100's by their
+    relative speed. The bucket's real H×W follows the reference image's aspect but never exceeds
+    the bucket's area, so the figures are an upper bound within a bucket.
     """
 
     gpu: str = "H100"
     cfg_passes: int = 2
     overhead_per_clip_s: float = DEFAULT_OVERHEAD_PER_CLIP_S
     forward_costs: dict[tuple[str, str], ForwardCost] = field(default_factory=lambda: dict(DEFAULT_FORWARD_COSTS))
+    speed: SpeedConfig | None = None
+    measured_forwards: float | None = None
+    """DiT passes per clip the preset ran in a calibration (replaces the nominal count)."""
+    price_per_gpu_hour: float | None = None
+    mode: str = "exact"
+    """'distilled': LiveAvatar's passes (4 steps x 4 blocks a 48-frame clip, no CFG) at their cost
+    (construct with `cost_model(..., mode="distilled")`, which sets its forward and clip costs)."""
+
+    def _scale(self) -> float | None:
+        """H100 seconds -> seconds on this GPU (None for a GPU of unknown speed)."""
+        kind = gpu_kind(self.gpu)
+        return 1.0 / kind.relative_speed if kind is not None else None
 
     def forward_cost(self, resolution: Resolution | str) -> ForwardCost | None:
         key = Resolution(resolution).value
-        return self.forward_costs.get((self.gpu, key))
+        own = self.forward_costs.get((self.gpu, key))
+        scale = self._scale()
+        h100 = self.forward_costs.get(("H100", key))
+        if own is not None or h100 is None or scale is None:
+            return own
+        return ForwardCost(first_clip_s=h100.first_clip_s * scale, later_clip_s=h100.later_clip_s * scale)
 
-    def estimate(self, clips: int, *, resolution: Resolution | str, steps: int) -> float | None:
+    def forwards_per_clip(self, steps: int, guidance: float = 4.5) -> float:
+        """DiT passes (batch rows) per clip for a row of ``steps`` steps."""
+        if self.mode == "distilled":  # a pass is one block at one step
+            return DISTILLED_STEPS * (DISTILLED_INFER_FRAMES // 12)
+        if self.measured_forwards is not None:
+            return self.measured_forwards
+        passes = self.cfg_passes if guidance > 1.0 else 1
+        if self.speed is None:
+            return steps * passes
+        steps = self.speed.sampling_steps(steps)
+        if self.speed.exact:
+            return steps * passes
+        return self.speed.nominal_forwards(steps, guidance=guidance > 1.0)
+
+    def estimate(self, clips: int, *, resolution: Resolution | str, steps: int, guidance: float = 4.5) -> float | None:
         """GPU seconds for ``clips`` clips of one segment; None for an unknown GPU/resolution."""
         cost = self.forward_cost(resolution)
         if cost is None or clips <= 0:
             return None if cost is None else 0.0
-        forwards = cost.first_clip_s + (clips - 1) * cost.later_clip_s
-        return round(steps * self.cfg_passes * forwards + clips * self.overhead_per_clip_s, 3)
+        overhead = self.overhead_per_clip_s * (self._scale() or 1.0)
+        per_forward = cost.first_clip_s + (clips - 1) * cost.later_clip_s
+        return round(self.forwards_per_clip(steps, guidance) * per_forward + clips * overhead, 3)
+
+    def money(self, gpu_s: float | None) -> float | None:
+        """What ``gpu_s`` GPU seconds cost at the configured price (None without a price)."""
+        return gpu_money(gpu_s, self.price_per_gpu_hour)
+
+
+def gpu_money(gpu_s: float | None, price_per_gpu_hour: float | None) -> float | None:
+    """GPU seconds at a price per GPU-hour; None when either is unknown."""
+    if gpu_s is None or price_per_gpu_hour is None:
+        return None
+    return round(gpu_s / 3600 * price_per_gpu_hour, 4)
+
+
+def cost_model(
+    gpu: str = "H100",
+    *,
+    price_per_gpu_hour: float | None = None,
+    speed: SpeedConfig | None = None,
+    preset: str = "exact",
+    calibration: dict | None = None,
+    mode: str = "exact",
+) -> CostModel:
+    """The cost model for a batch (or a row) in `preset` with `speed` (its resolved settings): DiT
+    passes per clip from the calibration's measurement when it ran this preset with these
+    settings, else the nominal count; in distilled `mode` LiveAvatar's passes and their cost.
+    Raises ValueError for a GPU outside `GPU_KINDS`."""
+    kind = gpu_kind(gpu)
+    if kind is None:
+        raise ValueError(f"GPU kind {gpu!r}: expected one of {', '.join(GPU_KINDS)}")
+    if mode == "distilled":
+        return CostModel(
+            gpu=kind.name, overhead_per_clip_s=DISTILLED_OVERHEAD_PER_CLIP_S, price_per_gpu_hour=price_per_gpu_hour,
+            forward_costs=dict(DISTILLED_FORWARD_COSTS), mode=mode,
+        )  # fmt: skip
+    measured = None
+    entry = ((calibration or {}).get("presets") or {}).get(preset) or {}
+    if speed is not None and entry.get("forwards_per_clip") and entry.get("speed") == speed.to_dict():
+        measured = float(entry["forwards_per_clip"])
+    return CostModel(gpu=kind.name, speed=speed, measured_forwards=measured, price_per_gpu_hour=price_per_gpu_hour)
 
 
 # --------------------------------------------------------------------------- seeds
@@ -390,6 +526,7 @@ def plan_row(
     cost: CostModel | None = None,
     resolution: Resolution = Resolution.P480,
     steps: int = 40,
+    guidance: float = 4.5,
     energy: np.ndarray | None = None,
     audio: np.ndarray | None = None,
     speech: SpeechAnalysis | None = None,
@@ -468,7 +605,7 @@ def plan_row(
                 frames=frames,
                 clips=clips,
                 seed=segment_seed(seed, index),
-                est_gpu_s=cost.estimate(clips, resolution=resolution, steps=steps),
+                est_gpu_s=cost.estimate(clips, resolution=resolution, steps=steps, guidance=guidance),
             )
         )
     return Plan(
@@ -502,13 +639,19 @@ def _is_safe(cut: int, act: Activity) -> bool:
 # --------------------------------------------------------------------------- output
 
 
-def plans_to_json(plans: Iterable[Plan]) -> dict:
-    """The ``s2v-batch plan --json`` document: {"rows": [{"id", "segments": [...], ...}]}; each row also
-    carries "approximate", "fit_score" and "flags" (the alignment's evidence and the unsafe cuts)."""
-    return {
-        "rows": [
+def plans_to_json(plans: Iterable[Plan], price_per_gpu_hour: float | None = None) -> dict:
+    """The ``s2v-batch plan --json`` document: {"rows": [{"id", "est_gpu_s", "est_cost", "segments": [...]}],
+    "est_gpu_s", "est_cost"}; the costs are None without a price per GPU-hour (or where a row's GPU
+    time is unknown). Each row also carries "approximate", "fit_score" and "flags" (the alignment's
+    evidence and the unsafe cuts)."""
+    rows = []
+    for p in plans:
+        gpu = row_gpu_s(p)
+        rows.append(
             {
                 "id": p.row_id,
+                "est_gpu_s": gpu,
+                "est_cost": gpu_money(gpu, price_per_gpu_hour),
                 "approximate": p.approximate,
                 "fit_score": p.fit_score,
                 "flags": p.flags,
@@ -524,60 +667,13 @@ def plans_to_json(plans: Iterable[Plan]) -> dict:
                     for s in p.segments
                 ],
             }
-            for p in plans
-        ]
-    }
-
-
-def _hours(seconds: float | None) -> str:
-    return "?" if seconds is None else f"{seconds / 3600:.2f}"
-
-
-def plan_summary_table(plans: Iterable[Plan]) -> Table:
-    """Rows, segments, clips, audio length and estimated GPU hours, with the batch total.
-
-    A row whose cost is unknown (no figure for its GPU/resolution) shows "?" and makes
-    the total a lower bound, marked with "≥".
-    """
-    table = Table(title="Plan", show_footer=True)
-    plans = list(plans)
-    totals = {"segments": 0, "clips": 0, "frames": 0, "audio": 0.0, "gpu": 0.0}
-    unknown = False
-    rows = []
-    for p in plans:
-        gpu = [s.est_gpu_s for s in p.segments]
-        row_gpu = None if any(g is None for g in gpu) else sum(gpu)
-        unknown |= row_gpu is None
-        audio = p.segments[-1].end_s - p.segments[0].start_s if p.segments else 0.0
-        totals["segments"] += len(p.segments)
-        totals["clips"] += p.total_clips
-        totals["frames"] += p.total_frames
-        totals["audio"] += audio
-        totals["gpu"] += row_gpu or 0.0
-        rows.append(
-            (
-                p.row_id + (" ~" if p.approximate else ""),
-                str(len(p.segments)),
-                str(p.total_clips),
-                str(p.total_frames),
-                f"{audio:.1f}",
-                _hours(row_gpu),
-            )
         )
-    total_gpu = ("≥ " if unknown else "") + _hours(totals["gpu"])
-    footers = [
-        f"total ({len(plans)} rows)",
-        str(totals["segments"]),
-        str(totals["clips"]),
-        str(totals["frames"]),
-        f"{totals['audio']:.1f}",
-        total_gpu,
-    ]
-    headers = ["row", "segments", "clips", "frames", "audio s", "est GPU h"]
-    for i, (header, footer) in enumerate(zip(headers, footers, strict=True)):
-        table.add_column(header, footer=footer, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    if any(p.approximate for p in plans):
-        table.caption = "~ cuts placed without word timings (approximate)"
-    return table
+    known = [r["est_gpu_s"] for r in rows]
+    total = None if any(g is None for g in known) else round(sum(known), 3)
+    return {"rows": rows, "est_gpu_s": total, "est_cost": gpu_money(total, price_per_gpu_hour)}
+
+
+def row_gpu_s(plan: Plan) -> float | None:
+    """The row's estimated GPU seconds (None when a segment's is unknown)."""
+    gpu = [s.est_gpu_s for s in plan.segments]
+    return None if any(g is None for g in gpu) else round(sum(gpu), 3)

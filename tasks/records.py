@@ -18,8 +18,30 @@ MODEL_SAMPLE_RATE = 16_000
 """Sample rate of the audio the S2V audio encoder (wav2vec2) takes."""
 INFER_FRAMES = 80
 """Frames per clip by default (a multiple of 4)."""
-MOTION_FRAMES = 73
-"""Frames of the video so far that condition the next clip."""
+Mode = Literal["exact", "distilled"]
+"""How a row is sampled: 'exact' (the released sampler: UniPC steps with CFG, speed presets) or
+'distilled' (LiveAvatar's 4-step streaming generation with its LoRA, model/distilled.py)."""
+MODES: tuple[str, ...] = Mode.__args__
+
+Precision = Literal["bf16", "fp8"]
+"""Weights of the DiT's block linears: bf16, or fp8 (e4m3 with scales; GPUs with fp8 support only)."""
+DEFAULT_PRECISION: Precision = "bf16"
+PRECISIONS: tuple[str, ...] = ("bf16", "fp8")
+
+GPU_SECONDS = (
+    "GPU seconds: wall-clock seconds a generator worker (one GPU) was held by the segments, every attempt "
+    "included: on the pool from dispatching an attempt to its outcome, lost workers included; in the flow "
+    "process from a segment taking the process's generator to giving it back. Clip encoding and state "
+    "writes count (the GPU waits for them); queueing and model loading do not. `est_gpu_s` of the plan "
+    "estimates the same quantity for one attempt per segment"
+)
+"""The one definition of GPU time used by the report, `s2v-batch status`, the Prefect artifacts and the planner."""
+
+
+def row_error(row: int, row_id: str | None, where: str, reason: str) -> str:
+    """The one line that names a failed row, where it failed (a column or a stage) and why."""
+    who = f"row {row}" + (f" (id {row_id!r})" if row_id else "")
+    return f"{who}, {where}: {reason}"
 
 
 class Resolution(StrEnum):
@@ -55,6 +77,14 @@ class ManifestRow(Record):
     guidance: float = 4.5
     output: str = Field(description="video path relative to the output folder")
     webhook: str | None = Field(None, description="URL told when this row finishes or fails")
+    preset: str | None = Field(None, description="speed preset for this row (None: the batch's)")
+    lora: list[str] | None = Field(None, description="LoRA files for this row (None: the batch's; []: none)")
+    lora_strength: list[float] | None = Field(None, description="one strength, or one per LoRA (None: the batch's)")
+    mode: Mode | None = Field(None, description="'exact' or 'distilled' for this row (None: the batch's)")
+    # Left out of dumps while unset, so done markers fingerprinted before the column existed stay valid.
+    precision: Precision | None = Field(
+        None, description="the row's model precision; unset: the batch's", exclude_if=lambda v: v is None
+    )
 
 
 class RowIssue(Record):
@@ -66,8 +96,7 @@ class RowIssue(Record):
     reason: str
 
     def __str__(self) -> str:
-        who = f"row {self.row}" + (f" (id {self.id!r})" if self.id else "")
-        return f"{who}, column '{self.field}': {self.reason}"
+        return row_error(self.row, self.id, f"column '{self.field}'", self.reason)
 
 
 class AudioQC(Record):
@@ -141,7 +170,7 @@ class Segment(Record):
     frames: int = Field(description="ceil(duration × fps)")
     clips: int = Field(description="ceil(frames / infer_frames)")
     seed: int
-    est_gpu_s: float | None = None
+    est_gpu_s: float | None = Field(None, description="estimated " + GPU_SECONDS)
 
 
 class Plan(Record):
@@ -174,6 +203,13 @@ class Cue(Record):
     text: str
 
 
+class LoraRef(Record):
+    """A LoRA file (local or s3://) and the strength it is applied with."""
+
+    path: str
+    strength: float = 1.0
+
+
 class SegmentJob(Record):
     """Everything a generator needs to render one planned segment."""
 
@@ -192,15 +228,31 @@ class SegmentJob(Record):
     steps: int = 40
     guidance: float = 4.5
     cues: list[Cue] = Field(default_factory=list, description="captions, times relative to the segment")
+    preset: str = Field("exact", description="the speed preset the speed options come from")
+    speed: dict | None = Field(None, description="speed options (model/presets.py SpeedConfig fields); None: exact")
+    loras: list[LoraRef] = Field(default_factory=list, description="LoRAs applied to the DiT for this segment")
+    mode: Mode | None = Field(None, description="'distilled': LiveAvatar's 4-step streaming generation (None: exact)")
+    distilled_lora: str | None = Field(None, description="LiveAvatar's LoRA file (distilled mode; local or s3://)")
+    precision: Precision = Field(DEFAULT_PRECISION, description="precision the worker's generator must run in")
 
 
 class ClipResult(Record):
     index: int
     path: str = Field(description="video file of this clip (no audio)")
     frames: int
-    state: str | None = Field(None, description="file with the lossless state to continue after this clip")
+    state: str | None = Field(
+        None, description="file with the lossless state to continue after this clip, while the segment is "
+        "unfinished and this is its last finished clip (states are dropped as the segment goes on)"
+    )
     reused: bool = Field(False, description="found finished on disk instead of generated")
-    gpu_s: float = 0.0
+    compute_s: float = Field(0.0, description="seconds the backend reported computing the clip (device-synchronised; "
+                             "0 on CPU backends): part of the segment's gpu_s, not GPU seconds on its own")
+    forwards: int = Field(0, description="DiT passes run for this clip (batch rows; 80 for 40 exact CFG steps)")
+    timings: dict[str, float] = Field(
+        default_factory=dict, description="for the model's clips: first_step_at (Unix time at the end of the "
+        "first denoising step), first_step_s (clip start to that point: conditioning, and compilation on a fresh "
+        "worker), step_s (median seconds of the later steps)"
+    )
 
 
 class SegmentResult(Record):
@@ -210,7 +262,9 @@ class SegmentResult(Record):
     frames: int
     attempts: int = 1
     worker: str | None = None
-    gpu_s: float = 0.0
+    gpu_s: float = Field(0.0, description=GPU_SECONDS)
+    compute_s: float = Field(0.0, description="sum of the clips' compute_s generated in the last attempt")
+    forwards: int = 0
 
     @property
     def reused_clips(self) -> int:
@@ -235,8 +289,15 @@ class RowResult(Record):
     clips: int | None = None
     clips_reused: int | None = None
     attempts: int | None = None
-    gpu_s: float | None = None
+    gpu_s: float | None = Field(None, description=GPU_SECONDS + "; summed over the row's segments")
+    cost: float | None = Field(None, description="gpu_s at the configured price per GPU-hour")
+    preset: str | None = None
+    forwards: int | None = Field(None, description="DiT passes run for the row's new clips")
     workers: list[str] = Field(default_factory=list, description="GPU pool workers that rendered the segments")
+    step_s: float | None = Field(None, description="median seconds per denoising step of the row's new clips")
+    first_step_at: float | None = Field(
+        None, description="Unix time at the end of the first denoising step of the row's new clips"
+    )
     flags: list[str] = Field(default_factory=list)
     fit_score: float | None = Field(None, description="how well the audio says the script (the alignment's fit)")
     words_not_found: list[str] = Field(default_factory=list, description="script words the audio does not contain")
@@ -253,6 +314,14 @@ class Report(Record):
     finished_at: str
     rows: list[RowResult]
     manifest_errors: list[str] = Field(default_factory=list)
+    gpu: str | None = Field(None, description="GPU kind the costs are for")
+    price_per_gpu_hour: float | None = None
+    gpu_s: float | None = Field(None, description=GPU_SECONDS + "; summed over the rows not cached")
+    cost: float | None = Field(None, description="gpu_s at the price per GPU-hour")
+    workers: list[dict] = Field(
+        default_factory=list, description="the generators loaded for the batch: where, and how long loading took "
+        "(load: seconds reading weights, building and moving them, per model.timing.LoadTimings)"
+    )
 
     @property
     def counts(self) -> dict[str, int]:
@@ -266,6 +335,7 @@ class RowFailure(Exception):
     """A row-level failure: the row fails, the batch goes on."""
 
     def __init__(self, field: str, reason: str):
-        super().__init__(f"column '{field}': {reason}")
         self.field = field
         self.reason = reason
+        self.where = f"column '{field}'"
+        super().__init__(f"{self.where}: {reason}")

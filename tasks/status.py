@@ -3,7 +3,7 @@
 Every row leaves a trail a reader can trust because it is written atomically: the plan
 (`plan.json`), each finished clip (`seg_NNN/clip_NNNN.mp4`), and the done marker
 (`OUT/.s2v/rows/<id>.json`). From those: state, clips done of clips planned, GPU time used
-and an estimate of what remains.
+and an estimate of what remains, both in the report's GPU seconds (`tasks.records.GPU_SECONDS`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class RowStatus:
 def batch_status(out: str, work_dir: str | Path | None = None) -> list[RowStatus]:
     """Status of every row the batch writing to `out` has touched, by id."""
     work = Path(work_dir) if work_dir else layout.default_work_dir(out)
-    report = _read_json(storage.join(out, "report.json")) or {}
+    report = _read_json(layout.report_uri(out)) or {}
     reported = {r["id"]: RowResult.model_validate(r) for r in report.get("rows", []) if r.get("id")}
     started = {p.name for p in work.iterdir() if p.is_dir()} if work.is_dir() else set()
     ids = sorted(started | set(reported))
@@ -48,20 +48,19 @@ def batch_status(out: str, work_dir: str | Path | None = None) -> list[RowStatus
     for row_id in ids:
         marker = _read_json(layout.marker_uri(out, row_id))
         finished = RowResult.model_validate(marker["result"]) if marker else reported.get(row_id)
-        rows.append(_row_status(row_id, work / row_id, finished))
+        rows.append(_row_status(row_id, layout.RowPaths.for_row(work, row_id), finished))
     return rows
 
 
-def _row_status(row_id: str, row_dir: Path, finished: RowResult | None) -> RowStatus:
+def _row_status(row_id: str, paths: layout.RowPaths, finished: RowResult | None) -> RowStatus:
     status = RowStatus(id=row_id, state="preparing")
-    plan_file = row_dir / "plan.json"
-    if plan_file.exists():
-        plan = Plan.model_validate_json(plan_file.read_text())
+    if paths.plan_json.exists():
+        plan = Plan.model_validate_json(paths.plan_json.read_text())
         status.state = "planned"
         status.clips = plan.total_clips
         remaining = 0.0
         for seg in plan.segments:
-            done = min(seg.clips, len(list((row_dir / f"seg_{seg.index:03d}").glob("clip_*.mp4"))))
+            done = min(seg.clips, len(paths.clips(seg.index)))
             status.segments.append(SegmentStatus(seg.index, done, seg.clips, seg.est_gpu_s))
             status.clips_done += done
             if seg.est_gpu_s is not None:

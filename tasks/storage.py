@@ -8,16 +8,21 @@ land at a URI, without caring where it lives.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -143,3 +148,19 @@ def write_text(uri: str, text: str) -> None:
         return
     with atomic_local(uri) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def cached_json(
+    path: Path, key: str, model: type[M], compute: Callable[[], M], *, field: str = "value",
+    valid: Callable[[M], bool] = lambda _: True,
+) -> M:
+    """The record kept at `path` as {"key": key, field: record} while the key matches and it is still
+    `valid`; else `compute()`, written there atomically with the key (a changed input recomputes it)."""
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data.get("key") == key and valid(cached := model.model_validate(data[field])):
+            return cached
+    value = compute()
+    with atomic_local(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, field: value.model_dump(mode="json")}))
+    return value

@@ -1,4 +1,5 @@
-"""Fixtures shared across the suite: a real S3-compatible server on loopback, example assets."""
+"""Fixtures shared across the suite: a real S3-compatible server on loopback, a real Prefect API, a local
+Ray with declared GPUs, example assets and the paced generator's inputs."""
 
 from __future__ import annotations
 
@@ -68,23 +69,33 @@ def s3(s3_endpoint: str):
 
 
 @pytest.fixture(scope="module")
-def prefect_api() -> Iterator[None]:
-    """A real Prefect API for a module: a temporary server on a throwaway SQLite database."""
+def prefect_api() -> Iterator[str]:
+    """A real Prefect API for a module: a temporary server on a throwaway SQLite database; yields its URL."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """One local Ray for a module: 4 declared GPUs on this CPU machine, small object store, quiet, loopback."""
+    """One local Ray for a module, as the pool starts one: 4 declared GPUs on this CPU machine, small object store."""
     import ray
 
-    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
-             object_store_memory=200 * 1024**2, logging_level="WARNING", _node_ip_address="127.0.0.1")
+    from tasks.generate.pool import init_ray
+
+    init_ray(cpus=4, gpus=4)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """Image and speech for the paced generator's jobs (tests/paced.py)."""
+    from paced import write_inputs
+
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture

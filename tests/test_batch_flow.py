@@ -136,6 +136,21 @@ def test_rerun_skips_finished_rows(mixed_run, tmp_path) -> None:
     assert redone == {"thanks"}
 
 
+def test_changing_the_aligner_redoes_finished_rows(mixed_run, tmp_path) -> None:
+    out, _ = mixed_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("work"))  # the markers and videos, a fresh work folder
+    manifest = str(out.parent / "mixed.csv")
+    same = asyncio.run(batch(manifest, str(copy), BatchSettings()))
+    assert {"welcome", "safety"} <= {r["id"] for r in same["rows"] if r.get("cached")}  # 'thanks' may be rerun
+    for setting in ("alignment_model", "whisper_model"):
+        report = asyncio.run(batch(manifest, str(copy), BatchSettings(**{setting: str(tmp_path / "no-model")})))
+        rows = {r["id"]: r for r in report["rows"] if r["row"] <= 3}
+        assert not any(r.get("cached") for r in report["rows"]), setting
+        # The row ran again and reached the new aligner, which is not there.
+        assert rows["welcome"]["status"] == "failed" and "stage 'speech'" in rows["welcome"]["error"], setting
+
+
 def test_s3_manifest_and_output(s3, tmp_path) -> None:
     report = asyncio.run(batch("s3://s2v-examples/batch.csv", "s3://s2v-examples/out",
                                BatchSettings(work_dir=str(tmp_path / "work"))))

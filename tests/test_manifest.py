@@ -148,3 +148,35 @@ def test_template_variables_fill_from_the_row(examples: Path) -> None:
     assert issues["script"].startswith("unknown template variable {{nme}}, {{team}}")
     assert "not an http(s) URL" in issues["webhook"]
     assert result.ignored_columns == ["name", "course"]
+
+
+def test_preset_and_lora_columns(examples: Path) -> None:
+    (examples / "media" / "style.safetensors").write_bytes(b"lora")
+    (examples / "media" / "eyes.safetensors").write_bytes(b"lora")
+    manifest = write(examples / "speed.csv", "\n".join([
+        "id,audio,image,preset,lora,lora_strength",
+        "a,media/welcome.wav,media/astronaut.jpg,Fast,media/style.safetensors;media/eyes.safetensors,0.5;1",
+        "b,media/welcome.wav,media/astronaut.jpg,,none,",
+        "c,media/welcome.wav,media/astronaut.jpg,,,",
+        "d,media/welcome.wav,media/astronaut.jpg,turbo,media/style.safetensors,0.5;0.7",
+        "e,media/welcome.wav,media/astronaut.jpg,exact,media/gone.safetensors,x",
+        "f,media/welcome.wav,media/astronaut.jpg,,../outside.safetensors,",
+    ]) + "\n")  # fmt: skip
+    result = validate_manifest(str(manifest))
+    rows = {r.id: r for r in result.rows}
+    media = examples / "media"
+    assert rows["a"].preset == "fast" and rows["a"].lora == [str(media / "style.safetensors"),
+                                                              str(media / "eyes.safetensors")]  # fmt: skip
+    assert rows["a"].lora_strength == [0.5, 1.0]
+    assert rows["b"].lora == [] and rows["b"].preset is None  # 'none': without the batch's LoRAs
+    assert rows["c"].lora is None and rows["c"].lora_strength is None  # empty: the batch's settings
+    lines = [str(i) for i in result.issues]
+    assert lines == [
+        "row 4 (id 'd'), column 'lora_strength': 2 strengths for 1 LoRAs: give one, or one per LoRA",
+        "row 4 (id 'd'), column 'preset': unknown preset 'turbo'; use exact, balanced, fast",
+        "row 5 (id 'e'), column 'lora': file not found: " + str(media / "gone.safetensors"),
+        "row 5 (id 'e'), column 'lora_strength': 'x' is not a number from -10 to 10 (or one per LoRA, separated "
+        "by ';')",
+        "row 6 (id 'f'), column 'lora': path '../outside.safetensors' resolves outside the allowed folders "
+        f"({examples})",
+    ]

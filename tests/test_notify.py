@@ -265,3 +265,27 @@ def test_batch_payload_arrives_intact(receiver: Receiver) -> None:
     assert result.ok and result.event == "batch.failed"
     [req] = receiver.seen
     assert req.signature_ok and json.loads(req.body) == payload
+
+
+def test_a_batch_that_cannot_run_sends_the_error_payload(receiver: Receiver, prefect_api, examples, tmp_path) -> None:
+    """No report is written, so the payload points at none: a bad manifest, a checkpoint that is not there."""
+    import asyncio
+
+    from flows.batch import batch
+    from flows.settings import BatchSettings
+
+    (examples / "bad.csv").write_text("name\nx\n")
+    cases = [
+        (examples / "bad.csv", {}),
+        (examples / "batch.csv", {"backend": "wan-s2v", "checkpoint": str(tmp_path / "none"), "pool": "on"}),
+    ]
+    for manifest, options in cases:
+        receiver.seen.clear()
+        out = tmp_path / manifest.stem
+        settings = BatchSettings(webhook_url=receiver.url, webhook_secret=SECRET, **options)
+        with pytest.raises(Exception) as failure:
+            asyncio.run(batch(str(manifest), str(out), settings))
+        [req] = receiver.seen
+        assert req.signature_ok and req.headers["X-S2V-Event"] == "batch.failed"
+        assert json.loads(req.body) == batch_error_payload(str(manifest), str(out), str(failure.value))
+        assert json.loads(req.body)["report"] is None and not (out / "report.json").exists()

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from tasks.plan import CostModel, frame_energy, plan_row, plan_summary_table, plans_to_json, segment_seed
+from flows.cli import plan_summary_table
+from tasks.plan import CostModel, frame_energy, plan_row, plans_to_json, segment_seed
 from tasks.records import Plan, Resolution, SpeechAnalysis, WordTiming
 
 SR = 16_000
@@ -359,3 +360,37 @@ def test_plan_carries_the_alignments_evidence() -> None:
     assert any(f.startswith("unsafe_cut") for f in plan.flags)
     doc = plans_to_json([plan])["rows"][0]
     assert doc["fit_score"] == 0.42 and doc["flags"] == plan.flags
+
+
+def test_cost_follows_the_preset_the_gpu_kind_and_the_price() -> None:
+    from model.presets import preset
+    from tasks.plan import GPU_KINDS, cost_model, gpu_kind, plans_to_json
+
+    first, later, overhead = 2.975, 3.27, 7.0
+    exact = cost_model("H100")
+    fast = cost_model("H100", speed=preset("fast"), preset="fast", price_per_gpu_hour=3.0)
+    # fast: 14 steps (under the row's 40), guidance on the first 3: 3 x 2 + 11 passes a clip at most
+    assert fast.forwards_per_clip(40) == 17 and exact.forwards_per_clip(40) == 80
+    assert fast.forwards_per_clip(10) == 13  # a row asking for fewer steps keeps them (3 x 2 + 7)
+    assert fast.forwards_per_clip(40, guidance=1.0) == 14  # no guidance: one pass a step
+    assert fast.estimate(2, resolution="480p", steps=40) == pytest.approx(17 * (first + later) + 2 * overhead)
+    assert fast.money(3600) == 3.0 and exact.money(3600) is None
+    # other GPUs scale the H100's figures by their relative speed (vendor ratios, marked as such)
+    a100 = cost_model("a100")
+    assert a100.gpu == "A100" and not GPU_KINDS["A100"].measured and GPU_KINDS["H100"].measured
+    assert a100.estimate(1, resolution="480p", steps=40) == pytest.approx(
+        (80 * first + overhead) / GPU_KINDS["A100"].relative_speed, rel=1e-3
+    )
+    assert gpu_kind("rtx-4090").name == "RTX 4090" and gpu_kind("L4") is None
+    with pytest.raises(ValueError, match="GPU kind 'L4'"):
+        cost_model("L4")
+    # a calibration on the user's weights replaces the nominal count with the passes the preset ran
+    calibration = {"presets": {"fast": {"speed": preset("fast").to_dict(), "forwards_per_clip": 12.5}}}
+    assert cost_model(speed=preset("fast"), preset="fast", calibration=calibration).forwards_per_clip(40) == 12.5
+
+    plan = plan_row("r", 10 * SR, None, seed=1, width=832, height=480, cost=fast)
+    doc = plans_to_json([plan], price_per_gpu_hour=3.0)
+    (seg,) = plan.segments
+    assert doc["rows"][0]["est_gpu_s"] == seg.est_gpu_s == doc["est_gpu_s"]
+    assert doc["est_cost"] == pytest.approx(seg.est_gpu_s / 3600 * 3.0, abs=1e-4)
+    assert plans_to_json([plan])["est_cost"] is None

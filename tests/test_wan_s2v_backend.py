@@ -103,3 +103,53 @@ def test_pose_video_is_sampled_at_16_fps_from_the_segment_start(tmp_path: Path):
     assert frames.shape == (len(kept), 64, 64, 3)
     assert [int(f[32, 32, 0]) // 5 for f in frames] == kept
     assert read_pose_video(str(path), start_s=10.0, frames=8, width=64, height=64).shape == (0, 64, 64, 3)
+
+
+def test_fingerprint_names_precision_and_weight_files(generator: WanS2VGenerator):
+    assert generator.fingerprint.startswith("precision=bf16 dtype=torch.float32 dit=official ")
+    assert "t5=models_t5_umt5-xxl-enc-bf16.pth" in generator.fingerprint
+
+
+def test_comfyui_files_render_the_same_clips(generator: WanS2VGenerator, job: SegmentJob, tmp_path_factory):
+    """The ComfyUI files of the generator's weights: the same clips, another fingerprint (other files)."""
+    from model.tiny import write_tiny_comfyui
+
+    comfy = WanS2VGenerator(str(write_tiny_comfyui(tmp_path_factory.mktemp("comfy"), seed=1)), device="cpu")
+    assert comfy.fingerprint != generator.fingerprint and "dit=wan2.2_s2v_14B_bf16.safetensors" in comfy.fingerprint
+    for ours, theirs in zip(comfy.clips(job), generator.clips(job), strict=True):
+        assert np.array_equal(ours.frames, theirs.frames)
+
+
+def test_speed_preset_and_loras_per_job(generator: WanS2VGenerator, job: SegmentJob, tmp_path: Path):
+    """A job's speed options and LoRAs reach the model; the next job without them renders exactly as
+    before (the pool worker serves rows with different LoRAs one after the other)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from model.presets import preset
+    from tasks.records import LoraRef
+
+    exact = list(generator.clips(job))
+    assert [c.forwards for c in exact] == [4, 4]  # 2 steps, CFG as a batch of 2
+    fast = job.model_copy(update={"preset": "fast", "speed": preset("fast", cfg_steps=1).to_dict(), "steps": 3})
+    clips = list(generator.clips(fast))
+    assert [c.forwards for c in clips] == [4, 4]  # 3 steps (the row's, under fast's 14), guidance on the first
+    resumed = list(generator.clips(fast, start_clip=1, state=clips[0].state))
+    assert np.array_equal(resumed[0].frames, clips[1].frames)  # lossless continuation in a preset
+
+    dit = generator.pipeline.transformer
+    q = dit.blocks[0].self_attn.q.weight
+    lora = tmp_path / "style.safetensors"
+    save_file({
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(2, q.shape[1]),
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(q.shape[0], 2),
+    }, str(lora))  # fmt: skip
+    styled = list(generator.clips(job.model_copy(update={"loras": [LoraRef(path=str(lora), strength=0.5)]})))
+    assert not np.array_equal(styled[1].frames, exact[1].frames)
+    again = list(generator.clips(job))
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(again, exact, strict=True))
+
+    foreign = tmp_path / "flux.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)}, str(foreign))
+    with pytest.raises(ValueError, match="double_blocks_0_img_attn_qkv"):
+        next(generator.clips(job.model_copy(update={"loras": [LoraRef(path=str(foreign))]})))

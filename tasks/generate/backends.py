@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
+from typing import Any
 
 from tasks.generate.base import Generator
+from tasks.records import DEFAULT_PRECISION
 
 BACKENDS = ("preview", "wan-s2v")
 
@@ -28,17 +31,39 @@ def resolve_backend(backend: str, checkpoint: str | None) -> str:
 
 
 def load_generator(
-    backend: str, checkpoint: str | None = None, *, device: str | None = None, offload: bool = False
+    backend: str,
+    checkpoint: str | None = None,
+    *,
+    device: str | None = None,
+    offload: bool = False,
+    precision: str = DEFAULT_PRECISION,
 ) -> Generator:
     """Load a backend once per process and reuse it (the model takes minutes to load)."""
-    key = (backend, checkpoint, device, offload)
+    key = (backend, checkpoint, device, offload, precision)
     with _lock:
         if key not in _loaded:
-            _loaded[key] = _build(backend, checkpoint, device, offload)
+            _loaded[key] = _build(backend, checkpoint, device, offload, precision)
         return _loaded[key]
 
 
-def _build(backend: str, checkpoint: str | None, device: str | None, offload: bool) -> Generator:
+def build_generator(
+    backend: str,
+    checkpoint: str | None,
+    device: str | None,
+    offload: bool,
+    options: dict[str, Any],
+    precision: str = DEFAULT_PRECISION,
+) -> Generator:
+    """A backend by name through `load_generator`, or a 'module:callable' factory called as
+    factory(checkpoint, device=, offload=, **options) (its precision is up to its options)."""
+    if ":" in backend:
+        module, _, attr = backend.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        return factory(checkpoint, device=device, offload=offload, **options)
+    return load_generator(backend, checkpoint, device=device, offload=offload, precision=precision)
+
+
+def _build(backend: str, checkpoint: str | None, device: str | None, offload: bool, precision: str) -> Generator:
     if backend == "preview":
         from tasks.generate.preview import PreviewGenerator
 
@@ -50,5 +75,7 @@ def _build(backend: str, checkpoint: str | None, device: str | None, offload: bo
             raise BackendError(
                 f"backend 'wan-s2v' needs the model stack: pip install 's2v-batch[model]' ({exc})"
             ) from None
-        return WanS2VGenerator(checkpoint, device=device, offload=offload)
+        # Named only when not the default, so this works with generators from before the argument existed.
+        extra = {"precision": precision} if precision != DEFAULT_PRECISION else {}
+        return WanS2VGenerator(checkpoint, device=device, offload=offload, **extra)
     raise BackendError(f"unknown backend {backend!r}")

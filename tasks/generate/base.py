@@ -28,6 +28,10 @@ class GeneratedClip:
     """Lossless continuation state (e.g. float32 motion frames); empty when none is needed."""
     gpu_s: float = 0.0
     """Accelerator seconds spent on this clip (0 on CPU backends)."""
+    forwards: int = 0
+    """DiT passes run for this clip, in batch rows (0 for backends without a DiT)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Where the clip's time went, for backends that know (see ClipResult.timings)."""
 
 
 @runtime_checkable

@@ -3,10 +3,12 @@
 Without a store, the pool's workers write into the driver's work folder, which only
 works when they share its filesystem. With one, the driver uploads each segment's inputs
 (content-addressed, so a row's image is stored once), a worker downloads them, pulls the
-segment's finished clips and states from the store into its own scratch folder, and
+segment's finished clips and kept state from the store into its own scratch folder, and
 uploads every clip as soon as the stage has written it (state first, then clip, the same
-order the stage keeps locally, so "the clip is stored" implies "its state is stored").
-A retry on any node, or a rerun of the batch, thus resumes at the first missing clip.
+order the stage keeps locally, so "the last clip is stored" implies "its state is stored").
+The store keeps states as the stage does: only the last finished clip's, none once the
+segment is done (`drop_states`). A retry on any node, or a rerun of the batch, thus
+resumes at the first missing clip.
 
 The store keeps a segment's clips under its job fingerprint
 (`STORE/<row id>/seg_NNN/<fingerprint>/`, with the stage's `segment.json`), so clips of
@@ -18,12 +20,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks import storage
-from tasks.generate.stage import MARKER
+from tasks.generate.stage import MARKER, STATE_GLOB, STATE_SUFFIX
 from tasks.records import SegmentJob
 
 INPUT_FIELDS = ("image", "audio", "pose_video")
-
-
 
 
 def store_inputs(job: SegmentJob, store: str) -> SegmentJob:
@@ -73,11 +73,11 @@ def pull(uri: str, local_dir: Path) -> int:
         local_marker = local_dir / MARKER
         stored_marker = fs.cat_file(f"{root.rstrip('/')}/{MARKER}")
         if local_marker.exists() and local_marker.read_bytes() != stored_marker:
-            for stale in [local_marker, *local_dir.glob("clip_*.mp4"), *local_dir.glob("clip_*.state.npz")]:
+            for stale in [local_marker, *local_dir.glob("clip_*.mp4"), *local_dir.glob(STATE_GLOB)]:
                 stale.unlink()
     # The marker first (the stage clears clips of a folder without it), then states, then clips.
     marker = [n for n in names if n == MARKER]
-    states = sorted(n for n in names if n.endswith(".state.npz"))
+    states = sorted(n for n in names if n.endswith(STATE_SUFFIX))
     wanted = marker + states + sorted(n for n in names if n.startswith("clip_") and n.endswith(".mp4"))
     fetched = 0
     for name in wanted:
@@ -93,6 +93,19 @@ def pull(uri: str, local_dir: Path) -> int:
 def push(local_file: Path, uri: str) -> None:
     """Upload one finished file into the segment's stored folder."""
     storage.put_file(local_file, storage.join(uri, Path(local_file).name))
+
+
+def drop_states(uri: str, keep: str | None = None) -> None:
+    """Delete the segment's stored states except the one named `keep`."""
+    fs, root = storage.filesystem(uri)
+    fs.invalidate_cache(root)
+    try:
+        names = [Path(p).name for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return
+    doomed = [f"{root.rstrip('/')}/{n}" for n in names if n.endswith((STATE_SUFFIX, ".state.npz")) and n != keep]
+    if doomed:
+        fs.rm(doomed)
 
 
 def stored(local_file: Path, uri: str) -> bool:

@@ -1,10 +1,16 @@
 """The `wan-s2v` backend: Wan2.2-S2V-14B through our `model.pipeline.S2VPipeline`.
 
-The pipeline is loaded once per process (minutes for the 14B checkpoint) and serves every
-segment routed to this worker. Each `SegmentJob` maps to one `generate_clips` call: the
-normalized image (already cropped to width x height), the segment's 16 kHz WAV, prompt,
-negative prompt, seed (clip r uses seed + r), infer_frames, steps, guidance and the
-resolution's shift (3 at 480p, 5 at 720p).
+The pipeline is loaded once per process from an official folder or ComfyUI's files (an s3://
+checkpoint is first mirrored locally by `tasks.generate.checkpoints`; `model.layout.resolve` says
+which file gives each component) at the chosen precision, and serves every segment routed to this
+worker; `self.pipeline.load_timings` says where the loading time went. Each `SegmentJob` maps to
+one `generate_clips` call: the normalized image (already cropped to width x height), the
+segment's 16 kHz WAV, prompt, negative prompt, seed (clip r uses seed + r), infer_frames, steps,
+guidance, the resolution's shift (3 at 480p, 5 at 720p) and the job's speed options; its LoRAs are
+set on the pipeline first (model/lora.py: merged into bf16 weights and restored exactly when the
+next job has other LoRAs or none). A job in distilled mode goes to
+`model.distilled.DistilledPipeline` over the same components, with LiveAvatar's LoRA set the same
+way (shift 3, 48-frame clips, no CFG; see docs/distilled.md).
 
 Whole clips: the stage expects `infer_frames` frames from every clip. The reference drops the
 first 3 decoded frames of a segment's first clip, so its first clip shows audio frames 3..F-1;
@@ -15,7 +21,9 @@ on the audio frame it was generated for (frame k <-> audio k / 16 s), at the cos
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import statistics
+import time
+from collections.abc import Iterator, Sequence
 
 import av
 import numpy as np
@@ -24,10 +32,16 @@ import torch
 from PIL import Image
 
 from model.audio_encoder import SAMPLE_RATE
+from model.checkpoint import transformer_config
+from model.distilled import DistilledPipeline, check_liveavatar_lora
+from model.layout import resolve
 from model.pipeline import FIRST_CLIP_DROP, S2VPipeline, prepare_reference
+from model.presets import DISTILLED_SHIFT, SpeedConfig
 from model.sampler import shift_for
+from tasks import storage
 from tasks.generate.base import GeneratedClip
-from tasks.records import FPS, SegmentJob
+from tasks.generate.checkpoints import local_checkpoint
+from tasks.records import FPS, MODES, SegmentJob
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -93,19 +107,62 @@ def read_pose_video(path: str, start_s: float, frames: int, width: int, height: 
 
 
 class WanS2VGenerator:
-    """Generator protocol implementation for Wan2.2-S2V-14B."""
+    """Generator protocol implementation for Wan2.2-S2V-14B.
+
+    Each job names its mode: "exact" (the released sampler, with the job's speed options and LoRAs)
+    or "distilled" (LiveAvatar's 4-step streaming generation, `model.distilled`, with the job's
+    `distilled_lora`); one worker serves rows of both, the DiT's weights switching exactly
+    (model/lora.py). `mode` / `distilled_lora` here: for jobs that name none, the latter checked
+    before the checkpoint is loaded."""
 
     name = "wan-s2v"
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: str | Sequence[str],
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         offload: bool = False,
+        precision: str | None = None,
+        compile_cache_dir: str | None = None,
+        mode: str = "exact",
+        distilled_lora: str | None = None,
     ):
-        self.checkpoint = checkpoint
-        self.pipeline = S2VPipeline.from_checkpoint(checkpoint, device=device, dtype=_dtype(dtype), offload=offload)
+        """checkpoint: a folder or file (local or s3://), or several, each component taken from the
+        first that has it (official folders, ComfyUI files: model.layout.resolve). precision:
+        "bf16" | "fp8" | None (fp8 for a scaled-fp8 ComfyUI DiT, else bf16); fp8 is refused before
+        loading on a device without fp8 matmuls. compile_cache_dir: a folder where compiled kernels
+        are kept for the next worker on the host (default: the cache folder,
+        S2V_CACHE_DIR, under compiled/). mode: "exact" or "distilled" (LiveAvatar's LoRA at
+        `distilled_lora`, checked against the checkpoint before the weights load)."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        if mode == "distilled" and not distilled_lora:
+            raise ValueError("mode 'distilled' needs distilled_lora: the path of LiveAvatar's liveavatar.safetensors")
+        self.checkpoint, self.mode, self.distilled_lora = checkpoint, mode, distilled_lora
+        sources = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+        local = [local_checkpoint(uri) for uri in sources]
+        if distilled_lora:
+            check_liveavatar_lora(storage.local_copy(distilled_lora), transformer_config(resolve(local).dit))
+        self.pipeline = S2VPipeline.from_checkpoint(
+            local, device=device, dtype=_dtype(dtype), offload=offload, precision=precision,
+            # one compile cache per host by default, so the next worker reuses this one's kernels
+            compile_cache_dir=compile_cache_dir or storage.DEFAULT_CACHE / "compiled",
+        )  # fmt: skip
+        pipe = self.pipeline
+        # what the clips depend on besides the job: clips made at another precision or from other
+        # weight files are not reused (stage.job_fingerprint)
+        self.fingerprint = f"precision={pipe.precision} dtype={pipe.dtype} {pipe.files.describe()}"
+        self._distilled: DistilledPipeline | None = None
+
+    def distilled_pipeline(self) -> DistilledPipeline:
+        """Distilled mode's pipeline over the same components (built on first use)."""
+        if self._distilled is None:
+            p = self.pipeline
+            self._distilled = DistilledPipeline(
+                p.transformer, p.text_encoder, p.audio_encoder, p.vae, device=p.device, offload=p.offload
+            )
+        return self._distilled
 
     def clips(
         self,
@@ -122,23 +179,68 @@ class WanS2VGenerator:
             frames = job.segment.clips * job.infer_frames
             pose = read_pose_video(job.pose_video, job.segment.start_s, frames, job.width, job.height)
         audio = read_segment_audio(job.audio)
-        on_cuda = self.pipeline.device.type == "cuda"
-        for out in self.pipeline.generate_clips(
-            image,
-            audio,
-            job.prompt,
-            job.negative_prompt,
-            num_clips=job.segment.clips,
-            infer_frames=job.infer_frames,
-            seed=job.segment.seed,
-            steps=job.steps,
-            guidance=job.guidance,
-            shift=shift_for(job.resolution.value),
-            start_clip=start_clip,
-            state=state,
-            pose=pose,
-        ):
+        common = {
+            "num_clips": job.segment.clips, "infer_frames": job.infer_frames, "seed": job.segment.seed,
+            "steps": job.steps, "guidance": job.guidance, "start_clip": start_clip, "state": state, "pose": pose,
+        }  # fmt: skip
+        steps = _StepClock()
+        common["on_step"] = steps.tick
+        mode = job.mode or self.mode
+        if mode == "distilled":
+            lora = job.distilled_lora or self.distilled_lora
+            if not lora:
+                raise ValueError("a distilled job needs LiveAvatar's LoRA: the job's distilled_lora or the generator's")
+            if job.loras or job.speed:
+                raise ValueError("distilled mode runs LiveAvatar's LoRA and sampling alone: no other LoRA or speed")
+            pipeline = self.distilled_pipeline()
+            pipeline.use_liveavatar(storage.local_copy(lora))
+            outputs = pipeline.generate_clips(
+                image, audio, job.prompt, job.negative_prompt, shift=DISTILLED_SHIFT, **common
+            )
+        else:
+            # the job's LoRAs (none: the base weights, restored exactly after a row that had some)
+            pipeline = self.pipeline
+            pipeline.set_loras([(storage.local_copy(ref.path), ref.strength) for ref in job.loras])
+            speed = SpeedConfig.from_dict(job.speed) if job.speed else None
+            outputs = pipeline.generate_clips(
+                image, audio, job.prompt, job.negative_prompt, shift=shift_for(job.resolution.value), speed=speed,
+                **common,
+            )  # fmt: skip
+        on_cuda = pipeline.device.type == "cuda"
+        for out in outputs:
             frames = out.frames
             if out.index == 0:  # restore whole-clip length and audio alignment (see module doc)
                 frames = np.concatenate([np.repeat(frames[:1], FIRST_CLIP_DROP, axis=0), frames])
-            yield GeneratedClip(index=out.index, frames=frames, state=out.state, gpu_s=out.seconds if on_cuda else 0.0)
+            yield GeneratedClip(
+                index=out.index, frames=frames, state=out.state, gpu_s=out.seconds if on_cuda else 0.0,
+                forwards=out.forwards, timings=steps.clip_done(),
+            )
+
+    @property
+    def load_timings(self) -> dict:
+        """Where loading the model went (model.timing.LoadTimings), for the worker's record."""
+        timings = self.pipeline.load_timings
+        return timings.as_dict() if timings is not None else {}
+
+
+class _StepClock:
+    """Times the denoising steps of each clip from the pipeline's on_step callback: when the first
+    step ended (cold start: conditioning and compilation come before it) and the later steps' median."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.ends: list[float] = []
+
+    def tick(self, clip: int, step: int, steps: int) -> None:
+        self.ends.append(time.time())
+
+    def clip_done(self) -> dict[str, float]:
+        ends, start = self.ends, self.start
+        self.start, self.ends = time.time(), []
+        if not ends:
+            return {}
+        later = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        out = {"first_step_at": round(ends[0], 3), "first_step_s": round(ends[0] - start, 3)}
+        if later:
+            out["step_s"] = round(statistics.median(later), 4)
+        return out

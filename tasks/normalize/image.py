@@ -1,4 +1,15 @@
-"""Reference-image normalization: any common still image in, an RGB PNG at the S2V size bucket out."""
+"""Reference-image normalization: any common still image in, an RGB PNG at the S2V size bucket out.
+
+`normalize_image` records checks of the result (`ImageQC`: face found, its height in the frame,
+sharpness); `check_image` turns them into flags and applies the batch's `image_policy`, as the
+language check does for speech (tasks/speech/language.py):
+
+* ``warn``: the flags go into the row's report, the row goes on;
+* ``skip``: the row is reported as skipped with the flags, nothing is generated;
+* ``fail``: RowFailure('image', the flags).
+
+Thresholds (`MIN_FACE_PX`, `MIN_SHARPNESS`) and why they are where they are: see their docstrings.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +34,20 @@ multiples of 64, whatever its `divisor` argument says; we keep that grid so our 
 official pipeline produces."""
 IMAGE_NAME = "image.png"
 WHITE = (255, 255, 255)
+IMAGE_POLICIES = ("warn", "skip", "fail")
+MIN_FACE_PX = 96
+"""Smallest face (the detector's box, brows to chin) in the output frame, in pixels. The model sees the
+frame as 16x16-pixel tokens (VAE 8x, patch 2x2), and the mouth is about a sixth of the face box: below
+96 px the lips fall inside one token row and lip motion comes out coarse. At 480p landscape (832x480)
+that is 20 % of the frame height; 17 % of a square 576x576 frame; 13 % at 720p (1280x720). The
+example portrait (manifests/examples/media/astronaut.jpg, a half-length shot) has a 106 px face at 480p."""
+MIN_SHARPNESS = 50.0
+"""Smallest variance of the Laplacian of the output crop (8-bit grey). Measured on the example portrait
+at 480p (576x576): 528 as is, 222 after a Gaussian blur of 0.5 px at the output scale, 38 after 1 px,
+7 after 2 px; the same 512 px photo upscaled to 720p (960x960) gives 101. Below 50 the reference is
+blurred by about a pixel or more at the size the model sees it, and a blurry reference gives blurry
+lip-sync (the model copies the reference's detail). The variance depends on content too (a plain
+background lowers it), which is why the default policy only flags."""
 
 
 def _fail(reason: str) -> RowFailure:
@@ -200,3 +225,29 @@ def normalize_image(src: Path, work_dir: Path, resolution: Resolution) -> tuple[
         crop_box=(left, top, left + out_w, top + out_h),
     )
     return target, out_w, out_h, qc
+
+
+def check_image(qc: ImageQC, frame_height: int, policy: str = "warn") -> list[str]:
+    """Flags for a reference image whose checks fail, with the policy applied (see the module docstring).
+
+    `frame_height` is the normalized image's height (the output frame). Returns the flags (empty
+    when the image passes); raises RowFailure('image', ...) under policy 'fail' when there are
+    any, and ValueError for an unknown policy. Under 'skip' the caller skips a row with flags.
+    """
+    if policy not in IMAGE_POLICIES:
+        raise ValueError(f"image policy must be one of {IMAGE_POLICIES}, got {policy!r}")
+    flags = []
+    if not qc.face_found:
+        flags.append("image_no_face: no frontal face found in the reference; the model animates the face it is "
+                     "given, and lip-sync needs one facing the camera")
+    elif qc.face_height_ratio is not None and qc.face_height_ratio * frame_height < MIN_FACE_PX:
+        px = qc.face_height_ratio * frame_height
+        flags.append(f"image_face_small: the face is {px:.0f} px high ({qc.face_height_ratio:.0%} of the "
+                     f"{frame_height} px frame), under {MIN_FACE_PX} px lip motion comes out coarse: crop closer "
+                     "to the face")
+    if qc.sharpness < MIN_SHARPNESS:
+        flags.append(f"image_blurry: sharpness {qc.sharpness:.0f} (variance of the Laplacian) is under "
+                     f"{MIN_SHARPNESS:.0f}; a blurry reference gives blurry lip-sync: use a sharper or larger photo")
+    if flags and policy == "fail":
+        raise _fail("; ".join(flags))
+    return flags

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,3 +59,36 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     from model.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-s2v"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_comfyui(tmp_path_factory: pytest.TempPathFactory):
+    """`tiny_checkpoint`'s weights as ComfyUI's bf16 single files, in a ComfyUI models/ tree
+    (returns the models/ folder; its parent stands for the ComfyUI install)."""
+    from model.tiny import write_tiny_comfyui
+
+    return write_tiny_comfyui(tmp_path_factory.mktemp("tiny-comfy") / "models", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_comfyui_fp8(tmp_path_factory: pytest.TempPathFactory):
+    """`tiny_checkpoint`'s weights as ComfyUI's scaled-fp8 files, all in one flat folder."""
+    from model.tiny import write_tiny_comfyui
+
+    return write_tiny_comfyui(tmp_path_factory.mktemp("tiny-comfy-fp8"), seed=0, fp8_scaled=True, flat=True)
+
+
+def mirror_folder(src: Path, dst: Path, skip: set[str] = frozenset()) -> Path:
+    """A copy of the folder `src` made of symlinks, without the files (relative paths) in `skip`."""
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if path.is_file() and str(rel) not in skip:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dst / rel).symlink_to(path)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def make_mirror():
+    """The `mirror_folder(src, dst, skip=())` factory."""
+    return mirror_folder

@@ -12,18 +12,11 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from transformers import UMT5Config, UMT5EncoderModel
 
 from model.audio_encoder import AudioEncoder, frame_indices
-from model.checkpoint import CheckpointError
 from model.config import S2VConfig
+from model.layout import T5_CHECKPOINT, T5_TOKENIZER, VAE_CHECKPOINT, CheckpointError
 from model.sampler import make_scheduler, shift_for
-from model.text_encoder import (
-    T5_CHECKPOINT,
-    T5_TOKENIZER,
-    TextEncoder,
-    clean_prompt,
-    hf_to_wan_t5,
-    wan_to_hf_t5,
-)
-from model.vae import VAE_CHECKPOINT, WanVAE, diffusers_to_wan_vae, wan_to_diffusers_vae
+from model.text_encoder import TextEncoder, clean_prompt, hf_to_wan_t5, wan_to_hf_t5
+from model.vae import WanVAE, diffusers_to_wan_vae, wan_to_diffusers_vae
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 from media import gradient_image, voiced_tone
 
 from model.config import S2VConfig
-from model.offload import BlockStreamer, stream_blocks
+from model.offload import BlockStreamer, block_streamer, stream_blocks
 from model.pipeline import S2VPipeline, offload_mode
 from model.transformer import WanS2VTransformer
 
@@ -66,6 +66,8 @@ def test_streamed_forwards_equal_resident_ones(resident: WanS2VTransformer, inpu
     theirs, ours = resident.state_dict(), streamed.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
     assert n >= 3  # odd depth: block 0 and the last block share a slot across forwards
+    streamer.remove()  # unhooked: the blocks run from their homes
+    assert block_streamer(streamed) is None and torch.equal(streamed(**inputs), resident(**inputs))
 
 
 @torch.no_grad()
@@ -128,7 +130,7 @@ def test_every_offload_mode_renders_the_same_clips(tiny_checkpoint: Path):
     for mode in ("none", "blocks", "model"):
         pipe = S2VPipeline.from_checkpoint(tiny_checkpoint, device="cpu", offload=mode, cfg_batch=True)
         assert pipe.offload == mode
-        assert (pipe.transformer.block_streamer is not None) == (mode == "blocks")
+        assert (block_streamer(pipe.transformer) is not None) == (mode == "blocks")
         assert pipe.transformer.attention == "sdpa"  # "auto" on a CPU
         outputs[mode] = _clips(pipe)
     for mode in ("blocks", "model"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,8 @@ import pytest
 from media import gradient_image, voiced_tone
 from PIL import Image
 
-from model.checkpoint import CheckpointError
-from model.pipeline import S2VPipeline, check_layout, prepare_reference
+from model.layout import CheckpointError, check_layout
+from model.pipeline import S2VPipeline, prepare_reference
 
 INFER = 8  # frames per clip: a multiple of 4, small to keep CPU tests fast
 
@@ -25,22 +24,10 @@ _image = gradient_image
 _speech = voiced_tone
 
 
-def _mirror(src: Path, dst: Path, skip: set[str]) -> Path:
-    """A copy of the checkpoint folder made of symlinks, without the files in `skip`."""
-    for root, _, files in os.walk(src):
-        for name in files:
-            rel = (Path(root) / name).relative_to(src)
-            if str(rel) in skip:
-                continue
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dst / rel).symlink_to(Path(root) / name)
-    return dst
-
-
-def test_missing_files_are_all_named_with_the_layout(tiny_checkpoint: Path, tmp_path: Path):
+def test_missing_files_are_all_named_with_the_layout(tiny_checkpoint: Path, tmp_path: Path, make_mirror):
     shard = sorted(p.name for p in tiny_checkpoint.glob("diffusion_pytorch_model-*.safetensors"))[1]
     skip = {shard, "Wan2.1_VAE.pth", "wav2vec2-large-xlsr-53-english/preprocessor_config.json"}
-    folder = _mirror(tiny_checkpoint, tmp_path / "ckpt", skip)
+    folder = make_mirror(tiny_checkpoint, tmp_path / "ckpt", skip)
     with pytest.raises(CheckpointError) as err:
         S2VPipeline.from_checkpoint(folder)
     message = str(err.value)
@@ -48,15 +35,6 @@ def test_missing_files_are_all_named_with_the_layout(tiny_checkpoint: Path, tmp_
         assert name in message
     assert "models_t5_umt5-xxl-enc-bf16.pth" in message  # the expected layout is spelled out
     assert check_layout(tiny_checkpoint) == tiny_checkpoint
-
-
-def test_loads_from_s3(tiny_checkpoint: Path, s3, tmp_path: Path):
-    s3.put(str(tiny_checkpoint), "s2v-examples/ckpt", recursive=True)
-    pipe = S2VPipeline.from_checkpoint("s3://s2v-examples/ckpt", device="cpu", cache_dir=tmp_path / "cache")
-    assert pipe.config.dim == 64 and pipe.audio_encoder.num_layers == pipe.config.audio_num_layers
-    s3.rm("s2v-examples/ckpt/Wan2.1_VAE.pth")
-    with pytest.raises(CheckpointError, match=r"s3://s2v-examples/ckpt is missing: Wan2\.1_VAE\.pth"):
-        S2VPipeline.from_checkpoint("s3://s2v-examples/ckpt", device="cpu", cache_dir=tmp_path / "cache2")
 
 
 def test_clip_loop_frames_and_state(pipeline: S2VPipeline):

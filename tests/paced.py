@@ -10,7 +10,9 @@ generator is not offloaded; a device can be declared broken, so the generator fa
 load on it. Optionally it appends one line per computed clip to a log
 file, so tests can tell which clips were computed and by which process.
 
-Loaded by the pool from the import path `tasks.generate.paced:PacedGenerator`.
+Test doubles for the pool's tests and bench/pool_bench.py, with the jobs they render. The pool's
+workers load the generator by the import path `PACED`: Ray puts the driver's working folder
+(the repository root, where the tests and the bench run) on the workers' module path.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+from PIL import Image
 
 from tasks.generate.base import GeneratedClip
 from tasks.records import Segment, SegmentJob
 
+PACED = "tests.paced:PacedGenerator"
 STATE_SIZE = 16
+WIDTH, HEIGHT, INFER_FRAMES = 112, 64, 4
 
 
 class OutOfMemoryError(RuntimeError):
@@ -98,27 +104,26 @@ def _frames(job: SegmentJob, clip: int, motion: np.ndarray) -> np.ndarray:
     return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
 
 
-def paced_job(
-    image: str | Path,
-    audio: str | Path,
-    *,
-    row: str,
-    index: int,
-    clips: int,
-    seed: int,
-    frames: int | None = None,
-    infer_frames: int = 4,
-    size: tuple[int, int] = (112, 64),
-) -> SegmentJob:
-    """A small segment job for the paced generator (tests and the pool benchmark): one second of
-    16 kHz audio, `clips` clips of `infer_frames` frames (`frames` to trim the last clip)."""
+def write_inputs(folder: Path) -> tuple[Path, Path]:
+    """A portrait (a colour gradient) and one second of speech (a 220 Hz tone) for paced jobs."""
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    Image.fromarray(np.stack([xx * 2, yy * 3, (xx + yy) % 255], -1).astype(np.uint8)).save(folder / "face.png")
+    tone = 0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)
+    sf.write(folder / "speech.wav", (tone * 32767).astype(np.int16), 16000, subtype="PCM_16")
+    return folder / "face.png", folder / "speech.wav"
+
+
+def paced_job(inputs: tuple[Path, Path], row: str, index: int, clips: int, seed: int = 42, trim: int = 1) -> SegmentJob:
+    """A small segment job for the paced generator: one second of 16 kHz audio, `clips` clips of
+    INFER_FRAMES frames at WIDTH x HEIGHT, the last trimmed by `trim` frames (as a planned segment's
+    usually is); the segment's seed follows from `seed` and `index`."""
     segment = Segment(
         index=index, start_sample=0, end_sample=16000, start_s=0.0, end_s=1.0,
-        frames=clips * infer_frames if frames is None else frames, clips=clips, seed=seed,
+        frames=clips * INFER_FRAMES - trim, clips=clips, seed=seed * 1000 + index,
     )
     return SegmentJob(
-        row_id=row, segment=segment, image=str(image), audio=str(audio), prompt="",
-        width=size[0], height=size[1], infer_frames=infer_frames,
+        row_id=row, segment=segment, image=str(inputs[0]), audio=str(inputs[1]), prompt="",
+        width=WIDTH, height=HEIGHT, infer_frames=INFER_FRAMES,
     )
 
 
@@ -126,9 +131,6 @@ def tiny_s2v_job(folder: Path) -> tuple[str, SegmentJob]:
     """The tiny Wan2.2-S2V checkpoint (model.tiny, random weights) written under `folder`, and a
     one-segment job of 3 clips of 4 frames at 64x64 for it (a 160 Hz tone as speech): the
     real architecture on CPU in seconds, for the pool's kill-and-resume test and benchmark."""
-    import soundfile as sf
-    from PIL import Image
-
     from model.tiny import write_tiny_checkpoint  # the model extra: only where this is used
 
     checkpoint = str(write_tiny_checkpoint(folder / "tiny", seed=0))

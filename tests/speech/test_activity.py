@@ -71,3 +71,17 @@ def test_edges_grow_over_a_bed_by_a_little_at_most() -> None:
     snapped = snap_to_pauses(spans, act)
     for (s, e), (ts, te) in zip(snapped, spans, strict=True):
         assert abs(s - ts) <= 0.1 and abs(e - te) <= 0.1
+
+
+def test_a_boundary_inside_a_word_moves_to_the_nearest_clear_pause() -> None:
+    # Two words 90 ms apart over a clean floor; the first has a 40 ms stop closure near its end. An
+    # aligner far from the voice put the boundary 0.2 s before the pause, inside the first word: the
+    # boundary goes to the pause, not to the closure. Over a bed the same audio keeps the short reach.
+    spans = [(0.5, 1.05), (1.09, 1.3), (1.39, 1.9)]  # word 1 = two bursts around its closure
+    truth = [(0.5, 1.3), (1.39, 1.9)]
+    rough = [(0.5, 1.1), (1.1, 1.9)]
+    snapped = snap_to_pauses(rough, analyse(bursts(spans, 2.4, floor=1e-4)))
+    for (s, e), (ts, te) in zip(snapped, truth, strict=True):
+        assert abs(s - ts) <= 0.015 and abs(e - te) <= 0.015
+    (_, e1), (s2, _) = snap_to_pauses(rough, analyse(bursts(spans, 2.4, floor=0.02)))
+    assert e1 < 1.25 and s2 < 1.25  # a quiet stretch over a bed may be inside a word: not taken from afar

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed, State
+from prefect.runtime import flow_run
+from prefect.states import State
 
-from flows import pool_run, progress, steps
+from flows import pool_run, progress, report, states, steps, warnings
+from flows.report import report_json
 from flows.settings import BatchSettings
 from tasks import captions, layout, notify, storage
 from tasks.generate.backends import resolve_backend
@@ -49,7 +50,6 @@ from tasks.records import (
     SpeechAnalysis,
     row_error,
 )
-from tasks.speech import language
 
 if TYPE_CHECKING:
     from tasks.generate.pool import GeneratorPool
@@ -59,7 +59,7 @@ def _row_failed(row: ManifestRow, where: str, reason: str) -> State:
     """The row subflow's final state when a row fails: Failed in the UI, with a message naming the
     row, the column or stage, and the cause (returned, not raised, so the log holds one line)."""
     progress.emit(row.id, "failed", reason)
-    return Failed(message=row_error(row.row, row.id, where, reason))
+    return states.row_failed(row_error(row.row, row.id, where, reason))
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -76,17 +76,17 @@ STAGE = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": _is
 
 # Tags let operators cap stages across all runs with Prefect's tag concurrency limits, e.g.
 # `prefect concurrency-limit create s2v-normalize 4` or `... s2v-generate 8`.
-@task(name="normalize", tags=["s2v-normalize"], **STAGE)
+@task(name="normalize", task_run_name="normalize {row.id}", tags=["s2v-normalize"], **STAGE)
 async def normalize_task(row: ManifestRow, row_dir: Path, settings: BatchSettings) -> NormalizedAssets:
     return await asyncio.to_thread(steps.normalize_step, row, row_dir, settings)
 
 
-@task(name="speech", **STAGE)
+@task(name="speech", task_run_name="speech {row.id}", **STAGE)
 async def speech_task(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
     return await asyncio.to_thread(steps.speech_step, row, assets, settings)
 
 
-@task(name="plan", **STAGE)
+@task(name="plan", task_run_name="plan {row.id}", **STAGE)
 async def plan_task(
     row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis, settings: BatchSettings
 ) -> Plan:
@@ -96,23 +96,23 @@ async def plan_task(
 @task(name="generate", task_run_name="generate {row.id} segment {index}", tags=["s2v-generate"], **STAGE)
 async def generate_task(
     row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], index: int,
-    backend: str, settings: BatchSettings, tracker: pool_run.RowProgress | None = None,
-    held: steps.HeldTime | None = None,
+    backend: str, settings: BatchSettings, tracker: pool_run.RowProgress, held: steps.HeldTime | None = None,
 ) -> SegmentResult:
     segment = row_plan.segments[index]
-    if (on_pool := pool_run.current()) is not None and tracker is not None:
+    if (on_pool := pool_run.current()) is not None:
         # On the pool: this task only waits (retries happen in the pool, per segment).
         job, seg_dir = await asyncio.to_thread(steps.segment_job, row, assets, row_plan, cues, index, settings)
         return await pool_run.run_segment(on_pool.pool, job, seg_dir, tracker)
+    loop = asyncio.get_running_loop()
 
-    def on_clip(clip: ClipResult) -> None:
-        progress.emit(row.id, "clip", f"segment {index} clip {clip.index + 1}/{segment.clips}")
+    def on_clip(clip: ClipResult) -> None:  # in the generator's thread: the artifact is updated on the loop
+        asyncio.run_coroutine_threadsafe(tracker.clip(index, clip.index + 1, segment.clips, clip.reused), loop)
 
-    return await asyncio.get_running_loop().run_in_executor(_GENERATOR, functools.partial(
+    return await loop.run_in_executor(_GENERATOR, functools.partial(
         steps.generate_step, row, assets, row_plan, cues, index, backend, settings, on_clip, held))
 
 
-@task(name="stitch", **STAGE)
+@task(name="stitch", task_run_name="stitch {row.id}", **STAGE)
 async def stitch_task(
     row: ManifestRow, assets: NormalizedAssets, cues: list[Cue], results: list[SegmentResult],
     out: str, settings: BatchSettings,
@@ -135,17 +135,20 @@ class GenerationFailed(Exception):
 
 async def _generate_row(
     row: ManifestRow, assets: NormalizedAssets, row_plan: Plan, cues: list[Cue], backend: str,
-    settings: BatchSettings,
+    settings: BatchSettings, batch_key: str,
 ) -> list[SegmentResult]:
     """All segments of the row at once: in this process, or queued on the batch's GPU pool."""
     indices = range(len(row_plan.segments))
+    tracker = pool_run.RowProgress(row, row_plan, batch_key)
+    await tracker.start()
     if pool_run.current() is None:
         # One clock per segment, shared by its task's retries: every attempt counts (records.GPU_SECONDS).
-        return list(await asyncio.gather(*(
-            generate_task(row, assets, row_plan, cues, i, backend, settings, held=steps.HeldTime()) for i in indices
+        results = list(await asyncio.gather(*(
+            generate_task(row, assets, row_plan, cues, i, backend, settings, tracker, held=steps.HeldTime())
+            for i in indices
         )))
-    tracker = pool_run.RowProgress(row, row_plan)
-    await tracker.start()
+        await tracker.finish(results)
+        return results
     # Segments that finish are kept even when another fails: their clips are reused by a rerun.
     outcomes = await asyncio.gather(*(
         generate_task(row, assets, row_plan, cues, i, backend, settings, tracker) for i in indices
@@ -160,24 +163,30 @@ async def _generate_row(
     return list(outcomes)
 
 
-def _row_skipped(row: ManifestRow, assets: NormalizedAssets, flags: list[str], problems: list[str]) -> RowResult:
-    """A row a policy (image or language) skipped: no generation, the problems as its error."""
+def _row_skipped(
+    row: ManifestRow, assets: NormalizedAssets, flags: list[str], reasons: list[str], policy: str
+) -> State:
+    """A row a policy (image, language, mismatch) skipped: no generation; its error names the reasons and
+    the policy (all the evidence is in its flags)."""
     progress.emit(row.id, "done", "skipped")
-    return RowResult(row=row.row, id=row.id, status="skipped", flags=flags, error="; ".join(problems),
-                     audio_qc=assets.audio_qc, image_qc=assets.image_qc)
+    error = row_error(row.row, row.id, f"skipped by {policy}", "; ".join(reasons))
+    get_run_logger().warning("%s", error)
+    return states.row_state(RowResult(row=row.row, id=row.id, status="skipped", flags=flags, error=error,
+                                      audio_qc=assets.audio_qc, image_qc=assets.image_qc))
 
 
 @flow(name="row", validate_parameters=False)
 async def process_row(
-    row: ManifestRow, out: str, work_dir: str, backend: str, settings: BatchSettings
-) -> RowResult | State:
-    """One row from inputs to published video; a failed row ends in a Failed state naming the cause."""
+    row: ManifestRow, out: str, work_dir: str, backend: str, settings: BatchSettings, batch_key: str = "s2v"
+) -> State:
+    """One row from inputs to published video; ends Completed, Flagged, Skipped or Cached with the RowResult,
+    or Failed naming the cause (flows/states.py)."""
     logger = get_run_logger()
     fingerprint = layout.row_fingerprint(row, _fingerprint_settings(settings, backend))
     if not settings.force and (done := await asyncio.to_thread(layout.load_finished, out, row, fingerprint)):
         logger.info("row %s finished in an earlier run; skipping", row.id)
         progress.emit(row.id, "done", "cached")
-        return done
+        return states.row_state(done)
 
     started = time.monotonic()
     row_dir = layout.RowPaths.for_row(Path(work_dir), row.id).root
@@ -188,13 +197,12 @@ async def process_row(
             assets = await normalize_task(row, row_dir, settings)
             image_flags = steps.image_step(assets, settings)  # RowFailure('image') under image_policy 'fail'
             if image_flags and settings.image_policy == "skip":
-                return _row_skipped(row, assets, image_flags, image_flags)
+                return _row_skipped(row, assets, image_flags, image_flags, "image_policy 'skip'")
             where = "stage 'speech'"
             progress.emit(row.id, "speech")
             speech = await speech_task(row, assets, settings)
-            if language.should_skip(speech):
-                problems = [f for f in speech.flags if f != language.SKIP_FLAG]
-                return _row_skipped(row, assets, image_flags + speech.flags, problems)
+            if skipped := warnings.skip_reasons(speech, settings):
+                return _row_skipped(row, assets, warnings.row_warnings(image_flags, assets, speech), *skipped)
             where = "stage 'plan'"
             row_plan = await plan_task(row, assets, speech, settings)
             # Timings the aligner itself distrusts are not used: captions then spread evenly (flagged).
@@ -204,7 +212,7 @@ async def process_row(
             cues = captions.cues_from_words(words, until=assets.duration_s)
         where = "stage 'generate'"
         progress.emit(row.id, "generate", f"{row_plan.total_clips} clips")
-        results = await _generate_row(row, assets, row_plan, cues, backend, settings)
+        results = await _generate_row(row, assets, row_plan, cues, backend, settings, batch_key)
         where = "stage 'stitch'"
         async with pool_run.cpu_gate():  # stitched as soon as the row's last segment is done
             progress.emit(row.id, "stitch")
@@ -217,11 +225,7 @@ async def process_row(
         logger.exception("row %s failed unexpectedly at %s", row.id, where)
         return _row_failed(row, where, f"{type(exc).__name__}: {exc}")
 
-    flags = image_flags + list(speech.flags) + [f for f in row_plan.flags if f not in speech.flags]  # + unsafe cuts
-    if speech.approximate and assets.script:
-        flags.append("captions approximate: spread evenly over the speech, not aligned")
-    if not assets.script:
-        flags.append("no script: no captions")
+    flags = warnings.row_warnings(image_flags, assets, speech, row_plan)
     result = RowResult(
         row=row.row, id=row.id, status="succeeded",
         video=_relative(out, published["video"]),
@@ -237,9 +241,19 @@ async def process_row(
         audio_qc=assets.audio_qc, image_qc=assets.image_qc,
     )
     await asyncio.to_thread(layout.mark_finished, out, row, fingerprint, result)
+    for flag in flags:  # the row succeeded, but an operator should look at it
+        logger.warning("row %s: %s", row.id, flag)
     logger.info("row %s done in %.1fs: %s", row.id, time.monotonic() - started, result.video)
     progress.emit(row.id, "done", "succeeded")
-    return result
+    return states.row_state(result)
+
+
+@flow(name="row", validate_parameters=False)
+async def invalid_row(row: int, id: str | None, error: str) -> State:  # noqa: A002 - the manifest's column
+    """A manifest row that did not validate: a row run of its own, `Invalid` (Failed) with every problem."""
+    get_run_logger().error("%s", error)
+    progress.emit(id or f"row {row}", "failed", error)
+    return states.row_failed(error, invalid=True)
 
 
 async def _prepare(
@@ -257,8 +271,8 @@ async def _prepare(
     )
     logger.info("manifest %s: %d rows, %d valid; backend %s%s", manifest, validation.total_rows,
                 len(validation.rows), backend, " (labelled animatic, not the model)" if backend == "preview" else "")
-    for issue in validation.issues:
-        logger.warning("%s", issue)
+    if invalid := len(validation.issues_by_row()):
+        logger.warning("%d rows do not validate: each is a row run of its own, Invalid, naming its problems", invalid)
     if validation.rows and pool_run.use_pool(settings, backend):
         return backend, validation, await pool_run.start_pool(settings, backend), []
     if validation.rows:
@@ -271,16 +285,25 @@ async def _prepare(
     return backend, validation, None, []
 
 
-@flow(name="batch")
-async def batch(manifest: str, out: str, settings: BatchSettings | None = None) -> dict:
-    """Run every row of `manifest` and write `out/report.json`; returns the report as a dict.
+def _batch_run_name() -> str:
+    """A batch run is named after its manifest and the time it started (UTC), e.g. `june 2025-06-01 02:00`."""
+    manifest = str(flow_run.get_parameters().get("manifest", "batch"))
+    stem = manifest.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] or "batch"
+    return f"{stem} {datetime.now(UTC):%Y-%m-%d %H:%M}"
 
-    Raises ManifestError / BackendError when the batch as a whole cannot run. Row
-    failures never fail the batch: they are rows with status 'failed' in the report.
+
+@flow(name="batch", flow_run_name=_batch_run_name)
+async def batch(manifest: str, out: str, settings: BatchSettings | None = None) -> State:
+    """Run every row of `manifest` and write `out/report.json`.
+
+    Ends `Completed`, `Partial` (some rows failed) or `Failed` (rows failed, none succeeded), each
+    with the report (flows/states.py; called directly, a Failed batch raises states.BatchFailed
+    holding it). Raises ManifestError / BackendError when the batch as a whole cannot run.
     """
     settings = settings or BatchSettings()
     logger = get_run_logger()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    key = report.batch_key(manifest, out)
     try:
         backend, validation, pool, workers = await _prepare(manifest, settings)
     except Exception as exc:  # the batch cannot run at all: no rows, no report
@@ -296,47 +319,55 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
     async def run_row(row: ManifestRow) -> RowResult:
         async with row_limit:
             state = await process_row.with_options(flow_run_name=f"row {row.row}: {row.id}")(
-                row, out, work_dir, backend, settings, return_state=True
+                row, out, work_dir, backend, settings, key, return_state=True
             )
             if state.is_completed():
                 result = await state.aresult()
             else:
                 result = RowResult(row=row.row, id=row.id, status="failed", backend=backend,
                                    error=state.message or row_error(row.row, row.id, "row flow", state.name))
-        if row.webhook and not result.cached:
-            await notify_task.with_options(task_run_name=f"notify row {row.id}")(
-                row.webhook, notify.row_payload(result, out), settings)
+        await _told(result, row.webhook, out)
         return result
 
+    async def reject_row(number: int, issues: list) -> RowResult:
+        error = "; ".join(str(i) for i in issues)
+        await invalid_row.with_options(flow_run_name=f"row {number}: {issues[0].id or '?'}")(
+            number, issues[0].id, error, return_state=True)
+        result = RowResult(row=number, id=issues[0].id, status="failed", error=error)
+        await _told(result, None, out)
+        return result
+
+    async def _told(result: RowResult, webhook: str | None, out: str) -> None:
+        if not result.cached:
+            states.emit_row_event(result, key, manifest, out)
+        if webhook and not result.cached:
+            await notify_task.with_options(task_run_name=f"notify row {result.id}")(
+                webhook, notify.row_payload(result, out), settings)
+
     async with pool_run.serving(pool, limit) if pool is not None else contextlib.nullcontext():
-        row_results = list(await asyncio.gather(*(run_row(r) for r in validation.rows)))
-    for row_number, issues in validation.issues_by_row().items():
-        row_results.append(RowResult(
-            row=row_number, id=issues[0].id, status="failed", error="; ".join(str(i) for i in issues)
+        row_results = list(await asyncio.gather(
+            *(run_row(r) for r in validation.rows),
+            *(reject_row(n, issues) for n, issues in validation.issues_by_row().items()),
         ))
     row_results.sort(key=lambda r: r.row)
     if pool is not None:
         workers = [dataclasses.asdict(w) for w in pool.workers]
-    gpu_s = round(sum(r.gpu_s or 0.0 for r in row_results if not r.cached), 3)
-    report = Report(
+    gpu_s = sum(r.gpu_s or 0.0 for r in row_results if not r.cached)
+    result = report_json(Report(
         manifest=manifest, output=out, backend=backend, started_at=started_at,
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"), rows=row_results,
         gpu=settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, gpu_s=gpu_s,
         cost=gpu_money(gpu_s, settings.gpu_price_per_hour), workers=workers,
-    )
-    await asyncio.to_thread(storage.write_text, layout.report_uri(out), json.dumps(report_json(report), indent=2))
-    await acreate_table_artifact(
-        key="batch-report",
-        table=[_artifact_row(r) for r in report.rows],
-        description=f"**{manifest}** → {out} · backend `{backend}` · " + ", ".join(
-            f"{n} {k}" for k, n in report.counts.items()
-        ),
-    )
-    logger.info("batch done: %s", report.counts)
+    ))
+    await asyncio.to_thread(storage.write_text, layout.report_uri(out), json.dumps(result, indent=2))
+    await report.publish(result, key)
+    final = states.batch_state(result)
+    logger.info("batch done: %s", final.message)
+    states.emit_batch_event(result, key)
     if settings.webhook_url:
         await notify_task.with_options(task_run_name="notify batch")(
-            settings.webhook_url, notify.batch_payload(report_json(report)), settings)
-    return report_json(report)
+            settings.webhook_url, notify.batch_payload(result), settings)
+    return final
 
 
 def _step_timings(results: list[SegmentResult]) -> dict:
@@ -346,20 +377,6 @@ def _step_timings(results: list[SegmentResult]) -> dict:
     firsts = [t["first_step_at"] for t in timings if "first_step_at" in t]
     return {"step_s": steps[len(steps) // 2] if steps else None, "first_step_at": min(firsts) if firsts else None}
 
-
-def report_json(report: Report) -> dict:
-    data = report.model_dump(mode="json")
-    data["counts"] = report.counts
-    return data
-
-
-def _artifact_row(r: RowResult) -> dict:
-    return {
-        "row": r.row, "id": r.id or "", "status": r.status + (" (cached)" if r.cached else ""),
-        "duration_s": r.duration_s if r.duration_s is not None else "",
-        "clips": r.clips if r.clips is not None else "", "gpu_s": r.gpu_s if r.gpu_s is not None else "",
-        "video": r.video or "", "error": r.error or "", "flags": "; ".join(r.flags),
-    }
 
 
 def _relative(out: str, uri: str) -> str:
@@ -375,9 +392,10 @@ def _fingerprint_settings(settings: BatchSettings, backend: str) -> dict:
     keys = ("checkpoint", "pad_s", "max_segment_s", "min_segment_s", "infer_frames", "burn_captions",
             "language_policy")
     optional = {k: getattr(settings, k) for k in ("alignment_model", "whisper_model") if getattr(settings, k)}
-    # Likewise only when not the default: a row's precision (validated to be the batch's) and the image policy.
-    optional |= {k: getattr(settings, k) for k, default in (("precision", DEFAULT_PRECISION), ("image_policy", "warn"))
-                 if getattr(settings, k) != default}
+    # Likewise only when not the default: a row's precision (validated to be the batch's) and the image and
+    # mismatch policies.
+    defaults = (("precision", DEFAULT_PRECISION), ("image_policy", "warn"), ("mismatch_policy", "skip"))
+    optional |= {k: getattr(settings, k) for k, default in defaults if getattr(settings, k) != default}
     if settings.generator_factory:
         optional["generator_options"] = settings.generator_options
     if settings.preset != "exact":

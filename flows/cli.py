@@ -1,8 +1,10 @@
 """The `s2v-batch` command line.
 
-Exit codes: 0 the command ran (for `run`: the batch ran, even if some rows failed);
-1 `validate` found invalid rows; 2 the batch or command could not run at all (bad
-manifest, bad option, no checkpoint, unreachable service).
+Exit codes (`flows/states.py` owns the batch's): 0 the command ran (for `run`: every row
+succeeded or was skipped); 1 `run`: some rows failed, others succeeded (state `Partial`),
+or `validate` found invalid rows; 2 a usage error, or the batch or command could not run at
+all (bad manifest, bad option, no checkpoint, unreachable service); 3 `run`: no row succeeded
+and some failed (state `Failed`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import typer
 from pydantic import SecretStr
@@ -31,21 +33,48 @@ from tasks.records import Plan
 # Stage modules log through the standard library; let those records reach Prefect's UI.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,model")
 
+def _untyped_help(cls: type) -> type:
+    """`cls` whose --help option shows no value type (typer 0.29 labels it `<bool>`)."""
+
+    class Untyped(cls):
+        def get_help_option(self, ctx):  # noqa: ANN001, ANN202 - typer's signature
+            option = super().get_help_option(ctx)
+            if option is not None:
+                option.metavar = ""
+            return option
+
+    return Untyped
+
+
+_Command, _Group = _untyped_help(typer.core.TyperCommand), _untyped_help(typer.core.TyperGroup)
+
+
 app = typer.Typer(
     name="s2v-batch",
     help="Turn CSV manifests of scripts, speech audio and portraits into talking-person videos (Wan2.2-S2V).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
+command = functools.partial(app.command, cls=_Command)
 console = Console(stderr=True)
 out_console = Console()
 
-ManifestArg = Annotated[str, typer.Argument(help="CSV manifest: a local path or s3://bucket/key.csv")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+ManifestArg = Annotated[str, typer.Argument(help="CSV manifest: a local path or s3://bucket/key.csv",
+                                             metavar="MANIFEST")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON", metavar="")]
 ConfigOpt = Annotated[
-    str | None, typer.Option("--config", help="TOML settings file (default: $S2V_CONFIG, else ./s2v-batch.toml)")
+    str | None, typer.Option("--config", help="TOML settings file (default: $S2V_CONFIG, else ./s2v-batch.toml)",
+                             metavar="FILE")
 ]
+METAVARS = {
+    "checkpoint": "PATH|URI", "work_dir": "FOLDER", "alignment_model": "FOLDER", "whisper_model": "FOLDER",
+    "clip_store": "FOLDER|URI", "calibration": "FILE", "distilled_lora": "FILE|URI", "lora": "FILE|URI",
+    "allowed_roots": "FOLDER|URI", "webhook_url": "URL", "ray_address": "ADDRESS", "device": "DEVICE",
+    "generator_factory": "MODULE:CALLABLE", "gpu_kind": "GPU", "gpu_price_per_hour": "PRICE",
+}
+"""What a setting's value is, for --help (typer 0.29 prints the Python type, e.g. `<str>`)."""
 OLD_SPELLINGS = {
     "max_concurrent_rows": ("--concurrency",),
     "max_segment_s": ("--max-segment-seconds",),
@@ -77,11 +106,28 @@ def _setting_option(name: str, field: FieldInfo) -> inspect.Parameter | None:
     flag, as_json = "--" + name.replace("_", "-"), get_origin(kind) is dict
     option = typer.Option(
         f"{flag}/--no-{flag[2:]}" if kind is bool else flag, *OLD_SPELLINGS.get(name, ()), help=field.description,
-        parser=json.loads if as_json else None, metavar="JSON" if as_json else None,
+        parser=json.loads if as_json else None, metavar=_metavar(name, kind),
         rich_help_panel="Settings (also S2V_<NAME> or the config file)",
     )
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[kind | None, option])
+
+
+def _metavar(name: str, kind) -> str | None:  # noqa: ANN001 - a type annotation
+    """How --help names a setting's value: a word a person reads; None for choices (typer lists them)."""
+    if name in METAVARS:
+        return METAVARS[name]
+    if kind is bool:
+        return ""  # a switch takes no value
+    if get_origin(kind) is dict:
+        return "JSON"
+    if get_origin(kind) is list:
+        kind = get_args(kind)[0]
+    if kind is int:
+        return "N"
+    if kind is float:
+        return "SECONDS" if name.endswith("_s") else "NUMBER"
+    return None if get_origin(kind) is Literal else "TEXT"
 
 
 _SETTING_OPTIONS = {
@@ -105,24 +151,30 @@ def _with_settings(command: Callable[..., None]) -> Callable[..., None]:
     return with_settings
 
 
-@app.command()
+@command()
 @_with_settings
 def run(
     manifest: ManifestArg,
-    out: Annotated[str, typer.Option("--out", "-o", help="output folder: a local path or s3://bucket/prefix")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder: a local path or s3://bucket/prefix",
+                                     metavar="FOLDER|URI")],
     settings: BatchSettings,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also print Prefect's run logs (they are "
-                                                                  "always in the Prefect UI)")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", metavar="", help="also print Prefect's run logs (always in the Prefect UI) and tracebacks"
+    )] = False,
 ) -> None:
     """Run a manifest as a batch: every good row becomes OUT/<id>.mp4 with .srt/.vtt captions;
-    the batch ends with OUT/report.json (also a table artifact in Prefect)."""
+    the batch ends with OUT/report.json (also artifacts in Prefect). Exits 0 when no row failed,
+    1 when some rows failed (Partial), 3 when rows failed and none succeeded (Failed)."""
     if not verbose:
         # The terminal shows the progress bar, warnings and the report; every log line still
         # reaches the Prefect API. Must be set before Prefect is imported (it configures logging then).
         for name in ("CONSOLE", "CONSOLE_FLOW_RUNS", "CONSOLE_TASK_RUNS"):
             os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{name}_LEVEL", "WARNING")
+    from flows.states import exit_code
+
     report = _run_batch(manifest, out, settings)
     _print_report(report, out)
+    raise typer.Exit(exit_code(report))
 
 
 def _run_batch(manifest: str, out: str, settings) -> dict:
@@ -130,6 +182,7 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
 
     from flows import progress as hooks
     from flows.batch import batch
+    from flows.states import report_of
     from flows.steps import check_mode_settings, check_speed_settings
     from tasks.generate.backends import resolve_backend
     from tasks.manifest import validate_manifest
@@ -141,6 +194,7 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
         check_mode_settings(settings, backend)
     except SettingsError as exc:
         raise CommandFailed(str(exc)) from None
+    _check_checkpoint(settings, backend)
     _check_prefect_api()
     total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
 
@@ -158,46 +212,65 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
             else:
                 bar.update(overall, detail=f"{row_id}: {event} {detail}"[:70])
 
+        async def run_batch() -> dict:
+            return await report_of(await batch(manifest, out, settings, return_state=True))
+
         unsubscribe = hooks.subscribe(on_event)
         try:
-            return asyncio.run(batch(manifest, out, settings))
+            return asyncio.run(run_batch())
         finally:
             unsubscribe()
 
 
-def _check_prefect_api() -> None:
-    """With PREFECT_API_URL set, the server must answer; without it Prefect runs an ephemeral API."""
-    import httpx
-    from prefect.settings import PREFECT_API_URL
+def _check_checkpoint(settings: BatchSettings, backend: str) -> None:
+    """A checkpoint that is not there stops the batch here, before Prefect starts (the flow checks again)."""
+    from tasks import storage
 
-    api = PREFECT_API_URL.value()
-    if not api:
+    if backend == "preview" or not settings.checkpoint:
         return
     try:
-        httpx.get(f"{api.rstrip('/')}/health", timeout=10).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise CommandFailed(
-            f"cannot reach the Prefect API at {api} ({type(exc).__name__}); start the server or fix PREFECT_API_URL "
-            "(unset it to run on a local ephemeral API)"
-        ) from None
+        found = storage.exists(settings.checkpoint)
+    except Exception as exc:  # e.g. S3 credentials: the message names what to fix
+        raise CommandFailed(storage.describe_access_error(settings.checkpoint, exc, "checkpoint")) from None
+    if not found:
+        raise CommandFailed(f"checkpoint not found: {settings.checkpoint} (setting checkpoint, S2V_CHECKPOINT)")
+
+
+def _check_prefect_api() -> None:
+    """With PREFECT_API_URL set, the server must answer (through Prefect's client: with PREFECT_API_KEY for
+    Prefect Cloud); without it Prefect runs an ephemeral API."""
+    from flows.run_status import api_problem
+
+    if problem := asyncio.run(api_problem()):
+        raise CommandFailed(problem)
 
 
 def _print_report(report: dict, out: str) -> None:
+    from rich.markup import escape
+
+    from flows.states import STATE_NAMES, summary
     from tasks.layout import report_uri
+    from tasks.records import batch_outcome
 
     table = Table("row", "id", "status", "duration", "video / error", title=f"s2v-batch report ({report['backend']})")
     colors = {"succeeded": "green", "failed": "red", "skipped": "yellow"}
     for r in report["rows"]:
-        status = r["status"] + (" (cached)" if r.get("cached") else "")
-        detail = r.get("video") or r.get("error") or ""
+        status = f"[{colors[r['status']]}]{r['status']}" + (" (cached)" if r.get("cached") else "")
+        if r["status"] == "succeeded" and r.get("flags"):
+            status = f"[yellow]succeeded, {len(r['flags'])} warning{'s' if len(r['flags']) > 1 else ''}"
+        detail = escape(r.get("video") or r.get("error") or "")
         duration = f"{r['duration_s']:.1f}s" if r.get("duration_s") else ""
-        table.add_row(str(r["row"]), r.get("id") or "", f"[{colors[r['status']]}]{status}", duration, detail)
+        table.add_row(str(r["row"]), escape(r.get("id") or ""), status, duration, detail)
     out_console.print(table)
-    counts = report["counts"]
-    out_console.print(
-        f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped; "
-        f"report: {report_uri(out)}"
-    )
+    warned = [r for r in report["rows"] if r["status"] == "succeeded" and r.get("flags")]
+    if warned:
+        out_console.print("[yellow]warnings[/yellow] (the videos were made; look at them before publishing):")
+        for r in warned:
+            for flag in r["flags"]:
+                out_console.print(f"  row {r['row']} ({escape(r.get('id') or '')}): {escape(flag)}", soft_wrap=True)
+    outcome = batch_outcome(report["counts"], len(report.get("manifest_errors", [])))
+    color = {"succeeded": "green", "partial": "yellow", "failed": "red"}[outcome]
+    out_console.print(f"[{color}]{STATE_NAMES[outcome]}[/{color}]: {summary(report)}; report: {report_uri(out)}")
     if report.get("gpu_s"):
         cost = f", cost {_money(report['cost'])}" if report.get("cost") is not None else ""
         out_console.print(f"GPU hours ({report.get('gpu') or 'GPU'}): {_hours(report['gpu_s'], 2)}{cost}")
@@ -206,7 +279,7 @@ def _print_report(report: dict, out: str) -> None:
                           "Set --checkpoint to generate with Wan2.2-S2V.")
 
 
-@app.command(name="config")
+@command(name="config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the effective settings (defaults < config file < S2V_* environment < options), secrets hidden."""
     settings = _settings(config)
@@ -224,10 +297,12 @@ def _show(value) -> str:
     return "" if value is None else str(value)
 
 
-@app.command()
+@command()
 def status(
-    target: Annotated[str, typer.Argument(help="an output folder (local or s3://) or a Prefect flow run id")],
-    work_dir: Annotated[str | None, typer.Option(help="the batch's work folder if not the default")] = None,
+    target: Annotated[str, typer.Argument(help="an output folder (local or s3://) or a Prefect flow run id",
+                                          metavar="OUT|RUN_ID")],
+    work_dir: Annotated[str | None, typer.Option(help="the batch's work folder if not the default",
+                                                       metavar="FOLDER")] = None,
 ) -> None:
     """Show each row's state, clips done of clips planned, GPU hours used and estimated remaining.
     Reads the output folder, or the Prefect API (PREFECT_API_URL) for a flow run id."""
@@ -240,11 +315,16 @@ def status(
     if not storage.exists(target):
         raise CommandFailed(f"{target} does not exist (give an output folder or a flow run id)")
     rows = batch_status(target, work_dir)
-    table = Table("id", "state", "clips", "GPU h used", "GPU h left (est.)", "error", title=f"batch status: {target}")
+    table = Table("id", "state", "clips", "GPU h used", "GPU h left (est.)", "warnings", "error",
+                  title=f"batch status: {target}")
     for r in rows:
         clips = f"{r.clips_done}/{r.clips}" if r.clips is not None else ""
-        table.add_row(r.id, r.state, clips, _hours(r.gpu_s), _hours(r.est_remaining_gpu_s), r.error or "")
+        table.add_row(r.id, r.state, clips, _hours(r.gpu_s), _hours(r.est_remaining_gpu_s),
+                      f"[yellow]{len(r.flags)}" if r.flags else "", r.error or "")
     out_console.print(table)
+    for r in rows:
+        for flag in r.flags:
+            out_console.print(f"[yellow]warning[/yellow] {r.id}: {flag}", soft_wrap=True, markup=True)
     used = sum(r.gpu_s or 0 for r in rows)
     left = sum(r.est_remaining_gpu_s or 0 for r in rows)
     out_console.print(f"{len(rows)} rows; {sum(r.clips_done for r in rows)} clips done; "
@@ -256,35 +336,30 @@ def _hours(seconds: float | None, digits: int = 3, unknown: str = "") -> str:
 
 
 def _status_from_prefect(run_id: str) -> None:
-    import httpx
     from prefect.settings import PREFECT_API_URL
+
+    from flows.run_status import RunNotFound, api_problem, read_batch_run
 
     api = PREFECT_API_URL.value()
     if not api:
         raise CommandFailed("PREFECT_API_URL is not set: point it at the Prefect server that ran the batch")
+    if problem := asyncio.run(api_problem()):
+        raise CommandFailed(problem)
     try:
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=15)
-        if run.status_code == 404:
-            raise CommandFailed(f"no flow run {run_id} on {api}")
-        run.raise_for_status()
-        children = httpx.post(f"{api}/flow_runs/filter", timeout=15, json={
-            "flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}, "sort": "NAME_ASC"}).json()
-        tasks = httpx.post(f"{api}/task_runs/filter", timeout=15, json={
-            "flow_runs": {"id": {"any_": [c["id"] for c in children] or [run_id]}}}).json()
-    except httpx.HTTPError as exc:
-        raise CommandFailed(f"cannot reach the Prefect API at {api} (PREFECT_API_URL): {exc}") from None
-    info = run.json()
-    out_console.print(f"flow run {info['name']} ({info['id']}): {info['state_name']}")
-    table = Table("row", "state", "stages done", "running / failed")
-    for child in children:
-        mine = [t for t in tasks if t["flow_run_id"] == child["id"]]
-        done = sum(t["state_type"] == "COMPLETED" for t in mine)
-        busy = ", ".join(t["name"] for t in mine if t["state_type"] in ("RUNNING", "FAILED", "CRASHED"))
-        table.add_row(child["name"], child["state_name"], f"{done}/{len(mine)}", busy)
+        run, rows = asyncio.run(read_batch_run(run_id))
+    except RunNotFound:
+        raise CommandFailed(f"no flow run {run_id} on {api}") from None
+    state = run.state.name if run.state else "?"
+    out_console.print(f"flow run {run.name} ({run.id}): {state}"
+                      + (f": {run.state.message}" if run.state and run.state.message else ""), soft_wrap=True)
+    table = Table("row", "state", "stages done", "waiting / running / failed", "warnings or error")
+    for row in rows:
+        table.add_row(row.name, row.state, f"{row.stages_done}/{row.stages}", ", ".join(row.busy),
+                      "" if row.state in ("Completed", "Cached") else row.message or "")
     out_console.print(table)
 
 
-@app.command()
+@command()
 @_with_settings
 def validate(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = False) -> None:
     """Check every row of a manifest (columns, values, paths, that files exist) without doing any work.
@@ -311,7 +386,7 @@ def validate(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = 
     raise typer.Exit(1 if result.issues else 0)
 
 
-@app.command()
+@command()
 @_with_settings
 def plan(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = False) -> None:
     """Plan segments and clips for every valid row (normalizing and aligning audio, no generation)
@@ -322,17 +397,21 @@ def plan(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = Fals
     plans, problems = plan_manifest(manifest, settings, console=console)
     if as_json:
         data = plans_to_json(plans, settings.gpu_price_per_hour)
+        for row, p in zip(data["rows"], plans, strict=True):
+            row["warnings"] = p.flags
         data |= {"gpu": settings.gpu_kind, "price_per_gpu_hour": settings.gpu_price_per_hour, "errors": problems}
         out_console.print_json(json.dumps(data))
     else:
+        from rich.markup import escape
+
         out_console.print(plan_summary_table(plans, settings.gpu_price_per_hour, gpu=settings.gpu_kind))
-        for p in plans:  # the evidence per row: alignment fit, words not found, unsafe cuts
+        for p in plans:  # the row's warnings, the alignment's fit first as their evidence
             if p.fit_score is not None and p.flags:
-                out_console.print(f"[yellow]{p.row_id}: alignment fit {p.fit_score:.2f}")
+                out_console.print(f"[yellow]warning[/yellow] {escape(p.row_id)}: alignment fit {p.fit_score:.2f}")
             for flag in p.flags:
-                out_console.print(f"[yellow]{p.row_id}: {flag}", soft_wrap=True)
+                out_console.print(f"[yellow]warning[/yellow] {escape(p.row_id)}: {escape(flag)}", soft_wrap=True)
         for p in problems:
-            out_console.print(f"[red]{p}")
+            out_console.print(f"[red]{escape(p)}", soft_wrap=True)
 
 
 def plan_summary_table(plans: Iterable[Plan], price_per_gpu_hour: float | None = None, gpu: str = "H100") -> Table:
@@ -359,7 +438,8 @@ def plan_summary_table(plans: Iterable[Plan], price_per_gpu_hour: float | None =
         totals["frames"] += p.total_frames
         totals["audio"] += audio
         totals["gpu"] += row_gpu or 0.0
-        rows.append((p.row_id + (" ~" if p.approximate else ""), str(len(p.segments)), str(p.total_clips),
+        rows.append((p.row_id + (" ~" if p.approximate else "") + (f" [yellow]⚠{len(p.flags)}" if p.flags else ""),
+                     str(len(p.segments)), str(p.total_clips),
                      str(p.total_frames), f"{audio:.1f}", _hours(row_gpu, 2, "?"),
                      _money(gpu_money(row_gpu, price_per_gpu_hour))))
     footers = [f"total ({len(plans)} rows)", str(totals["segments"]), str(totals["clips"]), str(totals["frames"]),
@@ -373,8 +453,10 @@ def plan_summary_table(plans: Iterable[Plan], price_per_gpu_hour: float | None =
         table.add_column(header, footer=footer, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*r)
-    if any(p.approximate for p in plans):
-        table.caption = "~ cuts placed without word timings (approximate)"
+    notes = ["~ cuts placed without word timings (approximate)"] if any(p.approximate for p in plans) else []
+    if any(p.flags for p in plans):
+        notes.append("⚠N: N warnings, listed below")
+    table.caption = "; ".join(notes) or None
     return table
 
 
@@ -382,15 +464,17 @@ def _money(amount: float | None) -> str:
     return "?" if amount is None else f"{amount:,.2f}"
 
 
-@app.command()
+@command()
 @_with_settings
 def calibrate(
     settings: BatchSettings,
-    out: Annotated[Path, typer.Option("--out", "-o", help="where the calibration JSON goes (then set "
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="where the calibration JSON goes (then set "
                                       "--calibration / S2V_CALIBRATION to it)")] = Path("s2v-calibration.json"),
-    image: Annotated[Path | None, typer.Option(help="reference portrait (default: the example's)")] = None,
-    audio: Annotated[Path | None, typer.Option(help="reference speech (default: the example's)")] = None,
-    clips: Annotated[int, typer.Option(min=1, help="clips of the reference segment (a first and later ones)")] = 2,
+    image: Annotated[Path | None, typer.Option(metavar="FILE", help="reference portrait (default: example's)")] = None,
+    audio: Annotated[Path | None, typer.Option(metavar="FILE", help="reference speech (default: example's)")] = None,
+    clips: Annotated[int, typer.Option(
+        min=1, metavar="N", help="clips of the reference segment (a first and later ones)"
+    )] = 2,
 ) -> None:
     """Measure the speed presets on your weights (GPU): render a short reference segment exactly and with
     each preset (and in distilled mode when distilled_lora is set); print the speed-up and the drift from
@@ -411,10 +495,11 @@ def calibrate(
     out_console.print(f"written: {out}")
 
 
-@app.command(name="align")
+@command(name="align")
 def align_cmd(
-    audio: Annotated[Path, typer.Argument(help="speech audio file (any common format)", exists=True)],
-    script: Annotated[str, typer.Option(help="the words spoken, as text")],
+    audio: Annotated[Path, typer.Argument(help="speech audio file (any common format)", exists=True,
+                                               metavar="AUDIO")],
+    script: Annotated[str, typer.Option(help="the words spoken, as text", metavar="TEXT")],
     as_json: JsonOpt = False,
 ) -> None:
     """Align a script to speech audio with the offline aligner; print word timings in seconds."""
@@ -434,26 +519,39 @@ def align_cmd(
 
 
 def main() -> None:
-    """Entry point with one clear message instead of a traceback when the command cannot run."""
-    import click
-
+    """Entry point: usage errors shown as usage errors (exit 2), and one clear message instead of a
+    traceback when the command cannot run (`-v` or S2V_DEBUG=1 shows the traceback)."""
     from tasks.generate.backends import BackendError
     from tasks.manifest import ManifestError
 
+    # The click that typer runs on: since typer 0.29 its own copy, whose exceptions are not click's.
+    click = sys.modules[typer.BadParameter.__module__]
+    verbose = bool(os.environ.get("S2V_DEBUG")) or bool({"-v", "--verbose"} & set(sys.argv[1:]))
     try:
         code = app(standalone_mode=False)
     except (ManifestError, BackendError, CommandFailed) as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(2)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # a usage error: no such command, a missing argument, a bad value
+        _show_usage_error(exc)
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         console.print("[red]interrupted[/red]: finished rows and clips are kept; rerun to resume")
         sys.exit(130)
-    except Exception as exc:  # e.g. a checkpoint that cannot load: one message; S2V_DEBUG=1 shows the traceback
-        if os.environ.get("S2V_DEBUG"):
+    except Exception as exc:  # e.g. a checkpoint that cannot load: one message
+        if verbose:
             raise
         console.print(f"[red]error:[/red] the batch could not run: {type(exc).__name__}: {exc}", soft_wrap=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_usage_error(exc: Exception) -> None:
+    """The usage line, where to find help and the error, as typer shows them when it exits itself (and
+    nothing more for no arguments at all: the help was printed)."""
+    try:
+        from typer.rich_utils import rich_format_error
+    except ImportError:  # typer without rich
+        exc.show()
+    else:
+        rich_format_error(exc)

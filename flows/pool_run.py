@@ -1,7 +1,10 @@
 """The batch's side of the GPU pool (tasks/generate/pool.py): start it, run segments on it, report progress.
 
 The flow process is the Ray driver; workers report to it, not to Prefect, so only this
-process needs the API (docs/design-notes.md, "Generation on the pool").
+process needs the API (docs/design-notes.md, "Generation on the pool"). A segment's
+`generate` task run shows `Queued` (a Pending state) while the segment waits in the pool's
+queue and `Running` once a worker renders it. Clip progress (`RowProgress`) is the same
+whether the segments render on the pool or in the flow process.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
@@ -19,8 +21,15 @@ from typing import TYPE_CHECKING
 
 from prefect import get_run_logger
 from prefect.artifacts import acreate_progress_artifact, acreate_table_artifact, aupdate_progress_artifact
+from prefect.context import TaskRunContext
+from prefect.states import Pending, Running, State
+
+# The task engine reports its states as these events (client-side orchestration); a waiting segment's
+# state is reported the same way, so the server orders it with the engine's own.
+from prefect.utilities.engine import emit_task_run_state_change_event
 
 from flows import progress
+from flows.report import row_key
 from flows.settings import BatchSettings
 from tasks import storage
 from tasks.generate.backends import BackendError
@@ -106,32 +115,39 @@ class RowProgress:
     object is shared by the row's generate tasks.
     """
 
-    def __init__(self, row: ManifestRow, plan: Plan):
+    def __init__(self, row: ManifestRow, plan: Plan, batch_key: str):
         self.row = row
         self.plan = plan
+        self.batch_key = batch_key
         self.done: dict[int, int] = {}
         self.artifact = None
         self.last_update = 0.0
 
     async def start(self) -> None:
         self.artifact = await acreate_progress_artifact(
-            progress=0.0, key=artifact_key(self.row.id, "clips"),
+            progress=0.0, key=row_key(self.batch_key, self.row.id, "clips"),
             description=f"Clips rendered for row {self.row.row} ({self.row.id}): {self.plan.total_clips} planned "
                         f"in {len(self.plan.segments)} segments",
         )
+
+    async def clip(self, index: int, clips_done: int, clips_total: int, reused: bool = False) -> None:
+        """Segment `index` has `clips_done` of its `clips_total` clips."""
+        self.done[index] = clips_done  # before any await: finish() counts it even if the update is pending
+        progress.emit(self.row.id, "clip", f"segment {index} clip {clips_done}/{clips_total}"
+                      + (" (reused)" if reused else ""))
+        await self._update(force=False)
 
     async def on_event(self, event: SegmentEvent) -> None:
         logger = get_run_logger()
         where = f"segment {event.segment_index}"
         if event.kind == "started":
+            show_task_state(Running(message=f"attempt {event.attempt}/{event.attempts_max} on {event.worker}"))
             logger.info("%s: attempt %d/%d on %s, %d/%d clips done", where, event.attempt, event.attempts_max,
                         event.worker, event.clips_done, event.clips_total)
         elif event.kind == "clip":
-            self.done[event.segment_index] = event.clips_done
-            progress.emit(self.row.id, "clip", f"{where} clip {event.clips_done}/{event.clips_total}"
-                          + (" (reused)" if event.reused else ""))
-            await self._update(force=False)
+            await self.clip(event.segment_index, event.clips_done, event.clips_total, event.reused)
         elif event.kind == "retry":
+            show_task_state(Pending(name="Queued", message=f"attempt {event.attempt} failed; waiting for a worker"))
             logger.warning("%s: attempt %d/%d failed: %s", where, event.attempt, event.attempts_max, event.detail)
         elif event.kind == "failed":
             logger.error("%s failed after %d attempts: %s\n%s", where, event.attempt, event.detail,
@@ -157,12 +173,13 @@ class RowProgress:
             else:
                 table.append({"segment": i, "state": "failed", "clips": self.done.get(i, 0), "reused": "",
                               "attempts": getattr(r, "attempts", ""), "worker": "", "gpu_s": "", "error": str(r)})
-        await acreate_table_artifact(key=artifact_key(self.row.id, "segments"), table=table,
+        await acreate_table_artifact(key=row_key(self.batch_key, self.row.id, "segments"), table=table,
                                      description=f"Segments of row {self.row.row} ({self.row.id})")
 
 
 async def run_segment(pool: GeneratorPool, job: SegmentJob, seg_dir: Path, tracker: RowProgress) -> SegmentResult:
     """Submit one segment and relay its events (state, attempts, clips) until it is done."""
+    show_task_state(Pending(name="Queued", message="waiting for a GPU worker"))
     events: asyncio.Queue = asyncio.Queue()
     result = asyncio.ensure_future(pool.run_segment(job, seg_dir, events.put_nowait))
     while True:
@@ -178,6 +195,15 @@ async def run_segment(pool: GeneratorPool, job: SegmentJob, seg_dir: Path, track
             return result.result()
 
 
-def artifact_key(row_id: str, what: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return f"row-{re.sub(r'[^a-z0-9-]+', '-', row_id.lower()).strip('-')}-{what}"
+
+def show_task_state(state: State) -> None:
+    """Show the running task run (a segment's `generate`) in `state` in the UI: `Queued` while its segment
+    waits for a worker, `Running` while one renders it. The task's own final state follows as usual."""
+    context = TaskRunContext.get()
+    if context is None or context.task_run is None:
+        return
+    run = context.task_run
+    state.state_details.task_run_id, state.state_details.flow_run_id = run.id, run.flow_run_id
+    shown = run.model_copy(update={"state": state, "state_id": state.id, "state_type": state.type,
+                                   "state_name": state.name})
+    emit_task_run_state_change_event(task_run=shown, initial_state=run.state, validated_state=state)

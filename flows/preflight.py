@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import track
 
-from flows import steps
+from flows import steps, warnings
 from flows.settings import BatchSettings
 from tasks import layout, speech
 from tasks.manifest import validate_manifest
@@ -34,7 +34,11 @@ def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -
                 problems.append(row_error(row.row, row.id, "column 'image'", "skipped: " + "; ".join(flags)))
                 continue
             speech = steps.speech_step(row, assets, settings)
-            plans.append(steps.plan_step(row, assets, speech, settings))
+            if skipped := warnings.skip_reasons(speech, settings):  # as `run` would: no GPU time planned
+                problems.append(row_error(row.row, row.id, f"skipped by {skipped[1]}", "; ".join(skipped[0])))
+                continue
+            row_plan = steps.plan_step(row, assets, speech, settings)
+            plans.append(row_plan.model_copy(update={"flags": warnings.row_warnings(flags, assets, speech, row_plan)}))
         except RowFailure as exc:
             problems.append(row_error(row.row, row.id, exc.where, exc.reason))
     return plans, problems

@@ -7,13 +7,20 @@ environment variables, then command-line options.
 
 from __future__ import annotations
 
+import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from tasks.records import DEFAULT_PRECISION, Mode, Precision
 
@@ -23,6 +30,7 @@ _config_file: ContextVar[Path | None] = ContextVar("s2v_config_file", default=No
 
 Backend = Literal["auto", "preview", "wan-s2v"]
 LanguagePolicy = Literal["warn", "skip", "fail"]
+MismatchPolicy = Literal["warn", "skip", "fail"]
 ImagePolicy = Literal["warn", "skip", "fail"]
 PoolMode = Literal["auto", "on", "off"]
 Preset = Literal["exact", "balanced", "fast"]
@@ -48,8 +56,9 @@ class BatchSettings(BaseSettings):
         DEFAULT_PRECISION, description="weights of the DiT's block linears for wan-s2v: 'bf16', or 'fp8' (GPUs with "
         "fp8: Hopper, Ada and later; refused elsewhere); a manifest row may name its own only if it is the batch's"
     )
-    allowed_roots: list[str] = Field(
-        default_factory=list, description="folders/prefixes besides the manifest's own that rows may read from"
+    allowed_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="folders/prefixes besides the manifest's own that rows may read from "
+        "(S2V_ALLOWED_ROOTS: a JSON list or comma-separated)"
     )
     max_concurrent_rows: int = Field(2, ge=1, description="rows processed at the same time")
     work_dir: str | None = Field(
@@ -59,6 +68,11 @@ class BatchSettings(BaseSettings):
     pad_s: float = Field(0.25, ge=0, description="silence kept before and after speech when trimming")
     max_audio_s: float = Field(1800.0, gt=0, description="longest audio accepted per row, seconds")
     language_policy: LanguagePolicy = Field("warn", description="what non-English speech does to a row")
+    mismatch_policy: MismatchPolicy = Field(
+        "skip", description="what audio that does not say the row's English script does to a row (a wrong "
+        "file or wrong script; tasks/speech/language.py): 'skip' it before any GPU time (default), 'warn' and "
+        "render it anyway, or 'fail' it"
+    )
     image_policy: ImagePolicy = Field(
         "warn", description="what a reference image failing its checks (no face, face too small, blurry; "
         "tasks/normalize/image.py) does to a row: flag it ('warn'), skip it, or fail it"
@@ -145,11 +159,11 @@ class BatchSettings(BaseSettings):
         None, description="JSON written by `s2v-batch calibrate`: MagCache's ratios, and the DiT passes each "
         "preset ran on your weights (the plan's estimates use them)"
     )
-    lora: list[str] = Field(
+    lora: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="LoRA files for the DiT, every row (local or s3://; kohya, ComfyUI, "
         "PEFT/diffusers or DiffSynth keys); a 'lora' column overrides per row"
     )
-    lora_strength: list[float] = Field(
+    lora_strength: Annotated[list[float], NoDecode] = Field(
         default_factory=list, description="one strength for all LoRAs or one per LoRA (default 1.0)"
     )
     gpu_kind: str = Field(
@@ -159,6 +173,30 @@ class BatchSettings(BaseSettings):
     gpu_price_per_hour: float | None = Field(
         None, ge=0, description="price of one GPU-hour (your currency): the plan and report then show costs"
     )
+
+    @field_validator("allowed_roots", "lora", "lora_strength", mode="before")
+    @classmethod
+    def _list_from_text(cls, value: Any) -> Any:
+        """A list from the environment: a JSON list, else comma-separated (`S2V_ALLOWED_ROOTS=/a,s3://b/c`)."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list: {exc}") from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BatchSettings:
+        # Checked once at load, not per row after its audio was normalized (tasks/plan.py needs it).
+        if self.min_segment_s > self.max_segment_s / 2:
+            raise ValueError(
+                f"min_segment_s {self.min_segment_s:g} must be at most half of max_segment_s {self.max_segment_s:g} "
+                "(a long take is cut into segments no shorter than the minimum)"
+            )
+        return self
 
     @field_validator("gpu_kind")
     @classmethod
@@ -208,8 +246,22 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> BatchSe
             raise SettingsError(f"config file {path} does not exist (set by {origin})")
         try:
             return BatchSettings(**{k: v for k, v in overrides.items() if v is not None})
-        except Exception as exc:  # pydantic's ValidationError names the field and the problem
+        except ValidationError as exc:
             where = f" (config file {path})" if path else ""
-            raise SettingsError(f"invalid settings{where}: {exc}") from None
+            raise SettingsError(f"invalid settings{where}: {one_line(exc)}") from None
+        except Exception as exc:  # e.g. a TOML syntax error or a variable that is not JSON
+            where = f" (config file {path})" if path else ""
+            raise SettingsError(f"invalid settings{where}: {type(exc).__name__}: {exc}") from None
     finally:
         _config_file.reset(token)
+
+
+def one_line(exc: ValidationError) -> str:
+    """Pydantic's errors on one line, each naming the setting, the problem and the value given."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        name = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        given = "" if not name or isinstance(error.get("input"), dict) else f" (got {error.get('input')!r})"
+        parts.append(f"{name}: {message}{given}" if name else message)
+    return "; ".join(parts)

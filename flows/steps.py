@@ -70,7 +70,8 @@ threads import at once ("cannot import name 'Wav2Vec2CTCTokenizer'"); once loade
 def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings) -> SpeechAnalysis:
     """Align the script to the audio and check languages; cached beside the normalized audio."""
     model = speech.resolve_alignment_model(settings.alignment_model, settings.checkpoint, row.language)
-    key = f"{assets.audio_qc.model_dump_json()}|{assets.script}|{row.language}|{settings.language_policy}|{model}"
+    key = (f"{assets.audio_qc.model_dump_json()}|{assets.script}|{row.language}|{settings.language_policy}|{model}"
+           f"|{settings.mismatch_policy}")
     if settings.whisper_model:
         key += f"|whisper={settings.whisper_model}"
     return storage.cached_json(
@@ -106,7 +107,8 @@ def _analyse_speech(
     if transcribed:
         analysis.flags.insert(0, f"transcribed: no script; Whisper heard {len(heard)} words: {script[:80]!r}")
     return language.check_language(
-        analysis, script=assets.script, expected=row.language, policy=settings.language_policy, detected=detected
+        analysis, script=assets.script, expected=row.language, policy=settings.language_policy, detected=detected,
+        mismatch_policy=settings.mismatch_policy,
     )
 
 

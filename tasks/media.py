@@ -1,13 +1,18 @@
-"""Shared media plumbing: the ffmpeg binary and stream probing.
+"""Shared media plumbing: the ffmpeg binary, the one way to run it, and stream probing.
 
-imageio-ffmpeg ships a static ffmpeg but no ffprobe, so probing goes through PyAV,
-which bundles the same FFmpeg libraries and reads container metadata directly.
+Every ffmpeg run of the project goes through `run_ffmpeg`: the same static binary, the same
+flags, the same error. Filter graphs too complex to spell as strings (tasks/normalize/audio.py)
+are built with ffmpeg-python and run here from its argument list. imageio-ffmpeg ships a static
+ffmpeg but no ffprobe, so probing goes through PyAV, which bundles the same FFmpeg libraries
+and reads container metadata directly.
 """
 
 from __future__ import annotations
 
 import functools
 import shutil
+import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +30,34 @@ def ffmpeg_exe() -> str:
         if found is None:
             raise RuntimeError("no ffmpeg binary found (install imageio-ffmpeg)") from None
         return found
+
+
+class FFmpegError(RuntimeError):
+    """ffmpeg exited with an error; the message says what failed, `stderr` holds what ffmpeg wrote."""
+
+    def __init__(self, message: str, stderr: bytes):
+        super().__init__(message)
+        self.stderr = stderr
+
+    @property
+    def last_line(self) -> str:
+        """The last line ffmpeg wrote: its conclusion, for one-line messages."""
+        lines = [ln.strip() for ln in self.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else "ffmpeg failed"
+
+
+def run_ffmpeg(
+    args: Sequence[str], *, input: bytes | memoryview | None = None, cwd: str | Path | None = None,  # noqa: A002
+    what: str = "running",
+) -> tuple[bytes, bytes]:
+    """Run ffmpeg with `args` (without the binary); returns (stdout, stderr). FFmpegError("ffmpeg failed
+    <what>: <its last output>") when it fails. Without `input`, ffmpeg reads nothing from stdin."""
+    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", *args], input=input, cwd=cwd, capture_output=True,
+                          stdin=subprocess.DEVNULL if input is None else None)
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace")[-2000:]
+        raise FFmpegError(f"ffmpeg failed {what}: {tail}", proc.stderr)
+    return proc.stdout, proc.stderr
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ timestamps outside a few minutes so a captured request cannot be replayed later:
 receiver libraries and API gateways can check it.
 
 Delivery never raises into the batch: a webhook receiver being down must not fail videos
-that were rendered. Connection errors, timeouts, 429 and 5xx are retried with exponential
-backoff (honouring a short Retry-After); other 4xx mean the request itself is wrong and are
+that were rendered. Connection errors, timeouts, 429 and 5xx are retried (tenacity) with
+exponential backoff (honouring a short Retry-After); other 4xx mean the request itself is wrong and are
 not retried. The outcome is a `WebhookResult`, and a failed delivery logs one warning.
 `send_webhook` blocks (it sleeps between attempts): call it from a worker thread in async code.
 """
@@ -35,9 +35,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from tasks import layout, storage
-from tasks.records import RowResult
+from tasks.records import RowResult, batch_outcome
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,14 @@ def _retry_after(response: httpx.Response) -> float | None:
     return seconds if 0 <= seconds <= RETRY_AFTER_MAX_S else None
 
 
+class _Transient(Exception):
+    """An attempt that may succeed later: no connection, a timeout, 429 or 5xx."""
+
+    def __init__(self, error: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(error)
+        self.error, self.status, self.retry_after = error, status, retry_after
+
+
 def send_webhook(
     url: str,
     payload: dict,
@@ -121,8 +130,9 @@ def send_webhook(
     backoff_s: float = 1.0,
     timeout_s: float = 10,
 ) -> WebhookResult:
-    """POST `payload` as JSON to `url`, signed with `secret` when one is given; retried up to `attempts`
-    times in all with delays backoff_s, 2·backoff_s, 4·backoff_s, … Never raises."""
+    """POST `payload` as JSON to `url`, signed with `secret` when one is given; retried (tenacity) up to
+    `attempts` times in all with delays backoff_s, 2·backoff_s, 4·backoff_s, … (or a longer Retry-After).
+    Never raises."""
     event = payload.get("event") if isinstance(payload, dict) else None
     delivery = uuid.uuid4().hex
     attempts = max(1, attempts)
@@ -132,48 +142,56 @@ def send_webhook(
     except (TypeError, ValueError) as exc:
         return _failed(url, event, delivery, 0, None, f"payload is not JSON-serializable: {exc}")
 
-    status: int | None = None
-    error = "not sent"
-    tried = 0
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return max(backoff_s * 2 ** (state.attempt_number - 1), getattr(exc, "retry_after", None) or 0.0)
+
+    retrying = Retrying(stop=stop_after_attempt(attempts), wait=wait, retry=retry_if_exception_type(_Transient),
+                        reraise=True)
     with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
-        for attempt in range(1, attempts + 1):
-            tried = attempt
-            # Signed per attempt: a retry minutes later must still pass the receiver's replay window.
-            timestamp = str(int(time.time()))
-            headers = {
-                "Content-Type": "application/json",
-                "User-Agent": "s2v-batch-webhook",
-                "X-S2V-Delivery": delivery,
-                "X-S2V-Timestamp": timestamp,
-            }
-            if event:
-                headers["X-S2V-Event"] = str(event)
-            if secret:
-                headers["X-S2V-Signature"] = sign(secret, timestamp, body)
-            wait = backoff_s * 2 ** (attempt - 1)
-            try:
-                response = client.post(url, content=body, headers=headers)
-            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-                # A malformed URL will not get better by retrying (checked before TransportError,
-                # which UnsupportedProtocol subclasses).
-                return _failed(url, event, delivery, attempt, None, f"invalid webhook URL: {exc}")
-            except httpx.TransportError as exc:  # refused, DNS, TLS, timeouts, dropped connections
-                status, error = None, (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            except Exception as exc:  # never into the batch: a notification is not worth a failed run
-                return _failed(url, event, delivery, attempt, None, f"{type(exc).__name__}: {exc}")
-            else:
-                status = response.status_code
-                if 200 <= status < 300:
-                    return WebhookResult(
-                        url=url, event=event, ok=True, attempts=attempt, status=status, delivery=delivery
-                    )
-                error = f"HTTP {status}" + (f": {response.text[:200]}" if response.text else "")
-                if not _retryable_status(status):
-                    return _failed(url, event, delivery, attempt, status, error)
-                wait = max(wait, _retry_after(response) or 0.0)
-            if attempt < attempts:
-                time.sleep(wait)
-    return _failed(url, event, delivery, tried, status, error)
+        try:
+            response = retrying(_post, client, url, body, event, delivery, secret)
+        except _Transient as exc:
+            return _failed(url, event, delivery, retrying.statistics["attempt_number"], exc.status, exc.error)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            # A malformed URL will not get better by retrying (not a _Transient, so tried once).
+            return _failed(url, event, delivery, 1, None, f"invalid webhook URL: {exc}")
+        except Exception as exc:  # never into the batch: a notification is not worth a failed run
+            return _failed(url, event, delivery, retrying.statistics["attempt_number"], None,
+                           f"{type(exc).__name__}: {exc}")
+    tried, status = retrying.statistics["attempt_number"], response.status_code
+    if 200 <= status < 300:
+        return WebhookResult(url=url, event=event, ok=True, attempts=tried, status=status, delivery=delivery)
+    return _failed(url, event, delivery, tried, status,
+                   f"HTTP {status}" + (f": {response.text[:200]}" if response.text else ""))
+
+
+def _post(
+    client: httpx.Client, url: str, body: bytes, event: str | None, delivery: str, secret: str | None
+) -> httpx.Response:
+    """One attempt; _Transient when it is worth another."""
+    # Signed per attempt: a retry minutes later must still pass the receiver's replay window.
+    timestamp = str(int(time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "s2v-batch-webhook",
+        "X-S2V-Delivery": delivery,
+        "X-S2V-Timestamp": timestamp,
+    }
+    if event:
+        headers["X-S2V-Event"] = str(event)
+    if secret:
+        headers["X-S2V-Signature"] = sign(secret, timestamp, body)
+    try:
+        response = client.post(url, content=body, headers=headers)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol):
+        raise  # checked before TransportError, which UnsupportedProtocol subclasses
+    except httpx.TransportError as exc:  # refused, DNS, TLS, timeouts, dropped connections
+        raise _Transient(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+    if _retryable_status(response.status_code):
+        error = f"HTTP {response.status_code}" + (f": {response.text[:200]}" if response.text else "")
+        raise _Transient(error, response.status_code, _retry_after(response))
+    return response
 
 
 def _failed(url: str, event: str | None, delivery: str, attempts: int, status: int | None, error: str) -> WebhookResult:
@@ -237,10 +255,9 @@ def batch_payload(report: dict) -> dict[str, Any]:
     rows = list(report.get("rows", []))
     counts = dict(report.get("counts") or _count(rows))
     manifest_errors = list(report.get("manifest_errors", []))
-    failed = counts.get("failed", 0) > 0 or bool(manifest_errors)
-    status = ("partial" if counts.get("succeeded", 0) > 0 else "failed") if failed else "succeeded"
+    status = batch_outcome(counts, len(manifest_errors))
     return {
-        "event": "batch.failed" if failed else "batch.completed",
+        "event": "batch.completed" if status == "succeeded" else "batch.failed",
         "status": status,
         "manifest": report.get("manifest"),
         "output": out,

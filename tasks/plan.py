@@ -104,17 +104,17 @@ DEFAULT_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
 DEFAULT_OVERHEAD_PER_CLIP_S = 7.0
 
 # Distilled mode (model/distilled.py: LiveAvatar's 4 steps, clips of 48 frames = 4 blocks): a DiT
-# pass is one block-step, 3 latent frames (4,680 tokens at 480p) attending to itself, the 3 blocks
-# before and the 3,874 condition tokens. NOT MEASURED YET (bench/distilled_speed.py measures it):
-# derived from the exact 480p forward above, whose FLOPs are about half matmuls (x 4,680 / 32,760
-# tokens) and half self-attention (x 4,680 x 22,594 / 32,760^2), 2.975 s x 0.12 = 0.36 s, rounded
-# up to 0.45 s for the smaller, less efficient matmuls. Per clip: one VAE decode of 15 latents
-# (the exact figure covers two encodes and a 39-latent decode besides the encoders).
-# 720p is not offered (its KV cache would need 139 GiB).
+# pass is one block-step. Measured on one H100 (docs/benchmarks.md, "Distilled mode"; random bf16
+# weights, SDPA, eager): at 480p the KV cache only fits beside a DiT streamed from host memory, and
+# so streamed a segment's first clip (the pipeline's fill) took 15.1 s and a steady clip 10.5 s, i.e.
+# 0.94 s and 0.66 s per pass. A segment's fixed 21 s (encoders, the 365-frame reference encode, the
+# condition pass) is spread over a 60 s segment's 20 clips as 1 s a clip: this formula has no
+# per-segment term, so short segments come out about that much low. 720p is not offered (its KV
+# cache would need 139 GiB).
 DISTILLED_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
-    ("H100", Resolution.P480.value): ForwardCost(first_clip_s=0.45, later_clip_s=0.45),
+    ("H100", Resolution.P480.value): ForwardCost(first_clip_s=0.94, later_clip_s=0.66),
 }
-DISTILLED_OVERHEAD_PER_CLIP_S = 3.0
+DISTILLED_OVERHEAD_PER_CLIP_S = 1.05
 
 
 @dataclass(frozen=True)

@@ -183,8 +183,8 @@ class Plan(Record):
     segments: list[Segment]
     approximate: bool = Field(False, description="true when cuts were not placed from word timings")
     fit_score: float | None = Field(None, description="the alignment's fit score (tasks/speech/verdict.py)")
-    flags: list[str] = Field(default_factory=list, description="the alignment's flags, then the planner's "
-                             "(unsafe_cut, long_segment, approximate_cuts), each 'code: evidence'")
+    flags: list[str] = Field(default_factory=list, description="the row's warnings (what its checks flagged), then "
+                             "the planner's (unsafe_cut, long_segment, approximate_cuts), each 'code: evidence'")
 
     @property
     def total_frames(self) -> int:
@@ -329,6 +329,18 @@ class Report(Record):
         for r in self.rows:
             out[r.status] += 1
         return out
+
+
+BatchOutcome = Literal["succeeded", "partial", "failed"]
+
+
+def batch_outcome(counts: dict[str, int], manifest_errors: int = 0) -> BatchOutcome:
+    """How a batch that ran went; one meaning for its Prefect state, exit code, event and webhook
+    (flows/states.py, tasks/notify.py): 'succeeded' when no row failed (some may be skipped), 'partial'
+    when some rows failed and some succeeded, 'failed' when rows failed and none succeeded."""
+    if not counts.get("failed") and not manifest_errors:
+        return "succeeded"
+    return "partial" if counts.get("succeeded") else "failed"
 
 
 class RowFailure(Exception):

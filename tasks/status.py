@@ -34,6 +34,8 @@ class RowStatus:
     gpu_s: float | None = None
     est_remaining_gpu_s: float | None = None
     error: str | None = None
+    flags: list[str] = field(default_factory=list)
+    """What the checks flagged on a finished row (tasks/speech, tasks/normalize/image.py)."""
     segments: list[SegmentStatus] = field(default_factory=list)
 
 
@@ -71,6 +73,7 @@ def _row_status(row_id: str, paths: layout.RowPaths, finished: RowResult | None)
     if finished is not None:
         status.state = finished.status
         status.error = finished.error
+        status.flags = list(finished.flags)
         status.gpu_s = finished.gpu_s
         if finished.status == "succeeded":
             status.clips_done = finished.clips or status.clips_done

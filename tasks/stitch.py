@@ -12,7 +12,6 @@ is written under a temporary name and renamed when complete. Publishing to a fol
 from __future__ import annotations
 
 import math
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import av
 from PIL import ImageFont
 
 from tasks.generate.stage import X264_ARGS
-from tasks.media import ffmpeg_exe, probe
+from tasks.media import probe, run_ffmpeg
 from tasks.records import FPS
 from tasks.storage import atomic_local
 
@@ -138,8 +137,8 @@ def _run_ffmpeg(
     work: Path, master_audio: Path, duration_s: float, video_args: list[str], out: Path, dest: Path
 ) -> None:
     """Concatenate the clips listed in work/clips.ffconcat, mux the master audio, write `out`."""
-    cmd = [
-        ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+    args = [
+        "-loglevel", "error", "-y",
         # No filter re-initialisation when the clip size changes mid-list: a rebuilt graph
         # would drop the frame the fps filter holds and restart trim's frame count.
         "-reinit_filter", "0", "-f", "concat", "-safe", "0", "-i", "clips.ffconcat",
@@ -148,9 +147,7 @@ def _run_ffmpeg(
         "-c:a", "aac", "-b:a", AUDIO_BITRATE,
         "-movflags", "+faststart", "-f", "mp4", str(out.resolve()),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=work, capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed stitching {dest}: {proc.stderr.decode(errors='replace')[-2000:]}")
+    run_ffmpeg(args, cwd=work, what=f"stitching {dest}")
 
 
 def _check_output(path: Path, duration_s: float, fps: int) -> None:

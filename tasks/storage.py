@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import fsspec
+from filelock import FileLock
 from fsspec.core import url_to_fs
 from pydantic import BaseModel
 
@@ -90,23 +91,25 @@ def read_text(uri: str) -> str:
 def local_copy(uri: str, cache_dir: Path | None = None) -> Path:
     """A local path holding the file at `uri`.
 
-    Local paths are returned as they are. Remote files are downloaded once into the
-    cache, keyed by URI and the object's ETag/size, so a changed object is fetched anew
-    and an unchanged one is not fetched twice across runs.
+    Local paths are returned as they are. Remote files go through fsspec's whole-file cache
+    (`filecache`) under `<cache>/inputs`: fetched once, kept across runs with no expiry, and
+    fetched anew when the object's identity (ETag, size, modified time) changes.
     """
     if not is_remote(uri):
         return Path(uri)
     fs, path = filesystem(uri)
     fs.invalidate_cache(path)  # a long batch must see objects replaced since it listed them
-    info = fs.info(path)
-    version = str(info.get("ETag") or info.get("etag") or "") + str(info.get("size", ""))
-    key = hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:24]
-    target = (cache_dir or DEFAULT_CACHE) / "inputs" / key / posixpath.basename(path)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_local(target) as tmp:
-            fs.get_file(path, str(tmp))
-    return target
+    storage = (cache_dir or DEFAULT_CACHE) / "inputs"
+    storage.mkdir(parents=True, exist_ok=True)
+    # fsspec's cache is not safe for two processes fetching the same object at once (Ray workers of
+    # one node): one waits for the other, then finds the copy. A fresh instance reads the metadata
+    # the other process saved.
+    lock = storage / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}.lock"
+    with FileLock(lock):
+        cached = fsspec.filesystem("filecache", fs=fs, cache_storage=str(storage), check_files=True,
+                                   expiry_time=False, skip_instance_cache=True)
+        with cached.open(path, "rb") as f:
+            return Path(f.name)
 
 
 @contextmanager

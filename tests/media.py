@@ -9,6 +9,7 @@ is the public-domain astronaut photo scikit-image ships.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from io import BytesIO
 from pathlib import Path
@@ -212,3 +213,24 @@ def voiced_tone(seconds: float, rate: int = 16_000) -> np.ndarray:
     """float32 mono: a 160 Hz tone with a 4 Hz syllable-like envelope."""
     t = np.arange(int(rate * seconds)) / rate
     return (0.3 * np.sin(2 * np.pi * 160 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "examples"
+
+
+def mixed_manifest(folder: Path) -> Path:
+    """A copy of the examples in `folder` (which must not exist) with `mixed.csv`: a good row, a row with
+    warnings (a gray square: no face), audio that does not say its script, and a missing file."""
+    shutil.copytree(EXAMPLES, folder)
+    Image.new("RGB", (640, 640), "gray").save(folder / "media" / "gray.png")
+    welcome = "Welcome to the spring product update. Today we will walk through three new features in under a minute."
+    thanks = "Thank you for joining this course. See you in the next lesson!"
+    manifest = folder / "mixed.csv"
+    manifest.write_text(
+        "id,audio,image,script\n"
+        f'welcome,media/welcome.wav,media/astronaut.jpg,"{welcome}"\n'
+        f'noface,media/thanks.flac,media/gray.png,"{thanks}"\n'
+        f'wrongfile,media/welcome.wav,media/astronaut.jpg,"{thanks}"\n'
+        "missing,media/gone.wav,media/astronaut.jpg,hello\n"
+    )
+    return manifest

@@ -16,6 +16,7 @@ from PIL import Image
 
 from flows.batch import batch
 from flows.settings import BatchSettings
+from flows.states import BatchFailed
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,9 @@ def test_changing_the_aligner_redoes_finished_rows(mixed_run, tmp_path) -> None:
     same = asyncio.run(batch(manifest, str(copy), BatchSettings()))
     assert {"welcome", "safety"} <= {r["id"] for r in same["rows"] if r.get("cached")}  # 'thanks' may be rerun
     for setting in ("alignment_model", "whisper_model"):
-        report = asyncio.run(batch(manifest, str(copy), BatchSettings(**{setting: str(tmp_path / "no-model")})))
+        with pytest.raises(BatchFailed) as failed:  # every row failed: the batch is Failed, with its report
+            asyncio.run(batch(manifest, str(copy), BatchSettings(**{setting: str(tmp_path / "no-model")})))
+        report = failed.value.report
         rows = {r["id"]: r for r in report["rows"] if r["row"] <= 3}
         assert not any(r.get("cached") for r in report["rows"]), setting
         # The row ran again and reached the new aligner, which is not there.

@@ -12,6 +12,7 @@ from PIL import ImageFilter
 
 from flows.batch import batch
 from flows.settings import BatchSettings
+from flows.states import BatchFailed
 from tasks.normalize.image import MIN_FACE_PX, MIN_SHARPNESS, check_image, normalize_image
 from tasks.records import Resolution, RowFailure
 
@@ -102,7 +103,9 @@ def test_image_policy_in_a_batch_shows_in_the_report(prefect_api, images: dict[s
     # rendered and keeps its flag.
     (tmp_path / "one.csv").write_text(f"id,audio,image\nblurry,hello.wav,{images['blurry']}\n")
     settings = settings.model_copy(update={"image_policy": "fail"})
-    (failed,) = asyncio.run(batch(str(tmp_path / "one.csv"), str(tmp_path / "out-fail"), settings))["rows"]
+    with pytest.raises(BatchFailed) as batch_failed:  # its one row failed: the batch is Failed
+        asyncio.run(batch(str(tmp_path / "one.csv"), str(tmp_path / "out-fail"), settings))
+    (failed,) = batch_failed.value.report["rows"]
     assert failed["status"] == "failed" and "column 'image'" in failed["error"] and "image_blurry" in failed["error"]
     assert failed["error"].startswith("row 1 (id 'blurry')")
     settings = settings.model_copy(update={"image_policy": "warn"})

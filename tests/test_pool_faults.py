@@ -19,6 +19,7 @@ import ray
 from paced import PACED, PacedGenerator, paced_job, tiny_s2v_job
 
 from flows.batch import batch
+from flows.report import batch_key, row_key
 from flows.settings import BatchSettings
 from tasks.generate import stage
 from tasks.generate.backends import BackendError
@@ -187,9 +188,11 @@ def test_flow_segment_failing_every_attempt_fails_its_row_only(prefect_api, exam
     failed = rows["safety"]
     assert failed["status"] == "failed" and "stage 'generate'" in failed["error"]
     assert "failed after 2 attempts" in failed["error"] and "injected failure in row safety" in failed["error"]
-    artifacts = asyncio.run(_artifacts(["row-welcome-clips", "row-safety-segments"]))
-    assert artifacts["row-welcome-clips"].data == 100.0
-    table = json.loads(artifacts["row-safety-segments"].data)
+    key = batch_key(str(examples / "batch.csv"), str(tmp_path / "out"))  # the batch's own artifact keys
+    clips, segments = row_key(key, "welcome", "clips"), row_key(key, "safety", "segments")
+    artifacts = asyncio.run(_artifacts([clips, segments]))
+    assert artifacts[clips].data == 100.0
+    table = json.loads(artifacts[segments].data)
     assert {r["state"] for r in table} == {"failed"} and all(r["attempts"] == 2 for r in table)
 
 

@@ -159,3 +159,27 @@ def test_pool_auto_needs_a_gpu_device() -> None:
     assert not use_pool(BatchSettings(checkpoint="x", device="cpu"), "wan-s2v")  # no GPU pool for a CPU device
     assert use_pool(BatchSettings(checkpoint="x", device="cpu", pool="on"), "wan-s2v")  # unless asked for
     assert not use_pool(BatchSettings(checkpoint="x", pool="off"), "wan-s2v")
+
+
+@pytest.fixture(scope="module")
+def comfy_folder(tmp_path_factory) -> Path:
+    """ComfyUI's model folders with the guide's four files (fp8-scaled DiT and umT5, bf16 VAE, fp16 wav2vec2)."""
+    from model.tiny import write_tiny_comfyui
+
+    return write_tiny_comfyui(tmp_path_factory.mktemp("comfy") / "models", seed=0, fp8_scaled=True)
+
+
+def test_cli_on_a_comfyui_folder_renders_on_the_pool(
+    prefect_api, comfy_folder: Path, media: Path, tmp_path: Path
+) -> None:
+    assert {p.parent.name for p in comfy_folder.rglob("*.safetensors")} == {
+        "diffusion_models", "text_encoders", "vae", "audio_encoders"}
+    manifest = write_manifest(media, [f"hello,{media}/hello.wav,{media}/face.jpg,,1,7"])
+    out = tmp_path / "out"
+    # bf16 (the default precision): the fp8-scaled files are expanded, so a CPU renders them.
+    finish(s2v_run(manifest, out, prefect_api, "--checkpoint", str(comfy_folder), "--device", "cpu",
+                   "--pool", "on", "--pool-workers", "1", "--infer-frames", "32"))
+    report = json.loads((out / "report.json").read_text())
+    check_outputs(out, report)
+    (row,) = report["rows"]
+    assert row["workers"] and row["attempts"] == 1

@@ -75,7 +75,7 @@ def _build(backend: str, checkpoint: str | None, device: str | None, offload: bo
             raise BackendError(
                 f"backend 'wan-s2v' needs the model stack: pip install 's2v-batch[model]' ({exc})"
             ) from None
-        # Named only when not the default, so this works with generators from before the argument existed.
-        extra = {"precision": precision} if precision != DEFAULT_PRECISION else {}
-        return WanS2VGenerator(checkpoint, device=device, offload=offload, **extra)
+        # Always named: the batch's precision is what the worker promises its segments (an fp8-scaled
+        # ComfyUI file left to pick its own would run fp8 in a batch that says bf16).
+        return WanS2VGenerator(checkpoint, device=device, offload=offload, precision=precision)
     raise BackendError(f"unknown backend {backend!r}")

@@ -2,8 +2,9 @@
 
 The remote files of the checkpoint (the official layout's, and ComfyUI's files by name, flat or in
 ComfyUI's model folders: `model.layout.mirrored`) are fetched one by one through
-`storage.local_copy` (cached by ETag, written atomically: an interrupted copy resumes at the first
-missing file) and linked into a mirror of the remote folder, which the loaders read.
+`storage.local_copy` (fsspec's file cache: a file is kept until its object changes; a copy cut
+short is not recorded and is fetched again, the files already fetched are not) and linked into a
+mirror of the remote folder, which the loaders read.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 import zipfile
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import numpy as np
 import soundfile as sf
 
 from tasks.generate.base import GeneratedClip, Generator
-from tasks.media import ffmpeg_exe
+from tasks.media import run_ffmpeg
 from tasks.records import DEFAULT_PRECISION, MODEL_SAMPLE_RATE, ClipResult, Segment, SegmentJob, SegmentResult
 from tasks.storage import atomic_local, file_digest
 
@@ -123,15 +122,13 @@ def encode_frames(frames: np.ndarray, dest: Path, fps: int, *, crf: int = CLIP_C
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"yuv420p needs an even frame size, got {w}x{h}")
-    cmd = [
-        ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+    args = [
+        "-loglevel", "error", "-y",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", str(fps), "-i", "pipe:0",
         "-an", "-vf", RGB_TO_YUV, *X264_ARGS, "-crf", str(crf),
         "-fflags", "+bitexact", "-movflags", "+faststart", "-f", "mp4", str(dest),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed encoding {dest.name}: {proc.stderr.decode(errors='replace')[-2000:]}")
+    run_ffmpeg(args, input=np.ascontiguousarray(frames).tobytes(), what=f"encoding {dest.name}")
 
 
 def _file_digest(path: str | None) -> str | None:

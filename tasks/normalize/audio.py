@@ -27,7 +27,7 @@ import av
 import ffmpeg
 import numpy as np
 
-from tasks.media import MediaInfo, ffmpeg_exe, probe
+from tasks.media import FFmpegError, MediaInfo, probe, run_ffmpeg
 from tasks.records import MODEL_SAMPLE_RATE, AudioQC, RowFailure
 from tasks.storage import atomic_local
 
@@ -65,10 +65,9 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.1f} seconds"
 
 
-def _ffmpeg_error(err: ffmpeg.Error) -> str:
+def _ffmpeg_error(err: FFmpegError) -> str:
     """The last meaningful line ffmpeg wrote, for messages and logs."""
-    lines = [ln.strip() for ln in (err.stderr or b"").decode("utf-8", "replace").splitlines() if ln.strip()]
-    return lines[-1] if lines else "ffmpeg failed"
+    return err.last_line
 
 
 _SUMMARY_NUMBER = r"(-?(?:\d+(?:\.\d+)?|inf|nan))"
@@ -157,10 +156,8 @@ def _decode(src: Path, sample_rate: int, channels: int) -> tuple[np.ndarray, Lou
         ffmpeg.output(measured, "-", format="null"),
     )
     try:
-        out, err = outputs.global_args("-nostdin", "-nostats").run(
-            cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True
-        )
-    except ffmpeg.Error as exc:
+        out, err = run_ffmpeg(outputs.global_args("-nostats").get_args(), what="decoding")
+    except FFmpegError as exc:
         raise _fail(f"audio could not be decoded ({_ffmpeg_error(exc)})") from exc
     samples = np.frombuffer(out, dtype="<f4")
     samples = samples[: samples.size - samples.size % channels].reshape(-1, channels)
@@ -227,10 +224,8 @@ def _limit_peaks(samples: np.ndarray, sample_rate: int, loudness: Loudness) -> t
             ffmpeg.output(branches[1].filter("ebur128", peak="true", framelog="quiet"), "-", format="null"),
         )
         try:
-            out, err = outputs.global_args("-nostats").run(
-                cmd=ffmpeg_exe(), input=pcm, capture_stdout=True, capture_stderr=True
-            )
-        except ffmpeg.Error as exc:
+            out, err = run_ffmpeg(outputs.global_args("-nostats").get_args(), input=pcm, what="limiting peaks")
+        except FFmpegError as exc:
             raise RuntimeError(f"peak limiting failed: {_ffmpeg_error(exc)}") from exc
         limited = np.frombuffer(out, dtype="<f4").reshape(-1, channels)
         measured = _parse_ebur128(err.decode("utf-8", "replace"))
@@ -303,13 +298,10 @@ def _write_outputs(
             *([ffmpeg.output(branches[2].filter("ebur128", framelog="quiet"), "-", format="null")] if linear else []),
         )
         try:
-            _, err = (
-                outputs.global_args("-nostats")
-                .overwrite_output()
-                # A flat byte view: subprocess slices its input by index, and a 2-D view would slice rows.
-                .run(cmd=ffmpeg_exe(), input=pcm, capture_stdout=True, capture_stderr=True)
-            )
-        except ffmpeg.Error as exc:
+            # A flat byte view: subprocess slices its input by index, and a 2-D view would slice rows.
+            _, err = run_ffmpeg(outputs.global_args("-nostats").overwrite_output().get_args(), input=pcm,
+                                what="normalizing audio")
+        except FFmpegError as exc:
             raise RuntimeError(f"audio normalization failed: {_ffmpeg_error(exc)}") from exc
     if linear:
         summary = err.decode("utf-8", "replace")

@@ -17,8 +17,11 @@ non-English speech lip-syncs worse; a wrong audio file wastes the GPU hours outr
   language than the audio is flagged ``script_audio_language_mismatch`` (wrong file or
   wrong script), which triggers the policy. Below it Whisper is only noted in a flag.
 
-The check triggers the batch's policy when the speech is judged not English (script or
-expected language not English) or when the audio does not fit its English script:
+Two policies act on what the check finds: the language policy on speech judged not English
+(``non_english``: the model still renders it, with weaker lip-sync), and the mismatch policy on
+audio that does not say its script (``wrong_file_or_script``, ``audio_not_english_or_wrong_file``,
+``script_audio_language_mismatch``: most often the wrong file, whose video would carry the wrong
+captions after hours of GPU time; default ``skip``, flows/settings.py). Each is one of:
 
 * ``warn``: flags are added, the row goes on.
 * ``skip``: flags plus the marker flag ``SKIP_FLAG`` ("skip") are added; the caller
@@ -36,6 +39,10 @@ from tasks.records import RowFailure, SpeechAnalysis
 
 POLICIES = ("warn", "skip", "fail")
 SKIP_FLAG = "skip"
+LANGUAGE_FLAGS = ("non_english",)
+"""Flags the language policy acts on."""
+MISMATCH_FLAGS = ("wrong_file_or_script", "audio_not_english_or_wrong_file", "script_audio_language_mismatch")
+"""Flags the mismatch policy acts on: the audio does not say its script."""
 MIN_WORDS = 3
 MIN_CONFIDENCE = 0.6
 MIN_AUDIO_CONFIDENCE = 0.5
@@ -72,16 +79,20 @@ def check_language(
     expected: str | None = None,
     policy: str = "warn",
     detected: tuple[str, float] | None = None,
+    mismatch_policy: str | None = None,
 ) -> SpeechAnalysis:
     """Fill in script/audio language, add flags, and apply the policy (see the module docstring).
 
     ``script``: the row's script text (for lingua); ``expected``: the manifest's ISO 639-1
     language of the speech, if given; ``detected``: the audio's (ISO 639-1 code, probability) from a
-    Whisper language detector, if one is configured. Returns a new SpeechAnalysis; raises RowFailure
-    for policy ``fail`` and ValueError for an unknown policy.
+    Whisper language detector, if one is configured; ``mismatch_policy``: what audio that does not say
+    its script does (None: the language ``policy``). Returns a new SpeechAnalysis; raises RowFailure
+    for a ``fail`` policy that applies and ValueError for an unknown policy.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"language policy must be one of {POLICIES}, got {policy!r}")
+    mismatch_policy = mismatch_policy or policy
+    for name, value in (("language", policy), ("mismatch", mismatch_policy)):
+        if value not in POLICIES:
+            raise ValueError(f"{name} policy must be one of {POLICIES}, got {value!r}")
     out = analysis.model_copy(deep=True)
     expected = expected.lower().strip() if expected else None
     lang, confidence = detect_script_language(script)
@@ -131,9 +142,11 @@ def check_language(
             "and does not find the script in it; the speech is not English or not this script"
         )
     out.flags += problems
-    if problems and policy == "fail":
+    acting = {policy if p.startswith(LANGUAGE_FLAGS) else mismatch_policy for p in problems}
+    if "fail" in acting:
         evidence = [f for f in analysis.flags if f.startswith(("worst_stretch", "audio_script_mismatch"))]
-        raise RowFailure("language", "; ".join(problems + evidence))
-    if problems and policy == "skip":
+        field = "language" if policy == "fail" and any(p.startswith(LANGUAGE_FLAGS) for p in problems) else "audio"
+        raise RowFailure(field, "; ".join(problems + evidence))
+    if "skip" in acting:
         out.flags.append(SKIP_FLAG)
     return out

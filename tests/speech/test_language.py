@@ -56,7 +56,7 @@ def test_wrong_language_audio_follows_the_policy(spanish_audio_english_script: S
 
     with pytest.raises(RowFailure) as info:
         check_language(analysis, script=EN, policy="fail")
-    assert info.value.field == "language" and "worst_stretch" in info.value.reason
+    assert info.value.field == "audio" and "worst_stretch" in info.value.reason  # a wrong file, not a language
 
 
 def test_non_english_script_and_expected_language(english: SpeechAnalysis) -> None:
@@ -68,3 +68,23 @@ def test_non_english_script_and_expected_language(english: SpeechAnalysis) -> No
     assert should_skip(mismatch)
     with pytest.raises(ValueError, match="policy"):
         check_language(english, script=EN, policy="ignore")
+
+
+def test_mismatch_and_language_policies_act_apart(
+    english: SpeechAnalysis, spanish_audio_english_script: SpeechAnalysis
+) -> None:
+    # Audio that does not say its script follows the mismatch policy, whatever the language policy says.
+    wrong_file = spanish_audio_english_script
+    assert should_skip(check_language(wrong_file, script=EN, policy="warn", mismatch_policy="skip"))
+    assert not should_skip(check_language(wrong_file, script=EN, policy="skip", mismatch_policy="warn"))
+    with pytest.raises(RowFailure) as info:
+        check_language(wrong_file, script=EN, policy="warn", mismatch_policy="fail")
+    assert info.value.field == "audio"
+    # Speech that is not English but fits its script follows the language policy only.
+    spanish = check_language(english, script=ES, policy="warn", mismatch_policy="skip")
+    assert any(f.startswith("non_english") for f in spanish.flags) and not should_skip(spanish)
+    with pytest.raises(RowFailure) as info:
+        check_language(english, script=ES, policy="fail", mismatch_policy="warn")
+    assert info.value.field == "language"
+    with pytest.raises(ValueError, match="mismatch policy"):
+        check_language(english, script=EN, mismatch_policy="ignore")

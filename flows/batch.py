@@ -32,7 +32,7 @@ from prefect.states import State
 from flows import pool_run, progress, report, states, steps, warnings
 from flows.report import report_json
 from flows.settings import BatchSettings
-from tasks import captions, layout, notify, storage
+from tasks import captions, layout, notify, output_place, runlock, storage
 from tasks.generate.backends import resolve_backend
 from tasks.manifest import Validation, validate_manifest
 from tasks.plan import gpu_money
@@ -65,6 +65,8 @@ def _row_failed(row: ManifestRow, where: str, reason: str) -> State:
 def _is_transient(task, task_run, state) -> bool:
     """Retry I/O hiccups (network, S3), never a bad row: its error will not go away."""
     exc = state.data  # the task engine hands the raised exception over as the Failed state's data
+    if output_place.disk_cause(exc):  # a full or read-only disk stays so for the seconds a retry waits
+        return False
     return isinstance(exc, OSError | ConnectionError | TimeoutError) and not isinstance(exc, FileNotFoundError)
 
 
@@ -222,6 +224,8 @@ async def process_row(
     except GenerationFailed as exc:
         return _row_failed(row, where, str(exc))
     except Exception as exc:  # a bug or an environment problem: still this row's failure only
+        if disk := output_place.describe_disk_failure(exc, out, row_dir):
+            return _row_failed(row, where, disk)
         logger.exception("row %s failed unexpectedly at %s", row.id, where)
         return _row_failed(row, where, f"{type(exc).__name__}: {exc}")
 
@@ -301,17 +305,36 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
     holding it). Raises ManifestError / BackendError when the batch as a whole cannot run.
     """
     settings = settings or BatchSettings()
+    work_dir = settings.work_dir or str(layout.default_work_dir(out))
+    try:  # before any work: a place the batch cannot write, or another run writing there, stops it
+        await asyncio.to_thread(output_place.check_places, out, work_dir)
+        lock = await asyncio.to_thread(runlock.acquire, out, f"batch of {manifest}")
+    except (output_place.OutputError, runlock.RunLocked) as exc:
+        await _notify_batch_error(manifest, out, settings, exc)
+        raise
+    try:
+        for place in (out, work_dir):  # what a killed run left half-written (no other run writes here now)
+            await asyncio.to_thread(storage.remove_leftover_parts, place)
+        return await _run_batch(manifest, out, settings, work_dir)
+    finally:
+        lock.release()
+
+
+async def _notify_batch_error(manifest: str, out: str, settings: BatchSettings, exc: Exception) -> None:
+    if settings.webhook_url:
+        await notify_task.with_options(task_run_name="notify batch")(
+            settings.webhook_url, notify.batch_error_payload(manifest, out, str(exc)), settings)
+
+
+async def _run_batch(manifest: str, out: str, settings: BatchSettings, work_dir: str) -> State:
     logger = get_run_logger()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     key = report.batch_key(manifest, out)
     try:
         backend, validation, pool, workers = await _prepare(manifest, settings)
     except Exception as exc:  # the batch cannot run at all: no rows, no report
-        if settings.webhook_url:
-            await notify_task.with_options(task_run_name="notify batch")(
-                settings.webhook_url, notify.batch_error_payload(manifest, out, str(exc)), settings)
+        await _notify_batch_error(manifest, out, settings, exc)
         raise
-    work_dir = settings.work_dir or str(layout.default_work_dir(out))
     limit = asyncio.Semaphore(settings.max_concurrent_rows)
     # With the pool, `limit` gates the rows' CPU stages only (pool_run.cpu_gate), not whole rows.
     row_limit = limit if pool is None else contextlib.nullcontext()
@@ -359,7 +382,7 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
         gpu=settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, gpu_s=gpu_s,
         cost=gpu_money(gpu_s, settings.gpu_price_per_hour), workers=workers,
     ))
-    await asyncio.to_thread(storage.write_text, layout.report_uri(out), json.dumps(result, indent=2))
+    result |= await asyncio.to_thread(_write_report, out, result)
     await report.publish(result, key)
     final = states.batch_state(result)
     logger.info("batch done: %s", final.message)
@@ -368,6 +391,19 @@ async def batch(manifest: str, out: str, settings: BatchSettings | None = None) 
         await notify_task.with_options(task_run_name="notify batch")(
             settings.webhook_url, notify.batch_payload(result), settings)
     return final
+
+
+def _write_report(out: str, report: dict) -> dict:
+    """Write OUT/report.json; when that fails (a disk that filled up at the very end), {"report_error": why}:
+    the rows' results are kept in their markers and the returned report, so the batch still ends normally."""
+    uri = layout.report_uri(out)
+    try:
+        storage.write_text(uri, json.dumps(report, indent=2))
+    except Exception as exc:
+        why = output_place.describe_disk_failure(exc, out) or f"{type(exc).__name__}: {exc}"
+        get_run_logger().error("could not write the report %s: %s", uri, why)
+        return {"report_error": f"could not write {uri}: {why}"}
+    return {}
 
 
 def _step_timings(results: list[SegmentResult]) -> dict:

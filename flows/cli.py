@@ -27,6 +27,7 @@ from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
 
+from flows import interrupt, local_api
 from flows.settings import BatchSettings, SettingsError, config_file, load_settings
 from tasks.records import Plan
 
@@ -187,16 +188,19 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
     from tasks.generate.backends import resolve_backend
     from tasks.manifest import validate_manifest
 
-    # Fail fast, before Prefect starts, when the batch as a whole cannot run.
-    backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
-    try:
-        check_speed_settings(settings)
-        check_mode_settings(settings, backend)
-    except SettingsError as exc:
-        raise CommandFailed(str(exc)) from None
-    _check_checkpoint(settings, backend)
-    _check_prefect_api()
-    total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
+    with interrupt.signals_interrupt():
+        # Fail fast, before Prefect starts, when the batch as a whole cannot run.
+        backend = settings.generator_factory or resolve_backend(settings.backend, settings.checkpoint)
+        try:
+            check_speed_settings(settings)
+            check_mode_settings(settings, backend)
+        except SettingsError as exc:
+            raise CommandFailed(str(exc)) from None
+        _check_checkpoint(settings, backend)
+        _check_prefect_api()
+        total = validate_manifest(manifest, allowed_roots=settings.allowed_roots, check_files=False).total_rows
+        _check_output(out, settings)
+        local_api.start()  # without PREFECT_API_URL: a local API that outlives Ctrl-C, stopped last
 
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -217,9 +221,23 @@ def _run_batch(manifest: str, out: str, settings) -> dict:
 
         unsubscribe = hooks.subscribe(on_event)
         try:
-            return asyncio.run(run_batch())
+            return interrupt.run(run_batch())
         finally:
             unsubscribe()
+
+
+def _check_output(out: str, settings: BatchSettings) -> None:
+    """Before any work: a place the batch cannot write, or a live run writing there (the flow checks
+    again and takes the lock; checking here first spares starting Prefect for nothing)."""
+    from tasks import layout, output_place, runlock
+
+    try:
+        output_place.check_places(out, settings.work_dir or str(layout.default_work_dir(out)))
+        if (holder := runlock.holder(out)) is not None:
+            raise runlock.RunLocked(out, holder)
+    except (output_place.OutputError, runlock.RunLocked) as exc:
+        raise CommandFailed(str(exc)) from None
+
 
 
 def _check_checkpoint(settings: BatchSettings, backend: str) -> None:
@@ -270,7 +288,8 @@ def _print_report(report: dict, out: str) -> None:
                 out_console.print(f"  row {r['row']} ({escape(r.get('id') or '')}): {escape(flag)}", soft_wrap=True)
     outcome = batch_outcome(report["counts"], len(report.get("manifest_errors", [])))
     color = {"succeeded": "green", "partial": "yellow", "failed": "red"}[outcome]
-    out_console.print(f"[{color}]{STATE_NAMES[outcome]}[/{color}]: {summary(report)}; report: {report_uri(out)}")
+    where = f"[red]{report['report_error']}[/red]" if report.get("report_error") else f"report: {report_uri(out)}"
+    out_console.print(f"[{color}]{STATE_NAMES[outcome]}[/{color}]: {summary(report)}; {where}", soft_wrap=True)
     if report.get("gpu_s"):
         cost = f", cost {_money(report['cost'])}" if report.get("cost") is not None else ""
         out_console.print(f"GPU hours ({report.get('gpu') or 'GPU'}): {_hours(report['gpu_s'], 2)}{cost}")
@@ -309,12 +328,13 @@ def status(
     if re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", target):
         _status_from_prefect(target)
         return
-    from tasks import storage
+    from tasks import runlock, storage
     from tasks.status import batch_status
 
     if not storage.exists(target):
         raise CommandFailed(f"{target} does not exist (give an output folder or a flow run id)")
-    rows = batch_status(target, work_dir)
+    holder = runlock.holder(target)
+    rows = batch_status(target, work_dir, running=holder is not None)
     table = Table("id", "state", "clips", "GPU h used", "GPU h left (est.)", "warnings", "error",
                   title=f"batch status: {target}")
     for r in rows:
@@ -329,6 +349,9 @@ def status(
     left = sum(r.est_remaining_gpu_s or 0 for r in rows)
     out_console.print(f"{len(rows)} rows; {sum(r.clips_done for r in rows)} clips done; "
                       f"GPU hours used {_hours(used, 2)}, estimated remaining {_hours(left, 2)}")
+    out_console.print(f"running: {holder.describe()}" if holder else "no run is writing to this output now"
+                      + ("; rerun the manifest to finish the interrupted rows" if any(
+                          r.state == "interrupted" for r in rows) else ""))
 
 
 def _hours(seconds: float | None, digits: int = 3, unknown: str = "") -> str:
@@ -523,21 +546,27 @@ def main() -> None:
     traceback when the command cannot run (`-v` or S2V_DEBUG=1 shows the traceback)."""
     from tasks.generate.backends import BackendError
     from tasks.manifest import ManifestError
+    from tasks.output_place import OutputError
+    from tasks.runlock import RunLocked
 
     # The click that typer runs on: since typer 0.29 its own copy, whose exceptions are not click's.
     click = sys.modules[typer.BadParameter.__module__]
     verbose = bool(os.environ.get("S2V_DEBUG")) or bool({"-v", "--verbose"} & set(sys.argv[1:]))
     try:
         code = app(standalone_mode=False)
-    except (ManifestError, BackendError, CommandFailed) as exc:
+    except (ManifestError, BackendError, CommandFailed, OutputError, RunLocked, local_api.LocalApiError) as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(2)
     except click.ClickException as exc:  # a usage error: no such command, a missing argument, a bad value
         _show_usage_error(exc)
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, typer.Abort):
-        console.print("[red]interrupted[/red]: finished rows and clips are kept; rerun to resume")
-        sys.exit(130)
+    except (interrupt.Interrupted, KeyboardInterrupt, typer.Abort) as exc:
+        # The local API goes last: the flow needed it to record its end (flows/interrupt.py).
+        local_api.stop()
+        name = f" ({exc})" if isinstance(exc, interrupt.Interrupted) else ""
+        console.print(f"[red]interrupted{name}[/red]: finished rows and clips are kept; rerun to resume",
+                      soft_wrap=True)
+        interrupt.exit_now()
     except Exception as exc:  # e.g. a checkpoint that cannot load: one message
         if verbose:
             raise

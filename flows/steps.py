@@ -355,3 +355,5 @@ def fetch_input(uri: str, column: str) -> Path:
         raise RowFailure(column, f"file not found: {uri}") from None
     except PermissionError as exc:
         raise RowFailure(column, f"file not readable: {uri} ({exc})") from None
+    except Exception as exc:  # credentials, network, a full cache disk: this row's failure, named
+        raise RowFailure(column, storage.describe_access_error(uri, exc, f"column '{column}'")) from None

@@ -24,6 +24,8 @@ from pathlib import Path
 from tasks import storage
 from tasks.records import ManifestRow, NormalizedAssets, RowResult
 
+STATE_DIR = ".s2v"
+"""The batch's own records inside the output folder (markers, the lock, the work folder); no row writes there."""
 FINGERPRINT_VERSION = "1"
 """Bump when a change to the pipeline makes earlier outputs stale."""
 
@@ -32,7 +34,7 @@ def default_work_dir(out: str) -> Path:
     if storage.is_remote(out):
         key = hashlib.sha256(out.encode()).hexdigest()[:16]
         return storage.DEFAULT_CACHE / "work" / key
-    return Path(out).resolve() / ".s2v" / "work"
+    return Path(out).resolve() / STATE_DIR / "work"
 
 
 def plan_work_dir(manifest: str) -> Path:
@@ -46,7 +48,7 @@ def report_uri(out: str) -> str:
 
 
 def registry_uri(out: str) -> str:
-    return storage.join(out, ".s2v", "manifests")
+    return storage.join(out, STATE_DIR, "manifests")
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,16 @@ def output_uris(out: str, row: ManifestRow) -> dict[str, str]:
 
 
 def _file_identity(uri: str) -> str:
-    """Cheap identity of an input file: size and modification time (ETag for objects)."""
+    """Cheap identity of an input file: size and modification time (ETag for objects). A file that
+    cannot be reached has no identity: the fingerprint then never matches a finished row, and the
+    row's fetch names the cause (tasks/steps.fetch_input)."""
+    try:
+        return _stat_identity(uri)
+    except Exception as exc:  # noqa: BLE001 - any client or OS error: see the docstring
+        return f"unreachable:{type(exc).__name__}"
+
+
+def _stat_identity(uri: str) -> str:
     if storage.is_remote(uri):
         fs, path = storage.filesystem(uri)
         info = fs.info(path)
@@ -128,7 +139,7 @@ def row_fingerprint(row: ManifestRow, settings: dict) -> str:
 
 
 def marker_uri(out: str, row_id: str) -> str:
-    return storage.join(out, ".s2v", "rows", f"{row_id}.json")
+    return storage.join(out, STATE_DIR, "rows", f"{row_id}.json")
 
 
 def load_finished(out: str, row: ManifestRow, fingerprint: str) -> RowResult | None:

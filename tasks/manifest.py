@@ -9,9 +9,12 @@ the reason, and the good rows go on.
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 import posixpath
 import re
+import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -19,7 +22,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from model.presets import DISTILLED_STEPS, PRESET_NAMES
-from tasks import storage
+from tasks import layout, storage
 from tasks.records import MODES, PRECISIONS, ManifestRow, Resolution, RowIssue
 
 REQUIRED_COLUMNS = ("id", "audio", "image")
@@ -76,9 +79,12 @@ class Validation:
 def read_manifest(uri: str) -> pd.DataFrame:
     """Read a manifest into a DataFrame of strings (empty cells are '').
 
-    Raises ManifestError with one clear message when the file is missing, is not CSV,
-    has no data rows or lacks a required column.
+    Raises ManifestError with one clear message when the file is missing, is not a regular
+    file, is not CSV, has no data rows, lacks a required column, repeats a column or has
+    rows with more fields than the header.
     """
+    if not storage.is_remote(uri):
+        _check_manifest_file(uri)
     try:
         raw = storage.read_bytes(uri)
     except FileNotFoundError:
@@ -91,6 +97,7 @@ def read_manifest(uri: str) -> pd.DataFrame:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{uri} is not a UTF-8 CSV file ({exc.reason} at byte {exc.start})") from None
+    header = _check_shape(uri, text)
     try:
         frame = pd.read_csv(
             io.StringIO(text),
@@ -99,10 +106,12 @@ def read_manifest(uri: str) -> pd.DataFrame:
             skipinitialspace=True,
             skip_blank_lines=True,
             quoting=csv.QUOTE_MINIMAL,
+            index_col=False,  # never take the first column as the index (_check_shape refused extra fields)
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
         raise ManifestError(f"{uri} is not a valid CSV file: {str(exc).strip()}") from None
-    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    # The header as written: pandas renames a repeated column ("script.1"), which would hide it.
+    frame.columns = header
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         found = ", ".join(frame.columns[:12]) or "none"
@@ -110,12 +119,53 @@ def read_manifest(uri: str) -> pd.DataFrame:
             f"{uri} lacks required column(s) {', '.join(missing)} "
             f"(found: {found}); a manifest needs a header row with at least id, audio, image"
         )
-    duplicated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
-    if duplicated:
-        raise ManifestError(f"{uri} has duplicate column(s): {', '.join(duplicated)}")
     if frame.empty:
         raise ManifestError(f"{uri} has a header but no data rows")
     return frame.apply(lambda col: col.str.strip())
+
+
+def _check_manifest_file(path: str) -> None:
+    """A local manifest must be a regular file: reading a FIFO would wait for a writer forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"manifest {path!r} cannot be read: {_os_reason(exc)}") from None
+    if not stat.S_ISREG(mode):
+        raise ManifestError(f"manifest {path} is {_file_kind(mode)}, not a CSV file")
+
+
+def _check_shape(uri: str, text: str) -> list[str]:
+    """The header's column names (stripped, lower case); ManifestError for a repeated column or a
+    line with more fields than the header. pandas would read a file whose every line has one field
+    more as having an index column, shifting every value into the wrong column; a line naming the
+    line and the count is the honest answer."""
+    reader = csv.reader(io.StringIO(text), skipinitialspace=True)
+    header: list[str] | None = None
+    while True:
+        try:
+            record = next(reader, None)
+        except csv.Error as exc:
+            raise ManifestError(f"{uri} is not a valid CSV file: line {reader.line_num}: {exc}") from None
+        if record is None:
+            break
+        if not record:  # blank line
+            continue
+        if header is None:
+            header = [c.strip().lower() for c in record]
+            duplicated = sorted({c for c in header if header.count(c) > 1})
+            if duplicated:
+                raise ManifestError(f"{uri} has duplicate column(s): {', '.join(duplicated)} "
+                                    "(each column may appear once in the header)")
+        elif len(record) > len(header):
+            raise ManifestError(
+                f"{uri} line {reader.line_num} has {len(record)} fields but the header has {len(header)} columns "
+                "(a trailing comma, or a value with a comma that needs quotes?)"
+            )
+    if header is None:
+        raise ManifestError(f"{uri} is empty: a manifest needs a header row with at least id, audio, image")
+    return header
 
 
 def validate_manifest(
@@ -176,17 +226,17 @@ def validate_manifest(
         # Every row's files are checked, also rows with other problems: one pass reports all.
         wanted = [values[c] for _, _, values, _ in checked for c in PATH_COLUMNS if values.get(c)]
         wanted += [uri for _, _, values, _ in checked for uri in values.get("lora") or []]
-        present = _existing_files(wanted)
+        problems = _file_problems(wanted)
         for number, row_id, values, row_issues in checked:
             bad_paths = {i.field for i in row_issues}
             row_issues.extend(
-                RowIssue(row=number, id=row_id, field=c, reason=f"file not found: {values[c]}")
+                RowIssue(row=number, id=row_id, field=c, reason=problems[values[c]])
                 for c in PATH_COLUMNS
-                if values.get(c) and c not in bad_paths and values[c] not in present
+                if values.get(c) and c not in bad_paths and values[c] in problems
             )
-            missing = [u for u in values.get("lora") or [] if u not in present]
+            missing = [u for u in values.get("lora") or [] if u in problems]
             if missing and "lora" not in bad_paths:
-                row_issues.append(RowIssue(row=number, id=row_id, field="lora", reason=f"file not found: {missing[0]}"))
+                row_issues.append(RowIssue(row=number, id=row_id, field="lora", reason=problems[missing[0]]))
 
     rows: list[ManifestRow] = []
     for number, _, values, row_issues in checked:
@@ -204,14 +254,19 @@ def _check_row(
     batch_precision: str | None = None,
 ) -> tuple[list[RowIssue], dict]:
     """Check one row's cells; return its problems and the typed values."""
+    # A NUL byte is damage, never data: the OS refuses it in a path and a script would carry it on.
+    damaged = [c for c, cell in record.items() if "\x00" in cell]
+    record = {c: "" if c in damaged else cell for c, cell in record.items()}
     row_id = record.get("id") or None
     issues: list[RowIssue] = []
 
     def fail(column: str, reason: str) -> None:
         issues.append(RowIssue(row=number, id=row_id, field=column, reason=reason))
 
+    for column in damaged:
+        fail(column, "holds a NUL byte (the manifest is damaged here); retype this cell")
     values: dict = {}
-    if not row_id:
+    if not row_id and "id" not in damaged:
         fail("id", "required value is empty")
     elif not ID_PATTERN.match(row_id):
         fail("id", "use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -220,7 +275,7 @@ def _check_row(
     for column in PATH_COLUMNS:
         raw = record.get(column, "")
         if not raw:
-            if column in REQUIRED_COLUMNS:
+            if column in REQUIRED_COLUMNS and column not in damaged:
                 fail(column, "required value is empty")
             values[column] = None
             continue
@@ -275,6 +330,8 @@ def _check_row(
         fail("output", f"{output!r} must be a relative path inside the output folder")
     elif output and out_path.suffix.lower() != ".mp4":
         fail("output", f"{output!r} must end in .mp4")
+    elif output and out_path.parts[0].lower() == layout.STATE_DIR:
+        fail("output", f"{output!r} points into {layout.STATE_DIR}/, the batch's own records; choose another folder")
     values["output"] = str(out_path)
     return issues, values
 
@@ -382,40 +439,87 @@ def _normalize_root(root: str) -> str:
 
 
 def _resolve_path(raw: str, base: str, roots: list[str]) -> tuple[str, str | None]:
-    """Resolve a manifest path against the manifest folder and check it stays inside a root."""
-    if "://" in raw:
-        if not storage.is_remote(raw):
-            raw = raw.split("://", 1)[1]
-            resolved = str(Path(raw).resolve())
-        else:
-            protocol, rest = raw.split("://", 1)
-            resolved = f"{protocol}://{posixpath.normpath(rest)}"
-    elif storage.is_remote(base):
-        protocol, rest = base.split("://", 1)
-        resolved = f"{protocol}://{posixpath.normpath(posixpath.join(rest, raw))}"
-    else:
-        resolved = str((Path(base) / Path(raw).expanduser()).resolve())
+    """Resolve a manifest path against the manifest folder and check it stays inside a root.
+    Any error the OS raises while resolving (a name too long, a link loop) is the reason, not an exception."""
+    try:
+        resolved = _resolve(raw, base)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return raw, f"path {_shorten(raw)!r} cannot be used: {_os_reason(exc)}"
     if not any((resolved + "/").startswith(root) for root in roots):
         allowed = ", ".join(r.rstrip("/") for r in roots)
-        return resolved, f"path {raw!r} resolves outside the allowed folders ({allowed})"
+        return resolved, f"path {_shorten(raw)!r} resolves outside the allowed folders ({allowed})"
     return resolved, None
 
 
-def _existing_files(uris: list[str]) -> set[str]:
-    """Which of `uris` exist. Remote folders are listed once each instead of one request a file."""
-    present: set[str] = set()
+def _resolve(raw: str, base: str) -> str:
+    if "://" in raw and storage.is_remote(raw):
+        protocol, rest = raw.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(rest)}"
+    if "://" in raw:
+        raw = raw.split("://", 1)[1]  # file://media/a.wav is media/a.wav, relative to the manifest like any path
+    if storage.is_remote(base):
+        protocol, rest = base.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, raw))}"
+    return str((Path(base) / Path(raw).expanduser()).resolve())
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit // 2]}…{text[-limit // 2:]} ({len(text)} characters)"
+
+
+def _os_reason(exc: BaseException) -> str:
+    """What went wrong, without the path (the message names it once, shortened)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return "the name is too long for the file system"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    if isinstance(exc, ValueError) and "null" in str(exc):
+        return "it holds a NUL byte"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _file_problems(uris: list[str]) -> dict[str, str]:
+    """Why each of `uris` that is not a readable file is not (absent: it is one). Every error of the OS
+    or a storage client becomes that path's reason: one row's path never stops the validation.
+    Remote folders are listed once each instead of one request a file."""
+    problems: dict[str, str] = {}
     remote_dirs: dict[str, list[str]] = defaultdict(list)
     for uri in set(uris):
         if storage.is_remote(uri):
             remote_dirs[storage.parent(uri)].append(uri)
-        elif Path(uri).is_file():
-            present.add(uri)
+            continue
+        try:
+            mode = os.stat(uri).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            problems[uri] = f"file not found: {_shorten(uri)}"
+            continue
+        except (OSError, ValueError) as exc:
+            problems[uri] = f"{_shorten(uri)} cannot be read: {_os_reason(exc)}"
+            continue
+        if not stat.S_ISREG(mode):
+            problems[uri] = f"{_shorten(uri)} is {_file_kind(mode)}, not a file"
+        elif not os.access(uri, os.R_OK):
+            problems[uri] = f"{_shorten(uri)} cannot be read: permission denied"
     for folder, members in remote_dirs.items():
-        fs, path = storage.filesystem(folder)
         protocol = folder.split("://", 1)[0]
         try:
-            listed = {f"{protocol}://{p}" for p in fs.ls(path, detail=False, refresh=True)}
+            fs, path = storage.filesystem(folder)
+            listed = {f"{protocol}://{e['name']}": e.get("type") for e in fs.ls(path, detail=True, refresh=True)}
         except FileNotFoundError:
-            listed = set()
-        present.update(u for u in members if u in listed)
-    return present
+            listed = {}
+        except Exception as exc:  # credentials, endpoint, network, a malformed bucket name: these rows only
+            reason = storage.describe_access_error(folder, exc, "allowed_roots")
+            problems.update(dict.fromkeys(members, reason))
+            continue
+        for uri in members:
+            if uri not in listed:
+                problems[uri] = f"file not found: {_shorten(uri)}"
+            elif listed[uri] == "directory":
+                problems[uri] = f"{_shorten(uri)} is a folder, not a file"
+    return problems

@@ -41,9 +41,16 @@ class FFmpegError(RuntimeError):
 
     @property
     def last_line(self) -> str:
-        """The last line ffmpeg wrote: its conclusion, for one-line messages."""
+        """The line that names the cause, for one-line messages: an error of the system (a full disk)
+        where ffmpeg wrote one, else its last meaningful line ("Conversion failed!" says nothing alone)."""
         lines = [ln.strip() for ln in self.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
-        return lines[-1] if lines else "ffmpeg failed"
+        if causes := [ln for ln in lines if any(e in ln for e in SYSTEM_ERRORS)]:
+            return causes[-1]
+        meaningful = [ln for ln in lines if ln != "Conversion failed!"]
+        return (meaningful or lines or ["ffmpeg failed"])[-1]
+
+
+SYSTEM_ERRORS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
 
 
 def run_ffmpeg(

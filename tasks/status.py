@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import layout, storage
+from tasks import layout, runlock, storage
 from tasks.records import Plan, RowResult
 
 
@@ -28,7 +28,8 @@ class SegmentStatus:
 class RowStatus:
     id: str
     state: str
-    """'succeeded', 'failed', 'skipped' (finished), 'generating', 'planned' or 'preparing'."""
+    """'succeeded', 'failed', 'skipped' (finished); while a run holds the output 'generating', 'planned'
+    or 'preparing'; with no run holding it, an unfinished row is 'interrupted' (a rerun resumes it)."""
     clips_done: int = 0
     clips: int | None = None
     gpu_s: float | None = None
@@ -39,8 +40,11 @@ class RowStatus:
     segments: list[SegmentStatus] = field(default_factory=list)
 
 
-def batch_status(out: str, work_dir: str | Path | None = None) -> list[RowStatus]:
-    """Status of every row the batch writing to `out` has touched, by id."""
+def batch_status(out: str, work_dir: str | Path | None = None, running: bool | None = None) -> list[RowStatus]:
+    """Status of every row the batch writing to `out` has touched, by id. `running`: whether a run holds
+    the output now (default: asked of its lock, tasks/runlock.py); without one nothing is in progress."""
+    if running is None:
+        running = runlock.holder(out) is not None
     work = Path(work_dir) if work_dir else layout.default_work_dir(out)
     report = _read_json(layout.report_uri(out)) or {}
     reported = {r["id"]: RowResult.model_validate(r) for r in report.get("rows", []) if r.get("id")}
@@ -50,8 +54,14 @@ def batch_status(out: str, work_dir: str | Path | None = None) -> list[RowStatus
     for row_id in ids:
         marker = _read_json(layout.marker_uri(out, row_id))
         finished = RowResult.model_validate(marker["result"]) if marker else reported.get(row_id)
-        rows.append(_row_status(row_id, layout.RowPaths.for_row(work, row_id), finished))
+        status = _row_status(row_id, layout.RowPaths.for_row(work, row_id), finished)
+        if not running and status.state in IN_PROGRESS:
+            status.state = "interrupted"
+        rows.append(status)
     return rows
+
+
+IN_PROGRESS = ("preparing", "planned", "generating")
 
 
 def _row_status(row_id: str, paths: layout.RowPaths, finished: RowResult | None) -> RowStatus:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -121,7 +122,11 @@ def atomic_local(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".part{target.suffix}", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f"{PART_SUFFIX}{target.suffix}",
+                                        dir=target.parent)
+    except OSError as exc:
+        raise _naming(exc, target) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -129,8 +134,45 @@ def atomic_local(target: str | Path) -> Iterator[Path]:
         # mkstemp creates 0600 files; deliverables get the usual permissions of the umask.
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.filename in (str(tmp), tmp):
+            raise _naming(exc, target) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+PART_SUFFIX = ".part"
+"""Marks `atomic_local`'s temporary files (`.<stem>.<random>.part<suffix>`); a killed run leaves them
+behind, and the next run into the same place removes them (`remove_leftover_parts`)."""
+
+
+def _naming(exc: OSError, target: Path) -> OSError:
+    """The same error naming the file being written, not its temporary name (which means nothing to anyone)."""
+    return type(exc)(exc.errno, exc.strerror, str(target)) if exc.errno else exc
+
+
+def remove_leftover_parts(folder: str | Path) -> int:
+    """Delete the temporary files a killed run left under the local `folder` (`atomic_local`'s
+    `.*.part*`); only call it while no other run writes there. Returns how many were removed."""
+    removed = 0
+    root = Path(folder)
+    if is_remote(str(folder)) or not root.is_dir():  # object stores have no half-written objects
+        return 0
+    for path in root.rglob(f".*{PART_SUFFIX}*"):
+        if path.is_file() and _is_part_name(path.name):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+# .<stem>.<8 random characters>.part<suffix>: mkstemp's random part is 8 of [a-z0-9_]; a user's own
+# ".notes.partial.txt" does not match.
+_PART_NAME = re.compile(rf"\..*\.[a-z0-9_]{{8}}{re.escape(PART_SUFFIX)}(\.[^.]+)?")
+
+
+def _is_part_name(name: str) -> bool:
+    return _PART_NAME.fullmatch(name) is not None
 
 
 def put_file(local: str | Path, uri: str) -> None:

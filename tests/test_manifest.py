@@ -180,3 +180,135 @@ def test_preset_and_lora_columns(examples: Path) -> None:
         "row 6 (id 'f'), column 'lora': path '../outside.safetensors' resolves outside the allowed folders "
         f"({examples})",
     ]
+
+
+# ---------------------------------------------------------------- hostile paths and shapes (issue 16)
+
+
+def test_paths_the_os_refuses_fail_their_row_only(examples: Path) -> None:
+    long_name = "a" * 300 + ".wav"  # over NAME_MAX (255) of every common file system
+    long_path = "media/" + "b" * 5000 + "/x.wav"  # over PATH_MAX
+    manifest = write(examples / "m.csv", "id,audio,image,lora\n"
+                     "good,media/welcome.wav,media/astronaut.jpg,\n"
+                     f"name,{long_name},media/astronaut.jpg,\n"
+                     f"path,{long_path},media/astronaut.jpg,\n"
+                     f"lora,media/welcome.wav,media/astronaut.jpg,{long_name}\n")
+    result = validate_manifest(str(manifest))
+    assert [r.id for r in result.rows] == ["good"]
+    reasons = {(i.row, i.field): i.reason for i in result.issues}
+    assert set(reasons) == {(2, "audio"), (3, "audio"), (4, "lora")}
+    for reason in reasons.values():
+        assert "the name is too long for the file system" in reason
+        assert len(reason) < 300  # the path is shortened, not printed in full
+
+
+def test_s3_rows_without_credentials_fail_their_rows_only(s3_endpoint: str, examples: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # No credentials anywhere: environment, files or instance metadata (the real lookup, not a fake client).
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    manifest = write(examples / "m.csv", "id,audio,image\n"
+                     "good,media/welcome.wav,media/astronaut.jpg\n"
+                     "remote,s3://s2v-examples/media/welcome.wav,media/astronaut.jpg\n")
+    try:
+        result = validate_manifest(str(manifest), allowed_roots=["s3://s2v-examples"])
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert [r.id for r in result.rows] == ["good"]
+    (issue,) = result.issues
+    assert (issue.row, issue.field) == (2, "audio")
+    assert "S3 credentials are missing or wrong" in issue.reason
+
+
+def test_nul_bytes_past_the_first_kilobytes_fail_their_cells(examples: Path) -> None:
+    text = ("id,audio,image,script\n"
+            f"long,media/welcome.wav,media/astronaut.jpg,{'word ' * 1500}\n"
+            "nul,media/wel\x00come.wav,media/astronaut.jpg,fine\n"
+            "script,media/welcome.wav,media/astronaut.jpg,bro\x00ken\n")
+    manifest = examples / "m.csv"
+    manifest.write_bytes(text.encode())
+    result = validate_manifest(str(manifest))
+    assert [r.id for r in result.rows] == ["long"]
+    assert {(i.row, i.field) for i in result.issues} == {(2, "audio"), (3, "script")}
+    assert all("NUL byte" in i.reason for i in result.issues)
+
+
+def test_every_row_one_field_longer_than_the_header_is_refused(tmp_path: Path) -> None:
+    # pandas would take the first column as the index and shift every value one column left.
+    path = write(tmp_path / "m.csv", "id,audio,image\n"
+                 "a,media/welcome.wav,media/astronaut.jpg,extra\n"
+                 "b,media/welcome.wav,media/astronaut.jpg,extra\n")
+    with pytest.raises(ManifestError) as info:
+        read_manifest(str(path))
+    message = str(info.value)
+    assert "line 2 has 4 fields but the header has 3 columns" in message and "\n" not in message
+
+
+def test_one_long_row_in_the_middle_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "m.csv", 'id,audio,image,script\n'
+                 'a,x.wav,y.jpg,"two\nlines"\n'
+                 'b,x.wav,y.jpg,unquoted, comma\n')
+    with pytest.raises(ManifestError, match="line 4 has 5 fields but the header has 4 columns"):
+        read_manifest(str(path))
+
+
+def test_rows_with_fewer_fields_read_as_empty_cells(tmp_path: Path) -> None:
+    path = write(tmp_path / "m.csv", "id,audio,image,script\na,x.wav,y.jpg\n")
+    assert read_manifest(str(path)).to_dict(orient="records") == [
+        {"id": "a", "audio": "x.wav", "image": "y.jpg", "script": ""}]
+
+
+@pytest.mark.parametrize("header", ["id,audio,image,script,script", "id,audio,image,Script,script "])
+def test_a_repeated_header_column_is_flagged(tmp_path: Path, header: str) -> None:
+    path = write(tmp_path / "m.csv", f"{header}\na,x.wav,y.jpg,one,two\n")
+    with pytest.raises(ManifestError, match=r"duplicate column\(s\): script"):
+        read_manifest(str(path))
+
+
+def test_a_fifo_or_folder_as_manifest_is_named_and_never_read(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "m.csv"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    with pytest.raises(ManifestError, match=r"is a FIFO \(named pipe\), not a CSV file"):
+        validate_manifest(str(fifo))
+    with pytest.raises(ManifestError, match="is a folder, not a CSV file"):
+        validate_manifest(str(tmp_path))
+
+
+def test_folders_and_fifos_in_rows_are_named_as_such(examples: Path) -> None:
+    import os
+
+    (examples / "media" / "voices").mkdir()
+    os.mkfifo(examples / "media" / "pipe.wav")
+    manifest = write(examples / "m.csv", "id,audio,image\n"
+                     "dir,media/voices,media/astronaut.jpg\n"
+                     "fifo,media/pipe.wav,media/astronaut.jpg\n")
+    reasons = {i.row: i.reason for i in validate_manifest(str(manifest)).issues}
+    assert reasons[1].endswith("voices is a folder, not a file")
+    assert reasons[2].endswith("pipe.wav is a FIFO (named pipe), not a file")
+
+
+def test_file_urls_resolve_against_the_manifest_folder(examples: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # not the manifest's folder
+    manifest = write(examples / "m.csv", "id,audio,image\n"
+                     "rel,file://media/welcome.wav,media/astronaut.jpg\n"
+                     f"abs,file://{examples / 'media' / 'safety.mp3'},media/astronaut.jpg\n")
+    result = validate_manifest(str(manifest))
+    assert result.issues == []
+    assert [r.audio for r in result.rows] == [str(examples / "media" / "welcome.wav"),
+                                             str(examples / "media" / "safety.mp3")]
+
+
+@pytest.mark.parametrize("output", [".s2v/rows/x.mp4", ".S2V/x.mp4", "./.s2v/work/a.mp4"])
+def test_outputs_may_not_point_into_the_batch_records(examples: Path, output: str) -> None:
+    manifest = write(examples / "m.csv", f"id,audio,image,output\na,media/welcome.wav,media/astronaut.jpg,{output}\n")
+    (issue,) = validate_manifest(str(manifest)).issues
+    assert issue.field == "output" and "points into .s2v/" in issue.reason

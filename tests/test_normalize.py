@@ -396,3 +396,80 @@ def test_stereo_master_keeps_both_channels_and_model_track_is_mono(tmp_path: Pat
     measured, _ = loudness(master)
     assert measured == pytest.approx(-16.0, abs=1.0) and qc.master_lufs == pytest.approx(measured, abs=0.5)
     _check_pair(audio_16k, master, 2, n)
+
+
+# ---------------------------------------------------------------- messages that point at the cause (issue 16)
+
+
+def test_a_tenth_of_a_second_is_too_short(tmp_path: Path) -> None:
+    src = write_wav(tmp_path / "blip.wav", speechlike(0.1, 16_000, level=0.5), 16_000)
+    reason = _audio_failure(src, tmp_path).reason
+    assert reason.startswith("audio is too short: 0.10 seconds")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_nan_or_infinite_samples_are_invalid_not_faint(tmp_path: Path, bad: float) -> None:
+    samples = speechlike(3.0, 16_000)
+    samples[8000:8100] = bad
+    src = tmp_path / "broken.wav"
+    sf.write(str(src), samples, 16_000, subtype="FLOAT")  # float WAV carries NaN and infinity as they are
+    reason = _audio_failure(src, tmp_path).reason
+    assert reason.startswith("audio holds invalid samples (NaN or infinite values)")
+
+
+def test_a_truncated_mp3_is_an_audio_error(spoken: Path, tmp_path: Path) -> None:
+    mp3 = encode(spoken, tmp_path / "whole.mp3", rate=44_100, channels=2)
+    data = mp3.read_bytes()
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(data[: len(data) // 2])  # an interrupted upload: the header still counts every frame
+    reason = _audio_failure(cut, tmp_path).reason
+    assert reason.startswith("audio file is truncated: it decodes to")
+    assert "header announces" in reason
+
+
+def test_heavy_clipping_is_flagged_and_clean_speech_is_not(spoken: Path, tmp_path: Path) -> None:
+    from tasks.normalize.audio import audio_flags
+
+    _, _, clean, _ = normalize_audio(spoken, tmp_path / "clean")
+    assert audio_flags(clean) == []
+    rate = 16_000
+    loud = np.clip(8 * speechlike(4.0, rate, level=0.5), -1.0, 1.0).astype(np.float32)
+    _, _, qc, _ = normalize_audio(write_wav(tmp_path / "hot.wav", loud, rate), tmp_path / "hot")
+    (flag,) = audio_flags(qc)
+    assert flag.startswith("audio_clipped: ") and "% of the samples are at full scale" in flag
+
+
+def test_a_folder_or_fifo_given_as_audio_is_named_and_never_opened(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "voices").mkdir()
+    assert "not a file" in _audio_failure(tmp_path / "voices", tmp_path).reason
+    os.mkfifo(tmp_path / "pipe.wav")  # opening it for reading would wait for a writer
+    assert "not a file" in _audio_failure(tmp_path / "pipe.wav", tmp_path).reason
+
+
+def test_memory_stays_flat_for_long_audio(tmp_path: Path) -> None:
+    """Ten minutes of 48 kHz stereo decode to 230 MB of float32; normalization streams it in blocks, so
+    the process grows by far less than that (measured in a fresh process: ru_maxrss is a high-water mark)."""
+    import subprocess
+    import sys
+
+    from media import _ffmpeg
+
+    src = tmp_path / "long.wav"
+    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=220:sample_rate=48000:duration=600", "-af",
+            "tremolo=f=4:d=0.9,volume=0.3", "-ac", "2", "-c:a", "pcm_s16le", str(src))
+    script = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from tasks.normalize.audio import normalize_audio\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "qc = normalize_audio(Path(sys.argv[1]), Path(sys.argv[2]))[2]\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(before, after, qc.duration_s)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "row")],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    before_kb, after_kb, duration = done.stdout.split()
+    assert float(duration) == pytest.approx(600, abs=1)
+    assert int(after_kb) - int(before_kb) < 100 * 1024, done.stdout  # KiB: under 100 MiB of growth

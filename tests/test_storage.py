@@ -59,3 +59,26 @@ def test_s3_round_trip_and_cache(s3, tmp_path: Path) -> None:
     assert storage.read_text("s3://s2v-examples/t/r.json") == '{"ok": true}'
     with pytest.raises(FileNotFoundError):
         storage.local_copy("s3://s2v-examples/t/none.bin", cache_dir=tmp_path / "cache")
+
+
+def test_leftover_parts_of_a_killed_run_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    with storage.atomic_local(tmp_path / "kept.mp4") as tmp:
+        tmp.write_bytes(b"done")
+        left = tmp_path / "sub" / tmp.name  # what a kill at this moment would have left, one folder down
+        left.parent.mkdir()
+        left.write_bytes(b"half")
+    mine = [tmp_path / ".notes.partial.txt", tmp_path / "clip.part.mp4", tmp_path / ".a.b.part"]
+    for path in mine:
+        path.write_bytes(b"user's")
+    assert storage.remove_leftover_parts(tmp_path) == 1
+    assert not left.exists() and (tmp_path / "kept.mp4").read_bytes() == b"done"
+    assert all(p.exists() for p in mine)
+
+
+def test_a_failed_atomic_write_names_the_target_not_its_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    target.mkdir()  # in the way: the rename fails
+    with pytest.raises(OSError) as info, storage.atomic_local(target) as tmp:
+        tmp.write_text("{}")
+    assert info.value.filename == str(target) and ".part" not in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

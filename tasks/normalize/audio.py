@@ -1,8 +1,10 @@
 """Audio normalization: any common format in, a 16 kHz model track and a loudness-normalized master out.
 
-The source is decoded once to float32 (ffmpeg), analysed in numpy (peak, clipping, silence) and trimmed
-at sample positions chosen once on that signal; both output files are then written by one ffmpeg run
-from the same trimmed samples, so the 16 kHz track and the 48 kHz master start and end together.
+The source is decoded to float32 (ffmpeg) and analysed in numpy block by block as it streams out of
+ffmpeg (peak, clipping, invalid samples, 10 ms frame powers for silence), so memory stays a few MB
+whatever the audio's length. The trim points are chosen once on that signal; both output files are
+then written by one ffmpeg run that decodes the source again (decoding is deterministic) and cuts it
+at those sample positions, so the 16 kHz track and the 48 kHz master start and end together.
 
 Loudness is EBU R128 in two passes: pass one measures integrated loudness, loudness range, threshold
 and true peak with ffmpeg's `ebur128` filter while decoding; pass two applies the pure gain to -16 LUFS
@@ -12,6 +14,10 @@ run is deliberate: a measuring `loudnorm` pass runs its full dynamic processor a
 real time for stereo here), while `ebur128` gives the same BS.1770 measurements at about 300x.
 Speech whose peaks are too high for a pure gain to stay under -1.5 dBTP first goes through a
 lookahead limiter (see `_limit_peaks`), because loudnorm's own fallback misses the target.
+
+A recording that cannot stand for speech fails its row with the cause: too short to measure
+(`MIN_DURATION_S`), invalid samples (NaN or infinity), a file that decodes to much less than its
+header announces (truncated), silence. Heavy clipping is flagged (`audio_flags`), not failed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import json
 import logging
 import math
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +35,7 @@ import av
 import ffmpeg
 import numpy as np
 
-from tasks.media import FFmpegError, MediaInfo, probe, run_ffmpeg
+from tasks.media import FFmpegError, MediaInfo, ffmpeg_exe, probe, run_ffmpeg
 from tasks.records import MODEL_SAMPLE_RATE, AudioQC, RowFailure
 from tasks.storage import atomic_local
 
@@ -40,6 +48,19 @@ DEFAULT_LRA = 11.0
 CLIP_LEVEL = 0.999
 FRAME_S = 0.010
 """Silence detection works on 10 ms RMS frames: short enough for tight cuts, long enough to ignore clicks."""
+
+MIN_DURATION_S = 0.5
+"""Shortest recording accepted: EBU R128 measures loudness over 400 ms blocks, and less than half a second
+is no speech to animate."""
+CLIPPED_FLAG_RATIO = 0.01
+"""Share of samples at full scale from which a recording is flagged as heavily clipped. Clean speech has
+none or a few stray samples (under 0.1 %); at 1 % the distortion is audible, and the model animates
+the distorted sound."""
+TRUNCATED_RATIO = 0.9
+"""A file that decodes to less than this share of the duration its header announces (and over 0.5 s
+less) is taken as truncated: an interrupted upload or copy."""
+BLOCK_FRAMES = 256
+"""Analysis frames (10 ms each) per block read from ffmpeg: 2.56 s of audio, under 1 MB of float32."""
 
 AUDIO_16K_NAME = "audio_16k.wav"
 MASTER_NAME = "master.wav"
@@ -137,47 +158,123 @@ def _codec_name(src: Path, fallback: str | None) -> str:
         return fallback or "unknown"
 
 
-def _decode(src: Path, sample_rate: int, channels: int) -> tuple[np.ndarray, Loudness | None]:
-    """Decode the first audio stream to float32 (frames × channels) and measure its loudness.
+@dataclass
+class _Analysis:
+    """What one streaming pass over the decoded source measured."""
 
-    One ffmpeg run feeds the decoded signal both to stdout and to `ebur128`, so the file is
-    decoded once for analysis and measurement.
-    """
+    frames: int = 0
+    peak: float = 0.0
+    clipped: int = 0
+    finite: bool = True
+    powers: list[np.ndarray] | None = None
+    """Mean power of each 10 ms frame (all channels), one array per block."""
+    loudness: Loudness | None = None
+
+
+def _source(src: Path, sample_rate: int, channels: int, trim: tuple[int, int] | None = None):
+    """The source's first audio stream as float32 at `sample_rate` in `channels` (1 or 2), optionally cut
+    to the samples [start, end): the same samples in every pass, counted from the first decoded one."""
     stream = ffmpeg.input(str(src))["a:0"]
-    if channels == 2:
-        # Surround and other layouts are folded to stereo before anything is measured.
-        stream = stream.filter("aformat", channel_layouts="stereo")
-    else:
-        stream = stream.filter("aformat", channel_layouts="mono")
-    branches = stream.filter("aresample", sample_rate).asplit()
+    # Surround and other layouts are folded to stereo before anything is measured.
+    stream = stream.filter("aformat", channel_layouts="stereo" if channels == 2 else "mono")
+    stream = stream.filter("aresample", sample_rate)
+    if trim is not None:
+        # Timestamps from the sample count, so the cut is at the same samples the analysis counted.
+        stream = stream.filter("asetpts", "N/SR/TB").filter("atrim", start_sample=trim[0], end_sample=trim[1])
+        stream = stream.filter("asetpts", "PTS-STARTPTS")
+    return stream
+
+
+def _stream_pcm(outputs, channels: int, block_frames: int, on_block: Callable[[np.ndarray], None],
+                stdin: bytes | None = None) -> str:
+    """Run ffmpeg with float32 PCM on stdout and hand it to `on_block` in blocks of `block_frames`
+    frames (the last one shorter) as it comes; returns ffmpeg's log. Raises FFmpegError on failure.
+    (media.run_ffmpeg collects stdout whole; this hands it on as it comes, so memory stays flat.)"""
+    process = outputs.global_args("-nostdin", "-nostats").run_async(
+        cmd=ffmpeg_exe(), pipe_stdout=True, pipe_stderr=True)
+    log: list[bytes] = []
+    reader = threading.Thread(target=lambda: log.append(process.stderr.read()), daemon=True)
+    reader.start()
+    block_bytes = block_frames * channels * 4
+    pending = b""
+    try:
+        while chunk := process.stdout.read(block_bytes - len(pending)):
+            pending += chunk
+            if len(pending) == block_bytes:
+                on_block(np.frombuffer(pending, dtype="<f4").reshape(-1, channels))
+                pending = b""
+        usable = len(pending) - len(pending) % (channels * 4)
+        if usable:
+            on_block(np.frombuffer(pending[:usable], dtype="<f4").reshape(-1, channels))
+    finally:
+        process.stdout.close()
+        process.wait()
+        reader.join()
+    err = b"".join(log)
+    if process.returncode:
+        raise FFmpegError(f"ffmpeg failed decoding: {err.decode(errors='replace')[-2000:]}", err)
+    return err.decode("utf-8", "replace")
+
+
+def _analyse(src: Path, sample_rate: int, channels: int) -> _Analysis:
+    """Decode the source once, block by block, measuring peak, clipping, invalid samples, 10 ms frame
+    powers and (ffmpeg's `ebur128`, fed by the same decode) its loudness."""
+    branches = _source(src, sample_rate, channels).asplit()
     measured = branches[0].filter("ebur128", peak="true", framelog="quiet")
     outputs = ffmpeg.merge_outputs(
         ffmpeg.output(branches[1], "pipe:", format="f32le", acodec="pcm_f32le"),
         ffmpeg.output(measured, "-", format="null"),
     )
+    hop = _hop(sample_rate)
+    result = _Analysis(powers=[])
+
+    def on_block(x: np.ndarray) -> None:
+        if not np.isfinite(x).all():
+            result.finite = False
+            x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+        magnitude = np.abs(x)
+        result.peak = max(result.peak, float(magnitude.max()))
+        result.clipped += int(np.count_nonzero(magnitude >= CLIP_LEVEL))
+        power = np.einsum("ij,ij->i", x, x) / x.shape[1]
+        full = power.shape[0] // hop
+        frames = power[: full * hop].reshape(full, hop).mean(axis=1)
+        if power.shape[0] % hop:  # only the last block ends inside a frame
+            frames = np.append(frames, power[full * hop :].mean())
+        result.powers.append(frames.astype(np.float32))
+        result.frames += x.shape[0]
+
     try:
-        out, err = run_ffmpeg(outputs.global_args("-nostats").get_args(), what="decoding")
+        err = _stream_pcm(outputs, channels, BLOCK_FRAMES * hop, on_block)
     except FFmpegError as exc:
         raise _fail(f"audio could not be decoded ({_ffmpeg_error(exc)})") from exc
-    samples = np.frombuffer(out, dtype="<f4")
-    samples = samples[: samples.size - samples.size % channels].reshape(-1, channels)
-    loudness = _parse_ebur128(err.decode("utf-8", "replace")) if samples.size else None
-    return samples, loudness
+    if result.frames and result.finite:
+        result.loudness = _parse_ebur128(err)
+    return result
 
 
-def _trim_points(samples: np.ndarray, sample_rate: int, pad_s: float, threshold_db: float) -> tuple[int, int]:
+def _hop(sample_rate: int) -> int:
+    return max(1, int(round(sample_rate * FRAME_S)))
+
+
+def _decode(src: Path, sample_rate: int, channels: int) -> np.ndarray:
+    """The whole first audio stream as float32 (frames × channels): for `decode_audio` (an `align` of
+    one file); normalization streams instead (`_analyse`)."""
+    blocks: list[np.ndarray] = []
+    outputs = _source(src, sample_rate, channels).output("pipe:", format="f32le", acodec="pcm_f32le")
+    try:
+        _stream_pcm(outputs, channels, 1 << 16, lambda x: blocks.append(x.copy()))
+    except FFmpegError as exc:
+        raise _fail(f"audio could not be decoded ({_ffmpeg_error(exc)})") from exc
+    return np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
+
+
+def _trim_points(frames: np.ndarray, n: int, sample_rate: int, pad_s: float, threshold_db: float) -> tuple[int, int]:
     """First and one-past-last sample to keep: sound above the threshold plus `pad_s` either side.
 
-    Works on 10 ms RMS frames over all channels (vectorised: no per-sample Python loop).
+    `frames`: mean power of consecutive 10 ms frames over all channels (`_analyse`), `n` samples in all.
     Returns (0, 0) when no frame is louder than the threshold.
     """
-    n = samples.shape[0]
-    hop = max(1, int(round(sample_rate * FRAME_S)))
-    power = np.einsum("ij,ij->i", samples, samples) / samples.shape[1]
-    n_full = n // hop
-    frames = power[: n_full * hop].reshape(n_full, hop).mean(axis=1)
-    if n % hop:
-        frames = np.append(frames, power[n_full * hop :].mean())
+    hop = _hop(sample_rate)
     threshold = 10.0 ** (threshold_db / 10.0)  # power ratio for an RMS level in dBFS
     loud = np.flatnonzero(frames > threshold)
     if loud.size == 0:
@@ -188,46 +285,48 @@ def _trim_points(samples: np.ndarray, sample_rate: int, pad_s: float, threshold_
     return start, end
 
 
-def _limit_peaks(samples: np.ndarray, sample_rate: int, loudness: Loudness) -> tuple[np.ndarray, Loudness]:
-    """Tame peaks that would keep `loudnorm` out of linear mode, and re-measure.
+def _limiter(stream, gain_db: float, sample_rate: int, n: int):
+    """`stream` brought up by `gain_db` with its true peaks held under the ceiling, `n` samples long."""
+    ceiling = 10.0 ** ((TARGET_TP - 0.5) / 20.0)
+    return (
+        stream.filter("volume", f"{gain_db:.3f}dB")
+        # 2x oversampling catches most inter-sample peaks at half the cost of 4x; the ceiling's
+        # 0.5 dB margin and the re-measurement (true peak at 4x) cover the rest.
+        .filter("aresample", 2 * sample_rate)
+        # latency=true removes the lookahead delay, so the signal stays sample-aligned.
+        .filter("alimiter", limit=ceiling, level="false", latency="true", attack=5, release=50)
+        .filter("aresample", sample_rate)
+        .filter("apad", whole_len=n)
+        .filter("atrim", end_sample=n)
+    )
+
+
+def _limit_peaks(
+    src: Path, sample_rate: int, channels: int, trim: tuple[int, int], loudness: Loudness
+) -> tuple[float | None, Loudness]:
+    """The limiter gain that tames peaks which would keep `loudnorm` out of linear mode (None: none
+    needed), and the loudness of the limited signal.
 
     Linear normalization needs peak-to-loudness headroom of TARGET_TP - TARGET_LUFS (14.5 dB); close
     speech often has more. loudnorm's own fallback (its dynamic mode) lands 1-2 LU under the target on
     such speech, so instead the signal is brought to the target loudness, its true peaks (approximated at
     2x oversampling) held under the ceiling by ffmpeg's lookahead limiter, and measured again; limiting
-    costs a little loudness, so the gain is corrected and the limiter rerun from the original samples.
+    costs a little loudness, so the gain is corrected and the limiter rerun from the source. Each run
+    only measures; the output pass applies the chosen gain through the same chain.
     """
     headroom = TARGET_TP - TARGET_LUFS
     if loudness.true_peak - loudness.integrated <= headroom - 0.2:
-        return samples, loudness
-    n, channels = samples.shape
-    ceiling = 10.0 ** ((TARGET_TP - 0.5) / 20.0)
-    pcm = memoryview(np.ascontiguousarray(samples, dtype="<f4")).cast("B")
+        return None, loudness
+    n = trim[1] - trim[0]
     gain_db = TARGET_LUFS - loudness.integrated
-    limited, measured = samples, loudness
+    measured = loudness
     for _ in range(4):
-        stream = (
-            ffmpeg.input("pipe:", format="f32le", ar=sample_rate, ac=channels)
-            .audio.filter("volume", f"{gain_db:.3f}dB")
-            # 2x oversampling catches most inter-sample peaks at half the cost of 4x; the ceiling's
-            # 0.5 dB margin and the re-measurement (true peak at 4x) cover the rest.
-            .filter("aresample", 2 * sample_rate)
-            # latency=true removes the lookahead delay, so the signal stays sample-aligned.
-            .filter("alimiter", limit=ceiling, level="false", latency="true", attack=5, release=50)
-            .filter("aresample", sample_rate)
-            .filter("apad", whole_len=n)
-            .filter("atrim", end_sample=n)
-        )
-        branches = stream.asplit()
-        outputs = ffmpeg.merge_outputs(
-            ffmpeg.output(branches[0], "pipe:", format="f32le", acodec="pcm_f32le", ac=channels),
-            ffmpeg.output(branches[1].filter("ebur128", peak="true", framelog="quiet"), "-", format="null"),
-        )
+        limited = _limiter(_source(src, sample_rate, channels, trim), gain_db, sample_rate, n)
+        run = limited.filter("ebur128", peak="true", framelog="quiet").output("-", format="null")
         try:
-            out, err = run_ffmpeg(outputs.global_args("-nostats").get_args(), input=pcm, what="limiting peaks")
+            _, err = run_ffmpeg(run.global_args("-nostats").get_args(), what="limiting peaks")
         except FFmpegError as exc:
             raise RuntimeError(f"peak limiting failed: {_ffmpeg_error(exc)}") from exc
-        limited = np.frombuffer(out, dtype="<f4").reshape(-1, channels)
         measured = _parse_ebur128(err.decode("utf-8", "replace"))
         if measured.true_peak - measured.integrated <= headroom - 0.05:
             break
@@ -235,32 +334,37 @@ def _limit_peaks(samples: np.ndarray, sample_rate: int, loudness: Loudness) -> t
         # only about half of each step shows up: step twice the shortfall. Overshooting is harmless
         # (the linear pass turns it down again with the peaks still under the ceiling).
         gain_db += 2.0 * (TARGET_LUFS - measured.integrated) + 0.1
-    return limited, measured
+    return gain_db, measured
 
 
 def _write_outputs(
-    samples: np.ndarray,
+    src: Path,
     sample_rate: int,
+    channels: int,
+    trim: tuple[int, int],
     loudness: Loudness,
     audio_16k: Path,
     master: Path,
 ) -> tuple[int, float | None]:
-    """Loudness-normalize the trimmed samples and write both WAVs; returns (16 kHz samples, master LUFS)."""
-    n_src, channels = samples.shape
+    """Loudness-normalize the source's samples [start, end) and write both WAVs; returns (16 kHz samples,
+    master LUFS)."""
+    n_src = trim[1] - trim[0]
     n_master = int(round(n_src * MASTER_RATE / sample_rate))
     n_model = int(round(n_src * MODEL_SAMPLE_RATE / sample_rate))
-    # Let the target range follow the source so speech dynamics are never squeezed: loudnorm only
-    # stays linear (a pure gain) when measured LRA <= target LRA.
-    samples, loudness = _limit_peaks(samples, sample_rate, loudness)
+    limiter_gain, loudness = _limit_peaks(src, sample_rate, channels, trim, loudness)
     gain_db = TARGET_LUFS - loudness.integrated
     # loudnorm's linear mode applies exactly this gain when the peaks stay under TARGET_TP (what
     # _limit_peaks ensures), but always at 192 kHz: about 1.3 s of CPU per 10 minutes of stereo, 4x
     # what `volume` at the source rate costs. loudnorm stays as the fallback for the other case.
     linear = loudness.true_peak + gain_db <= TARGET_TP
-    stream = ffmpeg.input("pipe:", format="f32le", ar=sample_rate, ac=channels).audio
+    stream = _source(src, sample_rate, channels, trim)
+    if limiter_gain is not None:
+        stream = _limiter(stream, limiter_gain, sample_rate, n_src)
     if linear:
         stream = stream.filter("volume", f"{gain_db:.4f}dB", precision="double")
     else:
+        # Let the target range follow the source so speech dynamics are never squeezed: loudnorm only
+        # stays linear (a pure gain) when measured LRA <= target LRA.
         lra_target = min(50.0, max(DEFAULT_LRA, math.ceil(loudness.lra + 0.5)))
         stream = stream.filter(
             "loudnorm",
@@ -289,7 +393,6 @@ def _write_outputs(
         .filter("apad", whole_len=n_model)
         .filter("atrim", end_sample=n_model)
     )
-    pcm = memoryview(np.ascontiguousarray(samples, dtype="<f4")).cast("B")
     with atomic_local(audio_16k) as tmp_16k, atomic_local(master) as tmp_master:
         outputs = ffmpeg.merge_outputs(
             ffmpeg.output(master_stream, str(tmp_master), format="wav", acodec="pcm_s16le", ac=channels),
@@ -298,8 +401,7 @@ def _write_outputs(
             *([ffmpeg.output(branches[2].filter("ebur128", framelog="quiet"), "-", format="null")] if linear else []),
         )
         try:
-            # A flat byte view: subprocess slices its input by index, and a 2-D view would slice rows.
-            _, err = run_ffmpeg(outputs.global_args("-nostats").overwrite_output().get_args(), input=pcm,
+            _, err = run_ffmpeg(outputs.global_args("-nostats").overwrite_output().get_args(),
                                 what="normalizing audio")
         except FFmpegError as exc:
             raise RuntimeError(f"audio normalization failed: {_ffmpeg_error(exc)}") from exc
@@ -338,21 +440,27 @@ def normalize_audio(
     source_rate = int(info.sample_rate or MASTER_RATE)
     source_channels = int(info.channels or 1)
     channels = 2 if source_channels >= 2 else 1
-    samples, loudness = _decode(src, source_rate, channels)
-    n = samples.shape[0]
+    analysis = _analyse(src, source_rate, channels)
+    n = analysis.frames
     if n == 0:
         raise _fail("audio has zero length (the file holds no sound samples)")
+    if not analysis.finite:
+        raise _fail("audio holds invalid samples (NaN or infinite values): the file is damaged or was "
+                    "written by a broken tool; export it again")
     source_duration = n / source_rate
     if source_duration > max_duration_s:
         raise _fail(f"audio is {_minutes(source_duration)} long; the maximum is {_minutes(max_duration_s)}")
+    if source_duration < MIN_DURATION_S:
+        raise _fail(f"audio is too short: {source_duration:.2f} seconds, at least {MIN_DURATION_S:g} are needed")
+    announced = info.duration_s
+    if announced and source_duration < TRUNCATED_RATIO * announced and announced - source_duration > 0.5:
+        raise _fail(f"audio file is truncated: it decodes to {_minutes(source_duration)} of the "
+                    f"{_minutes(announced)} its header announces (an interrupted upload or copy?)")
 
-    magnitude = np.abs(samples)
-    peak = float(magnitude.max())
-    clipping = float(np.count_nonzero(magnitude >= CLIP_LEVEL)) / samples.size
-    del magnitude  # as large as the decoded signal; free it before the ffmpeg passes
-    start, end = _trim_points(samples, source_rate, pad_s, silence_threshold_db)
+    start, end = _trim_points(np.concatenate(analysis.powers), n, source_rate, pad_s, silence_threshold_db)
     if end <= start:
         raise _fail(f"audio is silent throughout (nothing louder than {silence_threshold_db:g} dBFS)")
+    loudness = analysis.loudness
     if loudness is None or not math.isfinite(loudness.integrated) or loudness.integrated <= -70:
         # Defensive: R128 gates out 400 ms blocks under -70 LUFS, so sound that only just clears the
         # silence threshold in a few 10 ms frames could leave nothing to measure or normalize.
@@ -361,7 +469,7 @@ def normalize_audio(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     audio_16k, master = work_dir / AUDIO_16K_NAME, work_dir / MASTER_NAME
-    n_model, master_lufs = _write_outputs(samples[start:end], source_rate, loudness, audio_16k, master)
+    n_model, master_lufs = _write_outputs(src, source_rate, channels, (start, end), loudness, audio_16k, master)
 
     qc = AudioQC(
         duration_s=n_model / MODEL_SAMPLE_RATE,
@@ -370,8 +478,8 @@ def normalize_audio(
         source_channels=source_channels,
         source_codec=_codec_name(src, info.audio_codec),
         integrated_lufs=loudness.integrated,
-        peak_dbfs=20.0 * math.log10(peak) if peak > 0 else -math.inf,
-        clipping_ratio=clipping,
+        peak_dbfs=20.0 * math.log10(analysis.peak) if analysis.peak > 0 else -math.inf,
+        clipping_ratio=analysis.clipped / (n * channels),
         trimmed_start_s=start / source_rate,
         trimmed_end_s=(n - end) / source_rate,
         master_lufs=master_lufs,
@@ -386,5 +494,12 @@ def decode_audio(src: Path, sample_rate: int = MODEL_SAMPLE_RATE) -> np.ndarray:
     for files that are not audio.
     """
     _check_source(Path(src), math.inf)
-    samples, _ = _decode(Path(src), sample_rate, 1)
-    return samples[:, 0]
+    return _decode(Path(src), sample_rate, 1)[:, 0]
+
+
+def audio_flags(qc: AudioQC) -> list[str]:
+    """Flags for a recording that normalization accepted but a person should hear: heavy clipping."""
+    if qc.clipping_ratio >= CLIPPED_FLAG_RATIO:
+        return [f"audio_clipped: {qc.clipping_ratio:.1%} of the samples are at full scale: the recording is "
+                "distorted, and the video lip-syncs to the distortion; record again at a lower level"]
+    return []

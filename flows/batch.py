@@ -229,7 +229,7 @@ async def process_row(
         logger.exception("row %s failed unexpectedly at %s", row.id, where)
         return _row_failed(row, where, f"{type(exc).__name__}: {exc}")
 
-    flags = warnings.row_warnings(image_flags, assets, speech)
+    flags = warnings.row_warnings(image_flags, assets, speech, row_plan)
     result = RowResult(
         row=row.row, id=row.id, status="succeeded",
         video=_relative(out, published["video"]),
@@ -240,7 +240,8 @@ async def process_row(
         gpu_s=round(sum(r.gpu_s for r in results), 3), workers=sorted({r.worker for r in results if r.worker}),
         cost=gpu_money(sum(r.gpu_s for r in results), settings.gpu_price_per_hour),
         preset=row.preset or settings.preset, forwards=sum(r.forwards for r in results),
-        flags=flags, **_step_timings(results),
+        flags=flags, fit_score=speech.fit_score, words_not_found=[w.word for w in speech.words if not w.found],
+        **_step_timings(results),
         audio_qc=assets.audio_qc, image_qc=assets.image_qc,
     )
     await asyncio.to_thread(layout.mark_finished, out, row, fingerprint, result)

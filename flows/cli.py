@@ -428,7 +428,9 @@ def plan(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = Fals
         from rich.markup import escape
 
         out_console.print(plan_summary_table(plans, settings.gpu_price_per_hour, gpu=settings.gpu_kind))
-        for p in plans:
+        for p in plans:  # the row's warnings, the alignment's fit first as their evidence
+            if p.fit_score is not None and p.flags:
+                out_console.print(f"[yellow]warning[/yellow] {escape(p.row_id)}: alignment fit {p.fit_score:.2f}")
             for flag in p.flags:
                 out_console.print(f"[yellow]warning[/yellow] {escape(p.row_id)}: {escape(flag)}", soft_wrap=True)
         for p in problems:

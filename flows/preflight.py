@@ -38,7 +38,7 @@ def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -
                 problems.append(row_error(row.row, row.id, f"skipped by {skipped[1]}", "; ".join(skipped[0])))
                 continue
             row_plan = steps.plan_step(row, assets, speech, settings)
-            plans.append(row_plan.model_copy(update={"flags": warnings.row_warnings(flags, assets, speech)}))
+            plans.append(row_plan.model_copy(update={"flags": warnings.row_warnings(flags, assets, speech, row_plan)}))
         except RowFailure as exc:
             problems.append(row_error(row.row, row.id, exc.where, exc.reason))
     return plans, problems

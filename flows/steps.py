@@ -138,9 +138,9 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
     # Timings from an alignment that did not fit (wrong file, other language) are not trusted
     # for cuts: those rows are cut at the quietest moments instead, and the plan says approximate.
     words = speech.words if speech.words and not speech.approximate else None
-    energy = None
-    if words is None and assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE:  # only then is it cut
-        energy = file_energy(assets.audio_16k)
+    audio = None
+    if assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE:  # only then is it cut: verify cuts on it
+        audio, _ = sf.read(assets.audio_16k, dtype="float32")
     name, speed = row_speed(row, settings)
     mode = row_mode(row, settings)
     cost = plan.cost_model(settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, speed=speed,
@@ -151,19 +151,10 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
         infer_frames=DISTILLED_INFER_FRAMES if mode == "distilled" else settings.infer_frames,
         max_segment_s=settings.max_segment_s,
         min_segment_s=settings.min_segment_s, resolution=row.resolution, steps=row.steps, guidance=row.guidance,
-        cost=cost, energy=energy,
+        cost=cost, audio=audio, speech=speech,
     )
     storage.write_text(str(layout.RowPaths.for_assets(assets).plan_json), row_plan.model_dump_json(indent=1))
     return row_plan
-
-
-def file_energy(path: str | Path, block_s: float = 60.0) -> np.ndarray:
-    """`plan.frame_energy` of a WAV file, read a minute at a time: memory stays flat for long audio."""
-    rate = sf.info(str(path)).samplerate
-    hop = max(1, round(plan.ENERGY_HOP_S * rate))
-    blocks = sf.blocks(str(path), blocksize=hop * max(1, round(block_s / plan.ENERGY_HOP_S)), dtype="float32")
-    parts = [plan.frame_energy(block, sample_rate=rate) for block in blocks]  # whole windows but the last
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
 _calibrations: dict[str, dict | None] = {}

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 from flows.settings import BatchSettings
 from tasks.normalize.audio import audio_flags
-from tasks.records import NormalizedAssets, SpeechAnalysis
+from tasks.records import NormalizedAssets, Plan, SpeechAnalysis
 from tasks.speech import language
 
 
-def row_warnings(image_flags: list[str], assets: NormalizedAssets, speech: SpeechAnalysis) -> list[str]:
-    """The row's warnings: image checks, audio checks (clipping), speech checks (language, fit), and captions
-    that are not aligned."""
+def row_warnings(
+    image_flags: list[str], assets: NormalizedAssets, speech: SpeechAnalysis, plan: Plan | None = None
+) -> list[str]:
+    """The row's warnings: image checks, audio checks (clipping), speech checks (language, fit), the planner's
+    (unsafe cuts), and captions that are not aligned."""
     flags = image_flags + audio_flags(assets.audio_qc) + [f for f in speech.flags if f != language.SKIP_FLAG]
+    if plan is not None:  # the plan carries the speech flags too: only its own are added
+        flags += [f for f in plan.flags if f not in speech.flags]
     if speech.approximate and assets.script:
         flags.append("captions approximate: spread evenly over the speech, not aligned")
     if not assets.script:

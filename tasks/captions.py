@@ -115,6 +115,26 @@ def _break_cost(words: list[WordTiming], j: int) -> float:
     return 5.0
 
 
+def _timed(words: list[WordTiming]) -> list[WordTiming]:
+    """The words with time to show: a word not found in the audio (or of zero length) joins the
+    text of the timed word before it (after it, at the start), so the caption still shows the
+    script but no cue is ever empty of time."""
+    out: list[WordTiming] = []
+    pending: list[str] = []
+    for w in words:
+        if not w.word.strip():
+            continue
+        if not w.found or w.end <= w.start:
+            if out:
+                out[-1] = out[-1].model_copy(update={"word": f"{out[-1].word} {w.word}"})
+            else:
+                pending.append(w.word)
+            continue
+        out.append(w.model_copy(update={"word": " ".join([*pending, w.word])}) if pending else w)
+        pending = []
+    return out
+
+
 def cues_from_words(
     words: list[WordTiming],
     *,
@@ -131,9 +151,10 @@ def cues_from_words(
     overlap. Soft rules (costs): break at sentence ends, pauses and clause punctuation,
     avoid cues under `min_s` and sentences split across cues. Display times are then
     stretched to at least `min_s` where the neighbouring cues leave room, never past
-    `until` (the audio's length) when given.
+    `until` (the audio's length) when given. Words not found in the audio ride along with
+    the timed word before them (``_timed``): every cue lasts longer than zero.
     """
-    words = [w for w in words if w.word.strip()]
+    words = _timed(words)
     n = len(words)
     if n == 0:
         return []

@@ -143,6 +143,8 @@ class WordTiming(Record):
     start: float
     end: float
     score: float | None = None
+    found: bool = Field(True, description="false when the audio does not contain the word (start = end)")
+    note: str | None = Field(None, description="why the word was not found, or how it was placed")
 
 
 class SpeechAnalysis(Record):
@@ -180,7 +182,9 @@ class Plan(Record):
     height: int
     segments: list[Segment]
     approximate: bool = Field(False, description="true when cuts were not placed from word timings")
-    flags: list[str] = Field(default_factory=list, description="the row's warnings (what its checks flagged)")
+    fit_score: float | None = Field(None, description="the alignment's fit score (tasks/speech/verdict.py)")
+    flags: list[str] = Field(default_factory=list, description="the row's warnings (what its checks flagged), then "
+                             "the planner's (unsafe_cut, long_segment, approximate_cuts), each 'code: evidence'")
 
     @property
     def total_frames(self) -> int:
@@ -295,6 +299,8 @@ class RowResult(Record):
         None, description="Unix time at the end of the first denoising step of the row's new clips"
     )
     flags: list[str] = Field(default_factory=list)
+    fit_score: float | None = Field(None, description="how well the audio says the script (the alignment's fit)")
+    words_not_found: list[str] = Field(default_factory=list, description="script words the audio does not contain")
     cached: bool = Field(False, description="finished by an earlier run and skipped")
     audio_qc: AudioQC | None = None
     image_qc: ImageQC | None = None

@@ -194,3 +194,23 @@ def test_cues_for_segment_clips_and_shifts() -> None:
     )
     out = cues_for_segment(cues, seg)
     assert out == [Cue(start=0.0, end=1.0, text="b")]
+
+
+def test_words_not_found_never_get_a_cue_of_their_own() -> None:
+    # "umbrella" and "elephant" were not found in the audio (zero length at the previous word's end);
+    # so was the first word. Their text rides with a timed word and every cue lasts longer than zero.
+    words = [
+        WordTiming(word="Well,", start=0.0, end=0.0, score=0.0, found=False, note="not found: quiet"),
+        WordTiming(word="hello", start=0.5, end=0.9),
+        WordTiming(word="umbrella", start=0.9, end=0.9, score=0.0, found=False, note="not found: squeezed"),
+        WordTiming(word="there.", start=0.95, end=1.4),
+        WordTiming(word="elephant", start=1.4, end=1.4, score=0.0, found=False, note="not found: quiet"),
+        WordTiming(word="Bye.", start=9.0, end=9.4),
+    ]
+    cues = cues_from_words(words, until=10.0)
+    assert all(c.end > c.start for c in cues)
+    text = " ".join(c.text.replace("\n", " ") for c in cues)
+    assert text == "Well, hello umbrella there. elephant Bye."
+    assert cues[0].start == 0.5  # the cue starts with the first word heard, not at the missing one
+    # Only zero-length words: nothing to time, no cue.
+    assert cues_from_words([WordTiming(word="x", start=1.0, end=1.0, found=False)]) == []

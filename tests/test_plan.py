@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -14,7 +15,7 @@ from rich.console import Console
 
 from flows.cli import plan_summary_table
 from tasks.plan import CostModel, frame_energy, plan_row, plans_to_json, segment_seed
-from tasks.records import Plan, Resolution, WordTiming
+from tasks.records import Plan, Resolution, SpeechAnalysis, WordTiming
 
 SR = 16_000
 
@@ -243,6 +244,122 @@ def test_cuts_fall_on_frame_boundaries_when_the_pause_allows() -> None:
         assert seg.start_sample % 1000 == 0
         assert not any(w.start * 16000 < seg.start_sample < w.end * 16000 for w in words)
     assert sum(s.frames for s in plan.segments) == 120 * 16
+
+
+# --------------------------------------------------------------------------- cuts verified against the audio
+
+
+def voiced_speech(
+    rng: np.random.Generator, seconds: float, *, pause_every_s: float | None, floor: float
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Synthetic speech with known word boundaries: voiced "words" of 0.15-0.7 s (a pulse train with
+    harmonics and a syllable envelope, some with a stop closure of up to 80 ms inside) joined by gaps of
+    0-120 ms, with a pause of 0.4-1.2 s every ``pause_every_s`` (none when None), over noise ``floor``.
+    Returns the audio and each word's true [start, end) in samples."""
+    n = int(seconds * SR)
+    audio = rng.normal(0, floor, n)
+    words, pos, since = [], int(rng.uniform(0.2, 0.6) * SR), 0.0
+    while True:
+        length = int(rng.uniform(0.15, 0.7) * SR)
+        if pos + length >= n:
+            break
+        t = np.arange(length) / SR
+        f0 = rng.uniform(90, 250)
+        voice = sum(np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 6)) / h for h in range(1, 8))
+        env = 0.25 + 0.75 * np.abs(np.sin(np.pi * t * rng.uniform(2, 6)))
+        word = 0.2 * voice * env
+        if length > 0.3 * SR and rng.random() < 0.5:  # a stop closure: near-silence inside the word
+            c = int(rng.uniform(0.3, 0.6) * length)
+            word[c : c + int(rng.uniform(0.02, 0.08) * SR)] *= 0.001
+        audio[pos : pos + length] += word
+        words.append((pos, pos + length))
+        since += length / SR
+        gap = rng.uniform(0.0, 0.12)
+        if pause_every_s is not None and since >= pause_every_s:
+            gap, since = rng.uniform(0.4, 1.2), 0.0
+        pos += length + int(gap * SR)
+    return audio.astype(np.float32), words
+
+
+def aligned(rng: np.random.Generator, words: list[tuple[int, int]], error_s: float) -> list[WordTiming]:
+    """What an aligner might say: each edge off by up to ``error_s``, some words merged or not found."""
+    out = []
+    for i, (a, b) in enumerate(words):
+        s = max(0.0, a / SR + rng.uniform(-error_s, error_s))
+        e = max(s, b / SR + rng.uniform(-error_s, error_s))
+        if rng.random() < 0.05:  # not found: zero length at the previous word's end
+            out.append(WordTiming(word=f"w{i}", start=out[-1].end if out else 0.0, end=out[-1].end if out else 0.0,
+                                  score=0.0, found=False))  # fmt: skip
+            continue
+        out.append(WordTiming(word=f"w{i}", start=round(s, 3), end=round(e, 3)))
+    return out
+
+
+def cuts_inside(plan: Plan, words: list[tuple[int, int]]) -> list[int]:
+    return [s.start_sample for s in plan.segments[1:] if any(a < s.start_sample < b for a, b in words)]
+
+
+@st.composite
+def speech_rows(draw: st.DrawFn, *, pauses: bool) -> tuple[int, float, float, float, float]:
+    seconds = draw(st.floats(30.0, 240.0))
+    max_s = draw(st.sampled_from([15.0, 20.0, 30.0, 60.0]))
+    min_s = draw(st.sampled_from([m for m in (0.0, 2.0, 5.0) if m <= max_s / 2 - 2]))
+    error = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))  # from a good alignment to a wrong one
+    return draw(st.integers(0, 2**32 - 1)), seconds, max_s, min_s, error
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(speech_rows(pauses=True), st.sampled_from([0.0, 3e-4, 0.005]))
+def test_properties_cuts_in_the_audio_pauses_even_with_a_wrong_alignment(case: tuple, floor: float) -> None:
+    seed, seconds, max_s, min_s, error = case
+    rng = np.random.default_rng(seed)
+    # A pause at least every max_s / 2 seconds: every window holds a safe cut.
+    audio, truth = voiced_speech(rng, seconds, pause_every_s=max_s / 2 - 1.5, floor=floor)
+    words = aligned(rng, truth, error)
+    plan = plan_row("r", len(audio), words, seed=1, width=832, height=480, max_segment_s=max_s,
+                    min_segment_s=min_s, audio=audio)  # fmt: skip
+    check_invariants(plan, len(audio), None)  # exact cover, frames and clips
+    unsafe = [f for f in plan.flags if f.startswith("unsafe_cut")]
+    inside = cuts_inside(plan, truth)
+    # A cut is never inside a true word unless the row says so; with a fair alignment it never is.
+    assert len(inside) <= len(unsafe)
+    if error <= 0.05:
+        assert not inside and not unsafe, plan.flags
+    for seg in plan.segments[1:]:
+        assert seg.start_sample % (SR // 16) == 0  # on a video-frame boundary
+    assert all((s.end_sample - s.start_sample) / SR <= max_s + 1e-9 for s in plan.segments)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(speech_rows(pauses=False))
+def test_properties_without_a_pause_the_row_says_so(case: tuple) -> None:
+    seed, seconds, max_s, min_s, error = case
+    rng = np.random.default_rng(seed)
+    audio, truth = voiced_speech(rng, seconds, pause_every_s=None, floor=3e-4)
+    words = aligned(rng, truth, 0.0)
+    min_s = max(min_s, 2.0)  # the lead and tail silences (under 0.7 s) are quiet: keep cuts off them
+    plan = plan_row("r", len(audio), words, seed=1, width=832, height=480, max_segment_s=max_s,
+                    min_segment_s=min_s, audio=audio)  # fmt: skip
+    check_invariants(plan, len(audio), None)
+    unsafe = [f for f in plan.flags if f.startswith("unsafe_cut")]
+    # No gap reaches MIN_QUIET_S, so no cut is safe: each one is flagged with its window, and the
+    # least harmful point is between aligned words (the alignment here is exact).
+    assert len(unsafe) == len(plan.segments) - 1
+    assert all(re.search(r"in \d+\.\d-\d+\.\d s; cut at \d+\.\d\d s, between", f) for f in unsafe), unsafe
+    assert not cuts_inside(plan, truth)
+
+
+def test_plan_carries_the_alignments_evidence() -> None:
+    rng = np.random.default_rng(5)
+    audio, truth = voiced_speech(rng, 100.0, pause_every_s=None, floor=3e-4)
+    words = aligned(rng, truth, 0.0)
+    speech = SpeechAnalysis(aligner="test", approximate=False, words=words, fit_score=0.42,
+                            flags=["words_not_spoken: 1 of 9 script words not found in the audio: 'x'"])  # fmt: skip
+    plan = plan_row("r", len(audio), words, seed=1, width=832, height=480, audio=audio, speech=speech)
+    assert plan.fit_score == 0.42 and plan.flags[0].startswith("words_not_spoken")
+    assert any(f.startswith("unsafe_cut") for f in plan.flags)
+    doc = plans_to_json([plan])["rows"][0]
+    assert doc["fit_score"] == 0.42 and doc["flags"] == plan.flags
 
 
 def test_cost_follows_the_preset_the_gpu_kind_and_the_price() -> None:

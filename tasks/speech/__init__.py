@@ -60,5 +60,16 @@ def align_row(
 
 
 def alignment_to_json(analysis: SpeechAnalysis) -> dict:
-    """The ``s2v-batch align --json`` document: {"words": [{"word", "start", "end", "score"}, ...]}."""
-    return {"words": [{"word": w.word, "start": w.start, "end": w.end, "score": w.score} for w in analysis.words]}
+    """The ``s2v-batch align --json`` document: {"words": [{"word", "start", "end", "score", "found", "note"}, ...]}
+    with the evidence beside it: "aligner", "approximate", "fit_score", "words_not_found" and "flags"."""
+    return {
+        "words": [
+            {"word": w.word, "start": w.start, "end": w.end, "score": w.score, "found": w.found, "note": w.note}
+            for w in analysis.words
+        ],
+        "aligner": analysis.aligner,
+        "approximate": analysis.approximate,
+        "fit_score": analysis.fit_score,
+        "words_not_found": [w.word for w in analysis.words if not w.found],
+        "flags": analysis.flags,
+    }

@@ -1,45 +1,55 @@
 """The offline forced aligner (pocketsphinx with its bundled English model, no downloaded model).
 
-Method (chosen by measurement, see docs/benchmarks.md "Alignment and planning"):
+Method (chosen by measurement, see docs/benchmarks.md "Offline aligner"):
 
 1. The script is split into words at whitespace; each word is expanded into the
    tokens a speaker says (``tasks/speech/script.py``) and each token gets a pronunciation
    from the CMU dictionary that ships in the ``pocketsphinx`` wheel, or from letter rules
    when it is not there.
-2. A left-to-right finite-state grammar of the tokens, where each token may also be
-   skipped at a small cost, is decoded against the audio with pocketsphinx's bundled
-   US-English acoustic model, with optional silence between tokens. Skipped tokens
-   are script words the audio does not contain.
-3. A free phone loop (the bundled phonetic language model) decodes the same audio;
+2. Forced alignment: a left-to-right grammar of every token, with optional silence between
+   them, decoded with pocketsphinx's bundled US-English acoustic model over audio given a
+   noise floor (NOISE_FLOOR_DB): in one pass for audio up to FORCED_WHOLE_S, else chunk by
+   chunk. Where no forced path exists (a script with words the audio lacks, say), a grammar
+   where tokens may be skipped anchors the rest, and the skipped tokens are forced back in
+   between their anchored neighbours (``align_tokens``).
+3. A token is "not found" only where the audio lacks it, with the reason (``_verify``).
+4. Word edges move onto the audio's own pauses and onsets (``activity.snap_to_pauses``).
+5. A free phone loop (the bundled phonetic language model) decodes the same audio;
    each aligned token scores the similarity of its dictionary phones to the phones
    the loop heard in its frames (1 - normalized edit distance). The mean over the
    script is the fit score: it is high when the audio says the script, low for a
    wrong file, another language or music.
 
-Flags and failures are the shared ones (``tasks/speech/verdict.py``); unspoken words score 0.
+Flags and failures are the shared ones (``tasks/speech/verdict.py``), plus ``unscripted_speech``
+(``_overlong``); unspoken words score 0.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from pocketsphinx import Decoder, get_model_path
+from pocketsphinx import Config, Decoder, get_model_path
 
 from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
+from tasks.speech.activity import MIN_QUIET_S, Activity, analyse, snap_to_pauses
 from tasks.speech.script import ScriptWord, normalize_script
 from tasks.speech.verdict import as_mono_16k, empty_script, judge_fit, low_fit_flags, require_sound
 
 ALIGNER = "pocketsphinx-en-us"
-MISMATCH_FIT = 0.15
+MISMATCH_FIT = 0.13
 """The audio does not say the script when the fit is below MISMATCH_FIT or at least
-MISMATCH_SKIPPED (tasks/speech/verdict.py) of the script words were not found. Calibrated with
-bench/align_accuracy.py (docs/benchmarks.md): with their own script, LibriVox human speech fits at
-0.39-0.46 with no word skipped and espeak-ng speech at 0.19-0.51 with <= 17% skipped; with another
-recording's script or a Spanish script, fits are 0.03-0.16 with >= 37% skipped (or no alignment at all)."""
+MISMATCH_SKIPPED (tasks/speech/verdict.py) of the script words carry a note (not found, placed only
+by forcing, or stretched over unscripted speech). Calibrated with bench/align_accuracy.py's corpus
+(docs/benchmarks.md): with their own script the intelligible conditions fit at 0.151-0.423 (fast
+continuous TTS lowest) with at most 3% of the words noted; with another condition's script, at
+0.021-0.106, and 64-100% noted, or no alignment at all, except three at 0.101-0.106 with 7-9%."""
 FRAME_RATE = 100
 """pocketsphinx frames per second (10 ms shift)."""
 SKIP_PROB = 1e-3
@@ -50,7 +60,26 @@ SIL_PROB = 1.0
 # word-by-word speech but, with skippable words in the grammar, silently derailed on
 # continuous synthetic speech (skipping words instead of failing).
 PHONE_LOOP_BEAMS = {"ds": 2}
-"""The phone loop scores every other frame (ds 2): 25% faster; it only feeds the fit score."""
+"""The phone loop scores every other frame (ds 2): 25% faster; it only feeds the fit score (ds 3 with
+topn 2 was faster still but lowered the fits of matching speech towards MISMATCH_FIT)."""
+SKIP_OPTIONS = {"topn": 2}
+"""Grammar passes use the two best Gaussians per senone: same boundary errors on
+bench/align_accuracy.py's corpus, faster."""
+ALIGN_OPTIONS = {**SKIP_OPTIONS, "wbeam": 1e-48, "bestpath": False}
+"""Forced passes (every token said) get a word-exit beam as wide as the HMM beams and no lattice
+best-path pass, as pocketsphinx's maintainers advise for alignment (cmusphinx/pocketsphinx #318,
+#464): with the default, narrower word-exit beam the path that had said every word was pruned at
+the last frame ("Final result does not match the grammar") and the pass failed on clean speech at
+320 words a minute. Grammars that may skip tokens keep the defaults, which anchored the words of
+scripts with extra words better (tests/speech/test_offline.py)."""
+CHUNK_BEAMS = {"beam": 1e-120, "pbeam": 1e-120, "wbeam": 1e-120}
+"""Chunks of long audio are force-aligned with far wider beams: with ALIGN_OPTIONS' a 12-minute talk
+in an accent far from the model's (espeak-ng's West Midlands voice) lost its way inside a 15 s chunk
+(words up to 3 s late), with these it did not (bench/align_accuracy.py's long talks), for about 20%
+more time in these passes (a left-to-right grammar keeps few states active). The whole-file pass
+keeps the narrower beams: there a path that cannot survive them is evidence (a script with words the
+audio lacks, or a wrong file), which the skippable grammar then sorts out; with wide beams it forced
+such words in and pushed spoken ones into the pauses."""
 
 
 # --------------------------------------------------------------------------- pronunciations
@@ -201,6 +230,8 @@ class TokenAlignment:
     spoken: bool
     score: float | None
     heard: list[str] = field(default_factory=list)
+    note: str | None = None
+    """Why a token was not found, or how it was placed when the grammar skipped it."""
 
 
 def _edit_similarity(a: list[str], b: list[str]) -> float:
@@ -221,7 +252,29 @@ def _model_paths() -> tuple[str, str]:
     return get_model_path("en-us/en-us"), get_model_path("en-us/en-us-phone.lm.bin")
 
 
-_FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "SIL", "+NSN+", "+SPN+")
+@functools.cache
+def _feature_options() -> dict[str, str | bool]:
+    """The bundled model's feature parameters (its feat.params) with pocketsphinx's noise removal off.
+
+    A decoder reads feat.params over its own options, and that file turns on noise removal, whose
+    running noise estimate carries over from one utterance to the next: the same audio aligned
+    after another file came out differently (a word lost). Resetting the estimate per utterance
+    (``start_stream``) left each file's first seconds poorly heard, which narrowed the gap between
+    matching and wrong scripts' fits; without noise removal the results are the audio's alone, as
+    accurate on the noisy conditions of bench/align_accuracy.py, and the fits separate as well.
+    So the decoders get the file's parameters as options and an empty feat.params.
+    """
+    known = Config()
+    options: dict[str, str | bool] = {}
+    for line in (Path(_model_paths()[0]) / "feat.params").read_text().splitlines():
+        key, _, value = line.strip().lstrip("-").partition(" ")
+        if key in known:  # the file also names training-only settings ("-model ptm")
+            options[key] = {"yes": True, "no": False}.get(value, value)
+    return {**options, "remove_noise": False, "featparams": os.devnull}
+
+
+_FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "SIL", "+NSN+", "+SPN+", "(NULL)")
+"""Segments that are not script words ("(NULL)": a grammar's null transition, such as a chunk's early end)."""
 
 
 FIT_FULL_S = 120.0
@@ -238,10 +291,25 @@ CHUNK_SEARCH_S = 4.0
 """Audio longer than CHUNK_ABOVE_S is aligned in chunks of CHUNK_S +- CHUNK_SEARCH_S, cut at its quietest point."""
 CHUNK_TAIL_S = 2.0
 """Words ending in a chunk's last CHUNK_TAIL_S are decoded again with the next chunk."""
+FORCED_WHOLE_S = 60.0
+"""Audio up to this long is first force-aligned in one pass (a few seconds at most)."""
 MAX_TOKENS_PER_S = 6.0
 """Fastest speech rate planned for (spoken tokens per second) when offering a chunk part of the script."""
 END_PROB = 0.5
 """A chunk other than the last may end after any token: cheap, since its audio decides where it ends."""
+RETRY_BEAMS = {"beam": 1e-64, "pbeam": 1e-64, "wbeam": 1e-64}
+"""Beams of the second try of a forced (no-skip) pass that found no path with ALIGN_OPTIONS'."""
+FILL_PAD_FRAMES = 10
+"""The forced pass decodes from this many frames before the previous aligned token to as many
+after the next one."""
+NOISE_FLOOR_DB = 45.0
+"""Audio is decoded over a noise floor this far under its speech level (white noise; about -60 dBFS for
+speech normalized to -16 LUFS). The acoustic model learned silence from recordings whose floor sits
+some 40-50 dB under the voice; TTS writes exact digital silence, and speech joined by silence far
+below that floor made the forced search derail: the silence model swallowed whole words and the
+path ran out of audio (slow speech, long pauses and 320 words a minute failed outright with a floor
+at -80 dBFS; bench/align_accuracy.py, docs/benchmarks.md). Only the decoders hear the added floor;
+the energy detector (tasks/speech/activity.py) reads the audio as it is."""
 
 
 def fit_windows(num_frames: int) -> list[tuple[int, int]]:
@@ -257,33 +325,45 @@ def fit_windows(num_frames: int) -> list[tuple[int, int]]:
 _local = threading.local()
 
 
-def _decoders() -> tuple[Decoder, Decoder]:
-    """The phone-loop and grammar decoders of this thread (loading the model takes ~0.1 s each).
+class Decoders(NamedTuple):
+    """One thread's decoders (loading the model takes ~0.1 s each)."""
 
-    pocketsphinx decoders are not thread-safe, hence one pair per thread; words added to a
-    decoder's dictionary stay, which is harmless (they are only used when a grammar names them).
+    loop: Decoder
+    """The free phone loop (the fit)."""
+    forced: Decoder
+    """Grammars where every token is said (ALIGN_OPTIONS)."""
+    retry: Decoder
+    """The same with wider beams (RETRY_BEAMS), for a forced pass that found no path."""
+    chunks: Decoder
+    """The same with the beams of long audio's chunks (CHUNK_BEAMS)."""
+    skippable: Decoder
+    """Grammars where tokens may be skipped or left out (SKIP_OPTIONS)."""
+
+
+def _decoders() -> Decoders:
+    """This thread's decoders: pocketsphinx decoders are not thread-safe, hence one set per thread.
+
+    Words added to a decoder's dictionary stay, which is harmless (they are only used when a grammar
+    names them).
     """
     if not hasattr(_local, "decoders"):
         hmm, phone_lm = _model_paths()
-        loop = Decoder(hmm=hmm, lm=None, allphone=phone_lm, samprate=16000, loglevel="FATAL", **PHONE_LOOP_BEAMS)
-        decoder = Decoder(hmm=hmm, lm=None, samprate=16000, loglevel="FATAL", silprob=SIL_PROB)
-        _local.decoders = (loop, decoder)
+        features = _feature_options()
+        loop = Decoder(hmm=hmm, lm=None, allphone=phone_lm, samprate=16000, loglevel="FATAL", **features,
+                       **PHONE_LOOP_BEAMS)  # fmt: skip
+        options = {"hmm": hmm, "lm": None, "samprate": 16000, "loglevel": "FATAL", "silprob": SIL_PROB, **features}
+        _local.decoders = Decoders(
+            loop=loop,
+            forced=Decoder(**options, **ALIGN_OPTIONS),
+            retry=Decoder(**options, **{**ALIGN_OPTIONS, **RETRY_BEAMS}),
+            chunks=Decoder(**options, **{**ALIGN_OPTIONS, **CHUNK_BEAMS}),
+            skippable=Decoder(**options, **SKIP_OPTIONS),
+        )
     return _local.decoders
 
 
-def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[TokenAlignment] | None:
-    """Align tokens to 16 kHz s16 PCM; None when no path through the grammar fits the audio."""
-    loop, decoder = _decoders()
-    # Pass 1: the free phone loop, for the fit score, over the whole audio or sampled windows.
-    heard: list[tuple[str, int, int]] = []
-    windows = fit_windows(num_frames)
-    for a, b in windows:
-        loop.start_utt()
-        loop.process_raw(pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME], full_utt=True)
-        loop.end_utt()
-        heard += [(s.word, s.start_frame + a, s.end_frame + a) for s in loop.seg() if s.word not in _FILLERS]
-
-    # Pronunciations: dictionary first, else the rules above.
+def _add_words(decoder: Decoder, tokens: list[str]) -> dict[str, str]:
+    """Pronunciations of the tokens (dictionary first, else ``pronounce``), added to ``decoder``."""
     vocab: dict[str, str] = {}
     for tok in dict.fromkeys(tokens):
         phones = decoder.lookup_word(tok)
@@ -291,18 +371,246 @@ def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[Token
             decoder.add_word(tok, pronounce(tok, decoder.lookup_word), update=False)
             phones = decoder.lookup_word(tok)
         vocab[tok] = phones or ""
-    # Pass 2: the script grammar, chunk by chunk for long audio.
+    return vocab
+
+
+Placed = dict[int, tuple[int, int, str]]
+"""Token index -> (first frame, end frame exclusive, pronunciation variant decoded)."""
+
+
+def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int, act: Activity) -> list[TokenAlignment] | None:
+    """Align tokens to 16 kHz s16 PCM; None when no path through the grammar fits the audio.
+
+    1. Forced alignment: every token, none skipped, over the whole audio up to FORCED_WHOLE_S,
+       else chunk by chunk (``_chunk_pass``; a chunk with no forced path gets a grammar where
+       tokens may be skipped, and the tokens it skips are force-aligned again with their
+       neighbours or spread over the sound between them: ``_fill``).
+    2. A token is "not found" only when the audio lacks it (``_verify``): the forced path lays it
+       over quiet audio, or squeezes it to the HMM minimum and a grammar where it may be left
+       out, decoded over its neighbourhood, leaves it out.
+    3. Word edges are moved to where the audio itself falls quiet (``activity.snap_to_pauses``).
+    4. The phone loop scores each found token (the fit).
+    """
+    dec = _decoders()
+    vocab = {}
+    for d in dec[1:]:
+        vocab = _add_words(d, tokens)
+    whole = num_frames <= FORCED_WHOLE_S * FRAME_RATE
+    placed = _forced_whole(dec.forced, dec.retry, pcm16, tokens, num_frames) if whole else None
+    notes: dict[int, str] = {}
+    if placed is None:
+        chunked = _chunk_pass(dec, pcm16, tokens, num_frames, forced=not whole)
+        if chunked is None:
+            return None
+        placed, gaps = chunked
+        if gaps:
+            notes = _fill((dec.forced, dec.retry), pcm16, tokens, placed, num_frames, act, vocab)
+    notes.update(_verify(dec.skippable, pcm16, tokens, placed, act, vocab, num_frames))
+    order = sorted(placed)
+    refined = snap_to_pauses([(placed[k][0] / FRAME_RATE, placed[k][1] / FRAME_RATE) for k in order], act)
+    spans = dict(zip(order, refined, strict=True))
+    heard = _phone_loop(dec.loop, pcm16, num_frames)
+    pauses = tuple(edge / act.sample_rate for edge in act.quiet_runs())
+    windows = fit_windows(num_frames)
     out: list[TokenAlignment] = []
-    k = 0
     last_end = 0.0
-    aligned_any = False
+    for k, tok in enumerate(tokens):
+        if k not in placed:
+            out.append(TokenAlignment(tok, last_end, last_end, spoken=False, score=0.0, note=notes.get(k)))
+            continue
+        sf, ef, variant = placed[k]
+        if any(a <= sf and ef <= b for a, b in windows):
+            in_word = [p for p, a, b in heard if min(b, ef) - max(a, sf) >= 0.5 * (b - a)]
+            expected = (dec.forced.lookup_word(variant) or vocab[tok]).split()
+            score = _edit_similarity(expected, in_word)
+        else:  # outside the sampled windows: no evidence either way
+            in_word, score = [], None
+        start, end = spans[k]
+        note = notes.get(k) or _overlong(start, end, _phones(tok, vocab), pauses)
+        out.append(TokenAlignment(tok, start, end, spoken=True, score=score, heard=in_word, note=note))
+        last_end = end
+    return out
+
+
+MAX_S_PER_PHONE = 0.2
+OVERLONG_SLACK_S = 0.4
+"""A word is longer than any speaker says it beyond MAX_S_PER_PHONE a phone plus OVERLONG_SLACK_S
+(espeak-ng at 110 words a minute: about 0.13 s a phone)."""
+OVERLONG = "holds more than this word"
+
+
+def _overlong(start: float, end: float, phones: int, pauses: tuple[np.ndarray, np.ndarray]) -> str | None:
+    """Why the span [start, end) a word was aligned to holds more speech than the word, or None.
+
+    A forced alignment stretches a script word over spoken words the script lacks: the span is
+    then longer than the word's phones can last, or holds a pause (``pauses``: the audio's quiet
+    runs of MIN_QUIET_S, in seconds, which no spoken word holds; tasks/speech/activity.py)."""
+    lo, hi = pauses
+    k = int(np.searchsorted(hi, start))  # the first pause that ends after the word starts
+    pause = max((min(hi[j], end) - max(lo[j], start) for j in range(k, np.searchsorted(lo, end))), default=0.0)
+    if end - start > MAX_S_PER_PHONE * phones + OVERLONG_SLACK_S or pause >= MIN_QUIET_S:
+        held = f" and a {pause:.2f} s pause" if pause >= MIN_QUIET_S else ""
+        return f"{OVERLONG}: {end - start:.2f} s for {phones} phones{held}"
+    return None
+
+
+def _phone_loop(loop: Decoder, pcm16: bytes, num_frames: int) -> list[tuple[str, int, int]]:
+    """Phones the free phone loop hears, (phone, first frame, end frame exclusive), over the fit windows."""
+    heard: list[tuple[str, int, int]] = []
+    for a, b in fit_windows(num_frames):
+        _decode(loop, pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME])
+        heard += [(s.word, s.start_frame + a, s.end_frame + a + 1) for s in loop.seg() if s.word not in _FILLERS]
+    return heard
+
+
+def _decode(decoder: Decoder, pcm16: bytes) -> None:
+    """Decode one stretch of audio as a whole utterance (cepstral mean over all of it)."""
+    decoder.start_utt()
+    decoder.process_raw(pcm16, full_utt=True)
+    decoder.end_utt()
+
+
+def _forced_whole(decoder: Decoder, retry: Decoder, pcm16: bytes, tokens: list[str], num_frames: int) -> Placed | None:
+    """Every token force-aligned over the whole audio (default beams, then wider); None when no path survives."""
+    for d in (decoder, retry):
+        found = _decode_chunk(d, pcm16, tokens, last=True, skip=False)
+        if found is not None and len(found) == len(tokens):
+            return {k: (sf, min(ef + 1, num_frames), v) for k, (_, sf, ef, v) in enumerate(found)}
+    return None
+
+
+def _verify(
+    decoder: Decoder, pcm16: bytes, tokens: list[str], placed: Placed, act: Activity, vocab: dict[str, str],
+    num_frames: int,
+) -> dict[int, str]:
+    """Drop from ``placed`` the tokens the audio lacks; their notes.
+
+    A forced path lays a token the audio lacks over quiet audio (``_absent``), or squeezes it into
+    the least time its HMM allows between the words around it. So it does a short spoken word in
+    fluent speech ("the", "at", "in" in 60-70 ms), which the acoustic model cannot tell from its
+    neighbours: only tokens of at least LEAVE_OUT_MIN_PHONES phones at the HMM minimum are suspects.
+    Each run of suspects is decoded again over its neighbourhood with a grammar where each may be
+    left out (even odds); a token left out is not found when the words around it take its frames
+    (their sound explains them). Frames left to silence though the audio has sound there keep the
+    token: the sound is a spoken word the model hears poorly (espeak-ng at 320 words a minute).
+    """
+    notes: dict[int, str] = {}
+    suspects: list[int] = []
+    for i in sorted(placed):
+        sf, ef, _ = placed[i]
+        phones = _phones(tokens[i], vocab)
+        why = _absent(sf, ef, phones, act)
+        if why:
+            notes[i] = why
+            del placed[i]
+        elif phones >= LEAVE_OUT_MIN_PHONES and ef - sf <= MIN_FRAMES_PER_PHONE * phones + 1:
+            suspects.append(i)
+    for run in _runs_of(suspects):
+        first, last = max(run[0] - 1, 0), min(run[-1] + 2, len(tokens))
+        if first not in placed or last - 1 not in placed:
+            continue
+        a = max(0, placed[first][0] - FILL_PAD_FRAMES)
+        b = min(num_frames, placed[last - 1][1] + FILL_PAD_FRAMES)
+        odds = [LEAVE_OUT_PROB if i in run else 0.0 for i in range(first, last)]
+        found = _decode_chunk(decoder, pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME], tokens[first:last],
+                              last=True, skip=odds)  # fmt: skip
+        if found is None:
+            continue
+        kept = _match(tokens[first:last], [w for w, *_ in found], odds)
+        said = np.zeros(b - a, dtype=bool)  # frames the decoded words take
+        for _, sf, ef, _ in found:
+            said[sf : ef + 1] = True
+        for i in run:
+            sf, ef, _ = placed[i]
+            if i - first in kept or said[sf - a : ef - a].mean() < 0.5:
+                continue
+            del placed[i]
+            span = f"{sf / FRAME_RATE:.2f}-{ef / FRAME_RATE:.2f} s ({(ef - sf) * 1000 // FRAME_RATE} ms"
+            notes[i] = (f"not found: a forced alignment can only squeeze it into {span} for "
+                        f"{_phones(tokens[i], vocab)} phones), and a grammar where it may be left out gives "
+                        "that time to the words around it")  # fmt: skip
+    return notes
+
+
+def _phones(token: str, vocab: dict[str, str]) -> int:
+    return max(1, len(vocab.get(token, "").split()))
+
+
+LEAVE_OUT_PROB = 0.5
+"""Odds of leaving a squeezed token out when it is decoded again: even, so the audio decides."""
+
+
+def _runs_of(indices: list[int]) -> list[list[int]]:
+    """Sorted indices grouped into runs of consecutive ones."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][-1] == i - 1:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _match(tokens: list[str], decoded: list[str], odds: list[float]) -> set[int]:
+    """Positions in ``tokens`` of the ``decoded`` words of a left-to-right grammar where a token with
+    odds > 0 may be left out (a token kept where it and a forced neighbour spell alike, when that fits)."""
+
+    @functools.cache
+    def fits(p: int, d: int) -> bool:  # tokens[p:] can say decoded[d:]
+        if p == len(tokens):
+            return d == len(decoded)
+        said = d < len(decoded) and decoded[d] == tokens[p] and fits(p + 1, d + 1)
+        return said or (odds[p] > 0 and fits(p + 1, d))
+
+    kept: set[int] = set()
+    d = 0
+    for p, tok in enumerate(tokens):
+        if d < len(decoded) and decoded[d] == tok and fits(p + 1, d + 1):
+            kept.add(p)
+            d += 1
+    return kept
+
+
+def _absent(sf: int, ef: int, phones: int, act: Activity) -> str | None:
+    """Why a token forced into frames [sf, ef) is surely not in the audio, or None when it may well be.
+
+    It is not when the frames are mostly quiet and their sound is too short for its phones
+    (MIN_PHONE_S each). A forced path often stretches a phrase's first word back over the pause
+    before it; the word's own sound is still there, and the edges are snapped to it later.
+    """
+    span = f"{sf / FRAME_RATE:.2f}-{ef / FRAME_RATE:.2f} s"
+    share = act.quiet_share(sf / FRAME_RATE, ef / FRAME_RATE)
+    sound = (1.0 - share) * (ef - sf) / FRAME_RATE
+    if share >= NOT_FOUND_QUIET and sound < MIN_PHONE_S * phones:
+        return (f"not found: a forced alignment lays it over {span}, {share:.0%} of which is quiet "
+                f"({sound * 1000:.0f} ms of sound for {phones} phones)")  # fmt: skip
+    return None
+
+
+def _chunk_pass(
+    dec: Decoders, pcm16: bytes, tokens: list[str], num_frames: int, forced: bool = True
+) -> tuple[Placed, bool] | None:
+    """Tokens placed chunk by chunk (long audio, or no forced path over the whole); None when nothing fits.
+
+    Each chunk is force-aligned with the next tokens of the script (it may end after any of them);
+    a chunk with no forced path (every chunk when not ``forced``) is decoded again with a grammar
+    where each token may be skipped. Also returns whether any chunk needed that (its tokens are
+    then placed again in ``_fill``).
+    """
+    placed: Placed = {}
+    k = 0
+    aligned_any = skipped = False
     quiet = _quietness(pcm16, num_frames)
     fa = 0
     while fa < num_frames and k < len(tokens):
         fb, last = _chunk_end(quiet, fa, num_frames)
         # The tokens this chunk can hold: at most MAX_TOKENS_PER_S of speech plus slack.
         n = len(tokens) - k if last else min(len(tokens) - k, int((fb - fa) / FRAME_RATE * MAX_TOKENS_PER_S) + 20)
-        found = _decode_chunk(decoder, pcm16[fa * BYTES_PER_FRAME : fb * BYTES_PER_FRAME], tokens[k : k + n], last)
+        chunk = pcm16[fa * BYTES_PER_FRAME : fb * BYTES_PER_FRAME]
+        found = _decode_chunk(dec.chunks, chunk, tokens[k : k + n], last, skip=False) if forced else None
+        if found is None:
+            found = _decode_chunk(dec.skippable, chunk, tokens[k : k + n], last, skip=True)
+            skipped = True
         if not last and found:
             # Commit only words that end before the chunk's tail; the next chunk starts after the
             # last committed word and decodes the tail again, so a cut near a word cannot skew it.
@@ -313,50 +621,39 @@ def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int) -> list[Token
             continue
         aligned_any = True
         for word, sf, ef, variant in found:
-            sf, ef = sf + fa, ef + fa
             # The grammar is monotone, so each decoded word is the next script token of that spelling.
             while k < len(tokens) and tokens[k] != word:
-                out.append(TokenAlignment(tokens[k], last_end, last_end, spoken=False, score=0.0))
                 k += 1
             if k == len(tokens):
                 break
-            start, end = sf / FRAME_RATE, min(ef + 1, num_frames) / FRAME_RATE
-            if any(a <= sf and ef < b for a, b in windows):
-                in_word = [p for p, a, b in heard if min(b, ef) - max(a, sf) + 1 >= 0.5 * (b - a + 1)]
-                expected = (decoder.lookup_word(variant) or vocab[word]).split()
-                score = _edit_similarity(expected, in_word)
-            else:  # outside the sampled windows: no evidence either way
-                in_word, score = [], None
-            out.append(TokenAlignment(word, start, end, spoken=True, score=score, heard=in_word))
-            last_end = end
+            placed[k] = (sf + fa, min(ef + fa + 1, num_frames), variant)
             k += 1
         fa = fb if last else found[-1][2] + fa + 1
-    if not aligned_any:
-        return None
-    out += [TokenAlignment(t, last_end, last_end, spoken=False, score=0.0) for t in tokens[k:]]
-    return out
+    return (placed, skipped or len(placed) < len(tokens)) if aligned_any else None
 
 
 def _decode_chunk(
-    decoder: Decoder, pcm16: bytes, tokens: list[str], last: bool
+    decoder: Decoder, pcm16: bytes, tokens: list[str], last: bool, skip: bool | list[float] = True
 ) -> list[tuple[str, int, int, str]] | None:
     """Decode one chunk against a left-to-right grammar of ``tokens``; None when no path fits.
 
-    Every token may be skipped (epsilon transition, SKIP_PROB). A chunk other than the last
-    may also end after any token (it holds a prefix of the remaining script).
+    With ``skip`` every token may be skipped (epsilon transition, SKIP_PROB); a list gives each
+    token its own skip probability (0: forced). A chunk other than the last may also end after
+    any token (it holds a prefix of the remaining script).
     """
     n = len(tokens)
+    skips = skip if isinstance(skip, list) else [SKIP_PROB if skip else 0.0] * n
     transitions = []
-    for i, tok in enumerate(tokens):
-        transitions += [(i, i + 1, 1.0 - SKIP_PROB, tok), (i, i + 1, SKIP_PROB)]
+    for i, (tok, p) in enumerate(zip(tokens, skips, strict=True)):
+        transitions.append((i, i + 1, 1.0 - p, tok))
+        if p > 0:
+            transitions.append((i, i + 1, p))
         if not last and i > 0:
             transitions.append((i, n, END_PROB))
     fsg = decoder.create_fsg(f"script{n}", 0, n, transitions)
     decoder.add_fsg("script", fsg)  # replaces the previous grammar
     decoder.activate_search("script")
-    decoder.start_utt()
-    decoder.process_raw(pcm16, full_utt=True)
-    decoder.end_utt()
+    _decode(decoder, pcm16)
     if decoder.hyp() is None:
         return None
     return [
@@ -366,6 +663,145 @@ def _decode_chunk(
     ]
 
 
+def _fill(
+    decoders: tuple[Decoder, Decoder], pcm16: bytes, tokens: list[str], placed: Placed, num_frames: int,
+    act: Activity, vocab: dict[str, str],
+) -> dict[int, str]:
+    """Place the tokens the chunk pass skipped; returns a note per token placed this way or not found.
+
+    Each run of skipped tokens is decoded again with a forced grammar (no skipping) together with
+    its aligned neighbours, over their stretch of audio (default beams, then wider HMM beams).
+    The grammar skips a spoken word when it fits the acoustic model worse than the cost of a
+    skip (short function words in synthetic or noisy speech); forcing it back finds where it
+    is. Without a forced path the run is spread over the sound between its neighbours. A token
+    stays "not found" only when the audio lacks it: the forced path lays it over quiet audio,
+    or the audio between its neighbours has no sound for it.
+    """
+    notes: dict[int, str] = {}
+    island = _islands(placed, len(tokens))
+    placed.clear()
+    placed.update(island)
+    k = 0
+    while k < len(tokens):
+        if k in placed:
+            k += 1
+            continue
+        run_end = k
+        while run_end < len(tokens) and run_end not in placed:
+            run_end += 1
+        first, last, found = _force_run(decoders, pcm16, tokens, placed, k, run_end, num_frames)
+        if found is None:
+            run = list(range(k, run_end))
+            prev = k - 1 if k > 0 else None
+            nxt = run_end if run_end < len(tokens) else None
+            gap = (placed[prev][1] if prev is not None else 0, placed[nxt][0] if nxt is not None else num_frames)
+            notes.update(_spread(run, gap, tokens, placed, act, vocab))
+            k = run_end
+            continue
+        for i, (sf, ef, variant) in zip(range(first, last), found, strict=True):
+            was = placed.pop(i, None)
+            why = _absent(sf, ef, _phones(tokens[i], vocab), act) if was is None else None
+            if why:
+                notes[i] = why
+            else:
+                placed[i] = (sf, ef, variant)
+                if was is None and i in range(k, run_end):
+                    notes[i] = "placed by forced alignment (the skippable grammar had skipped it)"
+        k = max(run_end, last)
+    return notes
+
+
+WIDEN = 3
+"""A run without a forced path between its neighbours is tried again with the neighbouring
+anchored stretch on each side included, up to this many times: those anchors may be a derailed
+match that left the run too little audio."""
+
+
+def _force_run(
+    decoders: tuple[Decoder, Decoder], pcm16: bytes, tokens: list[str], placed: Placed, k: int, run_end: int,
+    num_frames: int,
+) -> tuple[int, int, list[tuple[int, int, str]] | None]:
+    """Force-align tokens [k, run_end) with their anchored neighbours; widened over neighbouring anchors
+    when no path fits. Returns the token range decoded and (first frame, end frame, variant) per token."""
+    first, last = k - 1, run_end + 1
+    for _ in range(WIDEN + 1):
+        first, last = max(first, 0), min(last, len(tokens))
+        a = max(0, (placed[first][0] if first in placed else 0) - FILL_PAD_FRAMES)
+        b = min(num_frames, (placed[last - 1][1] if last - 1 in placed else num_frames) + FILL_PAD_FRAMES)
+        if first > 0 and first not in placed or last < len(tokens) and last - 1 not in placed:
+            break  # the widened range no longer ends on anchors
+        if b - a > MAX_FILL_S * FRAME_RATE:
+            break
+        for decoder in decoders:
+            found = _decode_chunk(decoder, pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME], tokens[first:last],
+                                  last=True, skip=False)  # fmt: skip
+            if found is not None and len(found) == last - first:
+                return first, last, [(sf + a, min(ef + a + 1, num_frames), v) for _, sf, ef, v in found]
+        if first == 0 and last == len(tokens):
+            break
+        # Take in the neighbouring anchored stretch on each side (up to the next skipped token).
+        first -= 1
+        while first > 0 and first - 1 in placed:
+            first -= 1
+        last += 1
+        while last < len(tokens) and last in placed:
+            last += 1
+    return k, run_end, None
+
+
+ISLAND = 3
+"""Anchors count only in runs of at least this many consecutive script tokens: a lone token the
+skippable grammar matched between skips is often another word's audio (a derailed match); the
+forced pass places it again with its neighbours."""
+MAX_FILL_S = 60.0
+"""The longest stretch of audio one forced pass decodes (time grows faster than its length)."""
+MIN_FRAMES_PER_PHONE = 3
+"""The least time the acoustic model's HMMs give a phone (three states, 10 ms each)."""
+LEAVE_OUT_MIN_PHONES = 4
+MIN_PHONE_S = 0.03
+"""Sound a spoken phone needs at the least: a skipped run with less sound than this per phone
+between its neighbours is not in the audio."""
+
+
+def _islands(placed: Placed, count: int) -> Placed:
+    """The anchors that lie in runs of at least ISLAND consecutive tokens (all of them for a shorter script)."""
+    need = min(ISLAND, count)
+    keep: Placed = {}
+    run: list[int] = []
+    for k in range(count + 1):
+        if k < count and k in placed and (not run or placed[k][0] >= placed[run[-1]][1] - 1):
+            run.append(k)
+            continue
+        if len(run) >= need:
+            keep.update({i: placed[i] for i in run})
+        run = [k] if k < count and k in placed else []
+    return keep
+
+
+def _spread(
+    run: list[int], gap: tuple[int, int], tokens: list[str], placed: Placed, act: Activity, vocab: dict[str, str]
+) -> dict[int, str]:
+    """Place a run no forced path holds over the sound between its neighbours (frames ``gap``), by phone count.
+
+    Returns the notes; tokens left out of ``placed`` are not found.
+    """
+    per_frame = act.sample_rate // FRAME_RATE
+    lo, hi = act.step(gap[0] * per_frame), act.step(max(gap[0], gap[1]) * per_frame)
+    sound = np.flatnonzero(~act.quiet[lo:hi]) + lo
+    phones = [_phones(tokens[i], vocab) for i in run]
+    where = f"between {gap[0] / FRAME_RATE:.2f} and {gap[1] / FRAME_RATE:.2f} s"
+    if len(sound) * act.hop < MIN_PHONE_S * sum(phones) * act.sample_rate:
+        heard = len(sound) * act.hop / act.sample_rate
+        return {i: f"not found: only {heard:.2f} s of sound {where}, too little for it" for i in run}
+    first, last = sound[0] * act.hop // per_frame, (sound[-1] + 1) * act.hop // per_frame
+    edges = first + np.round(np.cumsum([0, *phones]) / sum(phones) * (last - first)).astype(int)
+    for i, sf, ef in zip(run, edges[:-1], edges[1:], strict=True):
+        placed[i] = (int(sf), int(max(ef, sf + 1)), tokens[i])
+    return {i: f"timed by spreading over the sound {where} (no forced path)" for i in run}
+
+
+NOT_FOUND_QUIET = 0.8
+"""A token the forced pass lays over audio at least this quiet is not in the audio."""
 def _quietness(pcm16: bytes, num_frames: int) -> np.ndarray | None:
     """Energy per 10 ms frame averaged over 0.2 s (None for audio aligned in one piece)."""
     if num_frames <= CHUNK_ABOVE_S * FRAME_RATE:
@@ -390,6 +826,12 @@ def _chunk_end(quiet: np.ndarray | None, fa: int, num_frames: int) -> tuple[int,
     return lo + int(np.argmin(quiet[lo:hi])), False
 
 
+def with_floor(audio: np.ndarray, speech_db: float) -> np.ndarray:
+    """``audio`` over white noise NOISE_FLOOR_DB under ``speech_db`` (dBFS), the same noise on every call."""
+    sigma = 10 ** ((speech_db - NOISE_FLOOR_DB) / 20)
+    return audio + np.random.default_rng(0).normal(0.0, sigma, len(audio)).astype(np.float32)
+
+
 def to_pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
@@ -412,8 +854,9 @@ def align_words(audio_16k: np.ndarray, script: str, *, sample_rate: int = MODEL_
     if not tokens:
         return empty_script(ALIGNER)
     require_sound(audio, sample_rate, len(script_words))
-    num_frames = int(round(duration * 100))
-    aligned = align_tokens(to_pcm16(audio), tokens, num_frames)
+    num_frames = int(round(duration * FRAME_RATE))
+    act = analyse(audio, sample_rate)
+    aligned = align_tokens(to_pcm16(with_floor(audio, act.speech_db)), tokens, num_frames, act)
     if aligned is None:
         raise RowFailure(
             "script",
@@ -439,16 +882,27 @@ def _to_analysis(script_words: list[ScriptWord], aligned: list[TokenAlignment], 
         else:  # punctuation-only words and unspoken words sit at the previous word's end
             start = end = prev_end
             score = 0.0 if parts else None
+        notes = [p.note for p in parts if p.note]
         words.append(
             WordTiming(
                 word=sw.text,
                 start=round(start, 3),
                 end=round(min(end, duration), 3),
                 score=None if score is None else round(score, 3),
+                found=bool(said) or not parts,
+                note=notes[0] if notes else None,
             )
         )
         spoken.append(bool(said) or not parts)
         prev_end = words[-1].end
     missing = [i for i, (w, s) in enumerate(zip(words, spoken, strict=True)) if not s]
+    unmatched = sum(1 for w in words if w.note)  # skipped by the grammar: forced back in, or not found
+    long = [w for w in words if w.note and w.note.startswith(OVERLONG)]
+    extra = low_fit_flags(words, spoken)
+    if long:
+        shown = ", ".join(f"'{w.word}' at {w.start:.1f}-{w.end:.1f} s ({w.note.removeprefix(OVERLONG + ': ')})"
+                          for w in long[:6])  # fmt: skip
+        extra.append(f"unscripted_speech: {len(long)} script words span more speech than they say: {shown}"
+                     f"{' …' if len(long) > 6 else ''}; the audio says words the script lacks there")  # fmt: skip
     return judge_fit(ALIGNER, words, missing, mismatch_fit=MISMATCH_FIT, how_missing="not found in the audio",
-                     extra_flags=low_fit_flags(words, spoken))
+                     extra_flags=extra, unmatched=unmatched)

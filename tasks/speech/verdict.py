@@ -6,10 +6,13 @@ SpeechAnalysis, with evidence, or a RowFailure when there is nothing to align.
 Flags (each "code: evidence"):
 
 * ``empty_script``: the script has no speakable words; no timings (approximate).
-* ``words_not_spoken``: script words the audio does not contain (they get zero-length
-  timings at the previous word's end).
+* ``words_not_spoken``: script words the audio does not contain, each with the reason
+  (``WordTiming.note``); they get zero-length timings at the previous word's end and
+  ``found=False``.
 * ``low_word_fit``: stretches of consecutive words whose phones do not match what was
   heard: spoken words missing from the script, misreadings, or a partly wrong file.
+* ``unscripted_speech`` (offline aligner): script words aligned over more speech than they say
+  (longer than their phones last, or holding a pause): the audio says words the script lacks.
 * ``audio_script_mismatch``: the fit over the whole script is below the aligner's
   ``MISMATCH_FIT`` or too many words were not found (``MISMATCH_SKIPPED``): a wrong file,
   another language, or music; with a ``worst_stretch`` flag naming the five words that fit
@@ -131,6 +134,11 @@ def _worst_stretch(words: list[WordTiming], span: int = 5) -> str:
     )
 
 
+def _missing_word(word: WordTiming) -> str:
+    why = (word.note or "").removeprefix("not found: ")
+    return f"'{word.word}' (near {word.start:.1f} s{': ' + why if why else ''})"
+
+
 def judge_fit(
     aligner: str,
     words: list[WordTiming],
@@ -139,29 +147,32 @@ def judge_fit(
     mismatch_fit: float,
     how_missing: str,
     extra_flags: Sequence[str] = (),
+    unmatched: int | None = None,
 ) -> SpeechAnalysis:
     """The verdict every aligner gives the same way: fit score (mean word score), the words not
     spoken, and whether the audio says this script at all (then the timings are approximate).
 
+    ``unmatched``: words the aligner's recognition pass could not match (placed only by forcing, or
+    not found); the share of those decides a mismatch when given, else the share not found.
     The mismatch flags come last so a reader of the report sees the conclusion after its evidence.
     """
     scored = [w.score for w in words if w.score is not None]
     fit = float(np.mean(scored)) if scored else 0.0
     flags: list[str] = []
     if missing:
-        shown = ", ".join(f"'{words[i].word}' (near {words[i].start:.1f} s)" for i in missing[:6])
+        shown = ", ".join(_missing_word(words[i]) for i in missing[:6])
         flags.append(
             f"words_not_spoken: {len(missing)} of {len(words)} script words {how_missing}: "
             f"{shown}{' …' if len(missing) > 6 else ''}"
         )
     flags.extend(extra_flags)
-    share = len(missing) / len(words)
+    share = (len(missing) if unmatched is None else unmatched) / len(words)
     mismatch = fit < mismatch_fit or share >= MISMATCH_SKIPPED
     if mismatch:
         flags.append(_worst_stretch(words))
         flags.append(
             f"audio_script_mismatch: fit {fit:.2f} (threshold {mismatch_fit}), {share:.0%} of "
-            f"{len(words)} words not found (threshold {MISMATCH_SKIPPED:.0%}): the audio does not say this "
-            "script (wrong file, another language, or no speech)"
+            f"{len(words)} words not found{'' if unmatched is None else ' by recognition'} (threshold "
+            f"{MISMATCH_SKIPPED:.0%}): the audio does not say this script (wrong file, another language, or no speech)"
         )
     return SpeechAnalysis(aligner=aligner, approximate=mismatch, words=words, fit_score=round(fit, 3), flags=flags)

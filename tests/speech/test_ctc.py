@@ -124,12 +124,19 @@ def test_contract_on_espeak_speech(aligner: CtcAligner) -> None:
     for prev, w in itertools.pairwise(analysis.words):
         assert 0 <= w.start <= w.end <= duration and prev.end <= w.start
     spoken = analysis.words[:-1]
-    assert all(0.0 <= w.score <= 1.0 and w.end > w.start for w in spoken)
+    assert all(0.0 <= w.score <= 1.0 for w in spoken)
+    # A word is either timed or not found for a stated reason: a low score over quiet audio (a
+    # random model may put words anywhere; it never drops one that lies over speech).
+    assert all(w.end > w.start if w.found else (w.start == w.end and "quiet" in w.note) for w in spoken)
     assert analysis.words[-1].score is None and analysis.words[-1].start == analysis.words[-2].end
-    # "$20" and "3.5%" were aligned as the words said: more frames than characters of the numeral.
+    # "$20" and "3.5%" were aligned as the words said (their characters are the spoken words'), and
+    # are timed (edges snapped to the audio's pauses, so their length is the audio's, not the characters').
     twenty, percent = analysis.words[3], analysis.words[6]
-    assert twenty.end - twenty.start >= len("twenty dollars") * 0.02
-    assert percent.end - percent.start >= len("three point five percent") * 0.02
+    assert twenty.found and percent.found and twenty.end > twenty.start and percent.end > percent.start
+    targets, owner = aligner._targets(spoken_words("$20 3.5%"))
+    chars = {v: k for k, v in aligner.vocab.items()}
+    said = {i: "".join(chars[t] for t, o in zip(targets, owner, strict=True) if o == i) for i in (0, 1)}
+    assert said == {0: "twentydollars", 1: "threepointfivepercent"}
     # Random weights: the fit is near 1/vocabulary, so the aligner must say the audio does not fit.
     assert analysis.fit_score < 0.25 and analysis.approximate
     assert any(f.startswith("audio_script_mismatch") for f in analysis.flags)

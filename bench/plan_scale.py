@@ -62,7 +62,7 @@ def fixtures(folder: Path, rows: int, long_minutes: float) -> tuple[Path, Path, 
             name = names[r % len(names)]
             f.write(f'r{r:05d},{name},astronaut.jpg,"{CLIPS[name]}"\n')
     once, rate = sf.read(str(folder / "welcome.wav"), dtype="int16")
-    repeats = max(1, round(long_minutes * 60 / (len(once) / rate)))
+    repeats = max(1, int(long_minutes * 60 / (len(once) / rate)))  # at most max_audio_s (30 min)
     with sf.SoundFile(str(folder / "long.wav"), "w", rate, 1, "PCM_16") as out:  # a piece at a time
         for _ in range(repeats):
             out.write(once)

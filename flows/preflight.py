@@ -50,7 +50,7 @@ def plan_manifest(manifest: str, settings: BatchSettings, *, console: Console) -
                     row = rows[futures[future]]
                     try:
                         outcomes[futures[future]] = future.result()
-                    except Exception as exc:  # noqa: BLE001 - the worker died (killed, out of memory): this row's
+                    except Exception as exc:  # noqa: BLE001 - its worker died (killed, out of memory)
                         outcomes[futures[future]] = _unexpected(row, exc)
                     progress.advance(bar)
             finally:

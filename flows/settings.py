@@ -61,6 +61,10 @@ class BatchSettings(BaseSettings):
         "(S2V_ALLOWED_ROOTS: a JSON list or comma-separated)"
     )
     max_concurrent_rows: int = Field(2, ge=1, description="rows processed at the same time")
+    plan_processes: int | None = Field(
+        None, ge=1, description="processes that normalize, align and plan rows at once in `plan`, each loading "
+        "its own aligner (default: the CPU cores this process may use)"
+    )
     work_dir: str | None = Field(
         None, description="local scratch for normalized assets and clips (default: OUT/.s2v/work, or the "
         "cache folder when OUT is remote)"

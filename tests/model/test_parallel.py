@@ -1,0 +1,130 @@
+"""Ulysses sequence parallelism (model/parallel.py) on CPU: 2 and 4 gloo processes give the
+single-process forward and the single-process clip within float32 rounding."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from media import gradient_image, voiced_tone
+
+from model.config import S2VConfig
+from model.parallel import check_heads, sequence_parallel, shard_bounds
+from model.pipeline import S2VPipeline
+from model.transformer import WanS2VTransformer, randomize_
+
+RTOL = 1e-5
+INFER = 8  # video frames per clip, as tests/model/test_pipeline.py
+
+
+def _config() -> S2VConfig:
+    """The tiny architecture with 4 heads of 32 (the tiny config's 2 heads split over 2 ranks only)."""
+    return dataclasses.replace(S2VConfig.tiny(), dim=128, ffn_dim=256, num_heads=4)
+
+
+def _model() -> WanS2VTransformer:
+    torch.manual_seed(0)  # the default init draws from the global generator
+    return randomize_(WanS2VTransformer(_config()), seed=0).float().eval().requires_grad_(False)
+
+
+def _cases(make_inputs) -> dict[str, dict]:
+    """A later clip as a CFG batch of 2 and a first clip, on a 16 x 12 latent grid: 48 tokens a
+    latent frame, so shards of 4 ranks cut frames in the middle."""
+    later = make_inputs(_config(), batch=2, frames=2, hw=(16, 12), seed=1)
+    first = {**make_inputs(_config(), batch=1, frames=2, hw=(16, 12), seed=2), "drop_motion_frames": True}
+    return {"later": later, "first": first}
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+
+
+def _forward_worker(rank: int, world: int, port: int, cases: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    _join(rank, world, port)
+    try:
+        model = _model()
+        sequence_parallel(model)
+        with torch.no_grad():
+            results = {name: model(**inputs) for name, inputs in cases.items()}
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _clip_worker(rank: int, world: int, port: int, checkpoint: str, kwargs: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    _join(rank, world, port)
+    try:
+        pipe = S2VPipeline.from_checkpoint(checkpoint, device="cpu")
+        sequence_parallel(pipe.transformer)
+        clips = list(pipe.generate_clips(gradient_image(), voiced_tone(1.0), "a person talks", **kwargs))
+        torch.save([(c.frames, c.state) for c in clips], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, world: int, *args) -> None:
+    """Run fn(rank, world, port, *args) in `world` fresh processes joined through a TCP store on a
+    free loopback port (the store lives here, so no two runs race for a port)."""
+    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, timeout=timedelta(seconds=60), wait_for_workers=False)
+    mp.spawn(fn, args=(world, store.port, *args), nprocs=world, join=True)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_forward_equals_one_process(world: int, make_inputs, tmp_path: Path) -> None:
+    cases = _cases(make_inputs)
+    model = _model()
+    with torch.no_grad():
+        want = {name: model(**inputs) for name, inputs in cases.items()}
+    _spawn(_forward_worker, world, cases, str(tmp_path))
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for name in cases:
+            _close(got[name], want[name])
+    assert (want["later"][0] - want["later"][1]).abs().max() > 1e-3  # the two CFG rows differ
+
+
+def test_clip_equals_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # the tiny checkpoint's 2 heads: 2 ranks; two clips (the second with motion tokens), CFG on
+    kwargs = {"num_clips": 2, "infer_frames": INFER, "steps": 2, "seed": 5}
+    pipe = S2VPipeline.from_checkpoint(tiny_checkpoint, device="cpu")
+    want = list(pipe.generate_clips(gradient_image(), voiced_tone(1.0), "a person talks", **kwargs))
+    _spawn(_clip_worker, 2, str(tiny_checkpoint), kwargs, str(tmp_path))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert len(got) == len(want) == 2
+        for (frames, state), clip in zip(got, want, strict=True):
+            assert frames.shape == clip.frames.shape
+            # uint8 frames may differ by one step where a value sits on a rounding edge
+            assert np.abs(frames.astype(int) - clip.frames.astype(int)).max() <= 1
+            for key, value in clip.state.items():
+                np.testing.assert_allclose(state[key], value, rtol=RTOL, atol=RTOL * np.abs(value).max())
+
+
+def test_shards_cover_the_sequence_in_order() -> None:
+    assert shard_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert shard_bounds(8, 2) == [(0, 4), (4, 8)]
+    assert shard_bounds(3, 3) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_heads_must_divide_by_the_ranks() -> None:
+    check_heads(40, 8)
+    with pytest.raises(ValueError, match=r"40 attention heads must divide by the number of ranks.*\[1, 2, 4, 5, 8"):
+        check_heads(40, 3)
+
+
+def test_needs_a_process_group() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        sequence_parallel(_model())

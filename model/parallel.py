@@ -143,7 +143,7 @@ class SequenceParallel:
         self._bounds = shard_bounds(seq, self.ranks)
         start, end = self._bounds[self.rank]
         local = x[:, start:end].contiguous()
-        local_temb = [(max(a, start) - start, min(b, end) - start, mod) for a, b, mod in temb if min(b, end) > max(a, start)]
+        local_temb = [(max(a, start) - start, min(b, end) - start, mod) for a, b, mod in temb if b > start and a < end]
         local_rope = rope[start:end]
         n_vid = audio[1].shape[1] * frame_tokens if audio is not None else 0
         for i, block in enumerate(model.blocks):

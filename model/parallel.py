@@ -33,11 +33,19 @@ hooks need its own attention dispatcher and model classes; this one is a pair of
 from outside, as model/offload.py applies block streaming: the self-attention's `attend_hook` and
 the model's `run_blocks`, replaced on the instance as diffusers' hooks replace a module's forward.
 
+CFG parallel (`parallel_groups(cfg=True)`, `parallelize(pipe, groups)`): the world splits into
+two halves, the first running the conditional branch of every guided step, the second the
+unconditional one, each half sequence parallel over its own ranks; rank r and rank r + W/2 form a
+pair that exchanges its two velocities (one all-gather a step) and guides, so every rank again
+holds the same result. The branches then run as two batch-1 forwards, as `cfg_batch=False` does.
+
 Not sharded (refused with a clear error): the causal streaming model's KV caches
 (model/causal.py), which keep keys per rank in a layout this does not split.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -45,7 +53,16 @@ from torch import Tensor
 
 from model.transformer import Attention, KVHook, TokenGroups, WanS2VTransformer, attend
 
-__all__ = ["SequenceParallel", "check_heads", "sequence_parallel", "shard_bounds"]
+__all__ = [
+    "CfgParallel",
+    "ParallelGroups",
+    "SequenceParallel",
+    "check_heads",
+    "parallel_groups",
+    "parallelize",
+    "sequence_parallel",
+    "shard_bounds",
+]
 
 
 def shard_bounds(length: int, ranks: int) -> list[tuple[int, int]]:
@@ -80,7 +97,7 @@ class SequenceParallel:
         if getattr(model, "_sequence_parallel", None) is not None:
             raise ValueError("this model is already sequence parallel")
         self.model = model
-        self.group = group or dist.group.WORLD
+        self.group = group if group is not None else dist.group.WORLD
         self.ranks = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         check_heads(model.config.num_heads, self.ranks)
@@ -185,3 +202,59 @@ def sequence_parallel(model: WanS2VTransformer, group: dist.ProcessGroup | None 
     """Run `model`'s blocks sequence parallel over `group` (default: the world); returns the hooks
     (`.remove()` undoes them). Call on every rank of the group, each with the same model."""
     return SequenceParallel(model, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# CFG parallel
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's process groups: `sequence` shards its forwards (sequence_parallel); `cfg` pairs
+    it with the rank running the other guidance branch (None: both branches run here)."""
+
+    sequence: dist.ProcessGroup
+    cfg: dist.ProcessGroup | None = None
+
+
+def parallel_groups(cfg: bool = False) -> ParallelGroups:
+    """The world split for one clip: without `cfg` one sequence-parallel group of all ranks; with
+    it two halves (conditional, unconditional), each sequence parallel, rank r paired with
+    r + W/2. Call on every rank (torch.distributed creates groups collectively, in one order)."""
+    if not dist.is_initialized():
+        raise RuntimeError("parallel groups need torch.distributed initialised (dist.init_process_group)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not cfg:
+        return ParallelGroups(dist.group.WORLD)
+    if world % 2:
+        raise ValueError(f"CFG parallel runs the two guidance branches on two equal halves: {world} ranks do not split")
+    half = world // 2
+    halves = [dist.new_group(list(range(start, start + half))) for start in (0, half)]
+    pairs = [dist.new_group([r, r + half]) for r in range(half)]
+    return ParallelGroups(halves[rank // half], pairs[rank % half])
+
+
+class CfgParallel:
+    """One guidance branch on this rank (0 conditional, 1 unconditional: its rank in the pair)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        if dist.get_world_size(group) != 2:
+            raise ValueError(f"CFG parallel pairs 2 ranks, this group has {dist.get_world_size(group)}")
+        self.group = group
+        self.branch = dist.get_rank(group)
+
+    def combine(self, mine: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's branch output -> (conditional, unconditional), the same on both ranks."""
+        both = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(both, mine.contiguous(), group=self.group)
+        return both[0], both[1]
+
+
+def parallelize(pipe, groups: ParallelGroups) -> SequenceParallel | None:
+    """Make `pipe` (an S2VPipeline) run its guidance branch of `groups` and its forwards sequence
+    parallel over `groups.sequence` (not hooked when that group has one rank); returns the
+    sequence-parallel hooks, if any."""
+    pipe.cfg_parallel = CfgParallel(groups.cfg) if groups.cfg is not None else None
+    if dist.get_world_size(groups.sequence) == 1:
+        return None
+    return sequence_parallel(pipe.transformer, groups.sequence)

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from media import gradient_image, voiced_tone
 
 from model.config import S2VConfig
-from model.parallel import check_heads, sequence_parallel, shard_bounds
+from model.parallel import check_heads, parallel_groups, parallelize, sequence_parallel, shard_bounds
 from model.transformer import WanS2VTransformer, randomize_
 
 RTOL = 1e-5
@@ -71,6 +71,20 @@ def _clip_worker(rank: int, world: int, port: int, checkpoint: str, kwargs: dict
         dist.destroy_process_group()
 
 
+def _cfg_clip_worker(rank: int, world: int, port: int, checkpoint: str, kwargs: dict, out: str) -> None:
+    from model.pipeline import S2VPipeline
+
+    torch.set_num_threads(1)
+    _join(rank, world, port)
+    try:
+        pipe = S2VPipeline.from_checkpoint(checkpoint, device="cpu")
+        groups = parallel_groups(cfg=True)
+        parallelize(pipe, groups)
+        torch.save((pipe.cfg_parallel.branch, _render(pipe, kwargs)), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 def _render(pipe, kwargs: dict) -> tuple[list, list]:
     """The clips' (frames, state) and every DiT output on the way (the velocities of each step)."""
     velocities = []
@@ -91,6 +105,17 @@ def _spawn(fn, world: int, *args) -> None:
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
+
+
+def _similar_clips(got: list, want: list) -> None:
+    """The same clips, pixels within a few uint8 levels: the decoded frames pass through the tiny
+    random VAE, which magnifies float32 rounding (one thread instead of two moves the second
+    clip's carried frames by ~2e-2 on its own)."""
+    assert len(got) == len(want)
+    for (frames, state), (w_frames, w_state) in zip(got, want, strict=True):
+        assert frames.shape == w_frames.shape and state.keys() == w_state.keys()
+        diff = np.abs(frames.astype(int) - w_frames.astype(int))
+        assert diff.max() <= 8 and diff.mean() < 0.05
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -128,14 +153,31 @@ def test_clip_equals_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
         assert len(got_v) == len(want_v) == kwargs["steps"] * kwargs["num_clips"]  # CFG as a batch of 2
         for velocity, expected in zip(got_v, want_v, strict=True):
             _close(velocity, expected)
-        # the decoded frames pass through the tiny random VAE, which magnifies float32 rounding
-        # (one thread instead of two moves the second clip's carried frames by ~2e-2 on its own):
-        # same clips, pixels within a few uint8 levels
-        assert len(got) == len(want) == kwargs["num_clips"]
-        for (frames, state), (w_frames, w_state) in zip(got, want, strict=True):
-            assert frames.shape == w_frames.shape and state.keys() == w_state.keys()
-            diff = np.abs(frames.astype(int) - w_frames.astype(int))
-            assert diff.max() <= 8 and diff.mean() < 0.05
+        _similar_clips(got, want)
+
+
+def test_cfg_and_sequence_parallel_clip_equals_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # 4 ranks: ranks 0-1 the conditional branch, 2-3 the unconditional, each pair of a half
+    # sequence parallel; against one process running the branches as two passes (cfg_batch=False)
+    from model.pipeline import S2VPipeline
+
+    kwargs = {"num_clips": 2, "infer_frames": INFER, "steps": 2, "seed": 5}
+    pipe = S2VPipeline.from_checkpoint(tiny_checkpoint, device="cpu", cfg_batch=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want, want_v = _render(pipe, kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    _spawn(_cfg_clip_worker, 4, str(tiny_checkpoint), kwargs, str(tmp_path))
+    for rank in range(4):
+        branch, (got, got_v) = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert branch == rank // 2
+        # this rank's branch of every step: the reference's passes alternate cond, uncond
+        assert len(got_v) * 2 == len(want_v) == 2 * kwargs["steps"] * kwargs["num_clips"]
+        for velocity, expected in zip(got_v, want_v[branch::2], strict=True):
+            _close(velocity, expected)
+        _similar_clips(got, want)
 
 
 def test_shards_cover_the_sequence_in_order() -> None:

@@ -175,7 +175,9 @@ def test_flow_killed_mid_batch_then_rerun_reuses_every_finished_clip(prefect_api
         assert computed[(row, str(int(seg[4:])), str(int(clip[5:])))] == 1, name
     assert sum(r["clips_reused"] for r in report["rows"]) >= len(before)
     for row in report["rows"]:
-        assert row["workers"] and row["gpu_s"] > 0 and row["attempts"] >= 1
+        assert row["workers"] and row["attempts"] >= 1
+        # A segment whose clips were all reused holds its worker for milliseconds (rounded to 0.0 in the report).
+        assert row["gpu_s"] > 0 or row["clips_reused"] == row["clips"]
         assert row["clips"] == len(list(out.glob(f".s2v/work/{row['id']}/seg_*/clip_*.mp4")))
 
 

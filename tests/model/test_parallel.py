@@ -58,29 +58,17 @@ def _forward_worker(rank: int, world: int, port: int, cases: dict, out: str) -> 
         dist.destroy_process_group()
 
 
-def _clip_worker(rank: int, world: int, port: int, checkpoint: str, kwargs: dict, out: str) -> None:
+def _clip_worker(rank: int, world: int, port: int, checkpoint: str, kwargs: dict, cfg: bool, out: str) -> None:
+    """Two clips on this rank: sequence parallel over the world, or with `cfg` CFG parallel too."""
     from model.pipeline import S2VPipeline  # here: the forward workers skip importing it
 
     torch.set_num_threads(1)
     _join(rank, world, port)
     try:
         pipe = S2VPipeline.from_checkpoint(checkpoint, device="cpu")
-        sequence_parallel(pipe.transformer)
-        torch.save(_render(pipe, kwargs), f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _cfg_clip_worker(rank: int, world: int, port: int, checkpoint: str, kwargs: dict, out: str) -> None:
-    from model.pipeline import S2VPipeline
-
-    torch.set_num_threads(1)
-    _join(rank, world, port)
-    try:
-        pipe = S2VPipeline.from_checkpoint(checkpoint, device="cpu")
-        groups = parallel_groups(cfg=True)
-        parallelize(pipe, groups)
-        torch.save((pipe.cfg_parallel.branch, _render(pipe, kwargs)), f"{out}/rank{rank}.pt")
+        parallelize(pipe, parallel_groups(cfg=cfg))
+        branch = pipe.cfg_parallel.branch if cfg else None
+        torch.save((branch, _render(pipe, kwargs)), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -132,49 +120,47 @@ def test_forward_equals_one_process(world: int, make_inputs, tmp_path: Path) -> 
     assert (want["later"][0] - want["later"][1]).abs().max() > 1e-3  # the two CFG rows differ
 
 
-def test_clip_equals_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    # the tiny checkpoint's 2 heads: 2 ranks; two clips (the second with motion tokens), CFG on
+def _one_process(checkpoint: Path, kwargs: dict, cfg_batch: bool) -> tuple[list, list]:
+    """The reference run in this process, on one thread as each worker: a clip magnifies float32
+    reduction-order differences (VAE, motion re-encoding); threads alone move the tiny random
+    model's second clip by ~1e-2."""
     from model.pipeline import S2VPipeline
 
-    kwargs = {"num_clips": 2, "infer_frames": INFER, "steps": 2, "seed": 5}
-    pipe = S2VPipeline.from_checkpoint(tiny_checkpoint, device="cpu")
-    # one thread, as each worker: a clip amplifies float32 reduction-order differences (VAE, motion
-    # re-encoding), so threads alone move the tiny random model's second clip by ~1e-2
+    pipe = S2VPipeline.from_checkpoint(checkpoint, device="cpu", cfg_batch=cfg_batch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        want, want_v = _render(pipe, kwargs)
+        return _render(pipe, kwargs)
     finally:
         torch.set_num_threads(threads)
-    _spawn(_clip_worker, 2, str(tiny_checkpoint), kwargs, str(tmp_path))
+
+
+CLIPS = {"num_clips": 2, "infer_frames": INFER, "steps": 2, "seed": 5}  # the second clip has motion tokens
+
+
+def test_clip_equals_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # the tiny checkpoint's 2 heads: 2 ranks, sequence parallel, CFG as a batch of 2
+    want, want_v = _one_process(tiny_checkpoint, CLIPS, cfg_batch=True)
+    _spawn(_clip_worker, 2, str(tiny_checkpoint), CLIPS, False, str(tmp_path))
     for rank in range(2):
-        got, got_v = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        _, (got, got_v) = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         # every DiT output of both clips (the CFG batch of each step) within float32 rounding
-        assert len(got_v) == len(want_v) == kwargs["steps"] * kwargs["num_clips"]  # CFG as a batch of 2
+        assert len(got_v) == len(want_v) == CLIPS["steps"] * CLIPS["num_clips"]
         for velocity, expected in zip(got_v, want_v, strict=True):
             _close(velocity, expected)
         _similar_clips(got, want)
 
 
 def test_cfg_and_sequence_parallel_clip_equals_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    # 4 ranks: ranks 0-1 the conditional branch, 2-3 the unconditional, each pair of a half
-    # sequence parallel; against one process running the branches as two passes (cfg_batch=False)
-    from model.pipeline import S2VPipeline
-
-    kwargs = {"num_clips": 2, "infer_frames": INFER, "steps": 2, "seed": 5}
-    pipe = S2VPipeline.from_checkpoint(tiny_checkpoint, device="cpu", cfg_batch=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        want, want_v = _render(pipe, kwargs)
-    finally:
-        torch.set_num_threads(threads)
-    _spawn(_cfg_clip_worker, 4, str(tiny_checkpoint), kwargs, str(tmp_path))
+    # 4 ranks: ranks 0-1 the conditional branch, 2-3 the unconditional, each half sequence
+    # parallel; against one process running the branches as two passes (cfg_batch=False)
+    want, want_v = _one_process(tiny_checkpoint, CLIPS, cfg_batch=False)
+    _spawn(_clip_worker, 4, str(tiny_checkpoint), CLIPS, True, str(tmp_path))
     for rank in range(4):
         branch, (got, got_v) = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert branch == rank // 2
         # this rank's branch of every step: the reference's passes alternate cond, uncond
-        assert len(got_v) * 2 == len(want_v) == 2 * kwargs["steps"] * kwargs["num_clips"]
+        assert len(got_v) * 2 == len(want_v) == 2 * CLIPS["steps"] * CLIPS["num_clips"]
         for velocity, expected in zip(got_v, want_v[branch::2], strict=True):
             _close(velocity, expected)
         _similar_clips(got, want)

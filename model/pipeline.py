@@ -184,6 +184,7 @@ class S2VPipeline:
         self.cfg_batch = cfg_batch
         self.precision = "fp8" if _has_fp8(transformer) else "bf16"
         self.files: CheckpointFiles | None = None  # set by from_checkpoint
+        self.cfg_parallel = None  # this rank's guidance branch, a CfgParallel (model.parallel.parallelize)
         self.load_timings: LoadTimings | None = None  # set by from_checkpoint
         self.last_conditioning_s = 0.0  # seconds the last generate_clips took before its first step
         if audio_encoder.num_layers != self.config.audio_num_layers:
@@ -554,6 +555,15 @@ class S2VPipeline:
 
         if guidance <= 1.0:
             return None, cond_only
+        if self.cfg_parallel is not None:  # one branch here, the other on the paired rank
+            pair = self.cfg_parallel
+            mine = (context, audio) if pair.branch == 0 else (context_null, audio * 0.0)
+
+            def paired(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                cond, uncond = pair.combine(dit(latents, t, mine[0], ref, mine[1], **kwargs))
+                return guide(cond, uncond, guidance)
+
+            return paired, cond_only
         if self.cfg_batch:  # both branches as one batch of 2 (one pass over the weights)
             both_ctx = torch.cat([context, context_null])
             both_audio = torch.cat([audio, audio * 0.0])

@@ -151,6 +151,18 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
 
 # (q, k, v, rope) -> (q, k, v): see Attention.forward's kv_cache.
 KVHook = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], tuple[Tensor, Tensor, Tensor]]
+# (q, k, v, kernel) [B, S, H, D] -> [B, S, H, D]: the attention itself, `attend` unless a hook
+# replaces it (Attention.attend_hook; sequence parallelism wraps it in all-to-alls, model/parallel.py).
+AttendHook = Callable[[Tensor, Tensor, Tensor, str], Tensor]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, kernel: str = "sdpa") -> Tensor:
+    """Attention of q [B, S, H, D] over k, v [B, L, H, D] with `kernel` ("sdpa" or "fa4") -> [B, S, H, D]."""
+    if kernel == "fa4":
+        return fa4_attention(q, k, v)
+    # strided [B, H, S, D] views: cuDNN reads them as they are (contiguous head-major copies
+    # measured no faster on an H100, see docs/benchmarks.md)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -169,6 +181,9 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.kernel = "sdpa"  # or "fa4" (self-attention only), see WanS2VTransformer.set_attention
+        # set from outside on the self-attention only: the one place where the whole sequence
+        # meets, so sequence parallelism (model/parallel.py) exchanges shards around it
+        self.attend_hook: AttendHook | None = None
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, rope: Tensor | None = None, kv_cache: KVHook | None = None
@@ -187,12 +202,9 @@ class Attention(nn.Module):
             q, k, v = kv_cache(q, k, v, rope)
         elif rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.kernel == "fa4" and context is None:
-            return self.o(fa4_attention(q, k, v).reshape(b, s, d))
-        # strided [B, H, S, D] views: cuDNN reads them as they are (contiguous head-major copies
-        # measured no faster on an H100, see docs/benchmarks.md)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o(out.transpose(1, 2).reshape(b, s, d))
+        kernel = self.kernel if context is None else "sdpa"
+        out = (self.attend_hook or attend)(q, k, v, kernel)
+        return self.o(out.reshape(b, s, d))
 
 
 # A token group: tokens [start, end) share one modulation row set `mod` [B or 1, 6, D] (float32).

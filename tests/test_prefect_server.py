@@ -286,7 +286,9 @@ def test_segments_waiting_for_the_pool_show_as_queued(server: dict, tmp_path: Pa
     shutil.copytree(ROOT / "manifests" / "examples", folder)
     manifest = folder / "queue.csv"
     shutil.copyfile(folder / "batch.csv", manifest)
-    options = {"clip_s": 2.0}
+    # Clips slow enough that a waiting segment is still waiting once `status` and a browser have looked
+    # (each takes several seconds on a loaded machine).
+    options = {"clip_s": 8.0}
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows", "run", str(manifest), "--out", str(tmp_path / "out"), "--pool", "on",
          "--pool-workers", "1", "--generator-factory", "tests.paced:PacedGenerator", "--generator-options",

@@ -87,7 +87,7 @@ async def serving(pool: GeneratorPool, cpu_gate: asyncio.Semaphore) -> AsyncIter
 
 async def start_pool(settings: BatchSettings, backend: str) -> GeneratorPool:
     """Start the GPU workers (each loads the model once); a missing checkpoint fails before any starts."""
-    from tasks.generate.pool import GeneratorPool, PoolConfig, PoolError
+    from tasks.generate.pool import GeneratorPool, NoWorkerStarted, PoolConfig, PoolError
 
     logger = get_run_logger()
     if settings.checkpoint and not await asyncio.to_thread(storage.exists, settings.checkpoint):
@@ -100,7 +100,9 @@ async def start_pool(settings: BatchSettings, backend: str) -> GeneratorPool:
     ))
     try:
         workers = await asyncio.to_thread(pool.start)
-    except PoolError as exc:
+    except NoWorkerStarted as exc:  # the model itself did not load: pool=off would fail the same way
+        raise BackendError(str(exc)) from None
+    except PoolError as exc:  # no cluster or no GPUs: the flow process may still render
         raise BackendError(f"{exc} (or set pool=off to render in the flow process)") from None
     for line in pool.failed_workers:
         logger.warning("GPU worker could not start: %s", line)

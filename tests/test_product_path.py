@@ -183,3 +183,21 @@ def test_cli_on_a_comfyui_folder_renders_on_the_pool(
     check_outputs(out, report)
     (row,) = report["rows"]
     assert row["workers"] and row["attempts"] == 1
+
+
+def test_a_model_that_cannot_load_on_the_pool_fails_before_generating_with_its_cause(
+    prefect_api, comfy_folder: Path, media: Path, tmp_path: Path
+) -> None:
+    manifest = write_manifest(media, [f"hello,{media}/hello.wav,{media}/face.jpg,,1,7"])
+    out = tmp_path / "out"
+    proc = s2v_run(manifest, out, prefect_api, "--checkpoint", str(comfy_folder), "--device", "cpu",
+                   "--pool", "on", "--pool-workers", "1", "--precision", "fp8")
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, stdout + stderr
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert "no worker could start" in line and "fp8" in line and "pool=off" not in line
+    assert not list(out.glob("*.mp4")) and not list(out.glob(".s2v/work/*/seg_*/clip_*.mp4"))

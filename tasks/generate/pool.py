@@ -69,6 +69,10 @@ class PoolError(Exception):
     """The pool cannot run at all: no Ray cluster, no GPUs, or no worker could load the model."""
 
 
+class NoWorkerStarted(PoolError):
+    """Every worker failed to load the model (a checkpoint or device problem the flow process would share)."""
+
+
 class SegmentFailed(Exception):
     """A segment failed every attempt (or its inputs vanished); its row fails with this message."""
 
@@ -271,7 +275,7 @@ class GeneratorPool:
         self._slots = [s for s, ok in zip(slots, results, strict=True) if ok]
         if not self._slots:
             self.close()
-            raise PoolError("no worker could start: " + "; ".join(self.failed_workers))
+            raise NoWorkerStarted("no worker could start: " + "; ".join(self.failed_workers))
         self.workers = [s.info for s in self._slots if s.info]
         for slot in self._slots:
             self._serving.append(self._call(self._serve(slot)))

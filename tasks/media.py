@@ -82,6 +82,9 @@ class MediaInfo:
     height: int | None = None
     fps: float | None = None
     video_frames: int | None = None
+    audio_duration_s: float | None = None
+    """The audio stream's own duration where the container records it (a video's soundtrack may end
+    before its picture, so the container's duration is not the sound's)."""
 
 
 def probe(path: str | Path) -> MediaInfo:
@@ -100,6 +103,8 @@ def probe(path: str | Path) -> MediaInfo:
                 audio_codec=audio.codec_context.name,
                 sample_rate=audio.codec_context.sample_rate,
                 channels=audio.codec_context.channels,
+                audio_duration_s=(float(audio.duration * audio.time_base)
+                                  if audio.duration and audio.time_base else None),
             )
         if video is not None:
             rate = video.average_rate or video.base_rate

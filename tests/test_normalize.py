@@ -12,6 +12,7 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from media import (
+    _ffmpeg,
     astronaut,
     cmyk_jpeg,
     encode,
@@ -94,6 +95,13 @@ def test_surround_folds_to_stereo_and_video_soundtrack_is_used(spoken: Path, tmp
     audio_16k, master, qc, n = normalize_audio(clip, tmp_path / "clip")
     assert (qc.source_codec, qc.source_channels) == ("aac", 1)
     _check_pair(audio_16k, master, 1, n)
+
+    # A picture that runs on after the sound ends is not a truncated soundtrack.
+    longer = tmp_path / "longer.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=12", "-i", str(spoken),
+            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(longer))  # fmt: skip
+    _, _, qc, _ = normalize_audio(longer, tmp_path / "longer")
+    assert qc.source_duration_s < 8
 
 
 def test_silence_trimmed_to_pad_with_both_files_in_sync(tmp_path: Path) -> None:

@@ -452,7 +452,8 @@ def normalize_audio(
         raise _fail(f"audio is {_minutes(source_duration)} long; the maximum is {_minutes(max_duration_s)}")
     if source_duration < MIN_DURATION_S:
         raise _fail(f"audio is too short: {source_duration:.2f} seconds, at least {MIN_DURATION_S:g} are needed")
-    announced = info.duration_s
+    # A file with a picture: only its sound's own duration says whether the sound was cut short.
+    announced = info.audio_duration_s if info.has_video else (info.audio_duration_s or info.duration_s)
     if announced and source_duration < TRUNCATED_RATIO * announced and announced - source_duration > 0.5:
         raise _fail(f"audio file is truncated: it decodes to {_minutes(source_duration)} of the "
                     f"{_minutes(announced)} its header announces (an interrupted upload or copy?)")

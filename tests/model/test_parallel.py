@@ -68,7 +68,10 @@ def _clip_worker(rank: int, world: int, port: int, checkpoint: str, kwargs: dict
         pipe = S2VPipeline.from_checkpoint(checkpoint, device="cpu")
         parallelize(pipe, parallel_groups(cfg=cfg))
         branch = pipe.cfg_parallel.branch if cfg else None
-        torch.save((branch, _render(pipe, kwargs)), f"{out}/rank{rank}.pt")
+        clips, velocities = _render(pipe, kwargs)
+        # tensors only, so the test reads it back with weights_only=True
+        clips = [(torch.from_numpy(f), {k: torch.from_numpy(v) for k, v in s.items()}) for f, s in clips]
+        torch.save((branch, (clips, velocities)), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -95,6 +98,12 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max().item())
 
 
+def _load_rank(path: Path) -> tuple[int, tuple[list, list]]:
+    """A clip worker's (branch, (clips, velocities)), the clips back as numpy (frames, state)."""
+    branch, (clips, velocities) = torch.load(path, weights_only=True)
+    return branch, ([(f.numpy(), {k: v.numpy() for k, v in s.items()}) for f, s in clips], velocities)
+
+
 def _similar_clips(got: list, want: list) -> None:
     """The same clips, pixels within a few uint8 levels: the decoded frames pass through the tiny
     random VAE, which magnifies float32 rounding (one thread instead of two moves the second
@@ -114,7 +123,7 @@ def test_forward_equals_one_process(world: int, make_inputs, tmp_path: Path) -> 
         want = {name: model(**inputs) for name, inputs in cases.items()}
     _spawn(_forward_worker, world, cases, str(tmp_path))
     for rank in range(world):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name in cases:
             _close(got[name], want[name])
     assert (want["later"][0] - want["later"][1]).abs().max() > 1e-3  # the two CFG rows differ
@@ -143,7 +152,7 @@ def test_clip_equals_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
     want, want_v = _one_process(tiny_checkpoint, CLIPS, cfg_batch=True)
     _spawn(_clip_worker, 2, str(tiny_checkpoint), CLIPS, False, str(tmp_path))
     for rank in range(2):
-        _, (got, got_v) = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        _, (got, got_v) = _load_rank(tmp_path / f"rank{rank}.pt")
         # every DiT output of both clips (the CFG batch of each step) within float32 rounding
         assert len(got_v) == len(want_v) == CLIPS["steps"] * CLIPS["num_clips"]
         for velocity, expected in zip(got_v, want_v, strict=True):
@@ -157,7 +166,7 @@ def test_cfg_and_sequence_parallel_clip_equals_one_process(tiny_checkpoint: Path
     want, want_v = _one_process(tiny_checkpoint, CLIPS, cfg_batch=False)
     _spawn(_clip_worker, 4, str(tiny_checkpoint), CLIPS, True, str(tmp_path))
     for rank in range(4):
-        branch, (got, got_v) = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        branch, (got, got_v) = _load_rank(tmp_path / f"rank{rank}.pt")
         assert branch == rank // 2
         # this rank's branch of every step: the reference's passes alternate cond, uncond
         assert len(got_v) * 2 == len(want_v) == 2 * CLIPS["steps"] * CLIPS["num_clips"]

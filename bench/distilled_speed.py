@@ -52,16 +52,22 @@ from model.transformer import fa4_unavailable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_memory import GIB, add_machine_arguments, build_pipeline, mem, run_mode  # noqa: E402  (full-size random components)
 
-MODES = {  # name: (offload, pipelined)
-    "distilled-resident": ("none", True),
-    "distilled-streamed": ("blocks", True),
-    "distilled-streamed-sequential": ("blocks", False),
+MODES = {  # name: (offload, pipelined, compiled)
+    "distilled-resident": ("none", True, False),
+    "distilled-streamed": ("blocks", True, False),
+    "distilled-streamed-sequential": ("blocks", False, False),
+    "distilled-streamed-compiled": ("blocks", True, True),
+    "distilled-resident-compiled": ("none", True, True),
 }
+PROMPT = "a person talks to the camera"
+PROFILED = {"cuda": torch.profiler.ProfilerActivity.CUDA, "cpu": torch.profiler.ProfilerActivity.CPU}
 EXACT_FRAMES = 80
 VIDEO_FPS = 16
 
 
-def run_distilled(pipe: DistilledPipeline, args, device: torch.device, label: str, pipelined: bool) -> dict:
+def run_distilled(
+    pipe: DistilledPipeline, args, device: torch.device, label: str, pipelined: bool, warmup: bool = False
+) -> dict:
     """One segment of args.clips distilled clips; fixed seconds, per-clip seconds and memory."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -72,15 +78,39 @@ def run_distilled(pipe: DistilledPipeline, args, device: torch.device, label: st
     audio = (0.1 * rng.standard_normal(int(audio_s * SAMPLE_RATE))).astype(np.float32)
     result = {"mode": label, "resident_before": mem(device), "clips": []}
     if pipe._reference is None:  # timed apart: later runs share it (one image), every segment pays it
-        started = time.perf_counter()
         vae = pipe._use(pipe.vae)
-        pipe.reference_latents(image)
-        pipe._release(vae)
+        started = time.perf_counter()
+        ref, motion = pipe.reference_latents(image)
         pipe._sync()
         result["reference_seconds"] = time.perf_counter() - started
+        result["reference_chunks"] = [pipe.vae.still_chunks, motion.shape[2]]  # run, of
+        if args.reference_both:  # the whole 365-frame encode it replaces, for time and equality
+            pixels = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0) * 2 - 1
+            frames = pixels[None, :, None].expand(1, 3, 5 * pipe.config.motion_frames, *pixels.shape[1:])
+            started = time.perf_counter()
+            whole = pipe.vae.encode(frames.contiguous().to(device))
+            pipe._sync()
+            result["reference_whole_seconds"] = time.perf_counter() - started
+            result["reference_whole_equal"] = bool(torch.equal(whole, motion))
+            del whole
+        pipe._release(vae)
+    started = time.perf_counter()  # umT5 once per prompt per worker: later segments find it kept
+    pipe._text_contexts([PROMPT])
+    pipe._sync()
+    result["text_seconds"] = time.perf_counter() - started
+    if warmup:  # compiles every layout (fill, steady, drain) before the timed segment
+        started = time.perf_counter()
+        for _ in pipe.generate_clips(image, audio, PROMPT, num_clips=2, infer_frames=args.distilled_frames,
+                                     seed=args.seed, pipelined=pipelined):  # fmt: skip
+            pass
+        result["warmup_seconds"] = time.perf_counter() - started
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    profiler = None
     started = time.perf_counter()
     clips = pipe.generate_clips(
-        image, audio, "a person talks to the camera", num_clips=args.clips, infer_frames=args.distilled_frames,
+        image, audio, PROMPT, num_clips=args.clips, infer_frames=args.distilled_frames,
         seed=args.seed, pipelined=pipelined,
     )  # fmt: skip
     try:
@@ -92,10 +122,30 @@ def run_distilled(pipe: DistilledPipeline, args, device: torch.device, label: st
             print(json.dumps({"mode": label, **row}), flush=True)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            if profiler is not None:  # the steady clip 1 is profiled
+                profiler.stop()
+                result["profile"] = profile_table(profiler)
+                profiler = None
+            elif args.profile and out.index == 0:
+                profiler = torch.profiler.profile(activities=[PROFILED[device.type]])
+                profiler.start()
     except torch.OutOfMemoryError as exc:
         result["error"] = f"out of memory: {str(exc).splitlines()[0]}"
         print(json.dumps({"mode": label, "error": result["error"]}), flush=True)
     return result
+
+
+def profile_table(profiler: torch.profiler.profile, top: int = 25) -> list[dict]:
+    """GPU time of the costliest kernels of a profiled clip, in ms (with their share of the total)."""
+    events = list(profiler.key_averages())
+    cuda = any(e.self_device_time_total > 0 for e in events)
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events) or 1.0
+    events.sort(key=self_us, reverse=True)
+    return [
+        {"kernel": e.key[:120], "ms": self_us(e) / 1e3, "share": self_us(e) / total, "calls": e.count}
+        for e in events[:top]
+    ] + [{"kernel": "TOTAL", "ms": total / 1e3, "share": 1.0, "calls": 0}]  # fmt: skip
 
 
 def distilled_figures(res: dict, args, reference_s: float) -> dict:
@@ -106,6 +156,7 @@ def distilled_figures(res: dict, args, reference_s: float) -> dict:
         return {}
     steady = float(np.mean(clips[1:-1]))  # the first fills the pipeline, the last drains it
     per_minute_clips = 60 * VIDEO_FPS / args.distilled_frames
+    # the prompt's umT5 encode is not counted: a worker keeps the embeddings of its last prompts
     overhead = reference_s + res["fixed_seconds"] + (clips[0] - steady) + (clips[-1] - steady)
     per_minute = steady * per_minute_clips + overhead * 60 / args.segment_s
     return {
@@ -139,6 +190,12 @@ def main() -> None:
     parser.add_argument("--attention", choices=["auto", "sdpa", "fa4"], default="auto",
                         help="the self-attention kernel of both modes (auto: fa4 where it runs)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reference-both",
+        action="store_true",
+        help="also time the whole 365-frame reference encode that encode_still replaces",
+    )
+    parser.add_argument("--profile", action="store_true", help="GPU kernel profile of each mode's clip 1")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     args.distilled_frames = DISTILLED_INFER_FRAMES
@@ -179,11 +236,13 @@ def main() -> None:
             res = run_mode(pipe, spec, device, "exact")
             res["figures"] = exact_figures(res)
         else:
-            offload, pipelined = MODES[mode]
+            offload, pipelined, compiled = MODES[mode]
+            if compiled:  # as a worker has them on CUDA; stays compiled for the modes after this one
+                base.transformer.compile_blocks(dynamic=False)
             pipe = DistilledPipeline(base.transformer, base.text_encoder, base.audio_encoder, base.vae,
                                      device=device, offload=offload)  # fmt: skip
             pipe._reference = reference  # the components are shared, so is their reference encode
-            res = run_distilled(pipe, args, device, mode, pipelined)
+            res = run_distilled(pipe, args, device, mode, pipelined, warmup=compiled)
             reference, reference_s = pipe._reference, res.get("reference_seconds", reference_s)
             res["figures"] = distilled_figures(res, args, reference_s)
         print(json.dumps({"mode": mode, **res.get("figures", {})}), flush=True)

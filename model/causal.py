@@ -27,19 +27,20 @@ token layout and the self-attention's keys differ.
 Each call runs the transformer's blocks with a `kv_cache` hook on the self-attention
 (`model.transformer.Attention`); cross-attention to the text, the feed-forward, the per-frame audio
 injection and the head are the transformer's own code. Batch size 1 (LiveAvatar has no CFG).
+Where the blocks are compiled (`compile_blocks`, as exact mode has them on CUDA) the causal
+forwards run them compiled too: the hooks stay outside the graphs, which are made once per
+(rows, filled ring) layout, about eight of them, and shared by all layers and segments.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from model.transformer import WanS2VTransformer, apply_rope, attention_backends, audio_injection, rope_table
+from model.transformer import WanS2VTransformer, apply_rope, attention_backends, rope_table
 
 __all__ = ["FRAMES_PER_BLOCK", "CausalS2V", "StreamCache", "reference_shift"]
 
@@ -130,6 +131,7 @@ class _Prefill:
     def __init__(self, cache: StreamCache, layer: int) -> None:
         self.cache, self.layer = cache, layer
 
+    @torch.compiler.disable  # see _Stream.__call__
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         self.cache.cond_k[self.layer].copy_(k)
         self.cache.cond_v[self.layer].copy_(v)
@@ -143,6 +145,9 @@ class _Stream:
     def __init__(self, cache: StreamCache, layer: int) -> None:
         self.cache, self.layer = cache, layer
 
+    # Outside torch.compile's graphs (a graph break in the compiled block): traced, the hook's
+    # layer index and ring tensors would specialise the block's graph per layer (40 recompiles).
+    @torch.compiler.disable
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         cache, layer = self.cache, self.layer
         k = apply_rope(k, rope)
@@ -156,24 +161,6 @@ class _Stream:
             keys.append(torch.cat([ring_k[:, : row.filled], cond_k], dim=1))
             values.append(torch.cat([ring_v[:, : row.filled], cache.cond_v[layer]], dim=1))
         return apply_rope(q, rope), torch.cat(keys), torch.cat(values)
-
-
-@contextmanager
-def eager_blocks(model: WanS2VTransformer) -> Iterator[None]:
-    """Run the transformer's blocks and audio injections uncompiled inside (exact mode compiles them
-    on CUDA, `compile_blocks`): traced with a cache hook per layer and a varying number of rows,
-    they would recompile at every call. Block streaming's hooks still run (they hook `__call__`)."""
-    saved = [block._compiled_call_impl for block in model.blocks]  # set by nn.Module.compile
-    injection = model._audio_injection
-    for block in model.blocks:
-        block._compiled_call_impl = None
-    model._audio_injection = audio_injection
-    try:
-        yield
-    finally:
-        for block, compiled in zip(model.blocks, saved, strict=True):
-            block._compiled_call_impl = compiled
-        model._audio_injection = injection
 
 
 class CausalS2V:
@@ -223,9 +210,7 @@ class CausalS2V:
         values = 2 * cfg.num_layers * (steps * window * block_tokens + cond_tokens) * cfg.dim
         return values * torch.finfo(self.model.compute_dtype).bits // 8
 
-    def new_cache(
-        self, *, steps: int, window: int, lat_h: int, lat_w: int, device: torch.device | str
-    ) -> StreamCache:
+    def new_cache(self, *, steps: int, window: int, lat_h: int, lat_w: int, device: torch.device | str) -> StreamCache:
         """An empty cache for blocks of FRAMES_PER_BLOCK latent frames of lat_h x lat_w."""
         block_tokens, cond_tokens = self._cache_sizes(lat_h, lat_w)
         return StreamCache(
@@ -239,7 +224,7 @@ class CausalS2V:
         model = self.model
         _, _, _, lat_h, lat_w = ref_latents.shape
         device = ref_latents.device
-        with attention_backends(device), eager_blocks(model):
+        with attention_backends(device):
             x = torch.cat(
                 [model.reference_tokens(ref_latents), model.motion_tokens(motion_latents, self._add_last_motion)], dim=1
             )
@@ -283,7 +268,7 @@ class CausalS2V:
         if frames * h * w != cache.block_tokens:
             raise ValueError(f"a block of {frames * h * w} tokens does not fit this cache ({cache.block_tokens})")
         device = latents.device
-        with attention_backends(device), eager_blocks(model):
+        with attention_backends(device):
             cache.seek(rows, [self._table(self.cond_segments(lat_h, lat_w, s), device) for s in shifts])
             rope = torch.stack(
                 [self._table([((n * frames, 0, 0), ((n + 1) * frames, h, w), (frames, h, w))], device) for n, _ in rows]

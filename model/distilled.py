@@ -147,12 +147,20 @@ class DistilledPipeline(S2VPipeline):
         offload: bool | str = False,
         vae_tiling: bool | None = None,
         attention: str = "auto",
+        compile_dit: bool | None = None,
     ) -> DistilledPipeline:
         """S2VPipeline.from_checkpoint (same arguments, no CFG batch) with LiveAvatar's LoRA applied,
         which is checked against the transformer's configuration before the checkpoint is read."""
         check_liveavatar_lora(lora, transformer_config(resolve(checkpoint).dit))
         pipe = super().from_checkpoint(
-            checkpoint, device, dtype, offload, vae_tiling, cfg_batch=False, attention=attention, compile_dit=False
+            checkpoint,
+            device,
+            dtype,
+            offload,
+            vae_tiling,
+            cfg_batch=False,
+            attention=attention,
+            compile_dit=compile_dit,
         )
         pipe.use_liveavatar(lora)
         return pipe
@@ -220,9 +228,7 @@ class DistilledPipeline(S2VPipeline):
         timesteps, sigmas = distilled_schedule(steps, shift)
         timesteps = timesteps.to(self.device)
 
-        enc = self._use(self.text_encoder)
-        context = self._pad_text(enc.encode([prompt])[0]).to(self.device)
-        self._release(enc)
+        (context,) = self._text_contexts([prompt])
         aenc = self._use(self.audio_encoder)
         audio_cond = aenc.conditioning(audio, sample_rate, num_clips * infer_frames).cpu()
         self._release(aenc)
@@ -334,7 +340,8 @@ class DistilledPipeline(S2VPipeline):
         pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0) * 2 - 1
         frames = pixels[None, :, None].expand(1, 3, REFERENCE_REPEAT, *pixels.shape[1:]).to(self.device)
         ref_latents = self.vae.encode(frames)[:, :, 1:]
-        motion_latents = self.vae.encode(frames.repeat(1, 1, self.config.motion_frames, 1, 1))
+        # = vae.encode(frames.repeat(1, 1, motion_frames, 1, 1)) bit for bit, a third of the work
+        motion_latents = self.vae.encode_still(frames[:, :, :1], REFERENCE_REPEAT * self.config.motion_frames)
         self._reference = (key, (ref_latents, motion_latents))
         return ref_latents, motion_latents
 
@@ -378,4 +385,3 @@ class DistilledPipeline(S2VPipeline):
                 clip,
                 diff,
             )
-

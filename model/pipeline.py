@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ DEFAULT_NEGATIVE_PROMPT = (
     "三条腿，背景人很多，倒着走"
 )
 OFFLOAD_MODES = ("none", "blocks", "model")
+TEXT_CACHE = 8  # prompts whose umT5 embeddings a pipeline keeps (4 MB each at 512 x 4096 bf16)
 PRECISIONS = ("bf16", "fp8")
 
 
@@ -422,11 +424,7 @@ class S2VPipeline:
         conditioning_started = time.perf_counter()
 
         # conditioning shared by every clip of the segment
-        enc = self._use(self.text_encoder)
-        context = enc.encode([prompt])[0]
-        context_null = enc.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT])[0]
-        self._release(enc)
-        context, context_null = (self._pad_text(c).to(self.device) for c in (context, context_null))
+        context, context_null = self._text_contexts([prompt, negative_prompt or DEFAULT_NEGATIVE_PROMPT])
 
         aenc = self._use(self.audio_encoder)
         audio_cond = aenc.conditioning(audio, sample_rate, num_clips * infer_frames).cpu()
@@ -527,6 +525,23 @@ class S2VPipeline:
                 raise ValueError(f"state motion_latents: expected float32 {lat_shape}, got {lat.dtype} {lat.shape}")
             latents = torch.from_numpy(lat.copy())[None]
         return {"frames": torch.from_numpy(frames.copy())[None], "latents": latents}
+
+    def _text_contexts(self, prompts: list[str]) -> list[torch.Tensor]:
+        """The padded umT5 embedding of each prompt on the device ([1, text_len, D]). The last
+        TEXT_CACHE prompts' are kept: a batch's segments mostly share their prompts, and with
+        offload umT5 (11 GB) would otherwise be moved to the GPU and back for every segment."""
+        cache: OrderedDict[str, torch.Tensor] = self.__dict__.setdefault("_text_cache", OrderedDict())
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            enc = self._use(self.text_encoder)
+            for prompt in missing:
+                cache[prompt] = self._pad_text(enc.encode([prompt])[0]).to(self.device)
+            self._release(enc)
+        for prompt in prompts:
+            cache.move_to_end(prompt)
+        while len(cache) > TEXT_CACHE:
+            cache.popitem(last=False)
+        return [cache[p] for p in prompts]
 
     def _pad_text(self, emb: torch.Tensor) -> torch.Tensor:
         """[L, D] -> [1, text_len, D], zero-padded as the DiT would (lets CFG rows share a batch)."""

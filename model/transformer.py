@@ -642,6 +642,10 @@ class WanS2VTransformer(nn.Module):
         """torch.compile each block (fuses norms, modulation and RoPE around the matmuls) and the
         audio injection; what is already compiled is left as it is. The blocks share one compiled
         graph per token layout, the injectors one graph."""
+        # One graph per layout: exact mode's clips of each size (first / later, CFG batch or not)
+        # and the causal model's (rows, filled ring) layouts, ~8 more, share the blocks' code; past
+        # torch's default limit of 8 a layout would silently run uncompiled.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.blocks:
             if getattr(block, "_compiled_call_impl", None) is None:
                 block.compile(**kwargs)

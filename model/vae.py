@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file
 
 from model.checkpoint import build_on_meta
@@ -244,6 +245,47 @@ class WanVAE:
         return (mu - self._mean.to(mu.device)) * self._inv_std.to(mu.device)
 
     @torch.no_grad()
+    def encode_still(self, image: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """`encode` of a video holding `image` [B, 3, 1, H, W] for `num_frames` frames, bit for bit,
+        without running every frame (LiveAvatar's motion condition is 365 copies of the reference).
+
+        The encoder is causal: it reads the video as its first frame, then chunks of 4, carrying
+        a few frames of features per layer from chunk to chunk, and gives one latent a chunk. Once
+        a chunk's latent and every carried feature equal the chunk before's, the next chunk meets
+        the same inputs in the same state, so it and every later one repeat that latent exactly;
+        the loop stops there (a few dozen chunks at most: the encoder's depth in time). The
+        repeated latents then go through the same final convolution, on the same shape, as in
+        `encode`. Falls back to `encode` where the encode would be tiled or sliced. The loop mirrors
+        diffusers' AutoencoderKLWan._encode (written here: diffusers has no early exit)."""
+        model = self.model
+        video = image.to(self.device, torch.float32).expand(-1, -1, num_frames, -1, -1).contiguous()
+        tiled = model.use_tiling and (
+            video.shape[-1] > model.tile_sample_min_width or video.shape[-2] > model.tile_sample_min_height
+        )
+        if (
+            image.ndim != 5 or image.shape[2] != 1 or (num_frames - 1) % 4 or tiled
+            or model.config.patch_size is not None or (model.use_slicing and video.shape[0] > 1)
+        ):  # fmt: skip
+            return self.encode(video)
+        chunks = 1 + (num_frames - 1) // 4
+        model.clear_cache()
+        outs: list[torch.Tensor] = []
+        state: list = []
+        for i in range(chunks):
+            model._enc_conv_idx = [0]
+            frames = video[:, :, :1] if i == 0 else video[:, :, 1 + 4 * (i - 1) : 1 + 4 * i]
+            outs.append(model.encoder(frames, feat_cache=model._enc_feat_map, feat_idx=model._enc_conv_idx))
+            if i >= 2 and torch.equal(outs[-1], outs[-2]) and _same_features(model._enc_feat_map, state):
+                outs += [outs[-1]] * (chunks - 1 - i)
+                break
+            state = [f.clone() if isinstance(f, torch.Tensor) else f for f in model._enc_feat_map]
+        model.clear_cache()
+        self.still_chunks = i + 1  # chunks the last call ran (of `chunks`)
+        h = model.quant_conv(torch.cat(outs, dim=2))
+        mu = DiagonalGaussianDistribution(h).mode()
+        return (mu - self._mean.to(mu.device)) * self._inv_std.to(mu.device)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, 16, t, h, w] -> pixels [B, 3, 1 + 4 (t - 1), 8h, 8w] in [-1, 1]."""
         if latents.ndim != 5 or latents.shape[1] != self._mean.shape[1]:
@@ -251,3 +293,17 @@ class WanVAE:
         z = latents.to(self.device, torch.float32)
         z = z / self._inv_std.to(z.device) + self._mean.to(z.device)
         return self.model.decode(z).sample.clamp_(-1.0, 1.0)
+
+
+def _same_features(now: list, before: list) -> bool:
+    """Whether the encoder's carried features equal a snapshot of them (tensors bit for bit)."""
+    if len(now) != len(before):
+        return False
+    for a, b in zip(now, before, strict=True):
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            return False
+        if isinstance(a, torch.Tensor) and not (a.shape == b.shape and torch.equal(a, b)):
+            return False
+        if not isinstance(a, torch.Tensor) and a != b:
+            return False
+    return True

@@ -119,6 +119,23 @@ def test_vae_encode_decode_shapes_and_tiling(tiny_checkpoint: Path):
         vae.encode(video[..., :60])
 
 
+def test_vae_still_encode_equals_the_whole_video_bit_for_bit(tiny_checkpoint: Path):
+    # LiveAvatar's motion condition: one image repeated 365 times. The encoder's state stops
+    # changing after a few chunks; the latents from there on must still be exactly encode()'s.
+    vae = WanVAE.from_checkpoint(tiny_checkpoint / VAE_CHECKPOINT)
+    image = torch.rand(1, 3, 1, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for frames in (1, 5, 9, 145):
+        whole = vae.encode(image.expand(-1, -1, frames, -1, -1).contiguous())
+        still = vae.encode_still(image, frames)
+        assert still.shape == whole.shape and torch.equal(still, whole), frames
+    assert vae.still_chunks < 1 + 144 // 4  # stopped early (22 of 37 chunks)
+    other = image.clone()
+    other[..., 0, 0] = 1.0  # a different image: different latents, nothing kept from the last call
+    assert not torch.equal(vae.encode_still(other, 145), vae.encode_still(image, 145))
+    vae.enable_tiling(tile=16, stride=12)  # tiled encodes take the whole video
+    assert torch.equal(vae.encode_still(image, 9), vae.encode(image.expand(-1, -1, 9, -1, -1).contiguous()))
+
+
 def test_vae_bad_file_names_it(tmp_path: Path):
     bad = tmp_path / VAE_CHECKPOINT
     bad.write_bytes(b"not a checkpoint")

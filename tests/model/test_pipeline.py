@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from media import gradient_image, voiced_tone
 from PIL import Image
 
 from model.layout import CheckpointError, check_layout
-from model.pipeline import S2VPipeline, prepare_reference
+from model.pipeline import TEXT_CACHE, S2VPipeline, prepare_reference
 
 INFER = 8  # frames per clip: a multiple of 4, small to keep CPU tests fast
 
@@ -99,3 +100,16 @@ def test_pose_video_drives_the_pose_condition(pipeline: S2VPipeline):
     assert not np.array_equal(posed.frames, plain.frames)
     with pytest.raises(ValueError, match=r"pose video must be uint8 \[T, 64, 64, 3\]"):
         next(pipeline.generate_clips(*args, **kw, pose=np.zeros((4, 32, 32, 3), np.uint8)))
+
+
+def test_prompt_embeddings_are_kept_for_the_next_segments(pipeline: S2VPipeline):
+    # A batch's segments share their prompts: the umT5 embedding is computed once and reused as is
+    # (with offload, umT5 then stays in host memory), the oldest dropped past TEXT_CACHE prompts.
+    fresh = pipeline._pad_text(pipeline.text_encoder.encode(["a teacher explains"])[0])
+    first, negative = pipeline._text_contexts(["a teacher explains", "blurry"])
+    assert torch.equal(first, fresh)
+    again, negative_again = pipeline._text_contexts(["a teacher explains", "blurry"])
+    assert again is first and negative_again is negative
+    pipeline._text_contexts([f"prompt {i}" for i in range(TEXT_CACHE)])
+    assert pipeline._text_contexts(["a teacher explains"])[0] is not first
+    assert len(pipeline._text_cache) == TEXT_CACHE

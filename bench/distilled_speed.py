@@ -135,6 +135,44 @@ def run_distilled(
     return result
 
 
+def decode_variants(vae, device: torch.device, lat_h: int, lat_w: int, latents: int = 15) -> list[dict]:
+    """Seconds of one clip's decode (15 latents: 3 of context + 12) as the pipeline runs it (float32,
+    cuDNN's default algorithms) and with cuDNN's autotuner and in bf16, for what they would save and
+    how far their pixels move (max abs in [-1, 1]). Measurement only: the pipeline keeps the first."""
+    z = torch.randn(1, 16, latents, lat_h, lat_w, generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    reference = None
+
+    def timed(label: str, run) -> None:
+        nonlocal reference
+        run()  # warm-up (and the autotuner's search)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        out = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row = {"decode": label, "seconds": time.perf_counter() - started}
+        if reference is None:
+            reference = out.float()
+        else:
+            row["max_abs_vs_default"] = (out.float() - reference).abs().max().item()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    timed("float32", lambda: vae.decode(z))
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        timed("float32, cudnn.benchmark", lambda: vae.decode(z))
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            timed("bf16 autocast", lambda: vae.decode(z))
+    return rows
+
+
 def profile_table(profiler: torch.profiler.profile, top: int = 25) -> list[dict]:
     """GPU time of the costliest kernels of a profiled clip, in ms (with their share of the total)."""
     events = list(profiler.key_averages())
@@ -196,6 +234,7 @@ def main() -> None:
         help="also time the whole 365-frame reference encode that encode_still replaces",
     )
     parser.add_argument("--profile", action="store_true", help="GPU kernel profile of each mode's clip 1")
+    parser.add_argument("--decode-variants", action="store_true", help="time a clip's decode three ways first")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     args.distilled_frames = DISTILLED_INFER_FRAMES
@@ -221,6 +260,8 @@ def main() -> None:
                                                 lat_h=lat_h, lat_w=lat_w) / GIB
     )  # fmt: skip
     results: list[dict] = []
+    if args.decode_variants:
+        info["decode"] = decode_variants(base.vae, device, lat_h, lat_w)
     reference, reference_s = None, 0.0  # the 365-frame reference encode, once for the distilled runs
 
     def save() -> None:

@@ -35,6 +35,7 @@ forwards run them compiled too: the hooks stay outside the graphs, which are mad
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -125,11 +126,25 @@ class StreamCache:
         return sum(t.numel() * t.element_size() for t in (*self.ring_k, *self.ring_v, *self.cond_k, *self.cond_v))
 
 
-class _Prefill:
-    """Self-attention hook of the condition pass: keep the keys (un-rotated) and values."""
+class _Hook:
+    """A cache hook of one layer. It holds its cache weakly: a strong reference would make a
+    cycle (cache -> hooks -> cache), which Python frees only when its cyclic collector next runs,
+    so a finished segment's 60 GiB would stay allocated into the next segment's (seen as an
+    out-of-memory error on the second segment of a process)."""
 
     def __init__(self, cache: StreamCache, layer: int) -> None:
-        self.cache, self.layer = cache, layer
+        self._cache, self.layer = weakref.ref(cache), layer
+
+    @property
+    def cache(self) -> StreamCache:
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("this cache hook outlived its cache")
+        return cache
+
+
+class _Prefill(_Hook):
+    """Self-attention hook of the condition pass: keep the keys (un-rotated) and values."""
 
     @torch.compiler.disable  # see _Stream.__call__
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,12 +153,9 @@ class _Prefill:
         return apply_rope(q, rope), apply_rope(k, rope), v
 
 
-class _Stream:
+class _Stream(_Hook):
     """Self-attention hook of a video block: write the block's keys and values into the step's
     ring, attend to the condition tokens and the filled part of the ring."""
-
-    def __init__(self, cache: StreamCache, layer: int) -> None:
-        self.cache, self.layer = cache, layer
 
     # Outside torch.compile's graphs (a graph break in the compiled block): traced, the hook's
     # layer index and ring tensors would specialise the block's graph per layer (40 recompiles).

@@ -5,9 +5,11 @@ loop's clips and exact resume. Parity with LiveAvatar's own code: bench/parity_l
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import random
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +164,23 @@ def test_compiled_blocks_serve_the_causal_forwards_without_recompiling(causal: C
             block._compiled_call_impl = None
         model._audio_injection = audio_injection
         torch._dynamo.reset()
+
+
+def test_a_finished_cache_is_freed_at_once(causal: CausalS2V) -> None:
+    # 60 GiB at 480p: held by a reference cycle until Python's cyclic collector ran, a segment's
+    # cache was still allocated when the next segment of the same process made its own (OOM).
+    inputs = _inputs(causal.config, blocks=2, seed=5)
+    cache = causal.new_cache(steps=2, window=2, lat_h=HW[0], lat_w=HW[1], device="cpu")
+    _stream(causal, inputs, cache, steps=2)
+    gone, ring = weakref.ref(cache), weakref.ref(cache.ring_k[0])
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        del cache
+        assert gone() is None and ring() is None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def test_reference_rope_moves_ahead_of_the_block() -> None:

@@ -14,7 +14,7 @@ import ray
 from paced import tiny_s2v_job
 
 from flows.settings import SettingsError, load_settings
-from tasks.generate.pool import GeneratorPool, PoolConfig, PoolSettingsError, SegmentEvent
+from tasks.generate.pool import GeneratorPool, PoolConfig, PoolSettingsError, SegmentEvent, SegmentFailed
 from tasks.records import SegmentJob, SegmentResult
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]
@@ -25,6 +25,11 @@ def _rows(tmp_path: Path) -> tuple[str, list[SegmentJob]]:
     checkpoint, job = tiny_s2v_job(tmp_path)
     other = job.model_copy(update={"row_id": "tiny2", "segment": job.segment.model_copy(update={"seed": 11})})
     return checkpoint, [job, other]
+
+
+def _config(checkpoint: str, **options) -> PoolConfig:
+    """The tiny model on CPU workers of the local Ray."""
+    return PoolConfig(backend="wan-s2v", checkpoint=checkpoint, device="cpu", **options)
 
 
 def _frames(result: SegmentResult) -> np.ndarray:
@@ -38,14 +43,11 @@ def _frames(result: SegmentResult) -> np.ndarray:
 
 def test_a_batch_on_two_groups_of_two_gpus_equals_single_gpu_workers(tmp_path: Path) -> None:
     checkpoint, jobs = _rows(tmp_path)
-    single = PoolConfig(backend="wan-s2v", checkpoint=checkpoint, device="cpu", workers=1, attempts=1)
+    single = _config(checkpoint, workers=1, attempts=1)
     with GeneratorPool(single) as pool:
         want = [pool.submit(j, tmp_path / "one" / j.row_id).result(timeout=300) for j in jobs]
     # two ranks each sequence parallel (the tiny model's 2 heads split over 2), not CFG parallel
-    grouped = PoolConfig(
-        backend="wan-s2v", checkpoint=checkpoint, device="cpu", workers=2, gpus_per_worker=2, parallel_cfg=False,
-        attempts=1,
-    )  # fmt: skip
+    grouped = _config(checkpoint, workers=2, gpus_per_worker=2, parallel_cfg=False, attempts=1)
     with GeneratorPool(grouped) as pool:
         futures = [pool.submit(j, tmp_path / "groups" / j.row_id) for j in jobs]
         got = [f.result(timeout=300) for f in futures]
@@ -76,9 +78,7 @@ def test_a_killed_rank_replaces_the_group_and_the_segment_resumes(tmp_path: Path
             os.kill(group[0].pids[1], signal.SIGKILL)
 
     # two ranks CFG parallel (the default on an even group): one guidance branch each
-    config = PoolConfig(
-        backend="wan-s2v", checkpoint=checkpoint, device="cpu", workers=1, gpus_per_worker=2, backoff_s=0.1
-    )
+    config = _config(checkpoint, workers=1, gpus_per_worker=2, backoff_s=0.1)
     with GeneratorPool(config) as pool:
         group.append(pool.workers[0])
         resumed = pool.submit(job, tmp_path / "resumed", on_event).result(timeout=300)
@@ -97,14 +97,27 @@ def test_a_killed_rank_replaces_the_group_and_the_segment_resumes(tmp_path: Path
 def test_settings_that_cannot_split_are_refused_before_any_worker_starts(tmp_path: Path) -> None:
     checkpoint, _ = _rows(tmp_path)
     free = ray.available_resources().get("GPU")
-    three = PoolConfig(backend="wan-s2v", checkpoint=checkpoint, device="cpu", gpus_per_worker=3)
+    three = _config(checkpoint, gpus_per_worker=3)
     with pytest.raises(PoolSettingsError, match=r"3 GPUs per worker do not divide the 4 GPUs of node .*\[1, 2, 4\]"):
         GeneratorPool(three).start()
     # 4 ranks sequence parallel over the tiny model's 2 heads
-    four = PoolConfig(backend="wan-s2v", checkpoint=checkpoint, device="cpu", gpus_per_worker=4, parallel_cfg=False)
+    four = _config(checkpoint, gpus_per_worker=4, parallel_cfg=False)
     with pytest.raises(PoolSettingsError, match=r"gpus_per_worker=4: .* 2 attention heads must divide by the number"):
         GeneratorPool(four).start()
     assert ray.available_resources().get("GPU") == free  # no worker took a GPU
     with pytest.raises(SettingsError, match=r"mode 'distilled' runs on one GPU per worker.*set gpus_per_worker=1"):
         load_settings(mode="distilled", gpus_per_worker=2)
     assert load_settings(gpus_per_worker=2).gpus_per_worker == 2
+
+
+def test_a_job_every_rank_refuses_fails_alone_and_the_group_stays_in_step(tmp_path: Path) -> None:
+    checkpoint, (job, _) = _rows(tmp_path)
+    distilled = job.model_copy(update={"row_id": "d", "mode": "distilled", "distilled_lora": "lora.safetensors"})
+    config = _config(checkpoint, workers=1, gpus_per_worker=2, attempts=1)
+    with GeneratorPool(config) as pool:
+        with pytest.raises(SegmentFailed, match="distilled mode runs on one GPU: its streaming KV caches"):
+            pool.submit(distilled, tmp_path / "distilled").result(timeout=300)
+        # every rank failed at the same call and heard its end: the same group renders the next job
+        result = pool.submit(job, tmp_path / "exact").result(timeout=300)
+        assert [w.name for w in pool.workers] == ["w0"] and not pool.failed_workers
+    assert result.worker == str(pool.workers[0]) and len(result.clips) == 3

@@ -378,18 +378,20 @@ class GroupRank(GeneratorWorker):
             self.generator.end()
 
     def follow(self) -> SegmentError | None:
-        """A rank other than 0: make rank 0's `clips` calls of one segment, dropping the clips."""
-        started = time.monotonic()
-        try:
-            while (call := _broadcast(None, self._control)) is not None:
-                job, start, state = call
+        """A rank other than 0: make rank 0's `clips` calls of one segment, dropping the clips, until
+        rank 0 says the segment ended; the first error, if any. After an error this rank still waits
+        for that end, so the next segment's messages stay in step (when rank 0 failed the same way)."""
+        started, error = time.monotonic(), None
+        while (call := _broadcast(None, self._control)) is not None:
+            job, start, state = call
+            try:
                 for clip in self.generator.clips(job, start_clip=start, state=state):
                     if clip.index == job.segment.clips - 1:
                         break  # as the stage stops after the last clip
-            return None
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the driver
-            busy = round(time.monotonic() - started, 4)
-            return SegmentError(classify_error(exc), describe(exc), format_traceback(exc), busy)
+            except Exception as exc:  # every failure must reach the driver
+                busy = round(time.monotonic() - started, 4)
+                error = error or SegmentError(classify_error(exc), describe(exc), format_traceback(exc), busy)
+        return error
 
 
 class _Leader:

@@ -20,7 +20,7 @@ A segment goes to every rank of one group. Rank 0 runs it as a single worker doe
 alone streams records to the driver; before each `clips` call it broadcasts the call (job, first
 clip, state) over a gloo control group, and the other ranks make the same call and drop the clips,
 so every rank computes in lockstep from the same inputs and state. A segment's end is broadcast
-too. The other ranks return nothing, or their error.
+too. The other ranks send nothing but an error, at once.
 
 Failures: a rank that dies, or that fails while the others may be stuck in a collective (which
 would wait for it for ever, on NCCL), loses the whole group: the driver kills every rank, removes
@@ -42,11 +42,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -70,8 +70,9 @@ Record = ClipDone | SegmentDone | SegmentError
 FINISH_GRACE_S = 60.0
 """How long the other ranks may take to return once rank 0 is done with a segment, or rank 0 once
 another rank failed, before the group counts as stuck (they finish together when healthy)."""
-JOIN_TIMEOUT_S = 600.0
-"""torch.distributed's timeout for joining the group and for each control message."""
+COLLECTIVE_TIMEOUT_S = 1800.0
+"""torch.distributed's timeout for joining the group and for each collective (its default): the
+driver stops a stuck group sooner (FINISH_GRACE_S); this only bounds a rank left waiting."""
 
 
 class WorkerLost(Exception):
@@ -247,11 +248,8 @@ class WorkerGroup:
         failed while others may wait for it."""
         self._failure, self._done = None, False
         self._segment += 1
-        followers = {
-            r: asyncio.ensure_future(_settle(rank.follow.remote())) for r, rank in enumerate(self.ranks[1:], 1)
-        }
-        for r, fut in followers.items():
-            fut.add_done_callback(lambda f, r=r, seg=self._segment: self._follower_done(r, f, seg))
+        segment = self._segment
+        followers = {r: asyncio.ensure_future(self._follow(r, segment)) for r in range(1, len(self.ranks))}
         outcome: SegmentDone | SegmentError | None = None
         try:
             self._stream = self.ranks[0].run.options(num_returns="streaming").remote(job, seg_dir, store, scratch)
@@ -267,13 +265,13 @@ class WorkerGroup:
         if outcome is None:
             self._lose(self._failure or "rank 0 ended the segment without a result")
         done, stuck = await asyncio.wait(followers.values(), timeout=FINISH_GRACE_S)
+        if self._failure:  # a rank died, or failed while rank 0 went on
+            self._lose(self._failure)
         if stuck:
             self._lose(
                 f"rank {min(r for r, f in followers.items() if f in stuck)} did not finish the segment "
                 f"within {FINISH_GRACE_S:.0f}s of rank 0"
             )
-        if self._failure:  # a rank died, or failed while rank 0 went on
-            self._lose(self._failure)
         errors = [(0, outcome)] if isinstance(outcome, SegmentError) else []
         errors += [(r, f.result()) for r, f in followers.items() if f.result() is not None]
         if oom := [(r, e) for r, e in errors if e.kind == "oom"]:
@@ -281,17 +279,21 @@ class WorkerGroup:
         self._done = True
         yield errors[0][1] if errors else outcome
 
-    def _follower_done(self, rank: int, fut: asyncio.Future, segment: int) -> None:
-        """A rank other than 0 returned: its death kills the group now (rank 0 would wait for it in a
-        collective); its error kills it unless rank 0 finishes within the grace period."""
-        if fut.cancelled() or self._failure or segment != self._segment:
-            return
-        if (exc := fut.exception()) is not None:
-            self._failure = f"rank {rank} was lost: {str(exc).splitlines()[0]}"
-            self.kill()
-        elif (error := fut.result()) is not None:
-            reason = f"rank {rank} failed: {error.error}"
-            asyncio.get_running_loop().call_later(FINISH_GRACE_S, self._kill_if_running, reason, segment)
+    async def _follow(self, r: int, segment: int) -> SegmentError | None:
+        """Rank r's side of the segment: its error as soon as it has one (it then waits for rank 0's
+        end of the segment), None when it finished cleanly. Its death kills the group at once (rank
+        0 would wait for it in a collective); its error kills it unless rank 0 ends in time."""
+        error: SegmentError | None = None
+        try:
+            async for ref in self.ranks[r].follow.options(num_returns="streaming").remote():
+                error = await ref  # one at most
+                reason = f"rank {r} failed: {error.error}"
+                asyncio.get_running_loop().call_later(FINISH_GRACE_S, self._kill_if_running, reason, segment)
+        except RayError as exc:
+            if segment == self._segment and self._failure is None:
+                self._failure = f"rank {r} was lost: {str(exc).splitlines()[0]}"
+                self.kill()
+        return error
 
     def _kill_if_running(self, reason: str, segment: int) -> None:
         if self._failure is None and segment == self._segment and not self._done:
@@ -310,10 +312,6 @@ class WorkerGroup:
         if self._group is not None:
             remove_placement_group(self._group)
             self._group = None
-
-
-async def _settle(ref: Any) -> SegmentError | None:
-    return await ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,11 +375,12 @@ class GroupRank(GeneratorWorker):
         finally:
             self.generator.end()
 
-    def follow(self) -> SegmentError | None:
+    def follow(self) -> Iterator[SegmentError]:
         """A rank other than 0: make rank 0's `clips` calls of one segment, dropping the clips, until
-        rank 0 says the segment ended; the first error, if any. After an error this rank still waits
-        for that end, so the next segment's messages stay in step (when rank 0 failed the same way)."""
-        started, error = time.monotonic(), None
+        rank 0 says the segment ended. An error is sent at once (the driver stops the group if rank 0
+        goes on waiting for this rank); the rank still waits for rank 0's end, so the next segment's
+        messages stay in step when rank 0 failed the same way."""
+        started, failed = time.monotonic(), False
         while (call := _broadcast(None, self._control)) is not None:
             job, start, state = call
             try:
@@ -389,9 +388,10 @@ class GroupRank(GeneratorWorker):
                     if clip.index == job.segment.clips - 1:
                         break  # as the stage stops after the last clip
             except Exception as exc:  # every failure must reach the driver
-                busy = round(time.monotonic() - started, 4)
-                error = error or SegmentError(classify_error(exc), describe(exc), format_traceback(exc), busy)
-        return error
+                if not failed:
+                    busy = round(time.monotonic() - started, 4)
+                    yield SegmentError(classify_error(exc), describe(exc), format_traceback(exc), busy)
+                failed = True
 
 
 class _Leader:
@@ -423,7 +423,7 @@ def _broadcast(message: Any, group: Any) -> Any:
 def _timeout():
     from datetime import timedelta
 
-    return timedelta(seconds=JOIN_TIMEOUT_S)
+    return timedelta(seconds=COLLECTIVE_TIMEOUT_S)
 
 
 _remote_classes: dict[type, Any] = {}

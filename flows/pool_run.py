@@ -87,7 +87,7 @@ async def serving(pool: GeneratorPool, cpu_gate: asyncio.Semaphore) -> AsyncIter
 
 async def start_pool(settings: BatchSettings, backend: str) -> GeneratorPool:
     """Start the GPU workers (each loads the model once); a missing checkpoint fails before any starts."""
-    from tasks.generate.pool import GeneratorPool, NoWorkerStarted, PoolConfig, PoolError
+    from tasks.generate.pool import GeneratorPool, NoWorkerStarted, PoolConfig, PoolError, PoolSettingsError
 
     logger = get_run_logger()
     if settings.checkpoint and not await asyncio.to_thread(storage.exists, settings.checkpoint):
@@ -97,10 +97,11 @@ async def start_pool(settings: BatchSettings, backend: str) -> GeneratorPool:
         backend_options=settings.generator_options, precision=settings.precision, workers=settings.pool_workers,
         address=settings.ray_address, attempts=settings.segment_attempts, backoff_s=settings.retry_backoff_s,
         offload_on_oom=settings.offload_on_oom, store=settings.clip_store,
+        gpus_per_worker=settings.gpus_per_worker, parallel_cfg=settings.parallel_cfg,
     ))
     try:
         workers = await asyncio.to_thread(pool.start)
-    except NoWorkerStarted as exc:  # the model itself did not load: pool=off would fail the same way
+    except (NoWorkerStarted, PoolSettingsError) as exc:  # the model did not load, or cannot split: pool=off won't help
         raise BackendError(str(exc)) from None
     except PoolError as exc:  # no cluster or no GPUs: the flow process may still render
         raise BackendError(f"{exc} (or set pool=off to render in the flow process)") from None

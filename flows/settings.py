@@ -106,8 +106,18 @@ class BatchSettings(BaseSettings):
     )
     ray_address: str | None = Field(None, description="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
     pool_workers: int | None = Field(
-        None, ge=1, description="GPU workers (default: one per GPU of the cluster; a local Ray on a machine "
-        "without GPUs declares this many)"
+        None, ge=1, description="GPU workers (default: the cluster's GPUs / gpus_per_worker; a local Ray on a "
+        "machine without GPUs declares this many times gpus_per_worker)"
+    )
+    gpus_per_worker: int = Field(
+        1, ge=1, description="GPUs one pool worker takes (all on one node): 1 renders a segment per GPU (the most "
+        "clips an hour over a batch); N > 1 splits each clip over N GPUs (sequence parallel, tasks/generate/"
+        "group.py: one segment finishes sooner); must divide every node's GPUs and the model's 40 heads"
+    )
+    parallel_cfg: bool = Field(
+        True, description="in a worker of an even number of GPUs, run the two guidance branches on its two halves "
+        "(each half sequence parallel); off: every GPU sequence parallel over the whole clip (better for presets "
+        "that guide few steps)"
     )
     segment_attempts: int = Field(3, ge=1, description="attempts per segment on the pool, the first included")
     retry_backoff_s: float = Field(5.0, ge=0, description="wait before a segment's 2nd attempt; doubles after")
@@ -199,6 +209,11 @@ class BatchSettings(BaseSettings):
             raise ValueError(
                 f"min_segment_s {self.min_segment_s:g} must be at most half of max_segment_s {self.max_segment_s:g} "
                 "(a long take is cut into segments no shorter than the minimum)"
+            )
+        if self.mode == "distilled" and self.gpus_per_worker > 1:
+            raise ValueError(
+                f"mode 'distilled' runs on one GPU per worker: its streaming KV caches (model/causal.py) are not "
+                f"split over GPUs; set gpus_per_worker=1 (got {self.gpus_per_worker})"
             )
         return self
 

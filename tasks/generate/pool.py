@@ -3,7 +3,9 @@
 Shape:
 - Each worker is a `tasks.generate.worker.GeneratorWorker` actor holding one GPU
   (`num_gpus=1`): it loads the generator once and renders segments, streaming a record per
-  clip and then the segment's result or error.
+  clip and then the segment's result or error. With `gpus_per_worker` N > 1 a worker is a
+  group of N such ranks on one node splitting each clip (tasks/generate/group.py); the pool
+  sees both through `group.Worker`, and a segment always runs on one worker.
 - `GeneratorPool` lives in the driver (the flow process). Rows submit segments to it from
   any thread or event loop and await a future. One dispatcher thread runs an asyncio
   loop with one serving coroutine per worker; each takes the costliest waiting segment
@@ -46,12 +48,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
 
 from tasks.generate import mirror
+from tasks.generate.group import Worker, WorkerLost, check_layout, make_worker
 from tasks.generate.worker import (
     ClipDone,
-    GeneratorWorker,
     SegmentDone,
     SegmentError,
     WorkerInfo,
@@ -67,6 +68,10 @@ EventKind = Literal["queued", "started", "clip", "retry", "done", "failed"]
 
 class PoolError(Exception):
     """The pool cannot run at all: no Ray cluster, no GPUs, or no worker could load the model."""
+
+
+class PoolSettingsError(PoolError):
+    """The pool's settings do not fit the cluster or the model (gpus_per_worker); refused before any worker starts."""
 
 
 class NoWorkerStarted(PoolError):
@@ -99,7 +104,11 @@ class PoolConfig:
     precision: str = DEFAULT_PRECISION
     """Precision every worker's model is loaded in; segments must ask for the same (SegmentJob.precision)."""
     workers: int | None = None
-    """Number of workers; None follows the cluster's GPU count."""
+    """Number of workers; None follows the cluster's GPU count (divided by gpus_per_worker)."""
+    gpus_per_worker: int = 1
+    """GPUs of one worker: N > 1 makes each a group splitting every clip over N GPUs of one node."""
+    parallel_cfg: bool = True
+    """In a group of an even number of GPUs, the guidance branches on its two halves (group.py says why)."""
     address: str | None = None
     """Ray cluster address; None uses RAY_ADDRESS if set, else starts a local Ray."""
     attempts: int = 3
@@ -207,7 +216,7 @@ class _Pending:
 class _Slot:
     index: int
     offload: bool
-    actor: Any = None
+    worker: Worker | None = None
     info: WorkerInfo | None = None
     generation: int = 0
 
@@ -257,11 +266,19 @@ class GeneratorPool:
         """
         cfg = self.config
         if not ray.is_initialized():
-            cpus = max(os.cpu_count() or 1, int((cfg.workers or 0) * cfg.cpus_per_worker + 0.999))
-            init_ray(cfg.address or os.environ.get("RAY_ADDRESS"), cpus=cpus, gpus=cfg.workers,
+            gpus = cfg.workers * cfg.gpus_per_worker if cfg.workers else None
+            cpus = max(os.cpu_count() or 1, int((gpus or 0) * cfg.cpus_per_worker + 0.999))
+            init_ray(cfg.address or os.environ.get("RAY_ADDRESS"), cpus=cpus, gpus=gpus,
                      object_store_mb=cfg.object_store_mb)
             self._started_ray = True
-        n = cfg.workers or int(ray.cluster_resources().get("GPU", 0))
+        n = cfg.workers or int(ray.cluster_resources().get("GPU", 0)) // cfg.gpus_per_worker
+        if cfg.gpus_per_worker > 1:
+            nodes = {node["NodeManagerAddress"]: int(node["Resources"].get("GPU", 0)) for node in ray.nodes()
+                     if node["Alive"] and node["Resources"].get("GPU")}
+            try:
+                check_layout(cfg, nodes)
+            except ValueError as exc:
+                raise PoolSettingsError(f"gpus_per_worker={cfg.gpus_per_worker}: {exc}") from None
         if n < 1:
             raise PoolError(
                 "the Ray cluster has no GPUs; set S2V_POOL_WORKERS to run on declared "
@@ -294,8 +311,8 @@ class GeneratorPool:
             if self._thread is not None:
                 self._thread.join(timeout=10)
         for slot in self._slots:
-            if slot.actor is not None:
-                ray.kill(slot.actor, no_restart=True)
+            if slot.worker is not None:
+                slot.worker.kill()
         if self._started_ray:
             ray.shutdown()
 
@@ -375,7 +392,7 @@ class GeneratorPool:
                               p.attempts, exc_info=exc)
                     self._retry_later(p, slot.info)
                     p = None
-                if slot.actor is None:  # the worker could not be replaced: this slot is done
+                if slot.worker is None:  # the worker could not be replaced: this slot is done
                     if p is not None:
                         await self._put(p)
                     await self._slot_lost()
@@ -390,18 +407,14 @@ class GeneratorPool:
         outcome: SegmentDone | SegmentError | None = None
         lost: str | None = None
         try:
-            stream = slot.actor.run.options(num_returns="streaming").remote(
-                p.job, p.seg_dir, self.config.store, self.config.scratch_dir
-            )
-            async for ref in stream:
-                record = await ref
+            async for record in slot.worker.run(p.job, p.seg_dir, self.config.store, self.config.scratch_dir):
                 if isinstance(record, ClipDone):
                     p.clips_done = record.clip.index + 1
                     self._emit(p, "clip", info, reused=record.clip.reused)
                 else:
                     outcome = record
-        except RayActorError as exc:
-            lost = str(exc).splitlines()[0]
+        except WorkerLost as exc:
+            lost = str(exc)
         finished = time.monotonic()
         p.held_s += finished - dispatched
         if lost:
@@ -471,44 +484,26 @@ class GeneratorPool:
         # with the same arguments (an OOM needs offloading on), and a process that dies while loading
         # (e.g. killed for host memory) is restarted in a loop until start_timeout_s, where a failed
         # start here leaves the worker out at once.
-        ray.kill(slot.actor, no_restart=True)
-        slot.actor, slot.info = None, None
+        slot.worker.kill()
+        slot.worker, slot.info = None, None
         slot.generation += 1
         slot.offload = offload
         if await self._launch(slot):
             self.workers.append(slot.info)
 
     async def _launch(self, slot: _Slot) -> bool:
-        """Start the slot's actor and wait for its model; False (and a note) when it cannot."""
-        cfg = self.config
-        actor = (
-            _remote_worker()
-            .options(
-                num_gpus=1,
-                num_cpus=cfg.cpus_per_worker,
-                max_restarts=0,
-                runtime_env={"env_vars": dict(cfg.env_vars)} if cfg.env_vars else None,
-            )
-            .remote(slot.name, cfg.backend, cfg.checkpoint, cfg.device, slot.offload, dict(cfg.backend_options),
-                    cfg.precision)
-        )
-        try:
-            info: WorkerInfo = await asyncio.wait_for(actor.info.remote(), cfg.start_timeout_s)
-        except (TimeoutError, GetTimeoutError):
-            note = f"{slot.name}: no free GPU in time"
-        except RayActorError as exc:
-            note = f"{slot.name}: {str(exc).splitlines()[0]}"
-        else:
-            if info.error is None:
-                slot.actor, slot.info = actor, info
-                return True
-            note = f"{slot.name} on node {info.node}: {info.error}"
-        ray.kill(actor, no_restart=True)
+        """Start the slot's worker and wait for its model; False (and a note) when it cannot."""
+        worker = make_worker(slot.name, slot.offload, self.config)
+        note = await worker.start()
+        if note is None:
+            slot.worker, slot.info = worker, worker.info
+            return True
+        worker.kill()
         self.failed_workers.append(note)
         return False
 
     async def _slot_lost(self) -> None:
-        self._slots = [s for s in self._slots if s.actor is not None]
+        self._slots = [s for s in self._slots if s.worker is not None]
         if not self._slots:
             self._fatal = "no GPU worker left: " + "; ".join(self.failed_workers)
             await self._fail_all(self._fatal)
@@ -566,14 +561,3 @@ def _fetch_clips(result: SegmentResult, remote: str, seg_dir: Path) -> SegmentRe
 
 async def _gather(*coros) -> list:
     return await asyncio.gather(*coros)
-
-
-_remote_class: Any = None
-
-
-def _remote_worker() -> Any:
-    # One remote class per process: Ray exports a class definition each time one is made.
-    global _remote_class
-    if _remote_class is None:
-        _remote_class = ray.remote(GeneratorWorker)
-    return _remote_class

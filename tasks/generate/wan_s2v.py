@@ -35,6 +35,7 @@ from model.audio_encoder import SAMPLE_RATE
 from model.checkpoint import transformer_config
 from model.distilled import DistilledPipeline, check_liveavatar_lora
 from model.layout import resolve
+from model.parallel import ParallelGroups, parallelize
 from model.pipeline import FIRST_CLIP_DROP, S2VPipeline, prepare_reference
 from model.presets import DISTILLED_SHIFT, SpeedConfig
 from model.sampler import shift_for
@@ -154,6 +155,14 @@ class WanS2VGenerator:
         # weight files are not reused (stage.job_fingerprint)
         self.fingerprint = f"precision={pipe.precision} dtype={pipe.dtype} {pipe.files.describe()}"
         self._distilled: DistilledPipeline | None = None
+        self.parallel: ParallelGroups | None = None
+
+    def enable_parallel(self, groups: ParallelGroups) -> None:
+        """Split each clip over this rank's process groups (model/parallel.py: sequence parallel, and
+        CFG parallel with `groups.cfg`); call on every rank of a worker group, each with the same
+        model, and every rank then computes the same clips (tasks/generate/group.py)."""
+        parallelize(self.pipeline, groups)
+        self.parallel = groups
 
     def distilled_pipeline(self) -> DistilledPipeline:
         """Distilled mode's pipeline over the same components (built on first use)."""
@@ -187,6 +196,9 @@ class WanS2VGenerator:
         common["on_step"] = steps.tick
         mode = job.mode or self.mode
         if mode == "distilled":
+            if self.parallel is not None:
+                raise ValueError("distilled mode runs on one GPU: its streaming KV caches (model/causal.py) are not "
+                                 "split over a worker's GPUs; render such rows with gpus_per_worker=1")
             lora = job.distilled_lora or self.distilled_lora
             if not lora:
                 raise ValueError("a distilled job needs LiveAvatar's LoRA: the job's distilled_lora or the generator's")

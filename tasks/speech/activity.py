@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tasks.records import MODEL_SAMPLE_RATE
+from tasks.speech.samples import AudioInput, Samples
 
 HOP_S = 0.005
 WINDOW_S = 0.01
@@ -80,24 +81,41 @@ class Activity:
         return float((self.level_db[a:b] - self.floor_db[a:b]).max())
 
 
-def levels_db(audio: np.ndarray, hop: int, window: int) -> np.ndarray:
-    """RMS level (dBFS) of each hop, over a window centred on it."""
-    x = np.asarray(audio, dtype=np.float64).reshape(-1)
-    steps = -(-len(x) // hop)
+def levels_db(audio: AudioInput | Samples, hop: int, window: int) -> np.ndarray:
+    """RMS level (dBFS) of each hop, over a window centred on it.
+
+    From a running sum of squares, kept block by block: only its values at the windows' edges are
+    stored, so a long recording is never held whole (the running sum adds in the same order as one
+    cumulative sum over all the samples, so the levels are the same either way)."""
+    samples = Samples.of(audio)
+    n = samples.num_samples
+    steps = -(-n // hop)
     if steps == 0:
         return np.zeros(0)
-    sq = np.concatenate([[0.0], np.cumsum(x * x)])
     centre = np.arange(steps) * hop + hop // 2
-    a = np.clip(centre - window // 2, 0, len(x))
-    b = np.clip(centre + window // 2, 0, len(x))
-    power = (sq[b] - sq[a]) / np.maximum(b - a, 1)
+    edges = [np.clip(centre - window // 2, 0, n), np.clip(centre + window // 2, 0, n)]
+    at_edges = [np.zeros(steps), np.zeros(steps)]  # the running sum at each window's start and end
+    total, start = 0.0, 0
+    for block in samples.blocks():
+        x = np.asarray(block, dtype=np.float64)
+        running = np.cumsum(np.concatenate([[total], x * x]))  # running[j]: the sum over samples [0, start + j)
+        end = start + len(x)
+        for idx, out in zip(edges, at_edges, strict=True):
+            lo, hi = np.searchsorted(idx, start), np.searchsorted(idx, end, side="right")
+            out[lo:hi] = running[idx[lo:hi] - start]
+        total, start = running[-1], end
+    a, b = edges
+    power = (at_edges[1] - at_edges[0]) / np.maximum(b - a, 1)
     return np.maximum(10 * np.log10(power + 1e-30), SILENT_DB)
 
 
-def analyse(audio: np.ndarray, sample_rate: int = MODEL_SAMPLE_RATE) -> Activity:
-    """Levels, local floor and quiet mask of mono float audio (values in [-1, 1])."""
+def analyse(audio: AudioInput | Samples, sample_rate: int = MODEL_SAMPLE_RATE) -> Activity:
+    """Levels, local floor and quiet mask of mono float audio (values in [-1, 1]), or of a mono sound
+    file at its own rate (read block by block)."""
+    samples = Samples.of(audio, sample_rate)
+    sample_rate = samples.sample_rate
     hop = max(1, round(HOP_S * sample_rate))
-    level = levels_db(audio, hop, max(hop, round(WINDOW_S * sample_rate)))
+    level = levels_db(samples, hop, max(hop, round(WINDOW_S * sample_rate)))
     if len(level) == 0:
         empty = np.zeros(0)
         return Activity(empty, empty, np.zeros(0, dtype=bool), SILENT_DB, hop, sample_rate)

@@ -84,28 +84,33 @@ class Activity:
 def levels_db(audio: AudioInput | Samples, hop: int, window: int) -> np.ndarray:
     """RMS level (dBFS) of each hop, over a window centred on it.
 
-    From a running sum of squares, kept block by block: only its values at the windows' edges are
-    stored, so a long recording is never held whole (the running sum adds in the same order as one
-    cumulative sum over all the samples, so the levels are the same either way)."""
+    From a running sum of squares kept block by block: each window's power is its sum at the window's
+    end less its sum at the start, taken as a block passes them, so the samples are never held whole.
+    The running sum adds in the order one cumulative sum over the whole recording would, so the levels
+    are the same either way."""
     samples = Samples.of(audio)
     n = samples.num_samples
     steps = -(-n // hop)
     if steps == 0:
         return np.zeros(0)
-    centre = np.arange(steps) * hop + hop // 2
-    edges = [np.clip(centre - window // 2, 0, n), np.clip(centre + window // 2, 0, n)]
-    at_edges = [np.zeros(steps), np.zeros(steps)]  # the running sum at each window's start and end
+    power = np.zeros(steps)  # sum at the window's end - sum at its start, filled as blocks pass
+    offsets = (hop // 2 - window // 2, hop // 2 + window // 2)  # window edges relative to k * hop
     total, start = 0.0, 0
     for block in samples.blocks():
         x = np.asarray(block, dtype=np.float64)
         running = np.cumsum(np.concatenate([[total], x * x]))  # running[j]: the sum over samples [0, start + j)
         end = start + len(x)
-        for idx, out in zip(edges, at_edges, strict=True):
-            lo, hi = np.searchsorted(idx, start), np.searchsorted(idx, end, side="right")
-            out[lo:hi] = running[idx[lo:hi] - start]
+        for offset, sign in zip(offsets, (-1.0, 1.0), strict=True):
+            # The steps whose edge falls in [start, end) (the last block: up to n, where windows are cut).
+            last = steps if end == n else min(steps, (end - offset) // hop + 2)
+            k = np.arange(max(0, (start - offset) // hop - 1), last)
+            edge = np.clip(k * hop + offset, 0, n)
+            inside = (edge >= start) & ((edge < end) | (end == n))
+            power[k[inside]] += sign * running[edge[inside] - start]
         total, start = running[-1], end
-    a, b = edges
-    power = (at_edges[1] - at_edges[0]) / np.maximum(b - a, 1)
+    first = np.arange(steps) * hop
+    width = np.clip(first + offsets[1], 0, n) - np.clip(first + offsets[0], 0, n)
+    power /= np.maximum(width, 1)
     return np.maximum(10 * np.log10(power + 1e-30), SILENT_DB)
 
 

@@ -868,8 +868,8 @@ class PcmFile:
 
 Pcm16 = bytes | PcmFile
 """The decoders' audio: 16 kHz s16 PCM, whole or in a file."""
-SPOOL_BYTES = 8 * 2**20
-"""Floored PCM up to this size (about 4 minutes) stays in memory; beyond, it goes to a temporary file."""
+SPOOL_BYTES = 2 * 2**20
+"""Floored PCM up to this size (about a minute) stays in memory; beyond, it goes to a temporary file."""
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import io
 import math
+import threading
 import warnings
 from pathlib import Path
 
@@ -182,13 +183,15 @@ def normalize_image(src: Path, work_dir: Path, resolution: Resolution) -> tuple[
     """
     src = Path(src)
     key = (_content_hash(src), resolution)
-    portrait = _portraits.get(key) if key[0] else None
+    with _portraits_lock:  # rows of a flow may normalize in threads
+        portrait = _portraits.get(key) if key[0] else None
     if portrait is None:
         portrait = _portrait(src, resolution)
         if key[0]:
-            _portraits[key] = portrait
-            while len(_portraits) > PORTRAITS_KEPT:
-                _portraits.pop(next(iter(_portraits)))
+            with _portraits_lock:
+                _portraits[key] = portrait
+                while len(_portraits) > PORTRAITS_KEPT:
+                    _portraits.pop(next(iter(_portraits)))
     png, out_w, out_h, qc = portrait
     target = Path(work_dir) / IMAGE_NAME
     with atomic_local(target) as tmp:
@@ -199,6 +202,7 @@ def normalize_image(src: Path, work_dir: Path, resolution: Resolution) -> tuple[
 PORTRAITS_KEPT = 16
 """The last distinct portraits whose PNG (about 0.5 MB at 480p) a process keeps for rows that share them."""
 _portraits: dict[tuple[str, Resolution], tuple[bytes, int, int, ImageQC]] = {}
+_portraits_lock = threading.Lock()
 
 
 def _content_hash(src: Path) -> str:

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 from flows.settings import BatchSettings, SettingsError
@@ -83,17 +82,18 @@ def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSetti
 def _analyse_speech(
     row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings, model: str | None
 ) -> SpeechAnalysis:
-    audio, rate = sf.read(assets.audio_16k, dtype="float32")
+    # The offline aligner reads the file a block at a time (memory flat in the audio's length);
+    # Whisper and a CTC model take the whole recording.
     detected, script, heard = None, assets.script, []
     transcribed = bool(settings.whisper_model) and not (assets.script and assets.script.strip())
     if settings.whisper_model:
-        detected, script, heard = _whisper_pass(row, assets, audio, settings)
+        detected, script, heard = _whisper_pass(row, assets, settings)
     if model:
         with _LOADING:
             speech.cached_ctc_model(model, settings.device or "cpu")
     try:
         analysis = speech.align_row(
-            audio, script or "", sample_rate=rate, model_folder=model, device=settings.device or "cpu"
+            assets.audio_16k, script or "", model_folder=model, device=settings.device or "cpu"
         )
     except RowFailure as exc:
         if not transcribed:
@@ -113,7 +113,7 @@ def _analyse_speech(
 
 
 def _whisper_pass(
-    row: ManifestRow, assets: NormalizedAssets, audio: np.ndarray, settings: BatchSettings
+    row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings
 ) -> tuple[tuple[str, float], str | None, list[WordTiming]]:
     """Whisper's (language, probability) for the audio and, for a row without a script, its transcript
     and word timings (else the row's script and no words)."""
@@ -124,6 +124,7 @@ def _whisper_pass(
         whisper = transcribe.load_whisper(
             settings.whisper_model, device="cuda" if cuda else "cpu", compute_type="float16" if cuda else "int8"
         )
+    audio, _ = sf.read(assets.audio_16k, dtype="float32")
     detected = transcribe.detect_language(whisper, audio)
     if assets.script and assets.script.strip():
         return detected, assets.script, []
@@ -138,9 +139,8 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
     # Timings from an alignment that did not fit (wrong file, other language) are not trusted
     # for cuts: those rows are cut at the quietest moments instead, and the plan says approximate.
     words = speech.words if speech.words and not speech.approximate else None
-    audio = None
-    if assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE:  # only then is it cut: verify cuts on it
-        audio, _ = sf.read(assets.audio_16k, dtype="float32")
+    # Only audio that is cut is read (a block at a time), to verify the cuts on it.
+    audio = assets.audio_16k if assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE else None
     name, speed = row_speed(row, settings)
     mode = row_mode(row, settings)
     cost = plan.cost_model(settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, speed=speed,

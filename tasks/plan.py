@@ -53,6 +53,7 @@ import numpy as np
 from model.presets import DISTILLED_INFER_FRAMES, DISTILLED_STEPS, SpeedConfig
 from tasks.records import FPS, INFER_FRAMES, MODEL_SAMPLE_RATE, Plan, Resolution, Segment, SpeechAnalysis, WordTiming
 from tasks.speech.activity import MIN_QUIET_S, Activity, analyse
+from tasks.speech.samples import BLOCK, AudioInput, Samples
 
 PAUSE_CAP_S = 1.5
 """Pauses longer than this are no better a cut than this (a sentence break is enough)."""
@@ -294,21 +295,30 @@ def segment_seed(row_seed: int, index: int) -> int:
 # --------------------------------------------------------------------------- energy
 
 
-def frame_energy(audio: np.ndarray, *, sample_rate: int = MODEL_SAMPLE_RATE, hop_s: float = ENERGY_HOP_S) -> np.ndarray:
-    """Mean-square energy of the audio in consecutive windows of ``hop_s`` (10 ms by default).
+def frame_energy(
+    audio: AudioInput, *, sample_rate: int = MODEL_SAMPLE_RATE, hop_s: float = ENERGY_HOP_S
+) -> np.ndarray:
+    """Mean-square energy of the audio (an array, or a mono file at its own rate, read a block at a time)
+    in consecutive windows of ``hop_s`` (10 ms by default).
 
     The last window may be shorter. This is the ``energy`` argument of ``plan_row``.
     """
-    x = np.asarray(audio, dtype=np.float32).reshape(-1)
-    hop = max(1, round(hop_s * sample_rate))
-    n = math.ceil(len(x) / hop)
+    samples = Samples.of(audio, sample_rate)
+    hop = max(1, round(hop_s * samples.sample_rate))
+    n = math.ceil(samples.num_samples / hop)
     if n == 0:
         return np.zeros(0, dtype=np.float32)
-    padded = np.zeros(n * hop, dtype=np.float32)
-    padded[: len(x)] = x
-    sq = (padded.reshape(n, hop) ** 2).sum(axis=1)
+    sq = np.empty(n, dtype=np.float32)
+    done = 0
+    for block in samples.blocks(max(1, BLOCK // hop) * hop):  # whole windows per block
+        x = np.asarray(block, dtype=np.float32)
+        count = math.ceil(len(x) / hop)
+        padded = np.zeros(count * hop, dtype=np.float32)
+        padded[: len(x)] = x
+        sq[done : done + count] = (padded.reshape(count, hop) ** 2).sum(axis=1)
+        done += count
     counts = np.full(n, hop, dtype=np.float32)
-    counts[-1] = len(x) - (n - 1) * hop
+    counts[-1] = samples.num_samples - (n - 1) * hop
     return sq / counts
 
 
@@ -528,16 +538,16 @@ def plan_row(
     steps: int = 40,
     guidance: float = 4.5,
     energy: np.ndarray | None = None,
-    audio: np.ndarray | None = None,
+    audio: AudioInput | None = None,
     speech: SpeechAnalysis | None = None,
 ) -> Plan:
     """Plan one row's segments (see the module docstring for the rules).
 
     ``words``: word timings in seconds from an alignment, or None when there is none
-    (the plan is then approximate). ``audio``: the row's mono audio at ``sample_rate``; cuts are
-    then verified against it (only quiet points between words are safe). ``energy``: optional
-    envelope from ``frame_energy``, used only without words or audio. ``speech``: the row's
-    alignment, whose fit score and flags the plan carries as evidence. Raises ValueError on
+    (the plan is then approximate). ``audio``: the row's mono audio at ``sample_rate``, or its mono
+    file (read a block at a time); cuts are then verified against it (only quiet points between
+    words are safe). ``energy``: optional envelope from ``frame_energy``, used only without words or
+    audio. ``speech``: the row's alignment, whose fit score and flags the plan carries as evidence. Raises ValueError on
     invalid parameters.
     """
     _validate(num_samples, sample_rate, fps, infer_frames, max_segment_s, min_segment_s, width, height, steps)

@@ -252,6 +252,30 @@ def test_exif_rotated_jpeg_is_upright(tmp_path: Path) -> None:
     assert min(_colour_at(arr, 0.8, 0.8)) > 200
 
 
+def test_a_portrait_shared_by_rows_is_normalized_once(tmp_path: Path) -> None:
+    """Rows whose portraits have the same content (any file name) get the same PNG and checks, from one
+    normalization per process; a portrait one pixel apart is its own."""
+    from tasks.normalize import image
+
+    pixels = np.asarray(astronaut())
+    first, second, other = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    Image.fromarray(pixels).save(first)
+    second.write_bytes(first.read_bytes())
+    changed = pixels.copy()
+    changed[0, 0] = 255 - changed[0, 0]
+    Image.fromarray(changed).save(other)
+    image._portraits.clear()
+    results = [normalize_image(src, tmp_path / f"row{i}", Resolution.P480) for i, src in enumerate((first, second))]
+    assert len(image._portraits) == 1  # the second row reused the first's work
+    (path_a, *rest_a, qc_a), (path_b, *rest_b, qc_b) = results
+    assert path_a != path_b and path_a.read_bytes() == path_b.read_bytes()
+    assert rest_a == rest_b and qc_a == qc_b and qc_a.face_found
+    normalize_image(other, tmp_path / "row2", Resolution.P480)
+    assert len(image._portraits) == 2
+    normalize_image(first, tmp_path / "row3", Resolution.P720)  # another size: its own work
+    assert len(image._portraits) == 3
+
+
 def test_cmyk_16bit_palette_and_alpha_images_become_rgb(tmp_path: Path) -> None:
     upright = quadrants((640, 480))
     cases = {

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from tasks.records import MODEL_SAMPLE_RATE, SpeechAnalysis
 from tasks.speech.ctc import ENGLISH_FOLDER, cached_ctc_model
 from tasks.speech.offline import align_words
+from tasks.speech.samples import AudioInput
 from tasks.speech.verdict import as_mono_16k
 
 __all__ = ["align_row", "align_words", "alignment_to_json", "resolve_alignment_model"]
@@ -44,7 +43,7 @@ def resolve_alignment_model(alignment_model: str | None, checkpoint: str | None,
 
 
 def align_row(
-    audio_16k: np.ndarray,
+    audio_16k: AudioInput,
     script: str,
     *,
     sample_rate: int = MODEL_SAMPLE_RATE,
@@ -52,7 +51,9 @@ def align_row(
     device: str = "cpu",
 ) -> SpeechAnalysis:
     """Align with the CTC model in ``model_folder`` (``ctc``, loaded once per process) when one is
-    given, else with the offline aligner (``offline.align_words``)."""
+    given, else with the offline aligner (``offline.align_words``). ``audio_16k``: mono samples at
+    ``sample_rate``, or the path of a mono 16 kHz file (the offline aligner reads it a block at a time,
+    the CTC model whole)."""
     if not model_folder:
         return align_words(audio_16k, script, sample_rate=sample_rate)
     audio = as_mono_16k(audio_16k, sample_rate, "align_row")  # before a model is loaded for it

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tasks.records import MODEL_SAMPLE_RATE
+from tasks.speech.samples import AudioInput, Samples
 
 HOP_S = 0.005
 WINDOW_S = 0.01
@@ -80,24 +81,46 @@ class Activity:
         return float((self.level_db[a:b] - self.floor_db[a:b]).max())
 
 
-def levels_db(audio: np.ndarray, hop: int, window: int) -> np.ndarray:
-    """RMS level (dBFS) of each hop, over a window centred on it."""
-    x = np.asarray(audio, dtype=np.float64).reshape(-1)
-    steps = -(-len(x) // hop)
+def levels_db(audio: AudioInput | Samples, hop: int, window: int) -> np.ndarray:
+    """RMS level (dBFS) of each hop, over a window centred on it.
+
+    From a running sum of squares kept block by block: each window's power is its sum at the window's
+    end less its sum at the start, taken as a block passes them, so the samples are never held whole.
+    The running sum adds in the order one cumulative sum over the whole recording would, so the levels
+    are the same either way."""
+    samples = Samples.of(audio)
+    n = samples.num_samples
+    steps = -(-n // hop)
     if steps == 0:
         return np.zeros(0)
-    sq = np.concatenate([[0.0], np.cumsum(x * x)])
-    centre = np.arange(steps) * hop + hop // 2
-    a = np.clip(centre - window // 2, 0, len(x))
-    b = np.clip(centre + window // 2, 0, len(x))
-    power = (sq[b] - sq[a]) / np.maximum(b - a, 1)
+    power = np.zeros(steps)  # sum at the window's end - sum at its start, filled as blocks pass
+    offsets = (hop // 2 - window // 2, hop // 2 + window // 2)  # window edges relative to k * hop
+    total, start = 0.0, 0
+    for block in samples.blocks():
+        x = np.asarray(block, dtype=np.float64)
+        running = np.cumsum(np.concatenate([[total], x * x]))  # running[j]: the sum over samples [0, start + j)
+        end = start + len(x)
+        for offset, sign in zip(offsets, (-1.0, 1.0), strict=True):
+            # The steps whose edge falls in [start, end) (the last block: up to n, where windows are cut).
+            last = steps if end == n else min(steps, (end - offset) // hop + 2)
+            k = np.arange(max(0, (start - offset) // hop - 1), last)
+            edge = np.clip(k * hop + offset, 0, n)
+            inside = (edge >= start) & ((edge < end) | (end == n))
+            power[k[inside]] += sign * running[edge[inside] - start]
+        total, start = running[-1], end
+    first = np.arange(steps) * hop
+    width = np.clip(first + offsets[1], 0, n) - np.clip(first + offsets[0], 0, n)
+    power /= np.maximum(width, 1)
     return np.maximum(10 * np.log10(power + 1e-30), SILENT_DB)
 
 
-def analyse(audio: np.ndarray, sample_rate: int = MODEL_SAMPLE_RATE) -> Activity:
-    """Levels, local floor and quiet mask of mono float audio (values in [-1, 1])."""
+def analyse(audio: AudioInput | Samples, sample_rate: int = MODEL_SAMPLE_RATE) -> Activity:
+    """Levels, local floor and quiet mask of mono float audio (values in [-1, 1]), or of a mono sound
+    file at its own rate (read block by block)."""
+    samples = Samples.of(audio, sample_rate)
+    sample_rate = samples.sample_rate
     hop = max(1, round(HOP_S * sample_rate))
-    level = levels_db(audio, hop, max(hop, round(WINDOW_S * sample_rate)))
+    level = levels_db(samples, hop, max(hop, round(WINDOW_S * sample_rate)))
     if len(level) == 0:
         empty = np.zeros(0)
         return Activity(empty, empty, np.zeros(0, dtype=bool), SILENT_DB, hop, sample_rate)

@@ -26,21 +26,25 @@ Flags and failures are the shared ones (``tasks/speech/verdict.py``), plus ``uns
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import numpy as np
 from pocketsphinx import Config, Decoder, get_model_path
 
 from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
 from tasks.speech.activity import MIN_QUIET_S, Activity, analyse, snap_to_pauses
+from tasks.speech.samples import BLOCK, AudioInput, Samples, mono_16k
 from tasks.speech.script import ScriptWord, normalize_script
-from tasks.speech.verdict import as_mono_16k, empty_script, judge_fit, low_fit_flags, require_sound
+from tasks.speech.verdict import empty_script, judge_fit, low_fit_flags, require_sound
 
 ALIGNER = "pocketsphinx-en-us"
 MISMATCH_FIT = 0.13
@@ -378,7 +382,7 @@ Placed = dict[int, tuple[int, int, str]]
 """Token index -> (first frame, end frame exclusive, pronunciation variant decoded)."""
 
 
-def align_tokens(pcm16: bytes, tokens: list[str], num_frames: int, act: Activity) -> list[TokenAlignment] | None:
+def align_tokens(pcm16: Pcm16, tokens: list[str], num_frames: int, act: Activity) -> list[TokenAlignment] | None:
     """Align tokens to 16 kHz s16 PCM; None when no path through the grammar fits the audio.
 
     1. Forced alignment: every token, none skipped, over the whole audio up to FORCED_WHOLE_S,
@@ -454,7 +458,7 @@ def _overlong(start: float, end: float, phones: int, pauses: tuple[np.ndarray, n
     return None
 
 
-def _phone_loop(loop: Decoder, pcm16: bytes, num_frames: int) -> list[tuple[str, int, int]]:
+def _phone_loop(loop: Decoder, pcm16: Pcm16, num_frames: int) -> list[tuple[str, int, int]]:
     """Phones the free phone loop hears, (phone, first frame, end frame exclusive), over the fit windows."""
     heard: list[tuple[str, int, int]] = []
     for a, b in fit_windows(num_frames):
@@ -470,17 +474,18 @@ def _decode(decoder: Decoder, pcm16: bytes) -> None:
     decoder.end_utt()
 
 
-def _forced_whole(decoder: Decoder, retry: Decoder, pcm16: bytes, tokens: list[str], num_frames: int) -> Placed | None:
+def _forced_whole(decoder: Decoder, retry: Decoder, pcm16: Pcm16, tokens: list[str], num_frames: int) -> Placed | None:
     """Every token force-aligned over the whole audio (default beams, then wider); None when no path survives."""
+    whole = pcm16[:]  # at most FORCED_WHOLE_S of audio
     for d in (decoder, retry):
-        found = _decode_chunk(d, pcm16, tokens, last=True, skip=False)
+        found = _decode_chunk(d, whole, tokens, last=True, skip=False)
         if found is not None and len(found) == len(tokens):
             return {k: (sf, min(ef + 1, num_frames), v) for k, (_, sf, ef, v) in enumerate(found)}
     return None
 
 
 def _verify(
-    decoder: Decoder, pcm16: bytes, tokens: list[str], placed: Placed, act: Activity, vocab: dict[str, str],
+    decoder: Decoder, pcm16: Pcm16, tokens: list[str], placed: Placed, act: Activity, vocab: dict[str, str],
     num_frames: int,
 ) -> dict[int, str]:
     """Drop from ``placed`` the tokens the audio lacks; their notes.
@@ -588,7 +593,7 @@ def _absent(sf: int, ef: int, phones: int, act: Activity) -> str | None:
 
 
 def _chunk_pass(
-    dec: Decoders, pcm16: bytes, tokens: list[str], num_frames: int, forced: bool = True
+    dec: Decoders, pcm16: Pcm16, tokens: list[str], num_frames: int, forced: bool = True
 ) -> tuple[Placed, bool] | None:
     """Tokens placed chunk by chunk (long audio, or no forced path over the whole); None when nothing fits.
 
@@ -664,7 +669,7 @@ def _decode_chunk(
 
 
 def _fill(
-    decoders: tuple[Decoder, Decoder], pcm16: bytes, tokens: list[str], placed: Placed, num_frames: int,
+    decoders: tuple[Decoder, Decoder], pcm16: Pcm16, tokens: list[str], placed: Placed, num_frames: int,
     act: Activity, vocab: dict[str, str],
 ) -> dict[int, str]:
     """Place the tokens the chunk pass skipped; returns a note per token placed this way or not found.
@@ -718,7 +723,7 @@ match that left the run too little audio."""
 
 
 def _force_run(
-    decoders: tuple[Decoder, Decoder], pcm16: bytes, tokens: list[str], placed: Placed, k: int, run_end: int,
+    decoders: tuple[Decoder, Decoder], pcm16: Pcm16, tokens: list[str], placed: Placed, k: int, run_end: int,
     num_frames: int,
 ) -> tuple[int, int, list[tuple[int, int, str]] | None]:
     """Force-align tokens [k, run_end) with their anchored neighbours; widened over neighbouring anchors
@@ -802,14 +807,19 @@ def _spread(
 
 NOT_FOUND_QUIET = 0.8
 """A token the forced pass lays over audio at least this quiet is not in the audio."""
-def _quietness(pcm16: bytes, num_frames: int) -> np.ndarray | None:
-    """Energy per 10 ms frame averaged over 0.2 s (None for audio aligned in one piece)."""
+def _quietness(pcm16: Pcm16, num_frames: int) -> np.ndarray | None:
+    """Energy per 10 ms frame averaged over 0.2 s (None for audio aligned in one piece); read a block
+    of frames at a time."""
     if num_frames <= CHUNK_ABOVE_S * FRAME_RATE:
         return None
     per = BYTES_PER_FRAME // 2
-    x = np.frombuffer(pcm16, dtype="<i2")[: num_frames * per].astype(np.float32)
-    frames = len(x) // per
-    energy = (x[: frames * per].reshape(frames, per) ** 2).mean(axis=1)
+    frames = min(num_frames, len(pcm16) // BYTES_PER_FRAME)
+    energy = np.empty(frames, dtype=np.float32)
+    step = BLOCK // per
+    for a in range(0, frames, step):
+        b = min(frames, a + step)
+        x = np.frombuffer(pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME], dtype="<i2").astype(np.float32)
+        energy[a:b] = (x.reshape(b - a, per) ** 2).mean(axis=1)
     return np.convolve(energy, np.ones(20) / 20, mode="same")
 
 
@@ -826,37 +836,76 @@ def _chunk_end(quiet: np.ndarray | None, fa: int, num_frames: int) -> tuple[int,
     return lo + int(np.argmin(quiet[lo:hi])), False
 
 
-def with_floor(audio: np.ndarray, speech_db: float) -> np.ndarray:
-    """``audio`` over white noise NOISE_FLOOR_DB under ``speech_db`` (dBFS), the same noise on every call."""
+def with_floor(audio: np.ndarray, speech_db: float, noise: np.random.Generator | None = None) -> np.ndarray:
+    """``audio`` over white noise NOISE_FLOOR_DB under ``speech_db`` (dBFS), the same noise on every call.
+    ``noise``: the generator to draw from, for audio floored block by block (drawn in order, its blocks
+    get the noise the whole would)."""
     sigma = 10 ** ((speech_db - NOISE_FLOOR_DB) / 20)
-    return audio + np.random.default_rng(0).normal(0.0, sigma, len(audio)).astype(np.float32)
+    noise = np.random.default_rng(0) if noise is None else noise
+    return audio + noise.normal(0.0, sigma, len(audio)).astype(np.float32)
 
 
 def to_pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
+class PcmFile:
+    """16-bit PCM kept in a file and read a stretch at a time: slicing gives the bytes that slicing the
+    whole PCM as bytes would (the decoders take a chunk of at most a couple of minutes at once)."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._size = file.seek(0, os.SEEK_END)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, part: slice) -> bytes:
+        start, stop, _ = part.indices(self._size)
+        self._file.seek(start)
+        return self._file.read(max(0, stop - start))
+
+
+Pcm16 = bytes | PcmFile
+"""The decoders' audio: 16 kHz s16 PCM, whole or in a file."""
+SPOOL_BYTES = 2 * 2**20
+"""Floored PCM up to this size (about a minute) stays in memory; beyond, it goes to a temporary file."""
+
+
+@contextlib.contextmanager
+def floored_pcm(samples: Samples, speech_db: float) -> Iterator[PcmFile]:
+    """The decoders' input: the audio over its noise floor (``with_floor``) as 16-bit PCM, written block
+    by block into a temporary file, so a long recording's PCM is not held in memory."""
+    noise = np.random.default_rng(0)
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as file:
+        for block in samples.blocks():
+            file.write(to_pcm16(with_floor(np.asarray(block, dtype=np.float32), speech_db, noise)))
+        yield PcmFile(file)
+
+
 # --------------------------------------------------------------------------- the aligner
 
 
-def align_words(audio_16k: np.ndarray, script: str, *, sample_rate: int = MODEL_SAMPLE_RATE) -> SpeechAnalysis:
-    """Align ``script`` to mono float audio at 16 kHz (values in [-1, 1]).
+def align_words(audio_16k: AudioInput, script: str, *, sample_rate: int = MODEL_SAMPLE_RATE) -> SpeechAnalysis:
+    """Align ``script`` to mono float audio at 16 kHz (values in [-1, 1]), or to a mono 16 kHz sound file,
+    read a block at a time (memory does not grow with its length).
 
     Returns one WordTiming per whitespace-separated script word, in order, in seconds,
     with a score in [0, 1] (phone agreement between the script and what was heard);
     ``fit_score`` is the mean over the script. Raises ValueError for audio that is not
     16 kHz mono and RowFailure as described in ``tasks/speech/verdict.py``.
     """
-    audio = as_mono_16k(audio_16k, sample_rate, "align_words")
-    duration = len(audio) / sample_rate
+    samples = mono_16k(audio_16k, sample_rate, "align_words")
+    duration = samples.duration_s
     script_words: list[ScriptWord] = normalize_script(script or "")
     tokens = [t for w in script_words for t in w.tokens]
     if not tokens:
         return empty_script(ALIGNER)
-    require_sound(audio, sample_rate, len(script_words))
+    require_sound(samples, sample_rate, len(script_words))
     num_frames = int(round(duration * FRAME_RATE))
-    act = analyse(audio, sample_rate)
-    aligned = align_tokens(to_pcm16(with_floor(audio, act.speech_db)), tokens, num_frames, act)
+    act = analyse(samples)
+    with floored_pcm(samples, act.speech_db) as pcm16:
+        aligned = align_tokens(pcm16, tokens, num_frames, act)
     if aligned is None:
         raise RowFailure(
             "script",

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
+from tasks.records import RowFailure, SpeechAnalysis, WordTiming
+from tasks.speech.samples import AudioInput, Samples, mono_16k, sum_of_squares
 
 MISMATCH_SKIPPED = 0.3
 """The audio does not say the script when at least this share of the script words were not found
@@ -42,27 +43,28 @@ SILENCE_DBFS = -60.0
 """Audio whose RMS is below this holds no speech to align."""
 
 
-def as_mono_16k(audio: np.ndarray, sample_rate: int, caller: str) -> np.ndarray:
-    """``audio`` as float32 when it is mono at 16 kHz; ValueError naming ``caller`` otherwise."""
-    if sample_rate != MODEL_SAMPLE_RATE:
-        raise ValueError(f"{caller} takes {MODEL_SAMPLE_RATE} Hz audio, got {sample_rate} Hz")
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim != 1:
-        raise ValueError(f"{caller} takes mono audio (1-D), got shape {audio.shape}")
-    return audio
+def as_mono_16k(audio: AudioInput, sample_rate: int, caller: str) -> np.ndarray:
+    """All of ``audio`` as float32 when it is mono at 16 kHz; ValueError naming ``caller`` otherwise.
+    For the aligners that take the whole recording at once (CTC, Whisper)."""
+    return mono_16k(audio, sample_rate, caller).whole()
 
 
-def _rms_dbfs(audio: np.ndarray) -> float:
-    return float(10 * np.log10(np.mean(np.square(audio, dtype=np.float64)) + 1e-20))
+def rms_dbfs(audio: AudioInput | Samples) -> float:
+    """RMS level of the audio in dBFS (summed block by block; -200 for no samples)."""
+    samples = Samples.of(audio)
+    if not samples.num_samples:
+        return -200.0
+    return float(10 * np.log10(sum_of_squares(samples) / samples.num_samples + 1e-20))
 
 
-def require_sound(audio: np.ndarray, sample_rate: int, script_words: int) -> None:
+def require_sound(audio: AudioInput | Samples, sample_rate: int, script_words: int) -> None:
     """Refuse audio too short or too quiet to hold speech (RowFailure on the audio column)."""
-    level = _rms_dbfs(audio) if len(audio) else -200.0
-    if len(audio) < sample_rate // 10 or level < SILENCE_DBFS:
+    samples = Samples.of(audio, sample_rate)
+    level = rms_dbfs(samples)
+    if samples.num_samples < samples.sample_rate // 10 or level < SILENCE_DBFS:
         raise RowFailure(
             "audio",
-            f"no speech to align: {len(audio) / sample_rate:.2f} s of audio at {level:.0f} dBFS RMS "
+            f"no speech to align: {samples.duration_s:.2f} s of audio at {level:.0f} dBFS RMS "
             f"for a script of {script_words} words",
         )
 

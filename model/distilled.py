@@ -232,9 +232,10 @@ class DistilledPipeline(S2VPipeline):
         aenc = self._use(self.audio_encoder)
         audio_cond = aenc.conditioning(audio, sample_rate, num_clips * infer_frames).cpu()
         self._release(aenc)
-        vae = self._use(self.vae)
+        vae = self._use(self.vae)  # kept on the GPU for the segment (0.5 GB), except with offload="model"
         ref_latents, motion_latents = (t.to(self.device) for t in self.reference_latents(image))
-        self._release(vae)
+        if self.offload == "model":
+            self._release(vae)
 
         causal = CausalS2V(self.transformer)
         dit = self._use(self.transformer)
@@ -246,6 +247,9 @@ class DistilledPipeline(S2VPipeline):
         rng = random.Random(seed)  # drawn in LiveAvatar's order: block by block, step by step
         shifts = [[reference_shift(n * FRAMES_PER_BLOCK, rng) for _ in range(steps)] for n in range(total)]
         clips: dict[int, dict] = {}  # clips under way: latents, audio, pose, steps done
+        # A decoded clip is handed over after the next forward is queued: on CUDA the GPU computes
+        # while the host copies the frames out and the caller writes them (same order on a CPU).
+        handover = _Handover(self.device) if self.offload != "model" else None
         started = time.perf_counter()
         if start_clip:
             log.info("rebuilding the KV cache: replaying the DiT over clips 0..%d", start_clip - 1)
@@ -271,6 +275,11 @@ class DistilledPipeline(S2VPipeline):
             )  # fmt: skip
             dt = torch.stack([sigmas[i + 1] - sigmas[i] for _, i in wave]).to(self.device).view(-1, 1, 1, 1, 1)
             x = x + dt * v
+            if handover is not None:
+                for clip, frames, tail in handover.take():
+                    now = time.perf_counter()
+                    yield ClipOutput(clip, frames, _clip_state(clip, tail), now - started, forwards=blocks * steps)
+                    started = now
             finished = []
             for j, (n, _) in enumerate(wave):
                 r, b = divmod(n, blocks)
@@ -286,20 +295,32 @@ class DistilledPipeline(S2VPipeline):
                     if r == start_clip - 1:
                         self._check_replay(latents[:, :, -DECODE_CONTEXT:], tail, r)
                     continue
-                self._release(dit)
-                vae = self._use(self.vae)
+                if self.offload == "model":  # the DiT and the VAE take turns on the GPU
+                    self._release(dit)
+                    vae = self._use(self.vae)
                 prefix = motion_latents[:, :, -DECODE_CONTEXT:] if r == 0 else tail.to(self.device)
                 video = vae.decode(torch.cat([prefix.to(latents.device), latents], dim=2))[:, :, -infer_frames:]
                 if r == 0:
                     video = video[:, :, FIRST_CLIP_DROP:]
-                self._release(vae)
-                dit = self._use(self.transformer)
+                if self.offload == "model":
+                    self._release(vae)
+                    dit = self._use(self.transformer)
+                tail = latents[:, :, -DECODE_CONTEXT:]
+                if handover is not None:
+                    handover.put(r, video[0], tail)
+                    continue
                 self._sync()
-                tail = latents[:, :, -DECODE_CONTEXT:].cpu()
-                new_state = {"next_clip": np.array(r + 1, dtype=np.int64), "tail_latents": tail[0].numpy().copy()}
+                tail = tail.cpu()
                 now = time.perf_counter()
-                yield ClipOutput(r, _to_uint8(video[0]), new_state, now - started, forwards=blocks * steps)
+                yield ClipOutput(r, _to_uint8(video[0]), _clip_state(r, tail), now - started, forwards=blocks * steps)
                 started = now
+        if handover is not None:
+            for clip, frames, tail in handover.take():
+                now = time.perf_counter()
+                yield ClipOutput(clip, frames, _clip_state(clip, tail), now - started, forwards=blocks * steps)
+                started = now
+        if self.offload != "model":
+            self._release(vae)
         self._release(dit)
         del cache
 
@@ -385,3 +406,42 @@ class DistilledPipeline(S2VPipeline):
                 clip,
                 diff,
             )
+
+
+def _clip_state(clip: int, tail: torch.Tensor) -> dict[str, np.ndarray]:
+    """What clip `clip` hands to the next: its index and last latents (see the module docstring)."""
+    return {"next_clip": np.array(clip + 1, dtype=np.int64), "tail_latents": tail[0].numpy().copy()}
+
+
+class _Handover:
+    """Decoded clips waiting on the GPU to be handed to the caller: `put` queues a clip's frames
+    (converted to uint8 on the GPU, as _to_uint8 does) and marks them; `take` copies the marked
+    clips out on a side stream, which waits for their decode only, not for the forwards queued
+    after it, so the host returns them while the GPU goes on."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.waiting: list[tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
+
+    def put(self, clip: int, video: torch.Tensor, tail: torch.Tensor) -> None:
+        frames = ((video.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+        decoded = None
+        if self.stream is not None:
+            decoded = torch.cuda.Event()
+            decoded.record()
+        self.waiting.append((clip, frames, tail.contiguous(), decoded))
+
+    def take(self) -> list[tuple[int, np.ndarray, torch.Tensor]]:
+        out = []
+        for clip, frames, tail, decoded in self.waiting:
+            if self.stream is None:
+                out.append((clip, frames.numpy(), tail))
+                continue
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(decoded)
+                frames_host = frames.to("cpu", non_blocking=True)
+                tail_host = tail.to("cpu", non_blocking=True)
+            self.stream.synchronize()  # the tensors stay referenced until here: no early reuse
+            out.append((clip, frames_host.numpy(), tail_host))
+        self.waiting.clear()
+        return out

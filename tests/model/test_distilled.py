@@ -311,6 +311,24 @@ def test_clips_state_and_exact_resume(distilled: DistilledPipeline, caplog: pyte
     assert len(out) == 1 and "replayed clip 1 differs" in caplog.text
 
 
+def test_clips_handed_over_a_forward_later_are_the_same_clips(distilled: DistilledPipeline) -> None:
+    # Clips are handed over after the next forward is queued (on CUDA the GPU runs on meanwhile);
+    # with offload="model" (DiT and VAE taking turns on the GPU) each is handed over at once. Same
+    # frames, states and order either way.
+    image, audio = gradient_image(), voiced_tone(3.0)
+    run = lambda: list(distilled.generate_clips(image, audio, "hi", infer_frames=INFER, seed=6, num_clips=3))  # noqa: E731
+    later = run()
+    distilled.offload = "model"
+    try:
+        at_once = run()
+    finally:
+        distilled.offload = "none"
+    assert [c.index for c in later] == [c.index for c in at_once] == [0, 1, 2]
+    for a, b in zip(later, at_once, strict=True):
+        assert a.frames.dtype == b.frames.dtype == np.uint8 and np.array_equal(a.frames, b.frames)
+        assert a.state.keys() == b.state.keys() and all(np.array_equal(a.state[k], b.state[k]) for k in a.state)
+
+
 def test_settings_it_cannot_honour_fail_clearly(distilled: DistilledPipeline) -> None:
     image, audio = gradient_image(), voiced_tone(1.0)
     cases = [

@@ -218,6 +218,9 @@ class OurVAE:
     def encode(self, video):
         return torch.stack([encode_pixels(v.float(), self.mix) for v in video])
 
+    def encode_still(self, image, num_frames):  # WanVAE's: the encode of the image repeated
+        return self.encode(image.expand(-1, -1, num_frames, -1, -1))
+
     def decode(self, latents):
         self.decoded.append(latents.clone())
         b, _, t, h, w = latents.shape

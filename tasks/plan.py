@@ -106,16 +106,17 @@ DEFAULT_OVERHEAD_PER_CLIP_S = 7.0
 
 # Distilled mode (model/distilled.py: LiveAvatar's 4 steps, clips of 48 frames = 4 blocks): a DiT
 # pass is one block-step. Measured on one H100 (docs/benchmarks.md, "Distilled mode"; random bf16
-# weights, SDPA, eager): at 480p the KV cache only fits beside a DiT streamed from host memory, and
-# so streamed a segment's first clip (the pipeline's fill) took 15.1 s and a steady clip 10.5 s, i.e.
-# 0.94 s and 0.66 s per pass. A segment's fixed 21 s (encoders, the 365-frame reference encode, the
-# condition pass) is spread over a 60 s segment's 20 clips as 1 s a clip: this formula has no
-# per-segment term, so short segments come out about that much low. 720p is not offered (its KV
-# cache would need 139 GiB).
+# weights, compiled blocks, SDPA: the attention without the optional FA4): at 480p the KV cache only
+# fits beside a DiT streamed from host memory, and so a segment's first clip (the pipeline's fill)
+# took 14.2 s and a steady clip 10.1 s, i.e. 0.89 s and 0.63 s per pass (decode included). A
+# segment's other fixed 6 s (audio, the reference encode, the condition pass, the fill's and the
+# drain's difference) is spread over a 60 s segment's 20 clips as 0.3 s a clip: this formula has no
+# per-segment term, so short segments come out a little low. With FA4 a clip is ~10 % cheaper. 720p
+# is not offered (its KV cache would need 139 GiB).
 DISTILLED_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
-    ("H100", Resolution.P480.value): ForwardCost(first_clip_s=0.94, later_clip_s=0.66),
+    ("H100", Resolution.P480.value): ForwardCost(first_clip_s=0.89, later_clip_s=0.63),
 }
-DISTILLED_OVERHEAD_PER_CLIP_S = 1.05
+DISTILLED_OVERHEAD_PER_CLIP_S = 0.3
 
 
 @dataclass(frozen=True)

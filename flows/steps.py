@@ -198,6 +198,9 @@ def row_mode(row: ManifestRow, settings: BatchSettings) -> Mode:
                                    "applies to exact mode only (give this row preset 'exact')")  # fmt: skip
     if row.lora is None and settings.lora:
         raise RowFailure("lora", "distilled mode runs with LiveAvatar's LoRA only; give this row lora 'none'")
+    if on_model and settings.gpus_per_worker > 1:
+        raise RowFailure("mode", f"distilled mode runs on one GPU per worker (its KV cache is not split over GPUs); "
+                                 f"this batch has gpus_per_worker={settings.gpus_per_worker}")  # fmt: skip
     return mode
 
 

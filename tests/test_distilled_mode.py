@@ -93,6 +93,9 @@ def test_a_distilled_row_in_an_exact_batch(examples: Path, tiny: dict[str, Path]
     with pytest.raises(RowFailure, match="preset 'balanced' applies to exact mode only"):
         row_mode(row, BatchSettings(**model, distilled_lora=str(tiny["lora"]), preset="balanced"))
     assert row_mode(row, BatchSettings(**model, distilled_lora=str(tiny["lora"]))) == "distilled"
+    with pytest.raises(RowFailure, match="one GPU per worker .* gpus_per_worker=2") as refused:
+        row_mode(row, BatchSettings(**model, distilled_lora=str(tiny["lora"]), gpus_per_worker=2))
+    assert refused.value.field == "mode"
     assert row_mode(row.model_copy(update={"mode": None}), BatchSettings(**model)) == "exact"
 
 

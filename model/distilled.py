@@ -250,79 +250,82 @@ class DistilledPipeline(S2VPipeline):
         # A decoded clip is handed over after the next forward is queued: on CUDA the GPU computes
         # while the host copies the frames out and the caller writes them (same order on a CPU).
         handover = _Handover(self.device) if self.offload != "model" else None
-        started = time.perf_counter()
-        if start_clip:
-            log.info("rebuilding the KV cache: replaying the DiT over clips 0..%d", start_clip - 1)
-        for wave in self._waves(total, steps, cache, pipelined):
-            for r in sorted({n // blocks for n, _ in wave} - set(clips)):  # clips starting in this wave
-                generator = torch.Generator(device=self.device).manual_seed(seed + r)
-                noise = torch.randn(
-                    (1, cfg.in_dim, lat_frames, lat_h, lat_w), dtype=self.dtype, device=self.device,
-                    generator=generator,
+        per_clip = blocks * steps  # block passes a clip takes
+        try:  # the VAE and the DiT go home whether the segment ends, fails or is abandoned
+            started = time.perf_counter()
+            if start_clip:
+                log.info("rebuilding the KV cache: replaying the DiT over clips 0..%d", start_clip - 1)
+            for wave in self._waves(total, steps, cache, pipelined):
+                for r in sorted({n // blocks for n, _ in wave} - set(clips)):  # clips starting in this wave
+                    generator = torch.Generator(device=self.device).manual_seed(seed + r)
+                    noise = torch.randn(
+                        (1, cfg.in_dim, lat_frames, lat_h, lat_w), dtype=self.dtype, device=self.device,
+                        generator=generator,
+                    )  # fmt: skip
+                    clips[r] = {
+                        "latents": noise.float(),
+                        "audio": audio_cond[..., r * infer_frames : (r + 1) * infer_frames].to(self.device, self.dtype),
+                        "pose": None if pose is None else self._pose_latents(pose, r, infer_frames),
+                        "done": 0,
+                    }
+                parts = [self._block_inputs(clips[n // blocks], n % blocks) for n, _ in wave]
+                x = torch.cat([latents for latents, _, _ in parts])
+                v = causal.forward_blocks(
+                    cache, x, timesteps[[i for _, i in wave]], ctx, torch.cat([a for _, a, _ in parts]),
+                    rows=wave, shifts=[shifts[n][i] for n, i in wave],
+                    pose_latents=None if pose is None else torch.cat([p for _, _, p in parts]),
                 )  # fmt: skip
-                clips[r] = {
-                    "latents": noise.float(),
-                    "audio": audio_cond[..., r * infer_frames : (r + 1) * infer_frames].to(self.device, self.dtype),
-                    "pose": None if pose is None else self._pose_latents(pose, r, infer_frames),
-                    "done": 0,
-                }
-            parts = [self._block_inputs(clips[n // blocks], n % blocks) for n, _ in wave]
-            x = torch.cat([latents for latents, _, _ in parts])
-            v = causal.forward_blocks(
-                cache, x, timesteps[[i for _, i in wave]], ctx, torch.cat([a for _, a, _ in parts]),
-                rows=wave, shifts=[shifts[n][i] for n, i in wave],
-                pose_latents=None if pose is None else torch.cat([p for _, _, p in parts]),
-            )  # fmt: skip
-            dt = torch.stack([sigmas[i + 1] - sigmas[i] for _, i in wave]).to(self.device).view(-1, 1, 1, 1, 1)
-            x = x + dt * v
-            if handover is not None:
-                for clip, frames, tail in handover.take():
-                    now = time.perf_counter()
-                    yield ClipOutput(clip, frames, _clip_state(clip, tail), now - started, forwards=blocks * steps)
-                    started = now
-            finished = []
-            for j, (n, _) in enumerate(wave):
-                r, b = divmod(n, blocks)
-                clips[r]["latents"][:, :, b * FRAMES_PER_BLOCK : (b + 1) * FRAMES_PER_BLOCK] = x[j : j + 1]
-                clips[r]["done"] += 1
-                if on_step is not None and r >= start_clip:
-                    on_step(r, clips[r]["done"], blocks * steps)
-                if clips[r]["done"] == blocks * steps:
-                    finished.append(r)
-            for r in sorted(finished):
-                latents = clips.pop(r)["latents"]
-                if r < start_clip:
-                    if r == start_clip - 1:
-                        self._check_replay(latents[:, :, -DECODE_CONTEXT:], tail, r)
-                    continue
-                if self.offload == "model":  # the DiT and the VAE take turns on the GPU
-                    self._release(dit)
-                    vae = self._use(self.vae)
-                prefix = motion_latents[:, :, -DECODE_CONTEXT:] if r == 0 else tail.to(self.device)
-                video = vae.decode(torch.cat([prefix.to(latents.device), latents], dim=2))[:, :, -infer_frames:]
-                if r == 0:
-                    video = video[:, :, FIRST_CLIP_DROP:]
-                if self.offload == "model":
-                    self._release(vae)
-                    dit = self._use(self.transformer)
-                tail = latents[:, :, -DECODE_CONTEXT:]
+                dt = torch.stack([sigmas[i + 1] - sigmas[i] for _, i in wave]).to(self.device).view(-1, 1, 1, 1, 1)
+                x = x + dt * v
                 if handover is not None:
-                    handover.put(r, video[0], tail)
-                    continue
-                self._sync()
-                tail = tail.cpu()
-                now = time.perf_counter()
-                yield ClipOutput(r, _to_uint8(video[0]), _clip_state(r, tail), now - started, forwards=blocks * steps)
-                started = now
-        if handover is not None:
-            for clip, frames, tail in handover.take():
-                now = time.perf_counter()
-                yield ClipOutput(clip, frames, _clip_state(clip, tail), now - started, forwards=blocks * steps)
-                started = now
-        if self.offload != "model":
-            self._release(vae)
-        self._release(dit)
-        del cache
+                    for clip, frames, clip_tail in handover.take():
+                        now = time.perf_counter()
+                        yield ClipOutput(clip, frames, _clip_state(clip, clip_tail), now - started, forwards=per_clip)
+                        started = now
+                finished = []
+                for j, (n, _) in enumerate(wave):
+                    r, b = divmod(n, blocks)
+                    clips[r]["latents"][:, :, b * FRAMES_PER_BLOCK : (b + 1) * FRAMES_PER_BLOCK] = x[j : j + 1]
+                    clips[r]["done"] += 1
+                    if on_step is not None and r >= start_clip:
+                        on_step(r, clips[r]["done"], blocks * steps)
+                    if clips[r]["done"] == blocks * steps:
+                        finished.append(r)
+                for r in sorted(finished):
+                    latents = clips.pop(r)["latents"]
+                    if r < start_clip:
+                        if r == start_clip - 1:
+                            self._check_replay(latents[:, :, -DECODE_CONTEXT:], tail, r)
+                        continue
+                    if self.offload == "model":  # the DiT and the VAE take turns on the GPU
+                        self._release(dit)
+                        vae = self._use(self.vae)
+                    prefix = motion_latents[:, :, -DECODE_CONTEXT:] if r == 0 else tail.to(self.device)
+                    video = vae.decode(torch.cat([prefix.to(latents.device), latents], dim=2))[:, :, -infer_frames:]
+                    if r == 0:
+                        video = video[:, :, FIRST_CLIP_DROP:]
+                    if self.offload == "model":
+                        self._release(vae)
+                        dit = self._use(self.transformer)
+                    tail = latents[:, :, -DECODE_CONTEXT:]
+                    if handover is not None:
+                        handover.put(r, video[0], tail)
+                        continue
+                    self._sync()
+                    tail = tail.cpu()
+                    now = time.perf_counter()
+                    yield ClipOutput(r, _to_uint8(video[0]), _clip_state(r, tail), now - started, forwards=per_clip)
+                    started = now
+            if handover is not None:
+                for clip, frames, clip_tail in handover.take():
+                    now = time.perf_counter()
+                    yield ClipOutput(clip, frames, _clip_state(clip, clip_tail), now - started, forwards=per_clip)
+                    started = now
+        finally:
+            if self.offload != "model":
+                self._release(vae)
+            self._release(dit)
+            del cache
 
     @staticmethod
     def _waves(total: int, steps: int, cache: StreamCache, pipelined: bool) -> Iterator[list[tuple[int, int]]]:
@@ -425,11 +428,12 @@ class _Handover:
 
     def put(self, clip: int, video: torch.Tensor, tail: torch.Tensor) -> None:
         frames = ((video.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+        tail = tail.contiguous()  # a copy kernel: queued before the mark, so the side stream waits for it
         decoded = None
         if self.stream is not None:
             decoded = torch.cuda.Event()
-            decoded.record()
-        self.waiting.append((clip, frames, tail.contiguous(), decoded))
+            decoded.record(torch.cuda.current_stream(self.stream.device))
+        self.waiting.append((clip, frames, tail, decoded))
 
     def take(self) -> list[tuple[int, np.ndarray, torch.Tensor]]:
         out = []

@@ -258,14 +258,21 @@ class WanVAE:
         `encode`. Falls back to `encode` where the encode would be tiled or sliced. The loop mirrors
         diffusers' AutoencoderKLWan._encode (written here: diffusers has no early exit)."""
         model = self.model
+        if image.ndim != 5 or image.shape[1] != 3 or image.shape[2] != 1 or num_frames < 1:
+            raise ValueError(f"encode_still takes one frame [B, 3, 1, H, W] and num_frames >= 1, got "
+                             f"{tuple(image.shape)} and {num_frames}")  # fmt: skip
+        if image.shape[-2] % STRIDE[1] or image.shape[-1] % STRIDE[2]:
+            raise ValueError(f"VAE input height/width must be multiples of 8, got {tuple(image.shape[-2:])}")
         video = image.to(self.device, torch.float32).expand(-1, -1, num_frames, -1, -1).contiguous()
         tiled = model.use_tiling and (
             video.shape[-1] > model.tile_sample_min_width or video.shape[-2] > model.tile_sample_min_height
         )
         if (
-            image.ndim != 5 or image.shape[2] != 1 or (num_frames - 1) % 4 or tiled
-            or model.config.patch_size is not None or (model.use_slicing and video.shape[0] > 1)
-        ):  # fmt: skip
+            (num_frames - 1) % 4
+            or tiled
+            or model.config.patch_size is not None
+            or (model.use_slicing and video.shape[0] > 1)
+        ):
             return self.encode(video)
         chunks = 1 + (num_frames - 1) // 4
         model.clear_cache()

@@ -132,6 +132,10 @@ def test_vae_still_encode_equals_the_whole_video_bit_for_bit(tiny_checkpoint: Pa
     other = image.clone()
     other[..., 0, 0] = 1.0  # a different image: different latents, nothing kept from the last call
     assert not torch.equal(vae.encode_still(other, 145), vae.encode_still(image, 145))
+    with pytest.raises(ValueError, match="one frame"):
+        vae.encode_still(image.expand(-1, -1, 2, -1, -1), 5)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae.encode_still(image[..., :30], 5)
     vae.enable_tiling(tile=16, stride=12)  # tiled encodes take the whole video
     assert torch.equal(vae.encode_still(image, 9), vae.encode(image.expand(-1, -1, 9, -1, -1).contiguous()))
 

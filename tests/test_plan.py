@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
@@ -332,6 +332,7 @@ def test_properties_cuts_in_the_audio_pauses_even_with_a_wrong_alignment(case: t
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(speech_rows(pauses=False))
+@example((527, 45.0, 15.0, 0.0, 0.0))  # a word not found whose stop closure is the quietest point
 def test_properties_without_a_pause_the_row_says_so(case: tuple) -> None:
     seed, seconds, max_s, min_s, error = case
     rng = np.random.default_rng(seed)
@@ -343,10 +344,11 @@ def test_properties_without_a_pause_the_row_says_so(case: tuple) -> None:
     check_invariants(plan, len(audio), None)
     unsafe = [f for f in plan.flags if f.startswith("unsafe_cut")]
     # No gap reaches MIN_QUIET_S, so no cut is safe: each one is flagged with its window, and the
-    # least harmful point is between aligned words (the alignment here is exact).
+    # least harmful point is between aligned words (the alignment here is exact for the words it
+    # found; a word it did not find can hide a stop closure the quietest point falls into, flagged).
     assert len(unsafe) == len(plan.segments) - 1
     assert all(re.search(r"in \d+\.\d-\d+\.\d s; cut at \d+\.\d\d s, between", f) for f in unsafe), unsafe
-    assert not cuts_inside(plan, truth)
+    assert not cuts_inside(plan, [true for true, word in zip(truth, words, strict=True) if word.found])
 
 
 def test_plan_carries_the_alignments_evidence() -> None:

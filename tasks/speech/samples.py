@@ -2,8 +2,7 @@
 
 The speech and planning stages read the audio through here and take what they need block by block
 (sums, levels per step, energies per frame), so what they hold does not grow with the audio's
-length: a 30-minute row had peaked at 612 MB with the file read whole (issue #16). A long file is
-never read whole; an array given by a caller is only viewed, never copied whole.
+length. A long file is never read whole; an array given by a caller is only viewed, never copied whole.
 """
 
 from __future__ import annotations

@@ -82,8 +82,8 @@ def speech_step(row: ManifestRow, assets: NormalizedAssets, settings: BatchSetti
 def _analyse_speech(
     row: ManifestRow, assets: NormalizedAssets, settings: BatchSettings, model: str | None
 ) -> SpeechAnalysis:
-    # The offline aligner reads the file a block at a time (memory flat in the audio's length);
-    # Whisper and a CTC model take the whole recording.
+    # The offline aligner reads the file a block at a time (memory flat in the audio's length), a CTC
+    # model a window at a time; Whisper takes the whole recording.
     detected, script, heard = None, assets.script, []
     transcribed = bool(settings.whisper_model) and not (assets.script and assets.script.strip())
     if settings.whisper_model:

@@ -7,6 +7,8 @@ Output folder (local or s3://):
     OUT/.s2v/manifests/                  the pickup flow's registry of manifests run
 Work folder (always local):
     WORK/<id>/audio_16k.wav, master.wav, image.png   normalized inputs (named by tasks/normalize)
+                                                     (the aligner spools a long row's PCM beside
+                                                     audio_16k.wav in a file with no name)
     WORK/<id>/assets.json, speech.json, plan.json    the steps' records
     WORK/<id>/seg_000/audio.wav                      the segment's audio
     WORK/<id>/seg_000/clip_0000.mp4 (+ .state.npz)   its clips (named by tasks/generate/stage.py)

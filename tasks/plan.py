@@ -47,6 +47,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -297,7 +298,7 @@ def segment_seed(row_seed: int, index: int) -> int:
 
 
 def frame_energy(
-    audio: AudioInput, *, sample_rate: int = MODEL_SAMPLE_RATE, hop_s: float = ENERGY_HOP_S
+    audio: AudioInput | Samples, *, sample_rate: int = MODEL_SAMPLE_RATE, hop_s: float = ENERGY_HOP_S
 ) -> np.ndarray:
     """Mean-square energy of the audio (an array, or a mono file at its own rate, read a block at a time)
     in consecutive windows of ``hop_s`` (10 ms by default).
@@ -309,7 +310,7 @@ def frame_energy(
     n = math.ceil(samples.num_samples / hop)
     if n == 0:
         return np.zeros(0, dtype=np.float32)
-    sq = np.empty(n, dtype=np.float32)
+    sq = np.zeros(n, dtype=np.float32)  # a file that reads short leaves silence, not stale memory
     done = 0
     for block in samples.blocks(max(1, BLOCK // hop) * hop):  # whole windows per block
         x = np.asarray(block, dtype=np.float32)
@@ -352,6 +353,16 @@ def _validate(
         raise ValueError(f"width and height must be positive, got {width}×{height}")
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+
+
+def _matching(audio: AudioInput | Samples, num_samples: int, sample_rate: int) -> Samples:
+    """``audio`` as Samples; ValueError when its rate or length is not the one the cuts are computed for."""
+    samples = Samples.of(audio, sample_rate)
+    if (samples.num_samples, samples.sample_rate) != (num_samples, sample_rate):
+        what = samples.source.name if isinstance(samples.source, Path) else "the audio"
+        raise ValueError(f"{what} has {samples.num_samples} samples at {samples.sample_rate} Hz; the plan is for "
+                         f"{num_samples} samples at {sample_rate} Hz")
+    return samples
 
 
 def _pauses(words: Sequence[WordTiming], num_samples: int, sample_rate: int) -> tuple[list[int], list[int]]:
@@ -539,7 +550,7 @@ def plan_row(
     steps: int = 40,
     guidance: float = 4.5,
     energy: np.ndarray | None = None,
-    audio: AudioInput | None = None,
+    audio: AudioInput | Samples | None = None,
     speech: SpeechAnalysis | None = None,
 ) -> Plan:
     """Plan one row's segments (see the module docstring for the rules).
@@ -549,9 +560,10 @@ def plan_row(
     file (read a block at a time); cuts are then verified against it (only quiet points between
     words are safe). ``energy``: optional envelope from ``frame_energy``, used only without words or
     audio. ``speech``: the row's alignment, whose fit score and flags the plan carries as evidence. Raises ValueError on
-    invalid parameters.
+    invalid parameters, and on audio whose rate or length is not ``sample_rate`` or ``num_samples``.
     """
     _validate(num_samples, sample_rate, fps, infer_frames, max_segment_s, min_segment_s, width, height, steps)
+    samples = _matching(audio, num_samples, sample_rate) if audio is not None else None
     cost = cost if cost is not None else CostModel()
     max_len = max(1, math.floor(max_segment_s * sample_rate))
     min_len = math.ceil(min_segment_s * sample_rate)
@@ -559,9 +571,9 @@ def plan_row(
     pauses = _pauses(words, num_samples, sample_rate) if words else None
     step = sample_rate // fps if sample_rate % fps == 0 else 1  # samples per video frame
     cut_more = num_samples > max_len
-    act = analyse(audio, sample_rate) if audio is not None and cut_more else None
+    act = analyse(samples) if samples is not None and cut_more else None
     if act is not None and energy is None:
-        energy = frame_energy(audio, sample_rate=sample_rate)
+        energy = frame_energy(samples)
     db = _smoothed_db(energy) if pauses is None and energy is not None and cut_more else None
     safe = _safe_stretches(pauses, act, num_samples, step) if act is not None and pauses is not None else pauses
     loud = _loudness(act) if act is not None else None

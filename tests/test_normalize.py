@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -252,11 +254,21 @@ def test_exif_rotated_jpeg_is_upright(tmp_path: Path) -> None:
     assert min(_colour_at(arr, 0.8, 0.8)) > 200
 
 
-def test_a_portrait_shared_by_rows_is_normalized_once(tmp_path: Path) -> None:
-    """Rows whose portraits have the same content (any file name) get the same PNG and checks, from one
-    normalization per process; a portrait one pixel apart is its own."""
+@pytest.fixture
+def portraits() -> Iterator[OrderedDict]:
+    """The process's portrait cache, empty during the test and as it was after it."""
     from tasks.normalize import image
 
+    kept = image._portraits.copy()
+    image._portraits.clear()
+    yield image._portraits
+    image._portraits.clear()
+    image._portraits.update(kept)
+
+
+def test_a_portrait_shared_by_rows_is_normalized_once(tmp_path: Path, portraits: OrderedDict) -> None:
+    """Rows whose portraits have the same content (any file name) get the same PNG and checks, from one
+    normalization per process; a portrait one pixel apart is its own."""
     pixels = np.asarray(astronaut())
     first, second, other = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
     Image.fromarray(pixels).save(first)
@@ -264,16 +276,38 @@ def test_a_portrait_shared_by_rows_is_normalized_once(tmp_path: Path) -> None:
     changed = pixels.copy()
     changed[0, 0] = 255 - changed[0, 0]
     Image.fromarray(changed).save(other)
-    image._portraits.clear()
-    results = [normalize_image(src, tmp_path / f"row{i}", Resolution.P480) for i, src in enumerate((first, second))]
-    assert len(image._portraits) == 1  # the second row reused the first's work
-    (path_a, *rest_a, qc_a), (path_b, *rest_b, qc_b) = results
+    path_a, *rest_a, qc_a = normalize_image(first, tmp_path / "row0", Resolution.P480)
+    [(key, entry)] = portraits.items()
+    path_b, *rest_b, qc_b = normalize_image(second, tmp_path / "row1", Resolution.P480)
+    assert list(portraits) == [key] and portraits[key] is entry  # the second row reused the first's work
     assert path_a != path_b and path_a.read_bytes() == path_b.read_bytes()
     assert rest_a == rest_b and qc_a == qc_b and qc_a.face_found
     normalize_image(other, tmp_path / "row2", Resolution.P480)
-    assert len(image._portraits) == 2
+    assert len(portraits) == 2
     normalize_image(first, tmp_path / "row3", Resolution.P720)  # another size: its own work
-    assert len(image._portraits) == 3
+    assert len(portraits) == 3
+
+
+def test_the_portrait_used_least_recently_leaves_the_cache_first(
+    tmp_path: Path, portraits: OrderedDict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.normalize import image
+
+    monkeypatch.setattr(image, "PORTRAITS_KEPT", 2)
+    pixels = np.asarray(astronaut())
+    sources = []
+    for i in range(3):
+        changed = pixels.copy()
+        changed[0, 0] = i
+        sources.append(tmp_path / f"p{i}.png")
+        Image.fromarray(changed).save(sources[-1])
+    normalize_image(sources[0], tmp_path / "row0", Resolution.P480)
+    [(key_0, entry_0)] = portraits.items()
+    normalize_image(sources[1], tmp_path / "row1", Resolution.P480)
+    key_1 = list(portraits)[1]
+    normalize_image(sources[0], tmp_path / "row2", Resolution.P480)  # the first is used again: kept
+    normalize_image(sources[2], tmp_path / "row3", Resolution.P480)
+    assert len(portraits) == 2 and key_1 not in portraits and portraits[key_0] is entry_0
 
 
 def test_cmyk_16bit_palette_and_alpha_images_become_rgb(tmp_path: Path) -> None:

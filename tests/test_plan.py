@@ -6,9 +6,11 @@ import json
 import math
 import re
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
@@ -210,6 +212,23 @@ def test_invalid_parameters_are_rejected(kwargs: dict, message: str) -> None:
     args = {"num_samples": SR * 10, "seed": 1, "width": 832, "height": 480} | kwargs
     with pytest.raises(ValueError, match=message):
         plan_row("r", args.pop("num_samples"), None, **args)
+
+
+def test_audio_other_than_the_planned_rate_or_length_is_rejected(tmp_path: Path) -> None:
+    """The cuts are computed from num_samples at sample_rate: a file read at another rate or length would
+    verify them against other audio."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "audio_16k.wav"
+    sf.write(str(path), rng.normal(0, 0.1, 80 * SR).astype(np.float32), SR)
+    args = {"seed": 1, "width": 832, "height": 480, "audio": path}
+    assert len(plan_row("r", 80 * SR, None, **args).segments) == 2
+    with pytest.raises(ValueError, match=f"audio_16k.wav has {80 * SR} samples at 16000 Hz; the plan is for {81 * SR}"):
+        plan_row("r", 81 * SR, None, **args)
+    sf.write(str(path), rng.normal(0, 0.1, 80 * 24_000).astype(np.float32), 24_000)
+    with pytest.raises(ValueError, match="audio_16k.wav has 1920000 samples at 24000 Hz"):
+        plan_row("r", 80 * 24_000, None, **args)
+    with pytest.raises(ValueError, match=f"the audio has {80 * SR} samples"):
+        plan_row("r", 79 * SR, None, **(args | {"audio": np.zeros(80 * SR, np.float32)}))
 
 
 def test_json_and_table() -> None:

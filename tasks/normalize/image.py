@@ -20,6 +20,7 @@ import io
 import math
 import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import cv2
@@ -85,26 +86,34 @@ def size_bucket(width: int, height: int, resolution: Resolution) -> tuple[int, i
     return max(d, int(math.sqrt(area * aspect)) // d * d), max(d, int(math.sqrt(area / aspect)) // d * d)
 
 
-def _open(src: Path) -> Image.Image:
+def _read(src: Path) -> bytes:
+    """The image file's bytes, read once: the portrait cache's key and the decoder see the same content
+    (a FIFO or other non-regular path is never opened)."""
     if not src.exists():
         raise _fail(f"image file not found: {src.name}")
     if not src.is_file():
         raise _fail(f"image path is not a file: {src.name}")
     try:
-        if src.stat().st_size == 0:
-            raise _fail("image file is empty (0 bytes)")
+        data = src.read_bytes()
+    except OSError as exc:
+        raise _fail(f"image file is damaged or cannot be read ({exc})") from exc
+    if not data:
+        raise _fail("image file is empty (0 bytes)")
+    return data
+
+
+def _decode(data: bytes, name: str) -> Image.Image:
+    try:
         with warnings.catch_warnings():
             # Photos up to PIL's hard limit (~179 MP, beyond 108 MP phone cameras) are fine to work
             # on; the warning PIL gives from ~89 MP would only be noise in the logs.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(src)
+            img = Image.open(io.BytesIO(data))
             img.load()
-    except RowFailure:
-        raise
     except (UnidentifiedImageError, SyntaxError) as exc:
-        raise _fail(f"{src.name} is not an image that can be read (expected JPEG, PNG or WebP)") from exc
+        raise _fail(f"{name} is not an image that can be read (expected JPEG, PNG or WebP)") from exc
     except Image.DecompressionBombError as exc:
-        raise _fail(f"{src.name} is too large to process safely ({exc})") from exc
+        raise _fail(f"{name} is too large to process safely ({exc})") from exc
     except OSError as exc:
         raise _fail(f"image file is damaged or cannot be read ({exc})") from exc
     return img
@@ -182,16 +191,19 @@ def normalize_image(src: Path, work_dir: Path, resolution: Resolution) -> tuple[
     and resolution (the file's hash), and the same PNG written for every row.
     """
     src = Path(src)
-    key = (_content_hash(src), resolution)
+    data = _read(src)
+    key = (hashlib.sha256(data).hexdigest(), resolution)
     with _portraits_lock:  # rows of a flow may normalize in threads
-        portrait = _portraits.get(key) if key[0] else None
+        portrait = _portraits.get(key)
+        if portrait is not None:
+            _portraits.move_to_end(key)  # the least recently used portrait goes first
     if portrait is None:
-        portrait = _portrait(src, resolution)
-        if key[0]:
-            with _portraits_lock:
-                _portraits[key] = portrait
-                while len(_portraits) > PORTRAITS_KEPT:
-                    _portraits.pop(next(iter(_portraits)))
+        portrait = _portrait(data, src.name, resolution)
+        with _portraits_lock:
+            _portraits[key] = portrait
+            _portraits.move_to_end(key)
+            while len(_portraits) > PORTRAITS_KEPT:
+                _portraits.popitem(last=False)
     png, out_w, out_h, qc = portrait
     target = Path(work_dir) / IMAGE_NAME
     with atomic_local(target) as tmp:
@@ -200,26 +212,17 @@ def normalize_image(src: Path, work_dir: Path, resolution: Resolution) -> tuple[
 
 
 PORTRAITS_KEPT = 16
-"""The last distinct portraits whose PNG (about 0.5 MB at 480p) a process keeps for rows that share them."""
-_portraits: dict[tuple[str, Resolution], tuple[bytes, int, int, ImageQC]] = {}
+"""The distinct portraits most recently used whose PNG (about 0.5 MB at 480p) a process keeps for rows
+that share them."""
+_portraits: OrderedDict[tuple[str, Resolution], tuple[bytes, int, int, ImageQC]] = OrderedDict()
+"""Keyed by the SHA-256 of the file's bytes and the resolution; least recently used first."""
 _portraits_lock = threading.Lock()
 
 
-def _content_hash(src: Path) -> str:
-    """The file's BLAKE2b digest; empty when it is not a regular file or cannot be read (``_open`` then
-    says why; a FIFO is never opened here)."""
-    try:
-        if not src.is_file():
-            return ""
-        with src.open("rb") as f:
-            return hashlib.file_digest(f, "blake2b").hexdigest()
-    except OSError:
-        return ""
-
-
-def _portrait(src: Path, resolution: Resolution) -> tuple[bytes, int, int, ImageQC]:
-    """The normalized portrait as PNG bytes, its size and its checks."""
-    img = _open(src)
+def _portrait(data: bytes, name: str, resolution: Resolution) -> tuple[bytes, int, int, ImageQC]:
+    """The normalized portrait of the image file's bytes ``data`` (``name`` for messages) as PNG bytes,
+    its size and its checks."""
+    img = _decode(data, name)
     # Unreadable EXIF: keep the stored orientation rather than fail the row.
     with contextlib.suppress(OSError, ValueError, SyntaxError):
         img = ImageOps.exif_transpose(img)

@@ -21,8 +21,7 @@ from pathlib import Path
 from tasks.records import MODEL_SAMPLE_RATE, SpeechAnalysis
 from tasks.speech.ctc import ENGLISH_FOLDER, cached_ctc_model
 from tasks.speech.offline import align_words
-from tasks.speech.samples import AudioInput
-from tasks.speech.verdict import as_mono_16k
+from tasks.speech.samples import AudioInput, mono_16k
 
 __all__ = ["align_row", "align_words", "alignment_to_json", "resolve_alignment_model"]
 
@@ -53,10 +52,10 @@ def align_row(
     """Align with the CTC model in ``model_folder`` (``ctc``, loaded once per process) when one is
     given, else with the offline aligner (``offline.align_words``). ``audio_16k``: mono samples at
     ``sample_rate``, or the path of a mono 16 kHz file (the offline aligner reads it a block at a time,
-    the CTC model whole)."""
+    the CTC model a window at a time)."""
     if not model_folder:
         return align_words(audio_16k, script, sample_rate=sample_rate)
-    audio = as_mono_16k(audio_16k, sample_rate, "align_row")  # before a model is loaded for it
+    audio = mono_16k(audio_16k, sample_rate, "align_row")  # before a model is loaded for it
     return cached_ctc_model(model_folder, device).align(audio, script)
 
 

@@ -36,8 +36,9 @@ import numpy as np
 
 from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
 from tasks.speech.activity import analyse, snap_to_pauses
+from tasks.speech.samples import AudioInput, Samples, mono_16k
 from tasks.speech.script import spoken_words
-from tasks.speech.verdict import as_mono_16k, empty_script, judge_fit, require_sound
+from tasks.speech.verdict import empty_script, judge_fit, require_sound
 
 if TYPE_CHECKING:  # torch and transformers load only when a model is (tasks.speech imports this module)
     import torch
@@ -193,14 +194,15 @@ class CtcAligner:
     def aligner(self) -> str:
         return f"ctc:{self.name}"
 
-    def emissions(self, audio_16k: np.ndarray) -> np.ndarray:
-        """Frame log-probabilities [frames, classes] at 50 Hz, computed window by window."""
+    def emissions(self, audio_16k: np.ndarray | Samples) -> np.ndarray:
+        """Frame log-probabilities [frames, classes] at 50 Hz of 16 kHz audio, computed window by window
+        (a file is read a window at a time)."""
         import torch
 
-        audio = np.asarray(audio_16k, dtype=np.float32)
-        if len(audio) < RECEPTIVE_SAMPLES:
-            audio = np.pad(audio, (0, RECEPTIVE_SAMPLES - len(audio)))
-        total = (len(audio) - RECEPTIVE_SAMPLES) // FRAME_SAMPLES + 1
+        samples = Samples.of(audio_16k)
+        if samples.num_samples < RECEPTIVE_SAMPLES:
+            samples = Samples.of(np.pad(samples.whole(), (0, RECEPTIVE_SAMPLES - samples.num_samples)))
+        total = (samples.num_samples - RECEPTIVE_SAMPLES) // FRAME_SAMPLES + 1
         win = int(WINDOW_S * MODEL_SAMPLE_RATE) // FRAME_SAMPLES  # frames per window
         ctx = int(CONTEXT_S * MODEL_SAMPLE_RATE) // FRAME_SAMPLES
         parts = []
@@ -208,25 +210,26 @@ class CtcAligner:
             f1 = min(total, f0 + win)
             c0 = max(0, f0 - ctx)
             a = c0 * FRAME_SAMPLES
-            b = min(len(audio), (f1 + ctx - 1) * FRAME_SAMPLES + RECEPTIVE_SAMPLES)
+            b = min(samples.num_samples, (f1 + ctx - 1) * FRAME_SAMPLES + RECEPTIVE_SAMPLES)
             values = self.processor.feature_extractor(
-                audio[a:b], sampling_rate=MODEL_SAMPLE_RATE, return_tensors="pt"
+                samples.window(a, b), sampling_rate=MODEL_SAMPLE_RATE, return_tensors="pt"
             ).input_values
             with torch.inference_mode():
                 logits = self.model(values.to(self.device, dtype=next(self.model.parameters()).dtype)).logits[0]
             parts.append(torch.log_softmax(logits.float(), dim=-1)[f0 - c0 : f1 - c0].cpu().numpy())
         return np.concatenate(parts)
 
-    def align(self, audio_16k: np.ndarray, script: str) -> SpeechAnalysis:
-        """One WordTiming per whitespace script word, in order, in seconds, score in [0, 1].
+    def align(self, audio_16k: AudioInput | Samples, script: str) -> SpeechAnalysis:
+        """One WordTiming per whitespace script word, in order, in seconds, score in [0, 1]. ``audio_16k``:
+        mono samples at 16 kHz or a mono 16 kHz file, read a window at a time.
 
         Flags and failures are the shared ones (``tasks/speech/verdict.py``): ``empty_script``,
         ``words_not_spoken``, ``audio_script_mismatch`` (+ ``worst_stretch``), and
         ``script_outside_vocabulary`` when the model's alphabet is not the script's;
         RowFailure("audio") for silence, RowFailure("script") when the script cannot fit.
         """
-        audio = as_mono_16k(audio_16k, MODEL_SAMPLE_RATE, "align")
-        duration = len(audio) / MODEL_SAMPLE_RATE
+        audio = mono_16k(audio_16k, MODEL_SAMPLE_RATE, "align")
+        duration = audio.duration_s
         words = spoken_words(script or "")
         targets, owner = self._targets(words)
         if not targets:
@@ -278,10 +281,10 @@ class CtcAligner:
 
     def _analysis(
         self, words: list[tuple[str, list[str]]], owner: list[int], spans: list[CharSpan], duration: float,
-        audio: np.ndarray,
+        audio: Samples,
     ) -> SpeechAnalysis:
         seconds = FRAME_SAMPLES / MODEL_SAMPLE_RATE
-        act = analyse(audio, MODEL_SAMPLE_RATE)
+        act = analyse(audio)
         raw: list[tuple[str, tuple[float, float] | None, float | None]] = []
         for i, (text, _) in enumerate(words):
             mine = [s for s, o in zip(spans, owner, strict=True) if o == i]

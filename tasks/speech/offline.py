@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import re
 import tempfile
@@ -875,9 +876,14 @@ SPOOL_BYTES = 2 * 2**20
 @contextlib.contextmanager
 def floored_pcm(samples: Samples, speech_db: float) -> Iterator[PcmFile]:
     """The decoders' input: the audio over its noise floor (``with_floor``) as 16-bit PCM, written block
-    by block into a temporary file, so a long recording's PCM is not held in memory."""
+    by block into a temporary file, so a long recording's PCM is not held in memory.
+
+    Audio read from a file spools beside it (a row's work folder: the disk the batch checks and
+    reports on, never a /tmp that may be full or in RAM); the file has no name and is gone when
+    closed. Samples given as an array are in memory already, and so is their PCM (half their size)."""
     noise = np.random.default_rng(0)
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as file:
+    folder = samples.source.parent if isinstance(samples.source, Path) else None
+    with io.BytesIO() if folder is None else tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=folder) as file:
         for block in samples.blocks():
             file.write(to_pcm16(with_floor(np.asarray(block, dtype=np.float32), speech_db, noise)))
         yield PcmFile(file)

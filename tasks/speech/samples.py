@@ -2,8 +2,7 @@
 
 The speech and planning stages read the audio through here and take what they need block by block
 (sums, levels per step, energies per frame), so what they hold does not grow with the audio's
-length: a 30-minute row had peaked at 612 MB with the file read whole (issue #16). A long file is
-never read whole; an array given by a caller is only viewed, never copied whole.
+length. A long file is never read whole; an array given by a caller is only viewed, never copied whole.
 """
 
 from __future__ import annotations
@@ -61,12 +60,16 @@ class Samples:
             return
         yield from sf.blocks(str(self.source), blocksize=size, dtype="float32")
 
-    def whole(self) -> np.ndarray:
-        """All the samples at once (float32): for the model stages that take the whole recording
-        (the CTC aligner, Whisper); the others read ``blocks``."""
+    def window(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``start`` to ``stop`` (float32), read from a file without the rest of it."""
         if isinstance(self.source, np.ndarray):
-            return np.asarray(self.source, dtype=np.float32)
-        return sf.read(str(self.source), dtype="float32")[0]
+            return np.asarray(self.source[start:stop], dtype=np.float32)
+        return sf.read(str(self.source), start=start, stop=stop, dtype="float32")[0]
+
+    def whole(self) -> np.ndarray:
+        """All the samples at once (float32): for Whisper, which takes the whole recording; the others
+        read ``blocks`` or ``window``s."""
+        return self.window(0, self.num_samples)
 
 
 def mono_16k(audio: AudioInput | Samples, sample_rate: int, caller: str) -> Samples:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from spoken import SR, phrases, row_inputs
 
 from model.tiny import write_ctc_folder
 from tasks.records import RowFailure
 from tasks.speech import align_row, resolve_alignment_model
 from tasks.speech.ctc import ENGLISH_FOLDER, CtcAligner, char_spans, ctc_viterbi, load_ctc_model
+from tasks.speech.samples import Samples
 from tasks.speech.script import spoken_words
 
 LOW, HIGH = np.log(0.02), np.log(0.96)
@@ -152,6 +154,16 @@ def test_long_audio_in_windows_and_band(aligner: CtcAligner) -> None:
     assert len(analysis.words) == len(script.split())
     assert all(a.end <= b.start for a, b in itertools.pairwise(analysis.words))
     assert analysis.words[-1].end <= len(audio) / SR
+
+
+def test_a_file_is_read_a_window_at_a_time_as_its_samples_would_be(aligner: CtcAligner, tmp_path: Path) -> None:
+    audio = np.tile(speech(PHRASES * 3, seed=4), 5)  # ~75 s: three emission windows
+    path = tmp_path / "audio_16k.wav"
+    sf.write(str(path), audio, SR, subtype="PCM_16")
+    samples, _ = sf.read(str(path), dtype="float32")
+    assert np.array_equal(aligner.emissions(Samples.of(path)), aligner.emissions(samples))
+    script = " ".join(PHRASES * 15)
+    assert aligner.align(path, script) == aligner.align(samples, script)
 
 
 def test_bad_input(aligner: CtcAligner) -> None:

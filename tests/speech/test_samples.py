@@ -4,6 +4,7 @@ from the whole recording, and memory that does not grow with its length."""
 from __future__ import annotations
 
 import json
+import os
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,18 @@ def test_the_aligner_reads_a_file_as_it_would_its_samples(tmp_path: Path) -> Non
     from_array = alignment_to_json(align_words(sf.read(str(path), dtype="float32")[0], script))
     assert json.dumps(from_file) == json.dumps(from_array)
     assert all(w["found"] for w in from_file["words"])
+
+
+def test_a_long_files_pcm_spools_in_its_folder(tmp_path: Path) -> None:
+    """Beside the row's audio (the work disk the batch watches), not in the system's temporary folder."""
+    row = tmp_path / "row"
+    row.mkdir()
+    path = write_long(row / "audio_16k.wav", 2)  # 3.8 MB of PCM: more than the spool keeps in memory
+    with floored_pcm(Samples.of(path), -30.0) as pcm:
+        assert len(pcm) == 2 * 60 * SR * 2  # 16-bit samples
+        spool = os.readlink(f"/proc/self/fd/{pcm._file.fileno()}")  # "<folder>/#<inode> (deleted)": no name
+        assert Path(spool).parent == row
+    assert [p.name for p in row.iterdir()] == ["audio_16k.wav"]
 
 
 def traced_peak(work: Callable[[], object]) -> int:

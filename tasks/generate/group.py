@@ -27,9 +27,10 @@ segment's end is broadcast too. The other ranks send nothing but an error, at on
 Failures: a rank that dies, or that fails while the others may be stuck in a collective (which
 would wait for it for ever, on NCCL), loses the whole group: the driver kills every rank, removes
 the placement group and reports `WorkerLost`, so the pool replaces the group and queues the
-segment again, to resume at its first missing clip. An out-of-memory error on any rank does the
-same (a fresh group as configured: the pool's offload_on_oom rebuild is for single workers). An
-error every rank returned from (a vanished input, a refused job, rank 0 failing between clips)
+segment again, to resume at its first missing clip; when rank 0 had already finished the segment,
+the segment is kept and the group only marked `broken`, for the pool to replace before its next
+segment. An out-of-memory error on any rank does the same (a fresh group as configured: the
+pool's offload_on_oom rebuild is for single workers). An error every rank returned from (a vanished input, a refused job, rank 0 failing between clips)
 leaves the group healthy and is the attempt's `SegmentError`, retried as on a single worker.
 
 Why CFG parallel by default: in the released sampler every step is guided, and the two branches
@@ -92,6 +93,8 @@ class Worker(Protocol):
     """What a pool slot holds (see the module docstring)."""
 
     info: WorkerInfo | None
+    broken: str | None
+    """Why the worker, though its last segment finished, must be replaced before the next one."""
 
     async def start(self) -> str | None: ...
 
@@ -174,6 +177,7 @@ class SingleWorker:
         self.name, self.offload, self.config = name, offload, config
         self.actor: Any = None
         self.info: WorkerInfo | None = None
+        self.broken: str | None = None  # a single worker's failures are the segment's
 
     async def start(self) -> str | None:
         """Start the actor and wait for its model: None when it is ready, else why not."""
@@ -218,6 +222,7 @@ class WorkerGroup:
         self._segment = 0  # segments run so far: a late timer of an earlier one does nothing
         self._done = True  # the current segment is settled on every rank
         self._stream: Any = None  # rank 0's stream, kept while rank 0 finishes its segment
+        self.broken: str | None = None
 
     async def start(self) -> str | None:
         """Reserve N GPUs on one node, load the model on each rank and join them: None when ready,
@@ -305,23 +310,29 @@ class WorkerGroup:
             if outcome is None:
                 self._lose(self._failure or "rank 0 ended the segment without a result")
             done, stuck = await asyncio.wait(followers.values(), timeout=FINISH_GRACE_S)
-            rank0 = f"rank 0 failed: {outcome.error}; " if isinstance(outcome, SegmentError) else ""
+            late = min((r for r, f in followers.items() if f in stuck), default=None)
+            errors = [(0, outcome)] if isinstance(outcome, SegmentError) else []
+            errors += [(r, f.result()) for r, f in followers.items() if f in done and f.result() is not None]
+            if isinstance(outcome, SegmentDone):  # every clip is written: a rank failing now costs the group only
+                failed = f"rank {errors[0][0]} failed: {errors[0][1].error}" if errors else ""
+                if reason := self._failure or _late(late) or failed:
+                    self.broken = reason
+                    self.kill()
+                self._done = True
+                yield outcome
+                return
+            rank0 = f"rank 0 failed: {outcome.error}; "
             if self._failure:  # a rank died, or failed while rank 0 went on
                 self._lose(rank0 + self._failure)
-            if stuck:
-                self._lose(
-                    f"{rank0}rank {min(r for r, f in followers.items() if f in stuck)} did not finish the segment "
-                    f"within {FINISH_GRACE_S:.0f}s of rank 0"
-                )
-            errors = [(0, outcome)] if isinstance(outcome, SegmentError) else []
-            errors += [(r, f.result()) for r, f in followers.items() if f.result() is not None]
+            if late is not None:
+                self._lose(rank0 + _late(late))
             if oom := [(r, e) for r, e in errors if e.kind == "oom"]:
                 self._lose(f"rank {oom[0][0]} ran out of memory: {oom[0][1].error}")
         finally:  # the group lost, or the caller gone: nothing waits on the ranks any more
             for follower in followers.values():
                 follower.cancel()
         self._done = True
-        yield errors[0][1] if errors else outcome
+        yield errors[0][1]
 
     async def _follow(self, r: int, segment: int) -> SegmentError | None:
         """Rank r's side of the segment: its error as soon as it has one (it then waits for rank 0's
@@ -489,6 +500,10 @@ def _broadcast(message: Any, group: Any) -> Any:
 
 def _timeout() -> timedelta:
     return timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+
+
+def _late(rank: int | None) -> str:
+    return f"rank {rank} did not finish the segment within {FINISH_GRACE_S:.0f}s of rank 0" if rank is not None else ""
 
 
 def _gpu_problem(device: str | None) -> str | None:

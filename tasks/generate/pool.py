@@ -397,6 +397,9 @@ class GeneratorPool:
             while p is not None:
                 try:
                     p = await self._attempt(slot, p)
+                    if slot.worker is not None and slot.worker.broken:  # its segment was done: no retry
+                        log.warning("replacing %s before its next segment: %s", slot.info, slot.worker.broken)
+                        await self._replace(slot, slot.offload)
                 except Exception as exc:  # a Ray or pool error outside the worker's own reporting
                     p.last_error, p.last_traceback = describe(exc), format_traceback(exc)
                     log.debug("segment %s/%s attempt %d failed unexpectedly", p.job.row_id, p.job.segment.index,

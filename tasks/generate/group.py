@@ -30,8 +30,9 @@ the placement group and reports `WorkerLost`, so the pool replaces the group and
 segment again, to resume at its first missing clip; when rank 0 had already finished the segment,
 the segment is kept and the group only marked `broken`, for the pool to replace before its next
 segment. An out-of-memory error on any rank does the same (a fresh group as configured: the
-pool's offload_on_oom rebuild is for single workers). An error every rank returned from (a vanished input, a refused job, rank 0 failing between clips)
-leaves the group healthy and is the attempt's `SegmentError`, retried as on a single worker.
+pool's offload_on_oom rebuild is for single workers). An error every rank returned from (a
+vanished input, a refused job, rank 0 failing between clips) leaves the group healthy and is the
+attempt's `SegmentError`, retried as on a single worker.
 
 Why CFG parallel by default: in the released sampler every step is guided, and the two branches
 on two halves of the group exchange one velocity a step, against four all-to-alls a block for
@@ -265,11 +266,13 @@ class WorkerGroup:
     async def _join(self, node: str) -> str | None:
         """Join the loaded ranks into one process group: None, or the first rank's error as soon as
         it comes (the others would wait for that rank until their own timeout)."""
-        port = await self.ranks[0].listen.remote()
-        joins = {asyncio.ensure_future(rank.join.remote(node, port)): r for r, rank in enumerate(self.ranks)}
-        pending = set(joins)
+        joins: dict[asyncio.Future, int] = {}
+        pending: set[asyncio.Future] = set()
         try:
             async with asyncio.timeout(JOIN_TIMEOUT_S):
+                port = await self.ranks[0].listen.remote()
+                joins = {asyncio.ensure_future(rank.join.remote(node, port)): r for r, rank in enumerate(self.ranks)}
+                pending = set(joins)
                 while pending:
                     done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                     for future in done:
@@ -280,8 +283,8 @@ class WorkerGroup:
                         if error is not None:
                             return f"rank {joins[future]}: {error}"
         except TimeoutError:
-            late = sorted(joins[f] for f in pending)
-            return f"rank {late[0]} did not join the group within {JOIN_TIMEOUT_S:.0f}s"
+            late = min((joins[f] for f in pending), default=0)  # rank 0's store, when nothing was pending
+            return f"rank {late} did not join the group within {JOIN_TIMEOUT_S:.0f}s"
         finally:
             for future in pending:
                 future.cancel()

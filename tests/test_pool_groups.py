@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import av
@@ -14,7 +15,14 @@ import ray
 from paced import tiny_s2v_job
 
 from flows.settings import SettingsError, load_settings
-from tasks.generate.pool import GeneratorPool, PoolConfig, PoolSettingsError, SegmentEvent, SegmentFailed
+from tasks.generate.pool import (
+    GeneratorPool,
+    NoWorkerStarted,
+    PoolConfig,
+    PoolSettingsError,
+    SegmentEvent,
+    SegmentFailed,
+)
 from tasks.records import SegmentJob, SegmentResult
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]
@@ -151,3 +159,18 @@ def test_rank_0_failing_between_clips_fails_the_attempt_and_keeps_the_group(tmp_
     assert resumed.attempts == 2 and resumed.clips[0].reused and not resumed.clips[-1].reused
     for a, b in zip(resumed.clips, clean.clips, strict=True):  # the ranks stayed in step
         assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+
+
+def test_a_group_that_cannot_join_is_left_out_with_its_gpus_freed() -> None:
+    free = ray.available_resources().get("GPU")
+    # the preview backend loads on every rank, but cannot split a clip: each rank's join fails
+    config = PoolConfig(backend="preview", device="cpu", workers=1, gpus_per_worker=2)
+    with pytest.raises(NoWorkerStarted, match=r"w0 on node .*: rank \d: ValueError: backend 'preview' cannot split"):
+        GeneratorPool(config).start()
+    # the group's placement group was removed (Ray frees its resources a moment later)
+    assert not [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    for _ in range(100):
+        if ray.available_resources().get("GPU") == free:
+            break
+        time.sleep(0.1)
+    assert ray.available_resources().get("GPU") == free

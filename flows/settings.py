@@ -112,7 +112,8 @@ class BatchSettings(BaseSettings):
     gpus_per_worker: int = Field(
         1, ge=1, description="GPUs one pool worker takes (all on one node): 1 renders a segment per GPU (the most "
         "clips an hour over a batch); N > 1 splits each clip over N GPUs (sequence parallel, tasks/generate/"
-        "group.py: one segment finishes sooner); must divide every node's GPUs and the model's 40 heads"
+        "group.py: one segment finishes sooner); must divide every node's GPUs, and the model's 40 heads must divide "
+        "by N (by N/2 with parallel_cfg on an even N)"
     )
     parallel_cfg: bool = Field(
         True, description="in a worker of an even number of GPUs, run the two guidance branches on its two halves "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import av
@@ -14,7 +15,14 @@ import ray
 from paced import tiny_s2v_job
 
 from flows.settings import SettingsError, load_settings
-from tasks.generate.pool import GeneratorPool, PoolConfig, PoolSettingsError, SegmentEvent, SegmentFailed
+from tasks.generate.pool import (
+    GeneratorPool,
+    NoWorkerStarted,
+    PoolConfig,
+    PoolSettingsError,
+    SegmentEvent,
+    SegmentFailed,
+)
 from tasks.records import SegmentJob, SegmentResult
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]
@@ -121,3 +129,48 @@ def test_a_job_every_rank_refuses_fails_alone_and_the_group_stays_in_step(tmp_pa
         result = pool.submit(job, tmp_path / "exact").result(timeout=300)
         assert [w.name for w in pool.workers] == ["w0"] and not pool.failed_workers
     assert result.worker == str(pool.workers[0]) and len(result.clips) == 3
+
+
+def test_rank_0_failing_between_clips_fails_the_attempt_and_keeps_the_group(tmp_path: Path) -> None:
+    checkpoint, (job, _) = _rows(tmp_path)
+    seg_dir, away = tmp_path / "seg", tmp_path / "seg.away"
+    events: list[SegmentEvent] = []
+
+    def on_event(event: SegmentEvent) -> None:
+        events.append(event)
+        # after clip 0, a file where rank 0 writes the next clip: rank 0 fails between two clips,
+        # the other rank (stepping with rank 0) waits for it instead of starting the next clip
+        if event.kind == "clip" and event.attempt == 1 and event.clips_done == 1:
+            seg_dir.rename(away)
+            seg_dir.write_text("not a folder")
+        elif event.kind == "retry":  # the folder back for the retry, which resumes after clip 0
+            seg_dir.unlink()
+            away.rename(seg_dir)
+
+    config = _config(checkpoint, workers=1, gpus_per_worker=2, backoff_s=0.1)
+    with GeneratorPool(config) as pool:
+        resumed = pool.submit(job, seg_dir, on_event).result(timeout=300)
+        clean = pool.submit(job, tmp_path / "clean").result(timeout=300)
+        workers, failed = list(pool.workers), list(pool.failed_workers)
+    retries = [e.detail for e in events if e.kind == "retry"]
+    assert len(retries) == 1 and "FileExistsError" in retries[0] and "lost" not in retries[0]
+    # the same group, not replaced: the attempt failed as on a single worker
+    assert [w.name for w in workers] == ["w0"] and not failed and resumed.worker == clean.worker == str(workers[0])
+    assert resumed.attempts == 2 and resumed.clips[0].reused and not resumed.clips[-1].reused
+    for a, b in zip(resumed.clips, clean.clips, strict=True):  # the ranks stayed in step
+        assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+
+
+def test_a_group_that_cannot_join_is_left_out_with_its_gpus_freed() -> None:
+    free = ray.available_resources().get("GPU")
+    # the preview backend loads on every rank, but cannot split a clip: each rank's join fails
+    config = PoolConfig(backend="preview", device="cpu", workers=1, gpus_per_worker=2)
+    with pytest.raises(NoWorkerStarted, match=r"w0 on node .*: rank \d: ValueError: backend 'preview' cannot split"):
+        GeneratorPool(config).start()
+    # the group's placement group was removed (Ray frees its resources a moment later)
+    assert not [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    for _ in range(100):
+        if ray.available_resources().get("GPU") == free:
+            break
+        time.sleep(0.1)
+    assert ray.available_resources().get("GPU") == free

@@ -18,17 +18,21 @@ records (`ClipDone`..., then `SegmentDone` or `SegmentError`; `WorkerLost` when 
 A segment goes to every rank of one group. Rank 0 runs it as a single worker does
 (tasks/generate/stage.py writes the clips and the states, resuming at the first missing clip) and
 alone streams records to the driver; before each `clips` call it broadcasts the call (job, first
-clip, state) over a gloo control group, and the other ranks make the same call and drop the clips,
-so every rank computes in lockstep from the same inputs and state. A segment's end is broadcast
-too. The other ranks send nothing but an error, at once.
+clip, state) over a gloo control group, and before each clip a `NEXT`; the other ranks make the
+same call, step it clip by clip with rank 0 and drop the clips, so every rank computes in lockstep
+from the same inputs and state, and none starts a clip rank 0 will not (rank 0 failing while it
+writes or stores a clip leaves them waiting for its next message, not in a collective). A
+segment's end is broadcast too. The other ranks send nothing but an error, at once.
 
 Failures: a rank that dies, or that fails while the others may be stuck in a collective (which
 would wait for it for ever, on NCCL), loses the whole group: the driver kills every rank, removes
 the placement group and reports `WorkerLost`, so the pool replaces the group and queues the
-segment again, to resume at its first missing clip. An out-of-memory error on any rank does the
-same (a fresh group as configured: the pool's offload_on_oom rebuild is for single workers). An
-error every rank returned from (a vanished input, a refused job) leaves the group healthy and is
-the attempt's `SegmentError`, retried as on a single worker.
+segment again, to resume at its first missing clip; when rank 0 had already finished the segment,
+the segment is kept and the group only marked `broken`, for the pool to replace before its next
+segment. An out-of-memory error on any rank does the same (a fresh group as configured: the
+pool's offload_on_oom rebuild is for single workers). An error every rank returned from (a
+vanished input, a refused job, rank 0 failing between clips) leaves the group healthy and is the
+attempt's `SegmentError`, retried as on a single worker.
 
 Why CFG parallel by default: in the released sampler every step is guided, and the two branches
 on two halves of the group exchange one velocity a step, against four all-to-alls a block for
@@ -41,8 +45,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
@@ -50,6 +56,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from tasks.generate.base import GeneratedClip
 from tasks.generate.worker import (
     ClipDone,
     GeneratorWorker,
@@ -70,6 +77,10 @@ Record = ClipDone | SegmentDone | SegmentError
 FINISH_GRACE_S = 60.0
 """How long the other ranks may take to return once rank 0 is done with a segment, or rank 0 once
 another rank failed, before the group counts as stuck (they finish together when healthy)."""
+JOIN_TIMEOUT_S = 120.0
+"""How long the loaded ranks may take to join one process group (loading has start_timeout_s)."""
+NEXT = "next"
+"""Rank 0's message before each clip of a segment: the other ranks compute it with rank 0."""
 COLLECTIVE_TIMEOUT_S = 1800.0
 """torch.distributed's timeout for joining the group and for each collective (its default): the
 driver stops a stuck group sooner (FINISH_GRACE_S); this only bounds a rank left waiting."""
@@ -83,6 +94,8 @@ class Worker(Protocol):
     """What a pool slot holds (see the module docstring)."""
 
     info: WorkerInfo | None
+    broken: str | None
+    """Why the worker, though its last segment finished, must be replaced before the next one."""
 
     async def start(self) -> str | None: ...
 
@@ -165,6 +178,7 @@ class SingleWorker:
         self.name, self.offload, self.config = name, offload, config
         self.actor: Any = None
         self.info: WorkerInfo | None = None
+        self.broken: str | None = None  # a single worker's failures are the segment's
 
     async def start(self) -> str | None:
         """Start the actor and wait for its model: None when it is ready, else why not."""
@@ -209,9 +223,17 @@ class WorkerGroup:
         self._segment = 0  # segments run so far: a late timer of an earlier one does nothing
         self._done = True  # the current segment is settled on every rank
         self._stream: Any = None  # rank 0's stream, kept while rank 0 finishes its segment
+        self.broken: str | None = None
 
     async def start(self) -> str | None:
-        """Reserve N GPUs on one node, load the model on each rank and join them: None when ready."""
+        """Reserve N GPUs on one node, load the model on each rank and join them: None when ready,
+        else why not (any failure: the pool then kills what was started)."""
+        try:
+            return await self._start()
+        except Exception as exc:  # e.g. the store's port taken, an actor that cannot be scheduled
+            return f"{self.name}: {describe(exc)}"
+
+    async def _start(self) -> str | None:
         cfg, n = self.config, self.config.gpus_per_worker
         self._group = placement_group([{"GPU": 1, "CPU": cfg.cpus_per_worker}] * n, strategy="STRICT_PACK")
         try:
@@ -227,20 +249,45 @@ class WorkerGroup:
                     for bundle in range(n)
                 ]
                 infos: list[WorkerInfo] = await asyncio.gather(*(rank.info.remote() for rank in self.ranks))
-                if errors := [f"rank {r} on node {i.node}: {i.error}" for r, i in enumerate(infos) if i.error]:
-                    return f"{self.name}: {'; '.join(errors)}"
-                port = await self.ranks[0].listen.remote()
-                joined = await asyncio.gather(*(rank.join.remote(infos[0].node, port) for rank in self.ranks))
         except (TimeoutError, GetTimeoutError):
             return f"{self.name}: no {n} free GPUs on one node in time"
-        except RayActorError as exc:
+        except RayError as exc:
             return f"{self.name}: {str(exc).splitlines()[0]}"
-        if errors := [f"rank {r}: {error}" for r, error in enumerate(joined) if error]:
-            return f"{self.name} on node {infos[0].node}: {'; '.join(errors)}"
+        if errors := [f"rank {r} on node {i.node}: {i.error}" for r, i in enumerate(infos) if i.error]:
+            return f"{self.name}: {'; '.join(errors)}"
+        if error := await self._join(infos[0].node):
+            return f"{self.name} on node {infos[0].node}: {error}"
         self.info = dataclasses.replace(
             infos[0], gpus=[g for i in infos for g in i.gpus], pids=tuple(i.pid for i in infos),
             load_s=max(i.load_s for i in infos), ready_at=max(i.ready_at for i in infos),
         )  # fmt: skip
+        return None
+
+    async def _join(self, node: str) -> str | None:
+        """Join the loaded ranks into one process group: None, or the first rank's error as soon as
+        it comes (the others would wait for that rank until their own timeout)."""
+        joins: dict[asyncio.Future, int] = {}
+        pending: set[asyncio.Future] = set()
+        try:
+            async with asyncio.timeout(JOIN_TIMEOUT_S):
+                port = await self.ranks[0].listen.remote()
+                joins = {asyncio.ensure_future(rank.join.remote(node, port)): r for r, rank in enumerate(self.ranks)}
+                pending = set(joins)
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for future in done:
+                        try:
+                            error = future.result()
+                        except RayError as exc:
+                            error = str(exc).splitlines()[0]
+                        if error is not None:
+                            return f"rank {joins[future]}: {error}"
+        except TimeoutError:
+            late = min((joins[f] for f in pending), default=0)  # rank 0's store, when nothing was pending
+            return f"rank {late} did not join the group within {JOIN_TIMEOUT_S:.0f}s"
+        finally:
+            for future in pending:
+                future.cancel()
         return None
 
     async def run(self, job: SegmentJob, seg_dir: str, store: str | None, scratch: str | None) -> AsyncIterator[Record]:
@@ -252,32 +299,43 @@ class WorkerGroup:
         followers = {r: asyncio.ensure_future(self._follow(r, segment)) for r in range(1, len(self.ranks))}
         outcome: SegmentDone | SegmentError | None = None
         try:
-            self._stream = self.ranks[0].run.options(num_returns="streaming").remote(job, seg_dir, store, scratch)
-            async for ref in self._stream:
-                record = await ref
-                if isinstance(record, ClipDone):
-                    yield record
-                else:
-                    outcome = record
-                    break  # rank 0 still tells the others the segment ended
-        except RayActorError as exc:
-            self._lose(self._failure or f"rank 0 was lost: {str(exc).splitlines()[0]}")
-        if outcome is None:
-            self._lose(self._failure or "rank 0 ended the segment without a result")
-        done, stuck = await asyncio.wait(followers.values(), timeout=FINISH_GRACE_S)
-        if self._failure:  # a rank died, or failed while rank 0 went on
-            self._lose(self._failure)
-        if stuck:
-            self._lose(
-                f"rank {min(r for r, f in followers.items() if f in stuck)} did not finish the segment "
-                f"within {FINISH_GRACE_S:.0f}s of rank 0"
-            )
-        errors = [(0, outcome)] if isinstance(outcome, SegmentError) else []
-        errors += [(r, f.result()) for r, f in followers.items() if f.result() is not None]
-        if oom := [(r, e) for r, e in errors if e.kind == "oom"]:
-            self._lose(f"rank {oom[0][0]} ran out of memory: {oom[0][1].error}")
+            try:
+                self._stream = self.ranks[0].run.options(num_returns="streaming").remote(job, seg_dir, store, scratch)
+                async for ref in self._stream:
+                    record = await ref
+                    if isinstance(record, ClipDone):
+                        yield record
+                    else:
+                        outcome = record
+                        break  # rank 0 still tells the others the segment ended
+            except RayError as exc:
+                self._lose(self._failure or f"rank 0 was lost: {str(exc).splitlines()[0]}")
+            if outcome is None:
+                self._lose(self._failure or "rank 0 ended the segment without a result")
+            done, stuck = await asyncio.wait(followers.values(), timeout=FINISH_GRACE_S)
+            late = min((r for r, f in followers.items() if f in stuck), default=None)
+            errors = [(0, outcome)] if isinstance(outcome, SegmentError) else []
+            errors += [(r, f.result()) for r, f in followers.items() if f in done and f.result() is not None]
+            if isinstance(outcome, SegmentDone):  # every clip is written: a rank failing now costs the group only
+                failed = f"rank {errors[0][0]} failed: {errors[0][1].error}" if errors else ""
+                if reason := self._failure or _late(late) or failed:
+                    self.broken = reason
+                    self.kill()
+                self._done = True
+                yield outcome
+                return
+            rank0 = f"rank 0 failed: {outcome.error}; "
+            if self._failure:  # a rank died, or failed while rank 0 went on
+                self._lose(rank0 + self._failure)
+            if late is not None:
+                self._lose(rank0 + _late(late))
+            if oom := [(r, e) for r, e in errors if e.kind == "oom"]:
+                self._lose(f"rank {oom[0][0]} ran out of memory: {oom[0][1].error}")
+        finally:  # the group lost, or the caller gone: nothing waits on the ranks any more
+            for follower in followers.values():
+                follower.cancel()
         self._done = True
-        yield errors[0][1] if errors else outcome
+        yield errors[0][1]
 
     async def _follow(self, r: int, segment: int) -> SegmentError | None:
         """Rank r's side of the segment: its error as soon as it has one (it then waits for rank 0's
@@ -323,11 +381,18 @@ class GroupRank(GeneratorWorker):
     group's process group. Rank 0 serves `run` (the driver's records); the others `follow`."""
 
     def __init__(self, name: str, *load: Any, rank: int, world: int, parallel_cfg: bool) -> None:
-        super().__init__(name, *load)
+        if problem := _gpu_problem(load[2]):  # before loading: every rank would load on the same GPU
+            self.generator, self._info = None, _failed_info(name, load[3], problem)
+        else:
+            super().__init__(name, *load)
         self.rank, self.world, self.parallel_cfg = rank, world, parallel_cfg
         self.device = load[2]
         self._store: Any = None
         self._control: Any = None  # a gloo group for the small control messages, also on CUDA
+
+    # The process group is set up by hand: Ray Train's TorchTrainer owns a training loop's workers,
+    # not long-lived actors serving calls, and ray.util.collective gives no torch.distributed groups
+    # for model/parallel.py's all-to-alls; a TCP store on rank 0 and init_process_group is all it takes.
 
     def listen(self) -> int:
         """Rank 0: open the group's TCP store on this node; its port, for the other ranks."""
@@ -349,7 +414,7 @@ class GroupRank(GeneratorWorker):
         try:
             if self._store is None:
                 self._store = dist.TCPStore(address, port, self.world, is_master=False, timeout=_timeout())
-            cuda = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+            cuda = _on_cuda(self.device)
             if cuda:
                 torch.cuda.set_device(0)  # Ray shows each rank its own GPU only
             dist.init_process_group(
@@ -368,7 +433,9 @@ class GroupRank(GeneratorWorker):
             return describe(exc)
         return None
 
-    def run(self, job: SegmentJob, seg_dir: str, store: str | None = None, scratch: str | None = None):
+    def run(
+        self, job: SegmentJob, seg_dir: str, store: str | None = None, scratch: str | None = None
+    ) -> Iterator[Record]:
         """Rank 0: the segment as a single worker renders it, then its end told to the other ranks."""
         try:
             yield from super().run(job, seg_dir, store, scratch)
@@ -376,18 +443,23 @@ class GroupRank(GeneratorWorker):
             self.generator.end()
 
     def follow(self) -> Iterator[SegmentError]:
-        """A rank other than 0: make rank 0's `clips` calls of one segment, dropping the clips, until
-        rank 0 says the segment ended. An error is sent at once (the driver stops the group if rank 0
-        goes on waiting for this rank); the rank still waits for rank 0's end, so the next segment's
-        messages stay in step when rank 0 failed the same way."""
+        """A rank other than 0: make rank 0's `clips` call of one segment and step it clip by clip as
+        rank 0 says (dropping the clips), until rank 0 says the segment ended. Stepping in lockstep
+        keeps this rank from starting a clip rank 0 will not compute (rank 0 failed while writing or
+        storing the last one): it waits at the next message instead. An error is sent at once (the
+        driver stops the group if rank 0 goes on waiting for this rank); the rank still waits for rank
+        0's end, so the next segment's messages stay in step when rank 0 failed the same way."""
         started, failed = time.monotonic(), False
-        while (call := _broadcast(None, self._control)) is not None:
-            job, start, state = call
+        clips: Iterator[GeneratedClip] | None = None
+        while (message := _broadcast(None, self._control)) is not None:
             try:
-                for clip in self.generator.clips(job, start_clip=start, state=state):
-                    if clip.index == job.segment.clips - 1:
-                        break  # as the stage stops after the last clip
+                if message != NEXT:
+                    job, start, state = message
+                    clips = self.generator.clips(job, start_clip=start, state=state)
+                elif clips is not None and next(clips, None) is None:
+                    clips = None  # the backend stopped early, on rank 0 too: the stage reports it
             except Exception as exc:  # every failure must reach the driver
+                clips = None
                 if not failed:
                     busy = round(time.monotonic() - started, 4)
                     yield SegmentError(classify_error(exc), describe(exc), format_traceback(exc), busy)
@@ -395,7 +467,8 @@ class GroupRank(GeneratorWorker):
 
 
 class _Leader:
-    """Rank 0's generator: broadcasts each `clips` call before making it, and the segment's end."""
+    """Rank 0's generator: broadcasts each `clips` call before making it, then `NEXT` before each
+    clip (the other ranks step with it), and the segment's end."""
 
     def __init__(self, generator: Any, control: Any) -> None:
         self._generator, self._control = generator, control
@@ -403,9 +476,17 @@ class _Leader:
     def __getattr__(self, name: str) -> Any:  # name, fingerprint, load_timings: the generator's
         return getattr(self._generator, name)
 
-    def clips(self, job: SegmentJob, start_clip: int = 0, state: dict | None = None):
+    def clips(self, job: SegmentJob, start_clip: int = 0, state: dict | None = None) -> Iterator[GeneratedClip]:
         _broadcast((job, start_clip, state), self._control)
-        return self._generator.clips(job, start_clip=start_clip, state=state)
+        return self._stepped(self._generator.clips(job, start_clip=start_clip, state=state))
+
+    def _stepped(self, clips: Iterator[GeneratedClip]) -> Iterator[GeneratedClip]:
+        while True:
+            _broadcast(NEXT, self._control)
+            clip = next(clips, None)
+            if clip is None:
+                return
+            yield clip
 
     def end(self) -> None:
         _broadcast(None, self._control)
@@ -420,10 +501,40 @@ def _broadcast(message: Any, group: Any) -> Any:
     return box[0]
 
 
-def _timeout():
-    from datetime import timedelta
-
+def _timeout() -> timedelta:
     return timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+
+
+def _late(rank: int | None) -> str:
+    return f"rank {rank} did not finish the segment within {FINISH_GRACE_S:.0f}s of rank 0" if rank is not None else ""
+
+
+def _gpu_problem(device: str | None) -> str | None:
+    """Why a rank on CUDA cannot tell its own GPU: Ray shows each rank only the GPU of its bundle
+    (CUDA_VISIBLE_DEVICES), unless RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES turns that off."""
+    import torch
+
+    if _on_cuda(device) and (count := torch.cuda.device_count()) != 1:
+        return (
+            f"this rank sees {count} GPUs, not the 1 Ray gave it (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES', '')!r}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): unset the first for workers of several GPUs"
+        )
+    return None
+
+
+def _on_cuda(device: str | None) -> bool:
+    import torch
+
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+
+
+def _failed_info(name: str, offload: bool, error: str) -> WorkerInfo:
+    """A rank's info when it did not load the model."""
+    return WorkerInfo(
+        name=name, pid=os.getpid(), node=ray.util.get_node_ip_address(), gpus=[str(g) for g in ray.get_gpu_ids()],
+        offload=offload, load_s=0.0, error=error,
+    )  # fmt: skip
 
 
 _remote_classes: dict[type, Any] = {}

@@ -271,6 +271,14 @@ class GeneratorPool:
             init_ray(cfg.address or os.environ.get("RAY_ADDRESS"), cpus=cpus, gpus=gpus,
                      object_store_mb=cfg.object_store_mb)
             self._started_ray = True
+        try:
+            return self._start_workers()
+        except BaseException:  # refused settings, no worker, or an unexpected error: free the GPUs (and Ray)
+            self.close()
+            raise
+
+    def _start_workers(self) -> list[WorkerInfo]:
+        cfg = self.config
         n = cfg.workers or int(ray.cluster_resources().get("GPU", 0)) // cfg.gpus_per_worker
         if cfg.gpus_per_worker > 1:
             nodes = {node["NodeManagerAddress"]: int(node["Resources"].get("GPU", 0)) for node in ray.nodes()
@@ -288,10 +296,13 @@ class GeneratorPool:
         self._thread = threading.Thread(target=self._loop.run_forever, name="s2v-pool", daemon=True)
         self._thread.start()
         slots = [_Slot(index=i, offload=cfg.offload) for i in range(n)]
+        self._slots = slots  # close() stops what started, should anything below raise
         results = self._call(_gather(*(self._launch(s) for s in slots))).result()
-        self._slots = [s for s, ok in zip(slots, results, strict=True) if ok]
+        for slot, ok in zip(slots, results, strict=True):
+            if isinstance(ok, BaseException):  # the worker was killed; its note is the error
+                self.failed_workers.append(f"{slot.name}: {describe(ok)}")
+        self._slots = [s for s, ok in zip(slots, results, strict=True) if ok is True]
         if not self._slots:
-            self.close()
             raise NoWorkerStarted("no worker could start: " + "; ".join(self.failed_workers))
         self.workers = [s.info for s in self._slots if s.info]
         for slot in self._slots:
@@ -386,6 +397,9 @@ class GeneratorPool:
             while p is not None:
                 try:
                     p = await self._attempt(slot, p)
+                    if slot.worker is not None and slot.worker.broken:  # its segment was done: no retry
+                        log.warning("replacing %s before its next segment: %s", slot.info, slot.worker.broken)
+                        await self._replace(slot, slot.offload)
                 except Exception as exc:  # a Ray or pool error outside the worker's own reporting
                     p.last_error, p.last_traceback = describe(exc), format_traceback(exc)
                     log.debug("segment %s/%s attempt %d failed unexpectedly", p.job.row_id, p.job.segment.index,
@@ -494,11 +508,15 @@ class GeneratorPool:
     async def _launch(self, slot: _Slot) -> bool:
         """Start the slot's worker and wait for its model; False (and a note) when it cannot."""
         worker = make_worker(slot.name, slot.offload, self.config)
-        note = await worker.start()
+        note: str | None = "did not start"
+        try:
+            note = await worker.start()
+        finally:  # a note, an unexpected error or a cancelled start: free what it holds
+            if note is not None:
+                worker.kill()
         if note is None:
             slot.worker, slot.info = worker, worker.info
             return True
-        worker.kill()
         self.failed_workers.append(note)
         return False
 
@@ -560,4 +578,4 @@ def _fetch_clips(result: SegmentResult, remote: str, seg_dir: Path) -> SegmentRe
 
 
 async def _gather(*coros) -> list:
-    return await asyncio.gather(*coros)
+    return await asyncio.gather(*coros, return_exceptions=True)

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
 
@@ -29,7 +29,7 @@ from rich.table import Table
 
 from flows import interrupt, local_api
 from flows.settings import BatchSettings, SettingsError, config_file, load_settings
-from tasks.records import Plan
+from flows.views import hours, plan_summary_table, print_report
 
 # Stage modules log through the standard library; let those records reach Prefect's UI.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,model")
@@ -174,7 +174,7 @@ def run(
     from flows.states import exit_code
 
     report = _run_batch(manifest, out, settings)
-    _print_report(report, out)
+    print_report(out_console, report, out)
     raise typer.Exit(exit_code(report))
 
 
@@ -263,41 +263,6 @@ def _check_prefect_api() -> None:
         raise CommandFailed(problem)
 
 
-def _print_report(report: dict, out: str) -> None:
-    from rich.markup import escape
-
-    from flows.states import STATE_NAMES, summary
-    from tasks.layout import report_uri
-    from tasks.records import batch_outcome
-
-    table = Table("row", "id", "status", "duration", "video / error", title=f"s2v-batch report ({report['backend']})")
-    colors = {"succeeded": "green", "failed": "red", "skipped": "yellow"}
-    for r in report["rows"]:
-        status = f"[{colors[r['status']]}]{r['status']}" + (" (cached)" if r.get("cached") else "")
-        if r["status"] == "succeeded" and r.get("flags"):
-            status = f"[yellow]succeeded, {len(r['flags'])} warning{'s' if len(r['flags']) > 1 else ''}"
-        detail = escape(r.get("video") or r.get("error") or "")
-        duration = f"{r['duration_s']:.1f}s" if r.get("duration_s") else ""
-        table.add_row(str(r["row"]), escape(r.get("id") or ""), status, duration, detail)
-    out_console.print(table)
-    warned = [r for r in report["rows"] if r["status"] == "succeeded" and r.get("flags")]
-    if warned:
-        out_console.print("[yellow]warnings[/yellow] (the videos were made; look at them before publishing):")
-        for r in warned:
-            for flag in r["flags"]:
-                out_console.print(f"  row {r['row']} ({escape(r.get('id') or '')}): {escape(flag)}", soft_wrap=True)
-    outcome = batch_outcome(report["counts"], len(report.get("manifest_errors", [])))
-    color = {"succeeded": "green", "partial": "yellow", "failed": "red"}[outcome]
-    where = f"[red]{report['report_error']}[/red]" if report.get("report_error") else f"report: {report_uri(out)}"
-    out_console.print(f"[{color}]{STATE_NAMES[outcome]}[/{color}]: {summary(report)}; {where}", soft_wrap=True)
-    if report.get("gpu_s"):
-        cost = f", cost {_money(report['cost'])}" if report.get("cost") is not None else ""
-        out_console.print(f"GPU hours ({report.get('gpu') or 'GPU'}): {_hours(report['gpu_s'], 2)}{cost}")
-    if report["backend"] == "preview":
-        out_console.print("[yellow]backend 'preview': labelled animatics, not model output. "
-                          "Set --checkpoint to generate with Wan2.2-S2V.")
-
-
 @command(name="config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the effective settings (defaults < config file < S2V_* environment < options), secrets hidden."""
@@ -339,7 +304,7 @@ def status(
                   title=f"batch status: {target}")
     for r in rows:
         clips = f"{r.clips_done}/{r.clips}" if r.clips is not None else ""
-        table.add_row(r.id, r.state, clips, _hours(r.gpu_s), _hours(r.est_remaining_gpu_s),
+        table.add_row(r.id, r.state, clips, hours(r.gpu_s), hours(r.est_remaining_gpu_s),
                       f"[yellow]{len(r.flags)}" if r.flags else "", r.error or "")
     out_console.print(table)
     for r in rows:
@@ -348,14 +313,10 @@ def status(
     used = sum(r.gpu_s or 0 for r in rows)
     left = sum(r.est_remaining_gpu_s or 0 for r in rows)
     out_console.print(f"{len(rows)} rows; {sum(r.clips_done for r in rows)} clips done; "
-                      f"GPU hours used {_hours(used, 2)}, estimated remaining {_hours(left, 2)}")
+                      f"GPU hours used {hours(used, 2)}, estimated remaining {hours(left, 2)}")
     out_console.print(f"running: {holder.describe()}" if holder else "no run is writing to this output now"
                       + ("; rerun the manifest to finish the interrupted rows" if any(
                           r.state == "interrupted" for r in rows) else ""))
-
-
-def _hours(seconds: float | None, digits: int = 3, unknown: str = "") -> str:
-    return unknown if seconds is None else f"{seconds / 3600:.{digits}f}"
 
 
 def _status_from_prefect(run_id: str) -> None:
@@ -435,56 +396,6 @@ def plan(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = Fals
                 out_console.print(f"[yellow]warning[/yellow] {escape(p.row_id)}: {escape(flag)}", soft_wrap=True)
         for p in problems:
             out_console.print(f"[red]{escape(p)}", soft_wrap=True)
-
-
-def plan_summary_table(plans: Iterable[Plan], price_per_gpu_hour: float | None = None, gpu: str = "H100") -> Table:
-    """Rows, segments, clips, audio length and estimated GPU hours (and cost, given a price per
-    GPU-hour), with the batch total.
-
-    A row whose cost is unknown (no figure for its GPU/resolution) shows "?" and makes
-    the total a lower bound, marked with "≥".
-    """
-    from tasks.plan import gpu_money
-
-    table = Table(title=f"Plan ({gpu})", show_footer=True)
-    plans = list(plans)
-    totals = {"segments": 0, "clips": 0, "frames": 0, "audio": 0.0, "gpu": 0.0}
-    unknown = False
-    rows = []
-    for p in plans:
-        estimates = [s.est_gpu_s for s in p.segments]
-        row_gpu = None if any(g is None for g in estimates) else sum(estimates)
-        unknown |= row_gpu is None
-        audio = p.segments[-1].end_s - p.segments[0].start_s if p.segments else 0.0
-        totals["segments"] += len(p.segments)
-        totals["clips"] += p.total_clips
-        totals["frames"] += p.total_frames
-        totals["audio"] += audio
-        totals["gpu"] += row_gpu or 0.0
-        rows.append((p.row_id + (" ~" if p.approximate else "") + (f" [yellow]⚠{len(p.flags)}" if p.flags else ""),
-                     str(len(p.segments)), str(p.total_clips),
-                     str(p.total_frames), f"{audio:.1f}", _hours(row_gpu, 2, "?"),
-                     _money(gpu_money(row_gpu, price_per_gpu_hour))))
-    footers = [f"total ({len(plans)} rows)", str(totals["segments"]), str(totals["clips"]), str(totals["frames"]),
-               f"{totals['audio']:.1f}", ("≥ " if unknown else "") + _hours(totals["gpu"], 2, "?")]
-    headers = ["row", "segments", "clips", "frames", "audio s", "est GPU h"]
-    if price_per_gpu_hour is not None:
-        headers.append("est cost")
-        footers.append(("≥ " if unknown else "") + _money(gpu_money(totals["gpu"], price_per_gpu_hour)))
-    rows = [r[: len(headers)] for r in rows]
-    for i, (header, footer) in enumerate(zip(headers, footers, strict=True)):
-        table.add_column(header, footer=footer, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    notes = ["~ cuts placed without word timings (approximate)"] if any(p.approximate for p in plans) else []
-    if any(p.flags for p in plans):
-        notes.append("⚠N: N warnings, listed below")
-    table.caption = "; ".join(notes) or None
-    return table
-
-
-def _money(amount: float | None) -> str:
-    return "?" if amount is None else f"{amount:,.2f}"
 
 
 @command()

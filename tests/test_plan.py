@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from flows.cli import plan_summary_table
+from flows.views import plan_summary_table
 from tasks.plan import CostModel, frame_energy, plan_row, plans_to_json, segment_seed
 from tasks.records import Plan, Resolution, SpeechAnalysis, WordTiming
 

@@ -53,7 +53,7 @@ from model.checkpoint import transformer_config
 from model.config import S2VConfig
 from model.layout import resolve
 from model.lora import Lora, LoraError, load_lora, set_loras
-from model.pipeline import FIRST_CLIP_DROP, ClipOutput, S2VPipeline, _to_uint8
+from model.pipeline import FIRST_CLIP_DROP, ClipOutput, S2VPipeline
 from model.presets import DISTILLED_INFER_FRAMES, DISTILLED_SHIFT, DISTILLED_STEPS, SpeedConfig
 from model.transformer import WanS2VTransformer
 
@@ -249,10 +249,9 @@ class DistilledPipeline(S2VPipeline):
         clips: dict[int, dict] = {}  # clips under way: latents, audio, pose, steps done
         # A decoded clip is handed over after the next forward is queued: on CUDA the GPU computes
         # while the host copies the frames out and the caller writes them (same order on a CPU).
-        handover = _Handover(self.device) if self.offload != "model" else None
-        per_clip = blocks * steps  # block passes a clip takes
+        # With offload="model" (the DiT and the VAE taking turns on the GPU) it goes out at once.
+        handover = _Handover(self.device, forwards=blocks * steps)
         try:  # the VAE and the DiT go home whether the segment ends, fails or is abandoned
-            started = time.perf_counter()
             if start_clip:
                 log.info("rebuilding the KV cache: replaying the DiT over clips 0..%d", start_clip - 1)
             for wave in self._waves(total, steps, cache, pipelined):
@@ -277,11 +276,7 @@ class DistilledPipeline(S2VPipeline):
                 )  # fmt: skip
                 dt = torch.stack([sigmas[i + 1] - sigmas[i] for _, i in wave]).to(self.device).view(-1, 1, 1, 1, 1)
                 x = x + dt * v
-                if handover is not None:
-                    for clip, frames, clip_tail in handover.take():
-                        now = time.perf_counter()
-                        yield ClipOutput(clip, frames, _clip_state(clip, clip_tail), now - started, forwards=per_clip)
-                        started = now
+                yield from handover.take()
                 finished = []
                 for j, (n, _) in enumerate(wave):
                     r, b = divmod(n, blocks)
@@ -308,19 +303,10 @@ class DistilledPipeline(S2VPipeline):
                         self._release(vae)
                         dit = self._use(self.transformer)
                     tail = latents[:, :, -DECODE_CONTEXT:]
-                    if handover is not None:
-                        handover.put(r, video[0], tail)
-                        continue
-                    self._sync()
-                    tail = tail.cpu()
-                    now = time.perf_counter()
-                    yield ClipOutput(r, _to_uint8(video[0]), _clip_state(r, tail), now - started, forwards=per_clip)
-                    started = now
-            if handover is not None:
-                for clip, frames, clip_tail in handover.take():
-                    now = time.perf_counter()
-                    yield ClipOutput(clip, frames, _clip_state(clip, clip_tail), now - started, forwards=per_clip)
-                    started = now
+                    handover.put(r, video[0], tail)
+                    if self.offload == "model":
+                        yield from handover.take()
+            yield from handover.take()
         finally:
             if self.offload != "model":
                 self._release(vae)
@@ -411,20 +397,18 @@ class DistilledPipeline(S2VPipeline):
             )
 
 
-def _clip_state(clip: int, tail: torch.Tensor) -> dict[str, np.ndarray]:
-    """What clip `clip` hands to the next: its index and last latents (see the module docstring)."""
-    return {"next_clip": np.array(clip + 1, dtype=np.int64), "tail_latents": tail[0].numpy().copy()}
-
-
 class _Handover:
     """Decoded clips waiting on the GPU to be handed to the caller: `put` queues a clip's frames
     (converted to uint8 on the GPU, as _to_uint8 does) and marks them; `take` copies the marked
     clips out on a side stream, which waits for their decode only, not for the forwards queued
-    after it, so the host returns them while the GPU goes on."""
+    after it, so the host returns them while the GPU goes on. A clip's seconds run from the
+    previous hand-over (or the start) to its own."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, forwards: int) -> None:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.forwards = forwards  # block passes a clip takes
         self.waiting: list[tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
+        self.started = time.perf_counter()
 
     def put(self, clip: int, video: torch.Tensor, tail: torch.Tensor) -> None:
         frames = ((video.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
@@ -435,17 +419,16 @@ class _Handover:
             decoded.record(torch.cuda.current_stream(self.stream.device))
         self.waiting.append((clip, frames, tail, decoded))
 
-    def take(self) -> list[tuple[int, np.ndarray, torch.Tensor]]:
-        out = []
-        for clip, frames, tail, decoded in self.waiting:
-            if self.stream is None:
-                out.append((clip, frames.numpy(), tail))
-                continue
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_event(decoded)
-                frames_host = frames.to("cpu", non_blocking=True)
-                tail_host = tail.to("cpu", non_blocking=True)
-            self.stream.synchronize()  # the tensors stay referenced until here: no early reuse
-            out.append((clip, frames_host.numpy(), tail_host))
-        self.waiting.clear()
-        return out
+    def take(self) -> Iterator[ClipOutput]:
+        waiting, self.waiting = self.waiting, []
+        for clip, frames, tail, decoded in waiting:
+            if self.stream is not None:
+                with torch.cuda.stream(self.stream):
+                    self.stream.wait_event(decoded)
+                    frames = frames.to("cpu", non_blocking=True)
+                    tail = tail.to("cpu", non_blocking=True)
+                self.stream.synchronize()  # the GPU tensors stay referenced until here: no early reuse
+            state = {"next_clip": np.array(clip + 1, dtype=np.int64), "tail_latents": tail[0].numpy().copy()}
+            now = time.perf_counter()
+            yield ClipOutput(clip, frames.numpy(), state, now - self.started, forwards=self.forwards)
+            self.started = now

@@ -44,7 +44,8 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.generate.pool import GeneratorPool, PoolConfig, init_ray  # noqa: E402
+from tasks.generate.pool import GeneratorPool  # noqa: E402
+from tasks.generate.pool_config import PoolConfig, init_ray  # noqa: E402
 from tasks.records import SegmentJob  # noqa: E402
 from tests.paced import PACED, paced_job, tiny_s2v_job, write_inputs  # noqa: E402
 

@@ -36,7 +36,8 @@ from tasks.generate.backends import BackendError
 from tasks.records import ManifestRow, Plan, SegmentJob, SegmentResult
 
 if TYPE_CHECKING:
-    from tasks.generate.pool import GeneratorPool, SegmentEvent
+    from tasks.generate.pool import GeneratorPool
+    from tasks.generate.pool_config import SegmentEvent
 
 
 @dataclass
@@ -87,7 +88,8 @@ async def serving(pool: GeneratorPool, cpu_gate: asyncio.Semaphore) -> AsyncIter
 
 async def start_pool(settings: BatchSettings, backend: str) -> GeneratorPool:
     """Start the GPU workers (each loads the model once); a missing checkpoint fails before any starts."""
-    from tasks.generate.pool import GeneratorPool, NoWorkerStarted, PoolConfig, PoolError, PoolSettingsError
+    from tasks.generate.pool import GeneratorPool
+    from tasks.generate.pool_config import NoWorkerStarted, PoolConfig, PoolError, PoolSettingsError
 
     logger = get_run_logger()
     if settings.checkpoint and not await asyncio.to_thread(storage.exists, settings.checkpoint):

@@ -83,7 +83,7 @@ def local_ray() -> Iterator[None]:
     """One local Ray for a module, as the pool starts one: 4 declared GPUs on this CPU machine, small object store."""
     import ray
 
-    from tasks.generate.pool import init_ray
+    from tasks.generate.pool_config import init_ray
 
     init_ray(cpus=4, gpus=4)
     yield

@@ -14,7 +14,8 @@ from paced import PACED, PacedGenerator, paced_job
 from PIL import Image
 
 from tasks.generate import stage
-from tasks.generate.pool import GeneratorPool, PoolConfig, PoolError, SegmentEvent, SegmentFailed
+from tasks.generate.pool import GeneratorPool
+from tasks.generate.pool_config import PoolConfig, PoolError, SegmentEvent, SegmentFailed
 from tasks.generate.preview import PreviewGenerator
 
 pytestmark = pytest.mark.usefixtures("local_ray")

@@ -23,7 +23,8 @@ from flows.report import batch_key, row_key
 from flows.settings import BatchSettings
 from tasks.generate import stage
 from tasks.generate.backends import BackendError
-from tasks.generate.pool import GeneratorPool, PoolConfig, SegmentEvent, SegmentFailed
+from tasks.generate.pool import GeneratorPool
+from tasks.generate.pool_config import PoolConfig, SegmentEvent, SegmentFailed
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 

@@ -15,14 +15,8 @@ import ray
 from paced import tiny_s2v_job
 
 from flows.settings import SettingsError, load_settings
-from tasks.generate.pool import (
-    GeneratorPool,
-    NoWorkerStarted,
-    PoolConfig,
-    PoolSettingsError,
-    SegmentEvent,
-    SegmentFailed,
-)
+from tasks.generate.pool import GeneratorPool
+from tasks.generate.pool_config import NoWorkerStarted, PoolConfig, PoolSettingsError, SegmentEvent, SegmentFailed
 from tasks.records import SegmentJob, SegmentResult
 
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]

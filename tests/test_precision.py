@@ -15,7 +15,8 @@ from flows.batch import _fingerprint_settings
 from flows.settings import BatchSettings, SettingsError, load_settings
 from tasks import layout
 from tasks.generate import stage
-from tasks.generate.pool import GeneratorPool, PoolConfig, SegmentFailed
+from tasks.generate.pool import GeneratorPool
+from tasks.generate.pool_config import PoolConfig, SegmentFailed
 from tasks.manifest import validate_manifest
 from tasks.records import Plan, Segment
 

@@ -160,7 +160,7 @@ class WanS2VGenerator:
     def enable_parallel(self, groups: ParallelGroups) -> None:
         """Split each clip over this rank's process groups (model/parallel.py: sequence parallel, and
         CFG parallel with `groups.cfg`); call on every rank of a worker group, each with the same
-        model, and every rank then computes the same clips (tasks/generate/group.py)."""
+        model, and every rank then computes the same clips (tasks/generate/group_rank.py)."""
         parallelize(self.pipeline, groups)
         self.parallel = groups
 

@@ -49,7 +49,7 @@ class WorkerInfo:
     ready_at: float = 0.0
     """Unix time the generator was loaded."""
     pids: tuple[int, ...] = ()
-    """Every rank's process of a worker of several GPUs (tasks/generate/group.py), rank 0's first."""
+    """Every rank's process of a worker of several GPUs (tasks/generate/group_rank.py), rank 0's first."""
 
     def __str__(self) -> str:
         return f"{self.name} (pid {self.pid} on {self.node}, gpu {','.join(self.gpus) or '-'})"

@@ -15,7 +15,9 @@ token layout and the self-attention's keys differ.
   frames 3n .. 3n+2) and written into the step's ring buffer, which holds the last `window`
   blocks (block n in slot n % window); the queries attend to the condition tokens (keys rotated
   anew each call, see below) and to every filled slot. Each denoising step has its own ring: the
-  blocks before are seen at the noise level of the same step, never re-encoded clean.
+  blocks before are seen at the noise level of the same step, never re-encoded clean. The ring
+  and the condition keys are attended to apart and the two softmaxes merged by their log-sum-exps
+  (exact up to rounding), so neither is copied next to the other per row and layer.
 - **The reference moves with the video**: at every call LiveAvatar draws a distance d in [4, 30]
   (Python's `random.randint`) and rotates the reference keys at frame max(30, 3n + d), so the
   reference stays a few frames ahead of the block however long the video; the motion tokens keep
@@ -41,9 +43,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.transformer import WanS2VTransformer, apply_rope, attention_backends, rope_table
+from model.transformer import WanS2VTransformer, apply_rope, attend, attention_backends, rope_table
 
-__all__ = ["FRAMES_PER_BLOCK", "CausalS2V", "StreamCache", "reference_shift"]
+__all__ = ["FRAMES_PER_BLOCK", "CausalS2V", "StreamCache", "attend_lse", "merge_attention", "reference_shift"]
 
 FRAMES_PER_BLOCK = 3  # latent frames per block (LiveAvatar's num_frames_per_block)
 ROPE_POSITIONS = 45000  # LiveAvatar's RoPE tables (rope_params(45000, ...))
@@ -59,6 +61,33 @@ def reference_shift(first_frame: int, rng: random.Random) -> int:
     return max(0, first_frame - (REFERENCE_FRAME - distance))
 
 
+def attend_lse(q: Tensor, k: Tensor, v: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
+    """Attention of q [B, S, H, D] over k, v [B, L, H, D] with `kernel` ("sdpa" or "fa4") and its
+    log-sum-exp: ([B, S, H, D], [B, H, S] float32). SDPA's public call does not return the
+    log-sum-exp, so the "sdpa" kernel calls the ATen kernels behind it."""
+    if kernel == "fa4":
+        from flash_attn.cute import flash_attn_func
+
+        return flash_attn_func(q, k, v, return_lse=True)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+    else:  # float32 on CUDA: the memory-efficient kernel (its log-sum-exp is padded along S)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+        lse = lse[..., : q.shape[1]]
+    return out.transpose(1, 2), lse
+
+
+def merge_attention(a: Tensor, lse_a: Tensor, b: Tensor, lse_b: Tensor, out: Tensor) -> None:
+    """Write into `out` the attention over the union of two key sets, from each set's output
+    [B, S, H, D] and log-sum-exp [B, H, S]: their mix weighted by each set's share of the softmax
+    mass, sigmoid(lse_a - lse_b) for `a`, computed in float32."""
+    share_a = torch.sigmoid(lse_a - lse_b).transpose(1, 2).unsqueeze(-1)
+    out.copy_(torch.lerp(b.float(), a.float(), share_a))
+
+
 @dataclass
 class _Row:
     """Where one row of the next forward writes and what it reads (set by `StreamCache.seek`)."""
@@ -66,7 +95,6 @@ class _Row:
     step: int
     slot: int  # first token of the block's slot in the step's ring
     filled: int  # ring tokens the block attends to (its own included)
-    cond_rope: Tensor  # rotation of the condition keys for this row
 
 
 class StreamCache:
@@ -101,6 +129,7 @@ class StreamCache:
         self.cond_k = [torch.empty(cond, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.cond_v = [torch.empty(cond, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.rows: list[_Row] = []
+        self.cond_rope: Tensor | None = None  # [rows, C, 1, D, 2]: each row's rotation of the condition keys
         self.prefill_hooks = [_Prefill(self, i) for i in range(cfg.num_layers)]
         self.stream_hooks = [_Stream(self, i) for i in range(cfg.num_layers)]
 
@@ -108,14 +137,17 @@ class StreamCache:
         """Point the stream hooks at the next forward's rows: (block counted from the segment's
         start, denoising step) each, with the rotation of the condition keys for each. The rows
         must see rings filled equally far (one attention length for the batch)."""
+        if len(cond_ropes) != len(rows):
+            raise ValueError(f"{len(rows)} rows, {len(cond_ropes)} rotations of the condition keys")
         self.rows = []
-        for (block, step), cond_rope in zip(rows, cond_ropes, strict=True):
+        for block, step in rows:
             if not 0 <= step < self.steps:
                 raise ValueError(f"step {step}: this cache holds {self.steps} steps")
             slot = (block % self.window) * self.block_tokens
-            self.rows.append(_Row(step, slot, self.filled(block), cond_rope))
+            self.rows.append(_Row(step, slot, self.filled(block)))
         if len({row.filled for row in self.rows}) > 1:
             raise ValueError(f"rows {rows} see rings filled to different lengths; run them apart")
+        self.cond_rope = torch.stack(cond_ropes)
 
     def filled(self, block: int) -> int:
         """Ring tokens block `block` attends to: its own and those of up to window - 1 blocks before."""
@@ -147,32 +179,34 @@ class _Prefill(_Hook):
     """Self-attention hook of the condition pass: keep the keys (un-rotated) and values."""
 
     @torch.compiler.disable  # see _Stream.__call__
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        self.cache.cond_k[self.layer].copy_(k)
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, k_raw: Tensor, kernel: str) -> Tensor:
+        self.cache.cond_k[self.layer].copy_(k_raw)
         self.cache.cond_v[self.layer].copy_(v)
-        return apply_rope(q, rope), apply_rope(k, rope), v
+        return attend(q, k, v, kernel)
 
 
 class _Stream(_Hook):
     """Self-attention hook of a video block: write the block's keys and values into the step's
-    ring, attend to the condition tokens and the filled part of the ring."""
+    ring; attend to the filled part of the ring and, apart, to the condition tokens; merge."""
 
     # Outside torch.compile's graphs (a graph break in the compiled block): traced, the hook's
     # layer index and ring tensors would specialise the block's graph per layer (40 recompiles).
     @torch.compiler.disable
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, k_raw: Tensor, kernel: str) -> Tensor:
         cache, layer = self.cache, self.layer
-        k = apply_rope(k, rope)
-        keys, values = [], []
+        cond_k = apply_rope(cache.cond_k[layer], cache.cond_rope)  # [rows, C, H, D], one pass for all rows
+        cond_v = cache.cond_v[layer]
+        out = torch.empty_like(q)
         for j, row in enumerate(cache.rows):
             ring_k, ring_v = cache.ring_k[layer][row.step], cache.ring_v[layer][row.step]
             end = row.slot + k.shape[1]
             ring_k[:, row.slot : end] = k[j : j + 1]
             ring_v[:, row.slot : end] = v[j : j + 1]
-            cond_k = apply_rope(cache.cond_k[layer], row.cond_rope)
-            keys.append(torch.cat([ring_k[:, : row.filled], cond_k], dim=1))
-            values.append(torch.cat([ring_v[:, : row.filled], cache.cond_v[layer]], dim=1))
-        return apply_rope(q, rope), torch.cat(keys), torch.cat(values)
+            query = q[j : j + 1]
+            ring = attend_lse(query, ring_k[:, : row.filled], ring_v[:, : row.filled], kernel)
+            cond = attend_lse(query, cond_k[j : j + 1], cond_v, kernel)
+            merge_attention(*ring, *cond, out=out[j : j + 1])
+        return out
 
 
 class CausalS2V:

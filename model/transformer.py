@@ -149,8 +149,8 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     return (xf * table[..., 0] + swapped * table[..., 1]).to(x.dtype)
 
 
-# (q, k, v, rope) -> (q, k, v): see Attention.forward's kv_cache.
-KVHook = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], tuple[Tensor, Tensor, Tensor]]
+# (q, k, v, k_raw, kernel) -> attention output: see Attention.forward's kv_cache.
+KVHook = Callable[[Tensor, Tensor, Tensor, Tensor, str], Tensor]
 # (q, k, v, kernel) [B, S, H, D] -> [B, S, H, D]: the attention itself, `attend` unless a hook
 # replaces it (Attention.attend_hook; sequence parallelism wraps it in all-to-alls, model/parallel.py).
 AttendHook = Callable[[Tensor, Tensor, Tensor, str], Tensor]
@@ -190,20 +190,23 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x [B, S, D]; context [B, L, D] (None: self-attention); rope [S, 1, D/H, 2] or None.
 
-        kv_cache (self-attention only): called with the un-rotated q, k, v [B, S, H, D] and `rope`,
-        it rotates them, keeps what it caches and returns the q, k, v to attend with (keys and
-        values may be longer than the queries); the causal model's cache (model/causal.py)."""
+        kv_cache (self-attention only): the causal model's cache (model/causal.py), called with q, k
+        rotated by `rope`, v, the un-rotated k (all [B, S, H, D]) and the kernel; it keeps what it
+        caches and returns the attention output, over keys that may be longer than the queries.
+        The rotation stays here, where a compiled block fuses it with the norms."""
         b, s, d = x.shape
         src = x if context is None else context
         q = self.norm_q(self.q(x)).view(b, s, self.num_heads, -1)
-        k = self.norm_k(self.k(src)).view(b, src.shape[1], self.num_heads, -1)
+        k_raw = self.norm_k(self.k(src)).view(b, src.shape[1], self.num_heads, -1)
         v = self.v(src).view(b, src.shape[1], self.num_heads, -1)
-        if kv_cache is not None:
-            q, k, v = kv_cache(q, k, v, rope)
-        elif rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        k = k_raw
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k_raw, rope)
         kernel = self.kernel if context is None else "sdpa"
-        out = (self.attend_hook or attend)(q, k, v, kernel)
+        if kv_cache is not None:
+            out = kv_cache(q, k, v, k_raw, kernel)
+        else:
+            out = (self.attend_hook or attend)(q, k, v, kernel)
         return self.o(out.reshape(b, s, d))
 
 

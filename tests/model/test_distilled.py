@@ -20,12 +20,12 @@ from media import gradient_image, voiced_tone
 from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
 
-from model.causal import FRAMES_PER_BLOCK, CausalS2V, StreamCache, reference_shift
+from model.causal import FRAMES_PER_BLOCK, CausalS2V, StreamCache, attend_lse, merge_attention, reference_shift
 from model.config import S2VConfig
 from model.distilled import DistilledPipeline, check_liveavatar_lora, distilled_schedule, read_liveavatar_lora
 from model.lora import LoraError, load_lora, set_loras
 from model.tiny import write_liveavatar_lora
-from model.transformer import WanS2VTransformer, apply_rope, audio_injection, randomize_, rope_table
+from model.transformer import WanS2VTransformer, apply_rope, attend, audio_injection, randomize_, rope_table
 
 HW = (8, 8)  # latent frames of 8 x 8: 16 tokens a frame, 48 a block (FramePack needs 8 x 8)
 
@@ -98,6 +98,20 @@ def test_cached_attention_equals_masked_full_attention(tiny_dit: WanS2VTransform
         )
         full = attn.o(full.transpose(1, 2).reshape(b, s, -1))
     assert torch.allclose(cached, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_two_key_sets_attended_apart_and_merged_equal_one_attention(dtype: torch.dtype, tol: float) -> None:
+    # the stream hook's attention: ring and condition keys apart, softmaxes merged by log-sum-exp
+    gen = torch.Generator().manual_seed(4)
+    q, k1, v1, k2, v2 = (
+        (torch.randn(2, n, 3, 16, generator=gen) * 2).to(dtype) for n in (10, 23, 23, 9, 9)
+    )
+    out = torch.empty_like(q)
+    merge_attention(*attend_lse(q, k1, v1, "sdpa"), *attend_lse(q, k2, v2, "sdpa"), out=out)
+    whole = attend(q.float(), torch.cat([k1, k2], 1).float(), torch.cat([v1, v2], 1).float())
+    assert out.dtype == dtype
+    assert (out.float() - whole).abs().max() <= tol * whole.abs().max()
 
 
 def test_each_step_sees_only_its_own_ring(causal: CausalS2V) -> None:
@@ -327,6 +341,28 @@ def test_clips_handed_over_a_forward_later_are_the_same_clips(distilled: Distill
     for a, b in zip(later, at_once, strict=True):
         assert a.frames.dtype == b.frames.dtype == np.uint8 and np.array_equal(a.frames, b.frames)
         assert a.state.keys() == b.state.keys() and all(np.array_equal(a.state[k], b.state[k]) for k in a.state)
+
+
+def test_the_vae_runs_in_the_dits_dtype_as_liveavatars(
+    tiny_checkpoint: Path, distilled: DistilledPipeline, tmp_path: Path
+) -> None:
+    # LiveAvatar builds its VAE in the DiT's dtype (bf16); ours runs under autocast, so the float32
+    # weights exact mode decodes with stay as they are. A float32 DiT keeps a float32 VAE.
+    lora = write_liveavatar_lora(tmp_path / "liveavatar.safetensors", S2VConfig.tiny())
+    bf16 = DistilledPipeline.from_checkpoint(tiny_checkpoint, lora, device="cpu", dtype=torch.bfloat16)
+    image = gradient_image()
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0) * 2 - 1
+    frames = pixels[None, :, None].expand(1, 3, 5, *pixels.shape[1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = bf16.vae.encode(frames)[:, :, 1:].float()
+    ref_bf16, _ = bf16.reference_latents(image)
+    ref_f32, _ = distilled.reference_latents(image)
+    assert torch.equal(ref_bf16, expected) and ref_bf16.dtype == torch.float32
+    assert torch.equal(ref_f32, distilled.vae.encode(frames)[:, :, 1:])
+    assert not torch.equal(ref_bf16, ref_f32) and torch.allclose(ref_bf16, ref_f32, atol=0.1)
+    assert all(p.dtype == torch.float32 for p in bf16.vae.model.parameters())
+    clip = next(bf16.generate_clips(image, voiced_tone(1.5), "hi", infer_frames=INFER, seed=1, num_clips=1))
+    assert clip.frames.dtype == np.uint8 and clip.frames.shape == (INFER - 3, 64, 64, 3)
 
 
 def test_settings_it_cannot_honour_fail_clearly(distilled: DistilledPipeline) -> None:

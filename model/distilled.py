@@ -23,7 +23,9 @@ latents before the first clip), keeping its own 48 frames; the first clip loses 
 decoded frames, as LiveAvatar's does. LiveAvatar's single-GPU script decodes each clip after the
 re-encoded last 365 frames of the video (92 latents), its real-time path streams the decoder over
 the whole latent sequence; both differ from this only in how the decoder is warmed up, and would
-cost more than the DiT (or carry the decoder's 2 GB feature caches between clips).
+cost more than the DiT (or carry the decoder's 2 GB feature caches between clips). The VAE runs in
+the DiT's dtype (bf16 by default) for its encodes and decodes, as LiveAvatar's does; exact mode's
+VAE stays float32, as Wan2.2's S2V code has it.
 
 Continuation: the KV cache (60 GiB at 480x832 in bf16) is the state a clip hands to the next; far too
 large to save with each clip. The state saved is small: the clip index and the clip's last block
@@ -40,6 +42,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -296,7 +299,9 @@ class DistilledPipeline(S2VPipeline):
                         self._release(dit)
                         vae = self._use(self.vae)
                     prefix = motion_latents[:, :, -DECODE_CONTEXT:] if r == 0 else tail.to(self.device)
-                    video = vae.decode(torch.cat([prefix.to(latents.device), latents], dim=2))[:, :, -infer_frames:]
+                    with self._vae_precision():
+                        video = vae.decode(torch.cat([prefix.to(latents.device), latents], dim=2))
+                    video = video[:, :, -infer_frames:].float()
                     if r == 0:
                         video = video[:, :, FIRST_CLIP_DROP:]
                     if self.offload == "model":
@@ -349,11 +354,21 @@ class DistilledPipeline(S2VPipeline):
             return self._reference[1]
         pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0) * 2 - 1
         frames = pixels[None, :, None].expand(1, 3, REFERENCE_REPEAT, *pixels.shape[1:]).to(self.device)
-        ref_latents = self.vae.encode(frames)[:, :, 1:]
-        # = vae.encode(frames.repeat(1, 1, motion_frames, 1, 1)) bit for bit, a third of the work
-        motion_latents = self.vae.encode_still(frames[:, :, :1], REFERENCE_REPEAT * self.config.motion_frames)
+        with self._vae_precision():
+            ref_latents = self.vae.encode(frames)[:, :, 1:].float()
+            # = vae.encode(frames.repeat(1, 1, motion_frames, 1, 1)) bit for bit, a third of the work
+            motion_frames = REFERENCE_REPEAT * self.config.motion_frames
+            motion_latents = self.vae.encode_still(frames[:, :, :1], motion_frames).float()
         self._reference = (key, (ref_latents, motion_latents))
         return ref_latents, motion_latents
+
+    def _vae_precision(self) -> AbstractContextManager:
+        """The VAE runs in the DiT's dtype, as LiveAvatar runs it (its causal_s2v_pipeline.py builds
+        Wan2_1_VAE with dtype=param_dtype, bfloat16); by autocast, so the float32 weights that exact
+        mode decodes with (as Wan2.2's own S2V code does) are shared untouched."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _resume_tail(self, start_clip: int, state: dict[str, np.ndarray] | None, lat_h: int, lat_w: int):
         if start_clip == 0:

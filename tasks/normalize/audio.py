@@ -1,13 +1,14 @@
 """Audio normalization: any common format in, a 16 kHz model track and a loudness-normalized master out.
 
-The source is decoded to float32 (ffmpeg) and analysed in numpy block by block as it streams out of
-ffmpeg (peak, clipping, invalid samples, 10 ms frame powers for silence), so memory stays a few MB
-whatever the audio's length. The trim points are chosen once on that signal; both output files are
-then written by one ffmpeg run that decodes the source again (decoding is deterministic) and cuts it
-at those sample positions, so the 16 kHz track and the 48 kHz master start and end together.
+The source is decoded to float32 in this process (PyAV's filter graphs, `tasks/normalize/measure.py`)
+and analysed in numpy block by block as it is decoded (peak, clipping, invalid samples, 10 ms frame
+powers for silence), so memory stays a few MB whatever the audio's length. The trim points are chosen
+once on that signal; both output files are then written by one ffmpeg run that decodes the source
+again (decoding is deterministic) and cuts it at those sample positions, so the 16 kHz track and the
+48 kHz master start and end together.
 
 Loudness is EBU R128 in two passes: pass one measures integrated loudness, loudness range, threshold
-and true peak with ffmpeg's `ebur128` filter while decoding; pass two applies the pure gain to -16 LUFS
+and true peak with libavfilter's `ebur128` filter while decoding; pass two applies the pure gain to -16 LUFS
 with `volume` (what `loudnorm` with `linear=true` would do, without its 192 kHz detour; `loudnorm` is
 the fallback when a pure gain would overshoot the peak target). Measuring with `ebur128` rather than a first `loudnorm`
 run is deliberate: a measuring `loudnorm` pass runs its full dynamic processor at 192 kHz (about 30x
@@ -26,8 +27,6 @@ import json
 import logging
 import math
 import re
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import av
 import ffmpeg
 import numpy as np
 
-from tasks.media import FFmpegError, MediaInfo, ffmpeg_exe, probe, run_ffmpeg
+from tasks.media import FFmpegError, MediaInfo, probe, run_ffmpeg
 from tasks.normalize.measure import Chain, Loudness, measure
 from tasks.records import MODEL_SAMPLE_RATE, AudioQC, RowFailure
 from tasks.storage import atomic_local
@@ -175,37 +174,6 @@ def _source(src: Path, chain: Chain):
     return stream
 
 
-def _stream_pcm(outputs, channels: int, block_frames: int, on_block: Callable[[np.ndarray], None],
-                stdin: bytes | None = None) -> str:
-    """Run ffmpeg with float32 PCM on stdout and hand it to `on_block` in blocks of `block_frames`
-    frames (the last one shorter) as it comes; returns ffmpeg's log. Raises FFmpegError on failure.
-    (media.run_ffmpeg collects stdout whole; this hands it on as it comes, so memory stays flat.)"""
-    process = outputs.global_args("-nostdin", "-nostats").run_async(
-        cmd=ffmpeg_exe(), pipe_stdout=True, pipe_stderr=True)
-    log: list[bytes] = []
-    reader = threading.Thread(target=lambda: log.append(process.stderr.read()), daemon=True)
-    reader.start()
-    block_bytes = block_frames * channels * 4
-    pending = b""
-    try:
-        while chunk := process.stdout.read(block_bytes - len(pending)):
-            pending += chunk
-            if len(pending) == block_bytes:
-                on_block(np.frombuffer(pending, dtype="<f4").reshape(-1, channels))
-                pending = b""
-        usable = len(pending) - len(pending) % (channels * 4)
-        if usable:
-            on_block(np.frombuffer(pending[:usable], dtype="<f4").reshape(-1, channels))
-    finally:
-        process.stdout.close()
-        process.wait()
-        reader.join()
-    err = b"".join(log)
-    if process.returncode:
-        raise FFmpegError(f"ffmpeg failed decoding: {err.decode(errors='replace')[-2000:]}", err)
-    return err.decode("utf-8", "replace")
-
-
 def _analyse(src: Path, sample_rate: int, channels: int) -> _Analysis:
     """Decode the source once, in this process, measuring peak, clipping, invalid samples, 10 ms frame
     powers (numpy, a block at a time) and (`ebur128`, fed by the same decode) its loudness."""
@@ -255,13 +223,12 @@ def _hop(sample_rate: int) -> int:
 
 def _decode(src: Path, sample_rate: int, channels: int) -> np.ndarray:
     """The whole first audio stream as float32 (frames × channels): for `decode_audio` (an `align` of
-    one file); normalization streams instead (`_analyse`)."""
+    one file, the calibration's speech); normalization reads it a block at a time instead (`_analyse`)."""
     blocks: list[np.ndarray] = []
-    outputs = _source(src, _source_chain(sample_rate, channels)).output("pipe:", format="f32le", acodec="pcm_f32le")
     try:
-        _stream_pcm(outputs, channels, 1 << 16, lambda x: blocks.append(x.copy()))
-    except FFmpegError as exc:
-        raise _fail(f"audio could not be decoded ({_ffmpeg_error(exc)})") from exc
+        measure(src, _source_chain(sample_rate, channels), channels=channels, on_samples=blocks.append)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise _fail(f"audio could not be decoded ({exc})") from exc
     return np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
 
 

@@ -24,9 +24,9 @@ MISMATCH_FIT = 0.2
 """The audio does not say the script when the fit is below MISMATCH_FIT or at least
 MISMATCH_SKIPPED (tasks/speech/verdict.py) of the script words carry a note (not found, placed only
 by forcing, or stretched over unscripted speech). Calibrated with bench/align_accuracy.py's corpus
-(docs/benchmarks.md): with their own script the intelligible conditions fit at 0.305-0.49 (TTS,
+(docs/benchmarks.md): with their own script the intelligible conditions fit at 0.305-0.549 (TTS,
 human speech, pink noise and a music bed at 10 dB SNR), none flagged; with another condition's
-script at 0.03-0.123, or no alignment at all, every one flagged."""
+script at 0.032-0.123, or no alignment at all, every one flagged."""
 PHONE_LOOP_OPTIONS = {"ds": 2}
 """The phone loop scores every other frame (ds 2): it only feeds the fit score; its default beams."""
 FIT_FULL_S = 120.0

@@ -75,6 +75,9 @@ class MediaInfo:
     has_audio: bool
     has_video: bool
     audio_codec: str | None = None
+    """The decoder's name ("mp3float", "libopus")."""
+    audio_format: str | None = None
+    """The format's codec name ("mp3", "opus"), for reports."""
     sample_rate: int | None = None
     channels: int | None = None
     video_codec: str | None = None
@@ -101,6 +104,7 @@ def probe(path: str | Path) -> MediaInfo:
         if audio is not None:
             info.update(
                 audio_codec=audio.codec_context.name,
+                audio_format=getattr(audio.codec_context.codec, "canonical_name", None),
                 sample_rate=audio.codec_context.sample_rate,
                 channels=audio.codec_context.channels,
                 audio_duration_s=(float(audio.duration * audio.time_base)

@@ -1,13 +1,14 @@
 """Audio normalization: any common format in, a 16 kHz model track and a loudness-normalized master out.
 
-The source is decoded to float32 (ffmpeg) and analysed in numpy block by block as it streams out of
-ffmpeg (peak, clipping, invalid samples, 10 ms frame powers for silence), so memory stays a few MB
-whatever the audio's length. The trim points are chosen once on that signal; both output files are
-then written by one ffmpeg run that decodes the source again (decoding is deterministic) and cuts it
-at those sample positions, so the 16 kHz track and the 48 kHz master start and end together.
+The source is decoded to float32 in this process (PyAV's filter graphs, `tasks/normalize/measure.py`)
+and analysed in numpy block by block as it is decoded (peak, clipping, invalid samples, 10 ms frame
+powers for silence), so memory stays a few MB whatever the audio's length. The trim points are chosen
+once on that signal; both output files are then written by one ffmpeg run that decodes the source
+again (decoding is deterministic) and cuts it at those sample positions, so the 16 kHz track and the
+48 kHz master start and end together.
 
 Loudness is EBU R128 in two passes: pass one measures integrated loudness, loudness range, threshold
-and true peak with ffmpeg's `ebur128` filter while decoding; pass two applies the pure gain to -16 LUFS
+and true peak with libavfilter's `ebur128` filter while decoding; pass two applies the pure gain to -16 LUFS
 with `volume` (what `loudnorm` with `linear=true` would do, without its 192 kHz detour; `loudnorm` is
 the fallback when a pure gain would overshoot the peak target). Measuring with `ebur128` rather than a first `loudnorm`
 run is deliberate: a measuring `loudnorm` pass runs its full dynamic processor at 192 kHz (about 30x
@@ -26,8 +27,6 @@ import json
 import logging
 import math
 import re
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,8 @@ import av
 import ffmpeg
 import numpy as np
 
-from tasks.media import FFmpegError, MediaInfo, ffmpeg_exe, probe, run_ffmpeg
+from tasks.media import FFmpegError, MediaInfo, probe, run_ffmpeg
+from tasks.normalize.measure import Chain, Loudness, measure
 from tasks.records import MODEL_SAMPLE_RATE, AudioQC, RowFailure
 from tasks.storage import atomic_local
 
@@ -66,16 +66,6 @@ AUDIO_16K_NAME = "audio_16k.wav"
 MASTER_NAME = "master.wav"
 # Still-image codecs FFmpeg opens as one-frame "video"; an image given as audio gets named as such.
 _IMAGE_CODECS = frozenset({"png", "mjpeg", "jpegls", "webp", "bmp", "gif", "tiff", "jpeg2000", "libjxl", "qoi"})
-
-
-@dataclass(frozen=True)
-class Loudness:
-    """What an EBU R128 measurement reports."""
-
-    integrated: float
-    lra: float
-    threshold: float
-    true_peak: float
 
 
 def _fail(reason: str) -> RowFailure:
@@ -149,15 +139,6 @@ def _check_source(src: Path, max_duration_s: float) -> MediaInfo:
     return info
 
 
-def _codec_name(src: Path, fallback: str | None) -> str:
-    """The format's codec name ("mp3", "aac", "opus"), not the decoder's ("mp3float", "libopus")."""
-    try:
-        with av.open(str(src)) as container:
-            return container.streams.audio[0].codec_context.codec.canonical_name
-    except (av.error.FFmpegError, OSError, IndexError, AttributeError):
-        return fallback or "unknown"
-
-
 @dataclass
 class _Analysis:
     """What one streaming pass over the decoded source measured."""
@@ -171,62 +152,35 @@ class _Analysis:
     loudness: Loudness | None = None
 
 
-def _source(src: Path, sample_rate: int, channels: int, trim: tuple[int, int] | None = None):
-    """The source's first audio stream as float32 at `sample_rate` in `channels` (1 or 2), optionally cut
-    to the samples [start, end): the same samples in every pass, counted from the first decoded one."""
-    stream = ffmpeg.input(str(src))["a:0"]
+def _source_chain(sample_rate: int, channels: int, trim: tuple[int, int] | None = None) -> Chain:
+    """The filters that make the source's first audio stream float at `sample_rate` in `channels` (1 or 2),
+    optionally cut to the samples [start, end): the same samples in every pass, counted from the first
+    decoded one."""
     # Surround and other layouts are folded to stereo before anything is measured.
-    stream = stream.filter("aformat", channel_layouts="stereo" if channels == 2 else "mono")
-    stream = stream.filter("aresample", sample_rate)
+    chain: Chain = [("aformat", (), {"channel_layouts": "stereo" if channels == 2 else "mono"}),
+                    ("aresample", (sample_rate,), {})]  # fmt: skip
     if trim is not None:
         # Timestamps from the sample count, so the cut is at the same samples the analysis counted.
-        stream = stream.filter("asetpts", "N/SR/TB").filter("atrim", start_sample=trim[0], end_sample=trim[1])
-        stream = stream.filter("asetpts", "PTS-STARTPTS")
+        chain += [("asetpts", ("N/SR/TB",), {}), ("atrim", (), {"start_sample": trim[0], "end_sample": trim[1]}),
+                  ("asetpts", ("PTS-STARTPTS",), {})]  # fmt: skip
+    return chain
+
+
+def _source(src: Path, chain: Chain):
+    """The source's first audio stream through `chain`, for an ffmpeg run."""
+    stream = ffmpeg.input(str(src))["a:0"]
+    for name, args, kwargs in chain:
+        stream = stream.filter(name, *args, **kwargs)
     return stream
 
 
-def _stream_pcm(outputs, channels: int, block_frames: int, on_block: Callable[[np.ndarray], None],
-                stdin: bytes | None = None) -> str:
-    """Run ffmpeg with float32 PCM on stdout and hand it to `on_block` in blocks of `block_frames`
-    frames (the last one shorter) as it comes; returns ffmpeg's log. Raises FFmpegError on failure.
-    (media.run_ffmpeg collects stdout whole; this hands it on as it comes, so memory stays flat.)"""
-    process = outputs.global_args("-nostdin", "-nostats").run_async(
-        cmd=ffmpeg_exe(), pipe_stdout=True, pipe_stderr=True)
-    log: list[bytes] = []
-    reader = threading.Thread(target=lambda: log.append(process.stderr.read()), daemon=True)
-    reader.start()
-    block_bytes = block_frames * channels * 4
-    pending = b""
-    try:
-        while chunk := process.stdout.read(block_bytes - len(pending)):
-            pending += chunk
-            if len(pending) == block_bytes:
-                on_block(np.frombuffer(pending, dtype="<f4").reshape(-1, channels))
-                pending = b""
-        usable = len(pending) - len(pending) % (channels * 4)
-        if usable:
-            on_block(np.frombuffer(pending[:usable], dtype="<f4").reshape(-1, channels))
-    finally:
-        process.stdout.close()
-        process.wait()
-        reader.join()
-    err = b"".join(log)
-    if process.returncode:
-        raise FFmpegError(f"ffmpeg failed decoding: {err.decode(errors='replace')[-2000:]}", err)
-    return err.decode("utf-8", "replace")
-
-
 def _analyse(src: Path, sample_rate: int, channels: int) -> _Analysis:
-    """Decode the source once, block by block, measuring peak, clipping, invalid samples, 10 ms frame
-    powers and (ffmpeg's `ebur128`, fed by the same decode) its loudness."""
-    branches = _source(src, sample_rate, channels).asplit()
-    measured = branches[0].filter("ebur128", peak="true", framelog="quiet")
-    outputs = ffmpeg.merge_outputs(
-        ffmpeg.output(branches[1], "pipe:", format="f32le", acodec="pcm_f32le"),
-        ffmpeg.output(measured, "-", format="null"),
-    )
+    """Decode the source once, in this process, measuring peak, clipping, invalid samples, 10 ms frame
+    powers (numpy, a block at a time) and (`ebur128`, fed by the same decode) its loudness."""
     hop = _hop(sample_rate)
     result = _Analysis(powers=[])
+    block = BLOCK_FRAMES * hop
+    pending: list[np.ndarray] = []
 
     def on_block(x: np.ndarray) -> None:
         if not np.isfinite(x).all():
@@ -243,12 +197,23 @@ def _analyse(src: Path, sample_rate: int, channels: int) -> _Analysis:
         result.powers.append(frames.astype(np.float32))
         result.frames += x.shape[0]
 
+    def on_samples(x: np.ndarray) -> None:  # the decoder's pieces, regrouped into whole blocks
+        pending.append(x)
+        if sum(len(p) for p in pending) >= block:
+            joined = np.concatenate(pending)
+            whole = len(joined) - len(joined) % block
+            for a in range(0, whole, block):
+                on_block(joined[a : a + block])
+            pending[:] = [joined[whole:]] if whole < len(joined) else []
+
     try:
-        err = _stream_pcm(outputs, channels, BLOCK_FRAMES * hop, on_block)
-    except FFmpegError as exc:
-        raise _fail(f"audio could not be decoded ({_ffmpeg_error(exc)})") from exc
+        loudness = measure(src, _source_chain(sample_rate, channels), channels=channels, on_samples=on_samples)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise _fail(f"audio could not be decoded ({exc})") from exc
+    if pending and (rest := np.concatenate(pending)).size:
+        on_block(rest)
     if result.frames and result.finite:
-        result.loudness = _parse_ebur128(err)
+        result.loudness = loudness
     return result
 
 
@@ -258,13 +223,12 @@ def _hop(sample_rate: int) -> int:
 
 def _decode(src: Path, sample_rate: int, channels: int) -> np.ndarray:
     """The whole first audio stream as float32 (frames × channels): for `decode_audio` (an `align` of
-    one file); normalization streams instead (`_analyse`)."""
+    one file, the calibration's speech); normalization reads it a block at a time instead (`_analyse`)."""
     blocks: list[np.ndarray] = []
-    outputs = _source(src, sample_rate, channels).output("pipe:", format="f32le", acodec="pcm_f32le")
     try:
-        _stream_pcm(outputs, channels, 1 << 16, lambda x: blocks.append(x.copy()))
-    except FFmpegError as exc:
-        raise _fail(f"audio could not be decoded ({_ffmpeg_error(exc)})") from exc
+        measure(src, _source_chain(sample_rate, channels), channels=channels, on_samples=blocks.append)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise _fail(f"audio could not be decoded ({exc})") from exc
     return np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
 
 
@@ -285,20 +249,32 @@ def _trim_points(frames: np.ndarray, n: int, sample_rate: int, pad_s: float, thr
     return start, end
 
 
-def _limiter(stream, gain_db: float, sample_rate: int, n: int):
-    """`stream` brought up by `gain_db` with its true peaks held under the ceiling, `n` samples long."""
+def _limiter_chain(gain_db: float, sample_rate: int, n: int) -> Chain:
+    """The filters that bring the signal up by `gain_db` with its true peaks held under the ceiling, `n`
+    samples long."""
     ceiling = 10.0 ** ((TARGET_TP - 0.5) / 20.0)
-    return (
-        stream.filter("volume", f"{gain_db:.3f}dB")
+    return [
+        ("volume", (f"{gain_db:.3f}dB",), {}),
         # 2x oversampling catches most inter-sample peaks at half the cost of 4x; the ceiling's
         # 0.5 dB margin and the re-measurement (true peak at 4x) cover the rest.
-        .filter("aresample", 2 * sample_rate)
+        ("aresample", (2 * sample_rate,), {}),
         # latency=true removes the lookahead delay, so the signal stays sample-aligned.
-        .filter("alimiter", limit=ceiling, level="false", latency="true", attack=5, release=50)
-        .filter("aresample", sample_rate)
-        .filter("apad", whole_len=n)
-        .filter("atrim", end_sample=n)
-    )
+        ("alimiter", (), {"limit": ceiling, "level": "false", "latency": "true", "attack": 5, "release": 50}),
+        ("aresample", (sample_rate,), {}),
+        ("apad", (), {"whole_len": n}),
+        ("atrim", (), {"end_sample": n}),
+    ]
+
+
+def _threshold(stream) -> float:
+    """The gating threshold `ebur128`'s summary reports for `stream` (an ffmpeg run): only loudnorm's
+    fallback needs it, which the in-process measurement does not give."""
+    run = stream.filter("ebur128", peak="true", framelog="quiet").output("-", format="null")
+    try:
+        _, err = run_ffmpeg(run.global_args("-nostats").get_args(), what="measuring loudness")
+    except FFmpegError as exc:
+        raise RuntimeError(f"loudness measurement failed: {_ffmpeg_error(exc)}") from exc
+    return _parse_ebur128(err.decode("utf-8", "replace")).threshold
 
 
 def _limit_peaks(
@@ -321,13 +297,13 @@ def _limit_peaks(
     gain_db = TARGET_LUFS - loudness.integrated
     measured = loudness
     for _ in range(4):
-        limited = _limiter(_source(src, sample_rate, channels, trim), gain_db, sample_rate, n)
-        run = limited.filter("ebur128", peak="true", framelog="quiet").output("-", format="null")
+        chain = _source_chain(sample_rate, channels, trim) + _limiter_chain(gain_db, sample_rate, n)
         try:
-            _, err = run_ffmpeg(run.global_args("-nostats").get_args(), what="limiting peaks")
-        except FFmpegError as exc:
-            raise RuntimeError(f"peak limiting failed: {_ffmpeg_error(exc)}") from exc
-        measured = _parse_ebur128(err.decode("utf-8", "replace"))
+            measured = measure(src, chain, channels=channels)
+        except av.error.FFmpegError as exc:
+            raise RuntimeError(f"peak limiting failed: {exc}") from exc
+        if measured is None:
+            raise RuntimeError("peak limiting failed: nothing was decoded")
         if measured.true_peak - measured.integrated <= headroom - 0.05:
             break
         # Limiting lowered the loudness; raise the gain and redo it. More gain means more limiting, so
@@ -357,9 +333,10 @@ def _write_outputs(
     # _limit_peaks ensures), but always at 192 kHz: about 1.3 s of CPU per 10 minutes of stereo, 4x
     # what `volume` at the source rate costs. loudnorm stays as the fallback for the other case.
     linear = loudness.true_peak + gain_db <= TARGET_TP
-    stream = _source(src, sample_rate, channels, trim)
+    chain = _source_chain(sample_rate, channels, trim)
     if limiter_gain is not None:
-        stream = _limiter(stream, limiter_gain, sample_rate, n_src)
+        chain += _limiter_chain(limiter_gain, sample_rate, n_src)
+    stream = _source(src, chain)
     if linear:
         stream = stream.filter("volume", f"{gain_db:.4f}dB", precision="double")
     else:
@@ -375,7 +352,7 @@ def _write_outputs(
             measured_TP=loudness.true_peak,
             # loudnorm reads 0 as "not measured" and would refuse linear mode (steady tones measure 0 LU).
             measured_LRA=max(loudness.lra, 0.1),
-            measured_thresh=loudness.threshold,
+            measured_thresh=_threshold(stream) if loudness.threshold is None else loudness.threshold,
             linear="true",
             print_format="json",
         )
@@ -477,7 +454,7 @@ def normalize_audio(
         source_duration_s=source_duration,
         source_sample_rate=source_rate,
         source_channels=source_channels,
-        source_codec=_codec_name(src, info.audio_codec),
+        source_codec=info.audio_format or info.audio_codec or "unknown",
         integrated_lufs=loudness.integrated,
         peak_dbfs=20.0 * math.log10(analysis.peak) if analysis.peak > 0 else -math.inf,
         clipping_ratio=analysis.clipped / (n * channels),

@@ -14,11 +14,8 @@ Method (chosen by measurement, see docs/benchmarks.md "Offline aligner"):
    between their anchored neighbours (``align_tokens``).
 3. A token is "not found" only where the audio lacks it, with the reason (``_verify``).
 4. Word edges move onto the audio's own pauses and onsets (``activity.snap_to_pauses``).
-5. A free phone loop (the bundled phonetic language model) decodes the same audio;
-   each aligned token scores the similarity of its dictionary phones to the phones
-   the loop heard in its frames (1 - normalized edit distance). The mean over the
-   script is the fit score: it is high when the audio says the script, low for a
-   wrong file, another language or music.
+5. The fit score (``tasks/speech/fit.py``): a free phone loop decodes the same audio, and each
+   aligned token scores how well the phones heard in its frames match its dictionary phones.
 
 Flags and failures are the shared ones (``tasks/speech/verdict.py``), plus ``unscripted_speech``
 (``_overlong``); unspoken words score 0.
@@ -39,24 +36,18 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 import numpy as np
-from pocketsphinx import Config, Decoder, get_model_path
+from pocketsphinx import Decoder
 
 from tasks.records import MODEL_SAMPLE_RATE, RowFailure, SpeechAnalysis, WordTiming
+from tasks.speech import sphinx
 from tasks.speech.activity import MIN_QUIET_S, Activity, analyse, snap_to_pauses
+from tasks.speech.fit import MISMATCH_FIT, fit_windows, phone_loop, phone_loop_decoder, token_score
 from tasks.speech.samples import BLOCK, AudioInput, Samples, mono_16k
 from tasks.speech.script import ScriptWord, normalize_script
+from tasks.speech.sphinx import BYTES_PER_FRAME, FILLERS, FRAME_RATE, decode
 from tasks.speech.verdict import empty_script, judge_fit, low_fit_flags, require_sound
 
 ALIGNER = "pocketsphinx-en-us"
-MISMATCH_FIT = 0.13
-"""The audio does not say the script when the fit is below MISMATCH_FIT or at least
-MISMATCH_SKIPPED (tasks/speech/verdict.py) of the script words carry a note (not found, placed only
-by forcing, or stretched over unscripted speech). Calibrated with bench/align_accuracy.py's corpus
-(docs/benchmarks.md): with their own script the intelligible conditions fit at 0.151-0.423 (fast
-continuous TTS lowest) with at most 3% of the words noted; with another condition's script, at
-0.021-0.106, and 64-100% noted, or no alignment at all, except three at 0.101-0.106 with 7-9%."""
-FRAME_RATE = 100
-"""pocketsphinx frames per second (10 ms shift)."""
 SKIP_PROB = 1e-3
 """Prior of a script token not being spoken: small, so a token is only skipped when the audio says so."""
 SIL_PROB = 1.0
@@ -64,9 +55,6 @@ SIL_PROB = 1.0
 # Pruning beams stay at pocketsphinx's defaults: tighter beams (1e-20) ran ~4x faster on
 # word-by-word speech but, with skippable words in the grammar, silently derailed on
 # continuous synthetic speech (skipping words instead of failing).
-PHONE_LOOP_BEAMS = {"ds": 2}
-"""The phone loop scores every other frame (ds 2): 25% faster; it only feeds the fit score (ds 3 with
-topn 2 was faster still but lowered the fits of matching speech towards MISMATCH_FIT)."""
 SKIP_OPTIONS = {"topn": 2}
 """Grammar passes use the two best Gaussians per senone: same boundary errors on
 bench/align_accuracy.py's corpus, faster."""
@@ -239,57 +227,6 @@ class TokenAlignment:
     """Why a token was not found, or how it was placed when the grammar skipped it."""
 
 
-def _edit_similarity(a: list[str], b: list[str]) -> float:
-    """1 - Levenshtein(a, b) / max(len): hand-written, a dozen lines, on phone lists of a word."""
-    if not a and not b:
-        return 1.0
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return 1.0 - prev[-1] / max(len(a), len(b))
-
-
-@functools.cache
-def _model_paths() -> tuple[str, str]:
-    return get_model_path("en-us/en-us"), get_model_path("en-us/en-us-phone.lm.bin")
-
-
-@functools.cache
-def _feature_options() -> dict[str, str | bool]:
-    """The bundled model's feature parameters (its feat.params) with pocketsphinx's noise removal off.
-
-    A decoder reads feat.params over its own options, and that file turns on noise removal, whose
-    running noise estimate carries over from one utterance to the next: the same audio aligned
-    after another file came out differently (a word lost). Resetting the estimate per utterance
-    (``start_stream``) left each file's first seconds poorly heard, which narrowed the gap between
-    matching and wrong scripts' fits; without noise removal the results are the audio's alone, as
-    accurate on the noisy conditions of bench/align_accuracy.py, and the fits separate as well.
-    So the decoders get the file's parameters as options and an empty feat.params.
-    """
-    known = Config()
-    options: dict[str, str | bool] = {}
-    for line in (Path(_model_paths()[0]) / "feat.params").read_text().splitlines():
-        key, _, value = line.strip().lstrip("-").partition(" ")
-        if key in known:  # the file also names training-only settings ("-model ptm")
-            options[key] = {"yes": True, "no": False}.get(value, value)
-    return {**options, "remove_noise": False, "featparams": os.devnull}
-
-
-_FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "SIL", "+NSN+", "+SPN+", "(NULL)")
-"""Segments that are not script words ("(NULL)": a grammar's null transition, such as a chunk's early end)."""
-
-
-FIT_FULL_S = 120.0
-"""Audio up to this long gets the phone loop over all of it."""
-FIT_WINDOW_S = 15.0
-FIT_SHARE = 0.25
-"""Longer audio gets it over evenly spaced windows of FIT_WINDOW_S covering FIT_SHARE of it
-(at least FIT_FULL_S): the phone loop costs more than the alignment itself, and a sample
-is enough to tell a wrong file or another language."""
-BYTES_PER_FRAME = 16000 // FRAME_RATE * 2
 CHUNK_ABOVE_S = 30.0
 CHUNK_S = 15.0
 CHUNK_SEARCH_S = 4.0
@@ -317,16 +254,6 @@ at -80 dBFS; bench/align_accuracy.py, docs/benchmarks.md). Only the decoders hea
 the energy detector (tasks/speech/activity.py) reads the audio as it is."""
 
 
-def fit_windows(num_frames: int) -> list[tuple[int, int]]:
-    """Frame ranges [a, b) the phone loop decodes."""
-    if num_frames <= FIT_FULL_S * FRAME_RATE:
-        return [(0, num_frames)]
-    win = int(FIT_WINDOW_S * FRAME_RATE)
-    count = max(int(FIT_FULL_S / FIT_WINDOW_S), round(num_frames * FIT_SHARE / win))
-    stride = num_frames / count
-    return [(int(i * stride), min(num_frames, int(i * stride) + win)) for i in range(count)]
-
-
 _local = threading.local()
 
 
@@ -352,17 +279,13 @@ def _decoders() -> Decoders:
     names them).
     """
     if not hasattr(_local, "decoders"):
-        hmm, phone_lm = _model_paths()
-        features = _feature_options()
-        loop = Decoder(hmm=hmm, lm=None, allphone=phone_lm, samprate=16000, loglevel="FATAL", **features,
-                       **PHONE_LOOP_BEAMS)  # fmt: skip
-        options = {"hmm": hmm, "lm": None, "samprate": 16000, "loglevel": "FATAL", "silprob": SIL_PROB, **features}
+        options = {"silprob": SIL_PROB}
         _local.decoders = Decoders(
-            loop=loop,
-            forced=Decoder(**options, **ALIGN_OPTIONS),
-            retry=Decoder(**options, **{**ALIGN_OPTIONS, **RETRY_BEAMS}),
-            chunks=Decoder(**options, **{**ALIGN_OPTIONS, **CHUNK_BEAMS}),
-            skippable=Decoder(**options, **SKIP_OPTIONS),
+            loop=phone_loop_decoder(),
+            forced=sphinx.decoder(**options, **ALIGN_OPTIONS),
+            retry=sphinx.decoder(**options, **{**ALIGN_OPTIONS, **RETRY_BEAMS}),
+            chunks=sphinx.decoder(**options, **{**ALIGN_OPTIONS, **CHUNK_BEAMS}),
+            skippable=sphinx.decoder(**options, **SKIP_OPTIONS),
         )
     return _local.decoders
 
@@ -394,7 +317,7 @@ def align_tokens(pcm16: Pcm16, tokens: list[str], num_frames: int, act: Activity
        over quiet audio, or squeezes it to the HMM minimum and a grammar where it may be left
        out, decoded over its neighbourhood, leaves it out.
     3. Word edges are moved to where the audio itself falls quiet (``activity.snap_to_pauses``).
-    4. The phone loop scores each found token (the fit).
+    4. The phone loop scores each found token (the fit: ``tasks/speech/fit.py``).
     """
     dec = _decoders()
     vocab = {}
@@ -414,7 +337,7 @@ def align_tokens(pcm16: Pcm16, tokens: list[str], num_frames: int, act: Activity
     order = sorted(placed)
     refined = snap_to_pauses([(placed[k][0] / FRAME_RATE, placed[k][1] / FRAME_RATE) for k in order], act)
     spans = dict(zip(order, refined, strict=True))
-    heard = _phone_loop(dec.loop, pcm16, num_frames)
+    heard = phone_loop(dec.loop, pcm16, num_frames)
     pauses = tuple(edge / act.sample_rate for edge in act.quiet_runs())
     windows = fit_windows(num_frames)
     out: list[TokenAlignment] = []
@@ -424,12 +347,7 @@ def align_tokens(pcm16: Pcm16, tokens: list[str], num_frames: int, act: Activity
             out.append(TokenAlignment(tok, last_end, last_end, spoken=False, score=0.0, note=notes.get(k)))
             continue
         sf, ef, variant = placed[k]
-        if any(a <= sf and ef <= b for a, b in windows):
-            in_word = [p for p, a, b in heard if min(b, ef) - max(a, sf) >= 0.5 * (b - a)]
-            expected = (dec.forced.lookup_word(variant) or vocab[tok]).split()
-            score = _edit_similarity(expected, in_word)
-        else:  # outside the sampled windows: no evidence either way
-            in_word, score = [], None
+        in_word, score = token_score((dec.forced.lookup_word(variant) or vocab[tok]).split(), heard, sf, ef, windows)
         start, end = spans[k]
         note = notes.get(k) or _overlong(start, end, _phones(tok, vocab), pauses)
         out.append(TokenAlignment(tok, start, end, spoken=True, score=score, heard=in_word, note=note))
@@ -457,22 +375,6 @@ def _overlong(start: float, end: float, phones: int, pauses: tuple[np.ndarray, n
         held = f" and a {pause:.2f} s pause" if pause >= MIN_QUIET_S else ""
         return f"{OVERLONG}: {end - start:.2f} s for {phones} phones{held}"
     return None
-
-
-def _phone_loop(loop: Decoder, pcm16: Pcm16, num_frames: int) -> list[tuple[str, int, int]]:
-    """Phones the free phone loop hears, (phone, first frame, end frame exclusive), over the fit windows."""
-    heard: list[tuple[str, int, int]] = []
-    for a, b in fit_windows(num_frames):
-        _decode(loop, pcm16[a * BYTES_PER_FRAME : b * BYTES_PER_FRAME])
-        heard += [(s.word, s.start_frame + a, s.end_frame + a + 1) for s in loop.seg() if s.word not in _FILLERS]
-    return heard
-
-
-def _decode(decoder: Decoder, pcm16: bytes) -> None:
-    """Decode one stretch of audio as a whole utterance (cepstral mean over all of it)."""
-    decoder.start_utt()
-    decoder.process_raw(pcm16, full_utt=True)
-    decoder.end_utt()
 
 
 def _forced_whole(decoder: Decoder, retry: Decoder, pcm16: Pcm16, tokens: list[str], num_frames: int) -> Placed | None:
@@ -659,13 +561,13 @@ def _decode_chunk(
     fsg = decoder.create_fsg(f"script{n}", 0, n, transitions)
     decoder.add_fsg("script", fsg)  # replaces the previous grammar
     decoder.activate_search("script")
-    _decode(decoder, pcm16)
+    decode(decoder, pcm16)
     if decoder.hyp() is None:
         return None
     return [
         (re.sub(r"\(\d+\)$", "", s.word), s.start_frame, s.end_frame, s.word)
         for s in decoder.seg()
-        if s.word not in _FILLERS
+        if s.word not in FILLERS
     ]
 
 

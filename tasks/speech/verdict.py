@@ -35,7 +35,7 @@ from tasks.speech.samples import AudioInput, Samples, mono_16k, sum_of_squares
 
 MISMATCH_SKIPPED = 0.3
 """The audio does not say the script when at least this share of the script words were not found
-(whatever the fit; calibrated with the offline aligner's MISMATCH_FIT, see tasks/speech/offline.py)."""
+(whatever the fit; calibrated with the offline aligner's MISMATCH_FIT, see tasks/speech/fit.py)."""
 LOW_WORD_FIT = 0.1
 """A run of at least LOW_RUN words whose mean score is below this is flagged as a local mismatch."""
 LOW_RUN = 6

@@ -29,8 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit_speed import matmul_tflops, time_ms  # noqa: E402
 
+from model.attention import fa4_unavailable  # noqa: E402
 from model.config import S2VConfig  # noqa: E402
-from model.transformer import fa4_unavailable  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

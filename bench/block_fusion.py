@@ -30,10 +30,10 @@ import torch._dynamo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit_speed import build_ours, profile_forward, time_ms  # noqa: E402
 
-from model import transformer  # noqa: E402
+from model import attention  # noqa: E402
 from model.config import S2VConfig  # noqa: E402
 
-CURRENT_ROPE = transformer.apply_rope
+CURRENT_ROPE = attention.apply_rope
 OPTIONS = {"coord": {"coordinate_descent_tuning": True}, "multi-kernel": {"triton.multi_kernel": 1}}
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     with torch.no_grad():
         for name in [v for v in args.variants.split(",") if v]:
             torch._dynamo.reset()
-            transformer.apply_rope = split_rope if name == "split-rope" else CURRENT_ROPE
+            attention.apply_rope = split_rope if name == "split-rope" else CURRENT_ROPE
             rope = tables["split" if name == "split-rope" else "current"]
             compiled = torch.compile(block, dynamic=False, options=OPTIONS.get(name))
             out = compiled(x, ctx, temb, rope)
@@ -92,7 +92,7 @@ def main() -> None:
             prof = profile_forward(lambda c=compiled, r=rope: c(x, ctx, temb, r), device)
             results["variants"][name] = {"ms": ms, "rel_diff_update": diff, "profile": prof}
             del out
-    transformer.apply_rope = CURRENT_ROPE
+    attention.apply_rope = CURRENT_ROPE
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "block_fusion.json").write_text(json.dumps(results, indent=2))
 

@@ -42,12 +42,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from model.attention import fa4_unavailable
 from model.audio_encoder import SAMPLE_RATE
 from model.causal import CausalS2V
 from model.distilled import DistilledPipeline
 from model.pipeline import S2VPipeline
 from model.presets import DISTILLED_INFER_FRAMES, DISTILLED_STEPS
-from model.transformer import fa4_unavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_memory import GIB, add_machine_arguments, build_pipeline, mem, run_mode  # noqa: E402  (full-size random components)

@@ -1,5 +1,6 @@
 """The DiT's hot kernels in isolation, on the exact shapes of a 480p first-clip forward (issue 4,
-item 6): which attention kernel and which feed-forward form `model/transformer.py` should use.
+item 6): which attention kernel (`model/attention.py`) and which feed-forward form (`model/transformer.py`)
+should use.
 
 Attention, for each of the forward's three attention shapes (self-attention over 32,760 tokens,
 cross-attention to the 512 text tokens, per-frame audio attention to 5 audio tokens): PyTorch SDPA
@@ -29,8 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit_speed import matmul_tflops, time_ms  # noqa: E402
 
+from model.attention import fa4_unavailable  # noqa: E402
 from model.config import S2VConfig  # noqa: E402
-from model.transformer import fa4_unavailable  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -30,9 +30,10 @@ import torch
 import torch._dynamo
 from torch.nn.attention import SDPBackend
 
-from model import transformer
+from model import attention, transformer
+from model.attention import attention_backends
 from model.config import S2VConfig
-from model.transformer import WanS2VTransformer, attention_backends
+from model.transformer import WanS2VTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -208,13 +209,13 @@ def main() -> None:
 
     t_start = time.time()
     if args.sdpa == "flash":
-        transformer.SDPA_PRIORITY.remove(SDPBackend.CUDNN_ATTENTION)
+        attention.SDPA_PRIORITY.remove(SDPBackend.CUDNN_ATTENTION)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = S2VConfig.wan_14b() if args.config == "wan14b" else S2VConfig.tiny()
     frames = cfg.latent_frames(args.frames)
     results: dict = {"config": args.config, "frames": args.frames, "latent_frames": frames, "rows": []}
-    results["sdpa_priority"] = [b.name for b in transformer.SDPA_PRIORITY]
+    results["sdpa_priority"] = [b.name for b in attention.SDPA_PRIORITY]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         results["gpu"] = props.name

@@ -41,12 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.attention import fa4_unavailable
 from model.audio_encoder import SAMPLE_RATE
 from model.checkpoint import fp8_supported, quantize_linears_fp8
 from model.pipeline import S2VPipeline
 from model.presets import PRESETS, SpeedConfig
 from model.speed import StepLog
-from model.transformer import fa4_unavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_memory import build_pipeline  # noqa: E402  (full-size random pipeline; meta + GPU init)

@@ -27,7 +27,7 @@ token layout and the self-attention's keys differ.
   positions up to 45000 latent frames (its table length: three hours of video).
 
 Each call runs the transformer's blocks with a `kv_cache` hook on the self-attention
-(`model.transformer.Attention`); cross-attention to the text, the feed-forward, the per-frame audio
+(`model.attention.Attention`); cross-attention to the text, the feed-forward, the per-frame audio
 injection and the head are the transformer's own code. Batch size 1 (LiveAvatar has no CFG).
 Where the blocks are compiled (`compile_blocks`, as exact mode has them on CUDA) the causal
 forwards run them compiled too: the hooks stay outside the graphs, which are made once per
@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.transformer import WanS2VTransformer, apply_rope, attend, attention_backends, rope_table
+from model.attention import apply_rope, attend, attention_backends, rope_table
+from model.transformer import WanS2VTransformer
 
 __all__ = ["FRAMES_PER_BLOCK", "CausalS2V", "StreamCache", "attend_lse", "merge_attention", "reference_shift"]
 

@@ -51,7 +51,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from model.transformer import Attention, KVHook, TokenGroups, WanS2VTransformer, attend
+from model.attention import Attention, KVHook, attend
+from model.transformer import TokenGroups, WanS2VTransformer
 
 __all__ = [
     "CfgParallel",

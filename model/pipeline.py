@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.attention import fa4_unavailable
 from model.audio_encoder import SAMPLE_RATE, AudioEncoder
 from model.checkpoint import fp8_unsupported, load_transformer, quantize_linears_fp8
 from model.config import S2VConfig
@@ -46,7 +47,7 @@ from model.sampler import GUIDANCE, STEPS, guide, sample
 from model.speed import ClipVelocity, ForwardCounter, SpeedConfig, StepLog, clip_velocity
 from model.text_encoder import TextEncoder
 from model.timing import LoadTimings
-from model.transformer import WanS2VTransformer, fa4_unavailable
+from model.transformer import WanS2VTransformer
 from model.vae import WanVAE
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,14 @@ from media import gradient_image, voiced_tone
 from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
 
+from model.attention import apply_rope, attend, rope_table
 from model.causal import FRAMES_PER_BLOCK, CausalS2V, StreamCache, attend_lse, merge_attention, reference_shift
+from model.conditioning import audio_injection
 from model.config import S2VConfig
 from model.distilled import DistilledPipeline, check_liveavatar_lora, distilled_schedule, read_liveavatar_lora
 from model.lora import LoraError, load_lora, set_loras
 from model.tiny import write_liveavatar_lora
-from model.transformer import WanS2VTransformer, apply_rope, attend, audio_injection, randomize_, rope_table
+from model.transformer import WanS2VTransformer, randomize_
 
 HW = (8, 8)  # latent frames of 8 x 8: 16 tokens a frame, 48 a block (FramePack needs 8 x 8)
 

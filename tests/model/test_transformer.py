@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from model.attention import _segment_positions, rope_table
+from model.conditioning import official_injector_map
 from model.config import S2VConfig
-from model.transformer import WanS2VTransformer, _segment_positions, official_injector_map, randomize_, rope_table
+from model.transformer import WanS2VTransformer, randomize_
 
 
 def test_14b_parameter_layout_matches_the_official_checkpoint() -> None:

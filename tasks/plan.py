@@ -112,7 +112,8 @@ DEFAULT_OVERHEAD_PER_CLIP_S = 7.0
 # took 14.2 s and a steady clip 10.1 s, i.e. 0.89 s and 0.63 s per pass (decode included). A
 # segment's other fixed 6 s (audio, the reference encode, the condition pass, the fill's and the
 # drain's difference) is spread over a 60 s segment's 20 clips as 0.3 s a clip: this formula has no
-# per-segment term, so short segments come out a little low. With FA4 a clip is ~10 % cheaper. 720p
+# per-segment term, so short segments come out a little low. With FA4 (and the bf16 VAE and split
+# attention since) a steady clip took 8.35 s, ~18 % less; this SDPA figure predates those. 720p
 # is not offered (its KV cache would need 139 GiB).
 DISTILLED_FORWARD_COSTS: dict[tuple[str, str], ForwardCost] = {
     ("H100", Resolution.P480.value): ForwardCost(first_clip_s=0.89, later_clip_s=0.63),

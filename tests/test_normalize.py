@@ -106,6 +106,27 @@ def test_surround_folds_to_stereo_and_video_soundtrack_is_used(spoken: Path, tmp
     assert qc.source_duration_s < 8
 
 
+def test_joined_damaged_and_late_audio_read_as_the_ffmpeg_binary_reads_them(spoken: Path, tmp_path: Path) -> None:
+    # files the ffmpeg binary accepted, the in-process decode accepts too (a review found each failing)
+    first, second = encode(spoken, tmp_path / "a.mp3", rate=44_100, channels=2), encode(spoken, tmp_path / "b.mp3")
+    joined = tmp_path / "joined.mp3"  # as `cat` joins them: rate and channels change partway
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    damaged = bytearray(encode(spoken, tmp_path / "full.m4a").read_bytes())
+    mid = len(damaged) // 2
+    damaged[mid : mid + 2000] = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    (tmp_path / "damaged.m4a").write_bytes(bytes(damaged))
+    late = tmp_path / "late.flv"  # the audio's first packet lies past the small probe
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=1280x720:rate=25", "-itsoffset", "3", "-i", str(spoken), "-t", "5",
+            "-c:v", "flv", "-b:v", "20M", "-c:a", "mp3", "-f", "flv", str(late))  # fmt: skip
+    _, _, alone, _ = normalize_audio(spoken, tmp_path / "alone")
+    _, _, qc, _ = normalize_audio(joined, tmp_path / "joined")
+    assert abs(qc.source_duration_s - 2 * alone.source_duration_s) < 0.2  # both parts, not the first alone
+    _, _, qc, _ = normalize_audio(tmp_path / "damaged.m4a", tmp_path / "damaged")
+    assert abs(qc.source_duration_s - alone.source_duration_s) < 0.3
+    _, _, qc, n = normalize_audio(late, tmp_path / "late")
+    assert qc.source_codec == "mp3" and n > 0
+
+
 def test_silence_trimmed_to_pad_with_both_files_in_sync(tmp_path: Path) -> None:
     rate = 22_050
     body = speechlike(3.0, rate, channels=2)

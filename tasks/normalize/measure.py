@@ -9,7 +9,9 @@ written by one ffmpeg run (``tasks/normalize/audio.py``).
 The figures are those `ebur128`'s summary prints, read from what the filter attaches to the frames it
 passes on (``metadata=1``): the integrated loudness and loudness range after the last 100 ms block,
 rounded to the summary's 0.1; the true peak is the largest sample of the signal resampled to 192 kHz
-(how `ebur128` measures it, with the resampler's same defaults), rounded the same way. The gating
+(how `ebur128` measures it, with the resampler's same defaults), rounded the same way: a branch of
+its own because the peak `ebur128` attaches to frames is linear and printed to 3 decimals, too coarse
+for quiet audio. The gating
 threshold is not among them (``threshold`` None): loudnorm's fallback, its one user, measures with
 ffmpeg.
 """
@@ -57,22 +59,24 @@ def measure(src: Path, chain: Chain, *, channels: int,
     nothing was decoded. Raises av.error.FFmpegError for a file or graph that cannot be used."""
     meter: dict[str, str] = {}
     peak = 0.0
-    # A small probe: the graph takes its format from the first decoded frame, and the default 5 MB probe
-    # decoded seconds of 16-bit WAV only to find what its header says (7 ms of a 5-s row's CPU).
-    with av.open(str(src), options={"probesize": str(PROBE_BYTES)}) as container:
+    with _open_audio(src) as container:
         stream = container.streams.audio[0]
         graph = sinks = source = None
         for frame in _frames(container, stream):
             if graph is None:
                 graph, source, sinks = _graph(frame, chain, on_samples is not None)
+                same_as_first = _Conform(frame)
             try:
-                source.push(frame)
+                for piece in same_as_first(frame):
+                    source.push(piece)
             except av.error.EOFError:  # the chain has ended (atrim): the rest is not needed
                 break
             peak = _drain(sinks, meter, peak, channels, on_samples)
         if graph is None:
             return None
         with contextlib.suppress(av.error.EOFError):
+            for piece in same_as_first.flush():
+                source.push(piece)
             source.push(None)
         peak = _drain(sinks, meter, peak, channels, on_samples)
     if not meter:
@@ -82,14 +86,73 @@ def measure(src: Path, chain: Chain, *, channels: int,
                     threshold=None, true_peak=_round(float(true_peak)))
 
 
+@contextlib.contextmanager
+def _open_audio(src: Path) -> Iterator[av.container.InputContainer]:
+    """The file opened with a small probe, or with the default one where the small probe saw no audio
+    stream (audio that starts late in a video file). Raises av.error.FFmpegError (also for a file
+    without audio) or OSError."""
+    # A small probe first: the graph takes its format from the first decoded frame, and the default
+    # 5 MB probe decoded seconds of 16-bit WAV only to find what its header says (7 ms of a 5-s row).
+    container = av.open(str(src), options={"probesize": str(PROBE_BYTES)})
+    if not container.streams.audio:
+        container.close()
+        container = av.open(str(src))
+    try:
+        if not container.streams.audio:
+            raise av.error.InvalidDataError(0, "no audio stream", str(src))
+        yield container
+    finally:
+        container.close()
+
+
 def _frames(container, stream) -> Iterator[av.AudioFrame]:
-    """The stream's decoded frames; packets that fail to decode are skipped, as the ffmpeg binary skips them."""
-    for packet in container.demux(stream):
+    """The stream's decoded frames, as the ffmpeg binary reads them: a packet that fails to decode is
+    skipped, and a read error past the start ends the input (damaged or chained files)."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.error.FFmpegError:
+            return  # the rest cannot be read: what was decoded stands (a short result is judged later)
         try:
             frames = packet.decode()
-        except (av.error.InvalidDataError, av.error.UndefinedError):
+        except av.error.FFmpegError:
             continue  # a damaged packet: ffmpeg logs it and goes on
         yield from frames
+
+
+class _Conform:
+    """Frames in the first frame's sample format, layout and rate. A stream may change them partway
+    (MP3 files joined with `cat`); the graph, built for the first frame, cannot take the change, so
+    frames that differ go through a resampler of their own (the ffmpeg binary rebuilds its graph
+    instead). Frames like the first pass untouched."""
+
+    def __init__(self, first: av.AudioFrame) -> None:
+        self._key = _params(first)
+        self._target = {"format": first.format.name, "layout": first.layout.name, "rate": first.sample_rate}
+        self._resamplers: dict[tuple, av.AudioResampler] = {}
+
+    def __call__(self, frame: av.AudioFrame) -> list[av.AudioFrame]:
+        key = _params(frame)
+        if key == self._key:
+            return [frame]
+        if key not in self._resamplers:
+            self._resamplers[key] = av.AudioResampler(**self._target)
+        return [_retimed(piece) for piece in self._resamplers[key].resample(frame)]
+
+    def flush(self) -> list[av.AudioFrame]:
+        return [_retimed(piece) for r in self._resamplers.values() for piece in r.resample(None)]
+
+
+def _params(frame: av.AudioFrame) -> tuple:
+    return frame.format.name, frame.layout.name, frame.sample_rate
+
+
+def _retimed(frame: av.AudioFrame) -> av.AudioFrame:
+    frame.pts = None  # the graph keeps its own clock; a resampled piece's timestamps are another rate's
+    return frame
 
 
 def _graph(first: av.AudioFrame, chain: Chain, samples: bool):

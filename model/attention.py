@@ -147,7 +147,8 @@ class Attention(nn.Module):
         kv_cache (self-attention only): the causal model's cache (model/causal.py), called with q, k
         rotated by `rope`, v, the un-rotated k (all [B, S, H, D]) and the kernel; it keeps what it
         caches and returns the attention output, over keys that may be longer than the queries.
-        The rotation stays here, where a compiled block fuses it with the norms."""
+        The rotation stays here, where a compiled block fuses it with the norms. A cache replaces
+        `attend_hook` too (sequence parallelism refuses the causal model, model/parallel.py)."""
         b, s, d = x.shape
         src = x if context is None else context
         q = self.norm_q(self.q(x)).view(b, s, self.num_heads, -1)

@@ -364,8 +364,9 @@ class DistilledPipeline(S2VPipeline):
 
     def _vae_precision(self) -> AbstractContextManager:
         """The VAE runs in the DiT's dtype, as LiveAvatar runs it (its causal_s2v_pipeline.py builds
-        Wan2_1_VAE with dtype=param_dtype, bfloat16); by autocast, so the float32 weights that exact
-        mode decodes with (as Wan2.2's own S2V code does) are shared untouched."""
+        Wan2_1_VAE with dtype=param_dtype, bfloat16: weights cast and autocast); here by autocast
+        alone (its norms stay float32), so the float32 weights that exact mode decodes with (as
+        Wan2.2's own S2V code does) are shared untouched."""
         if self.dtype == torch.float32:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)

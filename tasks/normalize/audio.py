@@ -7,8 +7,8 @@ once on that signal; both output files are then written by one ffmpeg run that d
 again (decoding is deterministic) and cuts it at those sample positions, so the 16 kHz track and the
 48 kHz master start and end together.
 
-Loudness is EBU R128 in two passes: pass one measures integrated loudness, loudness range, threshold
-and true peak with libavfilter's `ebur128` filter while decoding; pass two applies the pure gain to -16 LUFS
+Loudness is EBU R128 in two passes: pass one measures integrated loudness, loudness range and true
+peak with libavfilter's `ebur128` filter while decoding; pass two applies the pure gain to -16 LUFS
 with `volume` (what `loudnorm` with `linear=true` would do, without its 192 kHz detour; `loudnorm` is
 the fallback when a pure gain would overshoot the peak target). Measuring with `ebur128` rather than a first `loudnorm`
 run is deliberate: a measuring `loudnorm` pass runs its full dynamic processor at 192 kHz (about 30x
@@ -60,7 +60,7 @@ TRUNCATED_RATIO = 0.9
 """A file that decodes to less than this share of the duration its header announces (and over 0.5 s
 less) is taken as truncated: an interrupted upload or copy."""
 BLOCK_FRAMES = 256
-"""Analysis frames (10 ms each) per block read from ffmpeg: 2.56 s of audio, under 1 MB of float32."""
+"""Analysis frames (10 ms each) per block of the decoded signal: 2.56 s of audio, under 1 MB of float32."""
 
 AUDIO_16K_NAME = "audio_16k.wav"
 MASTER_NAME = "master.wav"

@@ -2,7 +2,8 @@
 
 `Attention` (the official WanSelfAttention / WanCrossAttention / AudioCrossAttention) serves the
 blocks' self- and cross-attention and the audio injection (model/conditioning.py); `attend` runs
-the kernel (PyTorch SDPA, cuDNN first, or FlashAttention-4 as the custom op `s2v::fa4_attention`);
+the kernel (PyTorch SDPA, cuDNN first, or FlashAttention-4 as the custom op `s2v::fa4_attention`),
+`attend_lse` the same with its log-sum-exp, which `merge_attention` uses to join two key sets;
 `rope_table` builds the float32 cos/sin tables `apply_rope` rotates q and k by. The causal model
 (model/causal.py, `kv_cache`) and sequence parallelism (model/parallel.py, `attend_hook`) hook in
 here.
@@ -117,6 +118,33 @@ def attend(q: Tensor, k: Tensor, v: Tensor, kernel: str = "sdpa") -> Tensor:
     # strided [B, H, S, D] views: cuDNN reads them as they are (contiguous head-major copies
     # measured no faster on an H100, see docs/benchmarks.md)
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def attend_lse(q: Tensor, k: Tensor, v: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
+    """Attention of q [B, S, H, D] over k, v [B, L, H, D] with `kernel` ("sdpa" or "fa4") and its
+    log-sum-exp: ([B, S, H, D], [B, H, S] float32). SDPA's public call does not return the
+    log-sum-exp, so the "sdpa" kernel calls the ATen kernels behind it."""
+    if kernel == "fa4":
+        from flash_attn.cute import flash_attn_func
+
+        return flash_attn_func(q, k, v, return_lse=True)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+    else:  # float32 on CUDA: the memory-efficient kernel (its log-sum-exp is padded along S)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+        lse = lse[..., : q.shape[1]]
+    return out.transpose(1, 2), lse
+
+
+def merge_attention(a: Tensor, lse_a: Tensor, b: Tensor, lse_b: Tensor, out: Tensor) -> None:
+    """Write into `out` the attention over the union of two key sets, from each set's output
+    [B, S, H, D] and log-sum-exp [B, H, S]: their mix weighted by each set's share of the softmax
+    mass, sigmoid(lse_a - lse_b) for `a`, computed in float32."""
+    share_a = torch.sigmoid(lse_a - lse_b).transpose(1, 2).unsqueeze(-1)
+    out.copy_(torch.lerp(b.float(), a.float(), share_a))
 
 
 class Attention(nn.Module):

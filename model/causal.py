@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.attention import apply_rope, attend, attention_backends, rope_table
+from model.attention import apply_rope, attend, attend_lse, attention_backends, merge_attention, rope_table
 from model.transformer import WanS2VTransformer
 
-__all__ = ["FRAMES_PER_BLOCK", "CausalS2V", "StreamCache", "attend_lse", "merge_attention", "reference_shift"]
+__all__ = ["FRAMES_PER_BLOCK", "CausalS2V", "StreamCache", "reference_shift"]
 
 FRAMES_PER_BLOCK = 3  # latent frames per block (LiveAvatar's num_frames_per_block)
 ROPE_POSITIONS = 45000  # LiveAvatar's RoPE tables (rope_params(45000, ...))
@@ -60,33 +60,6 @@ def reference_shift(first_frame: int, rng: random.Random) -> int:
     d of `rng` (as LiveAvatar's random.randint(4, 30)) puts it at max(30, first_frame + d)."""
     distance = rng.randint(*REFERENCE_DISTANCE)
     return max(0, first_frame - (REFERENCE_FRAME - distance))
-
-
-def attend_lse(q: Tensor, k: Tensor, v: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
-    """Attention of q [B, S, H, D] over k, v [B, L, H, D] with `kernel` ("sdpa" or "fa4") and its
-    log-sum-exp: ([B, S, H, D], [B, H, S] float32). SDPA's public call does not return the
-    log-sum-exp, so the "sdpa" kernel calls the ATen kernels behind it."""
-    if kernel == "fa4":
-        from flash_attn.cute import flash_attn_func
-
-        return flash_attn_func(q, k, v, return_lse=True)
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)[:2]
-    elif q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
-    else:  # float32 on CUDA: the memory-efficient kernel (its log-sum-exp is padded along S)
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
-        lse = lse[..., : q.shape[1]]
-    return out.transpose(1, 2), lse
-
-
-def merge_attention(a: Tensor, lse_a: Tensor, b: Tensor, lse_b: Tensor, out: Tensor) -> None:
-    """Write into `out` the attention over the union of two key sets, from each set's output
-    [B, S, H, D] and log-sum-exp [B, H, S]: their mix weighted by each set's share of the softmax
-    mass, sigmoid(lse_a - lse_b) for `a`, computed in float32."""
-    share_a = torch.sigmoid(lse_a - lse_b).transpose(1, 2).unsqueeze(-1)
-    out.copy_(torch.lerp(b.float(), a.float(), share_a))
 
 
 @dataclass

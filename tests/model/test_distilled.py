@@ -20,8 +20,8 @@ from media import gradient_image, voiced_tone
 from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
 
-from model.attention import apply_rope, attend, rope_table
-from model.causal import FRAMES_PER_BLOCK, CausalS2V, StreamCache, attend_lse, merge_attention, reference_shift
+from model.attention import apply_rope, attend, attend_lse, merge_attention, rope_table
+from model.causal import FRAMES_PER_BLOCK, CausalS2V, StreamCache, reference_shift
 from model.conditioning import audio_injection
 from model.config import S2VConfig
 from model.distilled import DistilledPipeline, check_liveavatar_lora, distilled_schedule, read_liveavatar_lora

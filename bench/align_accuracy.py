@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.plan import plan_row  # noqa: E402
 from tasks.records import RowFailure, SpeechAnalysis  # noqa: E402
-from tasks.speech import offline  # noqa: E402
+from tasks.speech import offline, search  # noqa: E402
 from tasks.speech.offline import align_words  # noqa: E402
 from tasks.speech.script import normalize_script  # noqa: E402
 
@@ -585,12 +585,12 @@ def main() -> None:
 
 def chunked_align_words(audio: np.ndarray, script: str) -> SpeechAnalysis:
     """The offline aligner made to take its long-audio path (chunks of ~15 s) on audio of any length."""
-    saved = offline.FORCED_WHOLE_S, offline.CHUNK_ABOVE_S
-    offline.FORCED_WHOLE_S, offline.CHUNK_ABOVE_S = 0.0, 0.0
+    saved = offline.FORCED_WHOLE_S, search.CHUNK_ABOVE_S
+    offline.FORCED_WHOLE_S, search.CHUNK_ABOVE_S = 0.0, 0.0
     try:
         return align_words(audio, script)
     finally:
-        offline.FORCED_WHOLE_S, offline.CHUNK_ABOVE_S = saved
+        offline.FORCED_WHOLE_S, search.CHUNK_ABOVE_S = saved
 
 
 if __name__ == "__main__":

@@ -10,16 +10,12 @@ from spoken import SR, espeak, phrases, say
 
 from tasks.records import RowFailure, SpeechAnalysis
 from tasks.speech import alignment_to_json
-from tasks.speech.offline import (
-    FORCED_WHOLE_S,
-    MISMATCH_FIT,
-    _chunk_end,
-    _quietness,
-    align_words,
-    letter_rules,
-    to_pcm16,
-)
+from tasks.speech.fit import MISMATCH_FIT
+from tasks.speech.offline import FORCED_WHOLE_S, align_words
+from tasks.speech.pcm import to_pcm16
+from tasks.speech.pronounce import letter_rules
 from tasks.speech.script import normalize_script
+from tasks.speech.search import _chunk_end, _quietness
 
 
 def speech(said: list[str], seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float]]]:

@@ -17,8 +17,11 @@ from spoken import SR
 from tasks.plan import frame_energy
 from tasks.speech import alignment_to_json
 from tasks.speech.activity import HOP_S, WINDOW_S, analyse
-from tasks.speech.offline import BYTES_PER_FRAME, _quietness, align_words, floored_pcm, to_pcm16, with_floor
+from tasks.speech.offline import align_words
+from tasks.speech.pcm import floored_pcm, to_pcm16, with_floor
 from tasks.speech.samples import BLOCK, Samples
+from tasks.speech.search import _quietness
+from tasks.speech.sphinx import BYTES_PER_FRAME
 from tasks.speech.verdict import rms_dbfs
 
 

@@ -456,7 +456,7 @@ def main() -> None:
     """Entry point: usage errors shown as usage errors (exit 2), and one clear message instead of a
     traceback when the command cannot run (`-v` or S2V_DEBUG=1 shows the traceback)."""
     from tasks.generate.backends import BackendError
-    from tasks.manifest import ManifestError
+    from tasks.manifest_read import ManifestError
     from tasks.output_place import OutputError
     from tasks.runlock import RunLocked
 

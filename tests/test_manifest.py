@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.manifest import ManifestError, read_manifest, validate_manifest
+from tasks.manifest import validate_manifest
+from tasks.manifest_read import ManifestError, read_manifest
 from tasks.records import Resolution
 
 

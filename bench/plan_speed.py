@@ -26,7 +26,8 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.views import plan_summary_table  # noqa: E402
-from tasks.plan import plan_row, plans_to_json  # noqa: E402
+from tasks.cost import plans_to_json  # noqa: E402
+from tasks.plan import plan_row  # noqa: E402
 from tasks.records import SpeechAnalysis, WordTiming  # noqa: E402
 
 SR = 16_000

@@ -33,9 +33,9 @@ from flows import pool_run, progress, report, states, steps, warnings
 from flows.report import report_json
 from flows.settings import BatchSettings
 from tasks import captions, layout, notify, output_place, runlock, storage
+from tasks.cost import gpu_money
 from tasks.generate.backends import resolve_backend
 from tasks.manifest import Validation, validate_manifest
-from tasks.plan import gpu_money
 from tasks.records import (
     DEFAULT_PRECISION,
     ClipResult,

@@ -376,7 +376,7 @@ def plan(manifest: ManifestArg, settings: BatchSettings, as_json: JsonOpt = Fals
     """Plan segments and clips for every valid row (normalizing and aligning audio, no generation)
     and estimate GPU time."""
     from flows.preflight import plan_manifest
-    from tasks.plan import plans_to_json
+    from tasks.cost import plans_to_json
 
     plans, problems = plan_manifest(manifest, settings, console=console)
     if as_json:

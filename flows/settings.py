@@ -141,7 +141,7 @@ class BatchSettings(BaseSettings):
         None, description="LiveAvatar's LoRA for distilled mode: liveavatar.safetensors (local or s3://)"
     )
 
-    # Speed, LoRAs and cost (model/presets.py, model/speed.py, model/lora.py, tasks/plan.py). Each part
+    # Speed, LoRAs and cost (model/presets.py, model/speed.py, model/lora.py, tasks/cost.py). Each part
     # of a preset is a setting of its own; unset (None), the row's preset decides.
     preset: Preset = Field(
         "exact", description="speed preset for every row (a 'preset' column overrides per row): 'exact' (the "
@@ -182,7 +182,7 @@ class BatchSettings(BaseSettings):
         default_factory=list, description="one strength for all LoRAs or one per LoRA (default 1.0)"
     )
     gpu_kind: str = Field(
-        "H100", description="GPU the plan's and report's GPU-hours are for (tasks/plan.py GPU_KINDS: H100, H200, "
+        "H100", description="GPU the plan's and report's GPU-hours are for (tasks/cost.py GPU_KINDS: H100, H200, "
         "H100 PCIe, A100, L40S, RTX 6000 Ada, RTX 4090)"
     )
     gpu_price_per_hour: float | None = Field(
@@ -221,7 +221,7 @@ class BatchSettings(BaseSettings):
     @field_validator("gpu_kind")
     @classmethod
     def _known_gpu(cls, value: str) -> str:
-        from tasks.plan import GPU_KINDS, gpu_kind
+        from tasks.cost import GPU_KINDS, gpu_kind
 
         kind = gpu_kind(value)
         if kind is None:

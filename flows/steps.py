@@ -18,6 +18,7 @@ from flows.settings import BatchSettings, SettingsError
 from model.presets import DISTILLED_INFER_FRAMES, SpeedConfig, preset
 from tasks import captions, layout, normalize, plan, speech, stitch, storage
 from tasks.calibrate import read_calibration
+from tasks.cost import cost_model
 from tasks.generate import stage as generate_stage
 from tasks.generate.backends import build_generator
 from tasks.generate.base import Generator
@@ -143,8 +144,8 @@ def plan_step(row: ManifestRow, assets: NormalizedAssets, speech: SpeechAnalysis
     audio = assets.audio_16k if assets.num_samples > settings.max_segment_s * MODEL_SAMPLE_RATE else None
     name, speed = row_speed(row, settings)
     mode = row_mode(row, settings)
-    cost = plan.cost_model(settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, speed=speed,
-                           preset=name, calibration=calibration(settings), mode=mode)  # fmt: skip
+    cost = cost_model(settings.gpu_kind, price_per_gpu_hour=settings.gpu_price_per_hour, speed=speed,
+                      preset=name, calibration=calibration(settings), mode=mode)  # fmt: skip
     row_plan = plan.plan_row(
         row.id, assets.num_samples, words,
         seed=row.seed, width=assets.width, height=assets.height,

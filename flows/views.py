@@ -60,7 +60,7 @@ def plan_summary_table(plans: Iterable[Plan], price_per_gpu_hour: float | None =
     A row whose cost is unknown (no figure for its GPU/resolution) shows "?" and makes
     the total a lower bound, marked with "≥".
     """
-    from tasks.plan import gpu_money
+    from tasks.cost import gpu_money
 
     table = Table(title=f"Plan ({gpu})", show_footer=True)
     plans = list(plans)

@@ -20,7 +20,7 @@ from tasks.calibrate import (
     read_calibration,
     report_lines,
 )
-from tasks.plan import cost_model
+from tasks.cost import cost_model
 
 
 @pytest.fixture(scope="module")

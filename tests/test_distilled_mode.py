@@ -18,6 +18,7 @@ from flows.steps import check_mode_settings, row_mode
 from model.config import S2VConfig
 from model.tiny import write_liveavatar_lora, write_tiny_checkpoint
 from tasks import plan
+from tasks.cost import DISTILLED_FORWARD_COSTS, DISTILLED_OVERHEAD_PER_CLIP_S, cost_model
 from tasks.generate.preview import PreviewGenerator
 from tasks.generate.stage import job_fingerprint
 from tasks.manifest import validate_manifest
@@ -103,18 +104,18 @@ def test_planner_clips_and_cost_in_distilled_mode() -> None:
     seconds = 20.0
     samples = int(seconds * 16_000)
     kwargs = {"seed": 1, "width": 832, "height": 480, "max_segment_s": 60.0}
-    exact = plan.plan_row("r", samples, None, infer_frames=80, cost=plan.cost_model("H100"), **kwargs)
+    exact = plan.plan_row("r", samples, None, infer_frames=80, cost=cost_model("H100"), **kwargs)
     distilled = plan.plan_row(
-        "r", samples, None, infer_frames=48, cost=plan.cost_model("H100", mode="distilled"), steps=4, guidance=1.0,
+        "r", samples, None, infer_frames=48, cost=cost_model("H100", mode="distilled"), steps=4, guidance=1.0,
         **kwargs,
     )  # fmt: skip
     (seg,) = distilled.segments
     assert seg.clips == math.ceil(seg.frames / 48)
-    cost = plan.DISTILLED_FORWARD_COSTS["H100", "480p"]
+    cost = DISTILLED_FORWARD_COSTS["H100", "480p"]
     passes = 4 * 4 * (cost.first_clip_s + (seg.clips - 1) * cost.later_clip_s)
-    assert seg.est_gpu_s == pytest.approx(passes + seg.clips * plan.DISTILLED_OVERHEAD_PER_CLIP_S, abs=1e-3)
+    assert seg.est_gpu_s == pytest.approx(passes + seg.clips * DISTILLED_OVERHEAD_PER_CLIP_S, abs=1e-3)
     assert seg.est_gpu_s < exact.segments[0].est_gpu_s / 5
-    assert plan.cost_model("H100", mode="distilled").estimate(3, resolution="720p", steps=4, guidance=1.0) is None
+    assert cost_model("H100", mode="distilled").estimate(3, resolution="720p", steps=4, guidance=1.0) is None
 
 
 def test_distilled_jobs_fingerprint_apart_from_exact_ones(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from flows.views import plan_summary_table
-from tasks.plan import CostModel, frame_energy, plan_row, plans_to_json, segment_seed
+from tasks.cost import CostModel, plans_to_json
+from tasks.plan import frame_energy, plan_row, segment_seed
 from tasks.records import Plan, Resolution, SpeechAnalysis, WordTiming
 
 SR = 16_000
@@ -180,7 +181,7 @@ def test_short_audio_is_one_segment_and_cost_follows_the_model() -> None:
     plan = plan_row("r", SR // 2, [WordTiming(word="hi", start=0.1, end=0.4)], seed=5, width=832, height=480)
     (seg,) = plan.segments
     assert (seg.frames, seg.clips, seg.seed) == (8, 1, 5)
-    first, later, overhead = 2.975, 3.27, 7.0  # the H100 figures in tasks/plan.py (docs/benchmarks.md)
+    first, later, overhead = 2.975, 3.27, 7.0  # the H100 figures in tasks/cost.py (docs/benchmarks.md)
     assert seg.est_gpu_s == pytest.approx(40 * 2 * first + overhead)
     # 3 clips: one first clip, two later ones, 2 CFG passes per step, plus each clip's overhead.
     assert CostModel().estimate(3, resolution=Resolution.P480, steps=40) == pytest.approx(
@@ -385,7 +386,7 @@ def test_plan_carries_the_alignments_evidence() -> None:
 
 def test_cost_follows_the_preset_the_gpu_kind_and_the_price() -> None:
     from model.presets import preset
-    from tasks.plan import GPU_KINDS, cost_model, gpu_kind, plans_to_json
+    from tasks.cost import GPU_KINDS, cost_model, gpu_kind, plans_to_json
 
     first, later, overhead = 2.975, 3.27, 7.0
     exact = cost_model("H100")

@@ -311,8 +311,13 @@ def test_segments_waiting_for_the_pool_show_as_queued(server: dict, tmp_path: Pa
         assert status.returncode == 0 and "(Queued)" in status.stdout, status.stdout + status.stderr
         ui = f"http://127.0.0.1:{server['PREFECT_API_URL'].split(':')[2].split('/')[0]}"
         with Browser(tmp_path) as browser:
-            browser.shoot("generate-task-queued", f"{ui}/runs/task-run/{queued[0]['id']}",
-                          [queued[0]["name"], "Queued"])
+            # Asked again once the browser is up (its start takes seconds on a loaded machine), and the
+            # segment queued last: the one queued first may start rendering before the page is drawn.
+            waiting = [t for t in post(server, "/task_runs/filter", {"task_runs": {"name": {"like_": "generate"}}})
+                       if t["state_name"] == "Queued"]  # fmt: skip
+            assert waiting, "no segment was still waiting once the browser was up"
+            last = max(waiting, key=lambda t: t["created"])
+            browser.shoot("generate-task-queued", f"{ui}/runs/task-run/{last['id']}", [last["name"], "Queued"])
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
